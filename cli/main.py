@@ -1,0 +1,69 @@
+"""The `moxkit` command group. Subcommands are imported only when run, so `moxkit --help`
+is instant and one command's heavy imports never slow another."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from moxkit import __version__
+from moxkit.errors import MoxError
+
+# command name -> module in moxkit.cli that defines a click command called `command`
+COMMANDS = {
+    "extrapolate": ("extrapolate", "Forget model = (1+α)·REF − α·MEM, streamed out of core."),
+    "train-mem": ("train_mem", "Train the memorization model θ_mem."),
+    "unlearn": ("unlearn", "Unlearn end to end: MOX or a baseline."),
+    "eval": ("evaluate", "TOFU- and MUSE-style metrics of a model."),
+    "data": ("data", "Built-in data sets (tofu-mini)."),
+    "demo": ("demo", "The whole MOX story on a built-in default, on a CPU."),
+    "sweep": ("sweep", "Scan α: evaluate the forget model at several α."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"moxkit.cli.{COMMANDS[name][0]}")
+        return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moxkit")
+def cli() -> None:
+    """moxkit: machine unlearning by model extrapolation (MOX)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("moxkit: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("moxkit: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MoxError as exc:
+        click.echo(f"moxkit: error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

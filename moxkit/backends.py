@@ -1,0 +1,142 @@
+"""The arithmetic on one chunk of one tensor, swappable per device.
+
+Every backend computes the same function, bit for bit:
+
+    base = RN32( RN32(a·ref) − RN32(b·mem) )              a = fp32(1+α), b = fp32(α)
+    out  = RN_out( base )                                 without momentum
+    out  = RN_out( RN32( RN32(e·base) + RN32(c·prev) ) )  e = fp32(η), c = fp32(1−η)
+
+where every operation is an IEEE fp32 operation (no fused multiply-add) and RN_out is one
+round-to-nearest-even to the output dtype. Fixing the order of operations, rather than
+"computing in fp32" loosely, is what lets the CPU and CUDA paths agree exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import MoxError
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fp32(x: float) -> float:
+    return float(np.float32(x))
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """α and (optionally) η, with the fp32 constants every backend must use."""
+
+    alpha: float
+    eta: float | None = None  # None: no momentum term
+
+    @property
+    def momentum(self) -> bool:
+        return self.eta is not None
+
+    @property
+    def ref_scale(self) -> float:
+        return _fp32(1.0 + self.alpha)
+
+    @property
+    def mem_scale(self) -> float:
+        return _fp32(self.alpha)
+
+    @property
+    def new_weight(self) -> float:
+        return _fp32(self.eta if self.eta is not None else 1.0)
+
+    @property
+    def prev_weight(self) -> float:
+        return _fp32(1.0 - self.eta if self.eta is not None else 0.0)
+
+
+class CpuBackend:
+    """Torch ops on cache-sized blocks into preallocated fp32 scratch buffers.
+
+    Working block by block keeps the intermediate fp32 values in cache, so the whole
+    computation costs one pass over the inputs and the output in main memory, the momentum
+    form included, instead of one pass per operation."""
+
+    name = "cpu"
+
+    def __init__(self, block_elems: int = 1 << 16):
+        self.block_elems = block_elems
+        self._scratch = [torch.empty(block_elems, dtype=torch.float32) for _ in range(3)]
+
+    def allocate_host(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def extrapolate(
+        self,
+        out: torch.Tensor,
+        ref: torch.Tensor,
+        mem: torch.Tensor,
+        prev: torch.Tensor | None,
+        coeffs: Coefficients,
+    ) -> bool:
+        """Write the result into `out` (1-D, any float dtype). Returns False if any output
+        value is not finite (NaN or ±inf, including overflow from rounding)."""
+        n = out.numel()
+        if ref.numel() != n or mem.numel() != n or (prev is not None and prev.numel() != n):
+            raise ValueError("extrapolate: operands differ in length")
+        if coeffs.momentum and prev is None:
+            raise ValueError("extrapolate: momentum needs prev")
+        a, b = coeffs.ref_scale, coeffs.mem_scale
+        e, c = coeffs.new_weight, coeffs.prev_weight
+        finite = True
+        r_buf, m_buf, p_buf = self._scratch
+        for start in range(0, n, self.block_elems):
+            stop = min(n, start + self.block_elems)
+            k = stop - start
+            r, m = r_buf[:k], m_buf[:k]
+            r.copy_(ref[start:stop])
+            torch.mul(r, a, out=r)
+            m.copy_(mem[start:stop])
+            torch.mul(m, b, out=m)
+            torch.sub(r, m, out=r)
+            if coeffs.momentum:
+                p = p_buf[:k]
+                torch.mul(r, e, out=r)
+                p.copy_(prev[start:stop])
+                torch.mul(p, c, out=p)
+                torch.add(r, p, out=r)
+            o = out[start:stop]
+            o.copy_(r)
+            if finite and not bool(torch.isfinite(o).all()):
+                finite = False
+        return finite
+
+    def close(self) -> None:
+        self._scratch = []
+
+
+def get_backend(device: str = "auto", **options) -> CpuBackend:
+    """'cpu', 'cuda' or 'auto' (CUDA when a device and Triton are present, else CPU)."""
+    if device == "auto":
+        device = "cuda" if _cuda_usable() else "cpu"
+    if device == "cpu":
+        return CpuBackend(**{k: v for k, v in options.items() if k == "block_elems"})
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MoxError("--device cuda: no CUDA device is available (use --device cpu)")
+        try:
+            from moxkit.kernels.backend import CudaBackend
+        except ImportError as exc:
+            raise MoxError(f"--device cuda needs Triton: {exc}") from None
+        return CudaBackend(device=device, **options)
+    raise MoxError(f"unknown device {device!r}: expected cpu, cuda or auto")
+
+
+def _cuda_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
