@@ -1,0 +1,126 @@
+"""Tiny models and tokenizers built locally, for tests and the CPU demo.
+
+Nothing can be downloaded from a model hub here, so the test models are Llama architectures
+built from a config with random weights, and the tokenizer is a word-level vocabulary built from
+the very texts the model will see. Both save with `save_pretrained`, so everything downstream
+(the trainer, the extrapolation engine, evaluation) treats them like any Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Fixed ids so that a model can be configured without seeing the tokenizer.
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+# A minimal role-prefixed chat template; its words are added to the vocabulary.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+)
+_CHAT_WORDS = ("system", "user", "assistant", ":")
+
+
+def build_word_tokenizer(
+    texts: Iterable[str],
+    *,
+    extra_tokens: Iterable[str] = (),
+    chat_template: bool = True,
+    model_max_length: int = 256,
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`.
+
+    Words are split on whitespace and punctuation (`Whitespace` pre-tokenizer), so encoding a
+    prompt and an answer separately gives the same tokens as encoding them joined by a space:
+    the answer mask is exact. Encodings start with <s> (like Llama); ids 0-3 are
+    <pad>, <s>, </s>, <unk>. The vocabulary order is deterministic (by frequency, then text).
+    """
+    splitter = pre_tokenizers.Whitespace()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in splitter.pre_tokenize_str(text))
+    words = list(extra_tokens) + (list(_CHAT_WORDS) if chat_template else [])
+    counts.update({w: 0 for w in words if w not in counts})
+    ordered = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = {PAD: PAD_ID, BOS: BOS_ID, EOS: EOS_ID, UNK: UNK_ID}
+    for word in ordered:
+        vocab.setdefault(word, len(vocab))
+
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = splitter
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = True,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised fp32 Llama; the same seed gives the same weights, and the global
+    RNG is left untouched so callers' own seeding is not disturbed."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def save_tiny_model(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path
+) -> Path:
+    """Write weights (safetensors), config and tokenizer to `out_dir`, atomically: everything
+    goes to a temporary directory beside it that is renamed into place when complete."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
