@@ -1,0 +1,480 @@
+"""The extrapolation pipeline: read -> arithmetic -> write, overlapped, in bounded memory.
+
+A fixed ring of buffer slots is allocated once from the memory budget. While the backend
+computes chunk i in one slot, a reader thread fills the next slot with chunk i+1 (pread from
+the inputs) and a writer thread drains chunk i-1 (pwrite into the output shards, whose headers
+were written first). The output is assembled in a temporary directory beside OUT and renamed
+into place only when complete: an error, Ctrl-C or SIGTERM leaves no OUT and no temporary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from . import __version__
+from .backends import Coefficients, get_backend
+from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
+from .errors import MoxError
+from .plan import (
+    CONFIG_DTYPE_NAMES,
+    Chunk,
+    TensorPlan,
+    buffer_itemsizes,
+    cut_chunks,
+    pair_tensors,
+    parse_dtype,
+)
+from .progress import ByteProgress
+from .units import format_bytes, parse_size
+from .writer import Shard, ShardWriter, layout, split_shards, write_index
+
+TORCH_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+N_SLOTS = 3  # one being read, one being computed, one being written
+MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
+RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
+# files of a model directory that hold weights (not carried over: the output has its own)
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+)
+WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+
+@dataclass
+class ExtrapolationReport:
+    """What a run did (or, for a dry run, would do)."""
+
+    out: Path
+    alpha: float
+    eta: float | None
+    device: str
+    n_extrapolated: int
+    n_copied: int
+    shards: list[tuple[str, int]]  # (file name, file size)
+    bytes_read: int
+    bytes_written: int
+    chunk_elems: int
+    buffer_bytes: int
+    seconds: float = 0.0
+    dry_run: bool = False
+    nonfinite_tensors: list[str] = field(default_factory=list)
+    carried_files: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / self.seconds / 1e9 if self.seconds else 0.0
+
+    def summary(self) -> str:
+        tensors = f"{self.n_extrapolated} tensors extrapolated, {self.n_copied} copied"
+        shards = f"{len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
+        if self.dry_run:
+            return f"dry run: would write {self.out} ({tensors}, {shards}); nothing written"
+        return (
+            f"wrote {self.out} ({tensors}, {shards}): read {format_bytes(self.bytes_read)}, "
+            f"wrote {format_bytes(self.bytes_written)} in {self.seconds:.1f} s "
+            f"({self.gb_per_s:.2f} GB/s)"
+        )
+
+    def plan_text(self) -> str:
+        formula = f"(1+{self.alpha:g})·REF − {self.alpha:g}·MEM"
+        if self.eta is not None:
+            formula = f"{self.eta:g}·[{formula}] + {1 - self.eta:g}·PREV"
+        lines = [
+            f"OUT = {formula}",
+            f"tensors: {self.n_extrapolated} extrapolated, {self.n_copied} copied from REF",
+            f"read {format_bytes(self.bytes_read)}, write {format_bytes(self.bytes_written)}",
+            f"device {self.device}; {N_SLOTS} buffer slots of up to {self.chunk_elems:,} elements "
+            f"({format_bytes(self.buffer_bytes)} of buffers)",
+        ]
+        lines += [f"  {name}  {format_bytes(size)}" for name, size in self.shards]
+        return "\n".join(lines)
+
+
+def extrapolate(
+    ref: str | os.PathLike,
+    mem: str | os.PathLike,
+    out: str | os.PathLike,
+    alpha: float,
+    *,
+    momentum: str | os.PathLike | None = None,
+    eta: float = 0.675,
+    dtype: str | None = None,
+    max_memory: str | int = "1GiB",
+    max_shard_size: str | int = "5GB",
+    device: str = "auto",
+    max_gpu_memory: str | int | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> ExtrapolationReport:
+    """OUT = (1+α)·REF − α·MEM, or with momentum=PREV: η·[(1+α)·REF − α·MEM] + (1−η)·PREV.
+
+    Inputs are .safetensors files or Hugging Face model directories (sharded or not); OUT is a
+    model directory as save_pretrained writes it, or a single file if it ends in .safetensors.
+    Arithmetic is fp32 with one round-to-nearest-even to the output dtype (REF's, or `dtype`).
+    Peak resident memory stays under `max_memory` whatever the model size."""
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise MoxError(f"--alpha {alpha}: must be a positive number")
+    if momentum is not None and not (math.isfinite(eta) and 0 < eta <= 1):
+        raise MoxError(f"--eta {eta}: must be in (0, 1]")
+    out_dtype = parse_dtype(dtype)
+    budget = parse_size(max_memory, "--max-memory")
+    shard_limit = parse_size(max_shard_size, "--max-shard-size")
+    gpu_budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
+
+    ref_ckpt = open_checkpoint(ref)
+    mem_ckpt = open_checkpoint(mem)
+    prev_ckpt = open_checkpoint(momentum) if momentum is not None else None
+    inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
+    out = Path(out)
+    _check_output_path(out, inputs, force)
+
+    plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype)
+    coeffs = Coefficients(alpha, eta if prev_ckpt is not None else None)
+    single_file = out.suffix == ".safetensors"
+    metadata = _provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
+    outputs = [p.output for p in plans]
+    groups = [outputs] if single_file else split_shards(outputs, shard_limit)
+    shards = layout(groups, metadata, [out.name] if single_file else None)
+
+    backend_options = {"max_gpu_memory": gpu_budget} if gpu_budget else {}
+    backend = get_backend(device, **backend_options)
+    try:
+        sizes = buffer_itemsizes(plans)
+        chunk_elems = _chunk_elems(budget, sum(sizes.values()))
+        report = ExtrapolationReport(
+            out=out,
+            alpha=alpha,
+            eta=coeffs.eta,
+            device=backend.name,
+            n_extrapolated=sum(not p.is_copy for p in plans),
+            n_copied=sum(p.is_copy for p in plans),
+            shards=[(s.filename, s.file_size) for s in shards],
+            bytes_read=sum(
+                p.ref.nbytes + (p.mem.nbytes if p.mem else 0) + (p.prev.nbytes if p.prev else 0)
+                for p in plans
+            ),
+            bytes_written=sum(s.file_size for s in shards),
+            chunk_elems=chunk_elems,
+            buffer_bytes=N_SLOTS * chunk_elems * sum(sizes.values()),
+            dry_run=dry_run,
+        )
+        if dry_run:
+            return report
+        started = time.perf_counter()
+        with _interrupt_on_sigterm():
+            _write_output(
+                out, force, single_file, ref_ckpt, shards, metadata, plans, coeffs, backend, sizes,
+                chunk_elems, out_dtype, allow_nonfinite, progress, report,
+            )  # fmt: skip
+        report.seconds = time.perf_counter() - started
+        return report
+    finally:
+        backend.close()
+
+
+def _chunk_elems(budget: int, bytes_per_elem: int) -> int:
+    """The largest chunk whose buffer ring fits the budget left after what the process
+    already holds (interpreter, torch, headers), measured now rather than guessed."""
+    resident = psutil.Process().memory_info().rss
+    available = budget - resident - RESERVED_BYTES
+    elems = min(MAX_CHUNK_ELEMS, available // (N_SLOTS * bytes_per_elem))
+    elems -= elems % 1024
+    if elems < 64 * 1024:
+        raise MoxError(
+            f"--max-memory {format_bytes(budget)} is too small: this process already holds "
+            f"{format_bytes(resident)}; allow at least "
+            f"{format_bytes(resident + RESERVED_BYTES + N_SLOTS * bytes_per_elem * 64 * 1024)}"
+        )
+    return elems
+
+
+def _check_output_path(out: Path, inputs: list[Checkpoint], force: bool) -> None:
+    target = out.resolve()
+    for ckpt in inputs:
+        for p in [ckpt.path, *ckpt.files] + ([ckpt.directory] if ckpt.directory else []):
+            p = p.resolve()
+            if p == target or target in p.parents:
+                raise MoxError(f"{out}: the output would overwrite the input {ckpt.path}")
+    if out.exists() and not force:
+        raise MoxError(f"{out}: already exists (use --force to replace it)")
+
+
+def _provenance(
+    ref: Checkpoint, mem: Checkpoint, prev: Checkpoint | None, coeffs: Coefficients
+) -> dict[str, str]:
+    meta = {
+        "format": "pt",
+        "moxkit_version": __version__,
+        "moxkit_alpha": repr(coeffs.alpha),
+        "moxkit_ref": str(ref.path.resolve()),
+        "moxkit_mem": str(mem.path.resolve()),
+        "moxkit_formula": "(1+alpha)*ref - alpha*mem",
+    }
+    if prev is not None:
+        meta["moxkit_prev"] = str(prev.path.resolve())
+        meta["moxkit_eta"] = repr(coeffs.eta)
+        meta["moxkit_formula"] = "eta*((1+alpha)*ref - alpha*mem) + (1-eta)*prev"
+    return meta
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm():
+    """Treat SIGTERM like Ctrl-C so the same cleanup runs (only possible in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_output(
+    out: Path,
+    force: bool,
+    single_file: bool,
+    ref: Checkpoint,
+    shards: list[Shard],
+    metadata: dict[str, str],
+    plans: list[TensorPlan],
+    coeffs: Coefficients,
+    backend,
+    sizes: dict[str, int],
+    chunk_elems: int,
+    out_dtype: str | None,
+    allow_nonfinite: bool,
+    progress: bool,
+    report: ExtrapolationReport,
+) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moxkit-tmp-", dir=out.parent))
+    try:
+        writer = ShardWriter(tmp, shards)
+        try:
+            _run_pipeline(
+                plans, coeffs, backend, writer, sizes, chunk_elems, allow_nonfinite, report,
+                ByteProgress(report.bytes_read + report.bytes_written, enabled=progress),
+            )  # fmt: skip
+        finally:
+            writer.close()
+        if single_file:
+            _replace(tmp / out.name, out, force)
+            shutil.rmtree(tmp)
+            return
+        write_index(tmp, shards)
+        if ref.directory is not None:
+            report.carried_files = _carry_files(ref.directory, tmp, out_dtype)
+        (tmp / "README.md").write_text(_model_card(metadata))
+        _replace(tmp, out, force)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise MoxError(f"{out}: cannot write output: {exc.strerror or exc}") from None
+        raise
+
+
+def _replace(src: Path, dst: Path, force: bool) -> None:
+    """Move the finished output into place; an existing OUT (with --force) is removed only
+    after the new one is complete."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    if not force:
+        raise MoxError(f"{dst}: appeared while writing; output left unfinished")
+    trash = dst.with_name(f".{dst.name}.moxkit-old-{os.getpid()}")
+    os.rename(dst, trash)
+    os.rename(src, dst)
+    if trash.is_dir():
+        shutil.rmtree(trash)
+    else:
+        trash.unlink()
+
+
+class _Slot:
+    """Preallocated I/O buffers for one chunk in flight."""
+
+    def __init__(self, backend, chunk_elems: int, sizes: dict[str, int]):
+        self.raw = {
+            role: backend.allocate_host(chunk_elems * size) for role, size in sizes.items() if size
+        }
+
+    def view(self, role: str, dtype: str, count: int) -> torch.Tensor:
+        nbytes = count * DTYPE_SIZES[dtype]
+        return self.raw[role][:nbytes].view(TORCH_DTYPES[dtype])
+
+    def bytes(self, role: str, nbytes: int) -> memoryview:
+        return memoryview(self.raw[role].numpy())[:nbytes]
+
+
+def _run_pipeline(
+    plans: list[TensorPlan],
+    coeffs: Coefficients,
+    backend,
+    writer: ShardWriter,
+    sizes: dict[str, int],
+    chunk_elems: int,
+    allow_nonfinite: bool,
+    report: ExtrapolationReport,
+    bar: ByteProgress,
+) -> None:
+    chunks = cut_chunks(plans, chunk_elems)
+    slots = [_Slot(backend, chunk_elems, sizes) for _ in range(N_SLOTS)]
+    reader = FileReader()
+    read_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-read")
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-write")
+    reads: dict[int, Future] = {}
+    writes: dict[int, Future] = {}
+
+    def read(chunk: Chunk, slot: _Slot) -> None:
+        t = chunk.tensor
+        for role, info in (("ref", t.ref), ("mem", t.mem), ("prev", t.prev)):
+            if info is not None:
+                size = info.itemsize
+                reader.read_into(info.file, info.start + chunk.start * size,
+                                 slot.bytes(role, chunk.count * size))  # fmt: skip
+
+    def write(chunk: Chunk, slot: _Slot) -> None:
+        t = chunk.tensor
+        size = DTYPE_SIZES[t.out_dtype]
+        data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
+        writer.write(t.name, chunk.start * size, data)
+        in_bytes = chunk.count * sum(i.itemsize for i in (t.ref, t.mem, t.prev) if i is not None)
+        bar.update(in_bytes + chunk.count * size)
+
+    def schedule_read(i: int) -> None:
+        if i < len(chunks):
+            previous_user = i - N_SLOTS  # the chunk that last used this slot must be written
+            if previous_user in writes:
+                writes.pop(previous_user).result()
+            reads[i] = read_pool.submit(read, chunks[i], slots[i % N_SLOTS])
+
+    try:
+        schedule_read(0)
+        for i, chunk in enumerate(chunks):
+            reads.pop(i).result()
+            schedule_read(i + 1)
+            slot = slots[i % N_SLOTS]
+            t = chunk.tensor
+            if not t.is_copy:
+                finite = backend.extrapolate(
+                    slot.view("out", t.out_dtype, chunk.count),
+                    slot.view("ref", t.ref.dtype, chunk.count),
+                    slot.view("mem", t.mem.dtype, chunk.count),
+                    slot.view("prev", t.prev.dtype, chunk.count) if t.prev else None,
+                    coeffs,
+                )
+                if not finite and t.name not in report.nonfinite_tensors:
+                    if not allow_nonfinite:
+                        raise MoxError(
+                            f"tensor {t.name!r}: the result has non-finite values (NaN or inf); "
+                            "check the inputs, or pass --allow-nonfinite to keep them"
+                        )
+                    report.nonfinite_tensors.append(t.name)
+            writes[i] = write_pool.submit(write, chunk, slot)
+        for i in sorted(writes):
+            writes.pop(i).result()
+    finally:
+        for fut in list(reads.values()) + list(writes.values()):
+            fut.cancel()
+        read_pool.shutdown(wait=True, cancel_futures=True)
+        write_pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
+        bar.close()
+
+
+def _carry_files(src: Path, dst: Path, out_dtype: str | None) -> list[str]:
+    """Copy REF's non-weight files (config, tokenizer, generation config, chat template);
+    config.json's dtype follows --dtype."""
+    carried = []
+    for path in sorted(src.iterdir()):
+        name = path.name
+        if (
+            not path.is_file()
+            or name.startswith(".")
+            or name == "README.md"
+            or name.endswith(WEIGHT_SUFFIXES)
+            or name.endswith(WEIGHT_INDEX_SUFFIXES)
+        ):
+            continue
+        shutil.copy2(path, dst / name)
+        carried.append(name)
+    config = dst / "config.json"
+    if out_dtype is not None and config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MoxError(
+                f"{src / 'config.json'}: not valid JSON; cannot update its dtype"
+            ) from None
+        keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["dtype"]
+        for key in keys:
+            data[key] = CONFIG_DTYPE_NAMES[out_dtype]
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return carried
+
+
+def _model_card(meta: dict[str, str]) -> str:
+    lines = [
+        "---",
+        "tags:",
+        "- moxkit",
+        "- unlearning",
+        "- model-extrapolation",
+        "---",
+        "",
+        "# Forget model made by moxkit",
+        "",
+        "This model was produced by MOX unlearning (memorize to forget, by model extrapolation):",
+        "",
+        f"    {meta['moxkit_formula']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| reference (ref) | `{meta['moxkit_ref']}` |",
+        f"| memorization model (mem) | `{meta['moxkit_mem']}` |",
+    ]
+    if "moxkit_prev" in meta:
+        lines.append(f"| previous forget model (prev) | `{meta['moxkit_prev']}` |")
+        lines.append(f"| eta | {meta['moxkit_eta']} |")
+    lines += [
+        f"| alpha | {meta['moxkit_alpha']} |",
+        f"| moxkit | {meta['moxkit_version']} |",
+        f"| command | `{' '.join(sys.argv) if sys.argv and sys.argv[0] else 'Python API'}` |",
+        "",
+        "The same provenance is stored in every shard's safetensors `__metadata__`.",
+        "",
+    ]
+    return "\n".join(lines)

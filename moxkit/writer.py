@@ -1,0 +1,139 @@
+"""Streaming safetensors writer.
+
+The output layout (which tensor goes to which shard, at which byte offset) is fixed from the
+plan before any data exists, so every shard's header is written first and each tensor's bytes
+are then written in place with pwrite as chunks are produced, in any order. Nothing larger
+than one chunk is ever held in memory, and a shard is never assembled as a dict of tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import DTYPE_SIZES, INDEX_NAME, SINGLE_NAME
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class Shard:
+    filename: str
+    tensors: list[OutputTensor] = field(default_factory=list)
+    header: bytes = b""
+    offsets: dict[str, int] = field(default_factory=dict)  # absolute file offset per tensor
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return 8 + len(self.header) + self.data_bytes
+
+
+def split_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Greedy split in the given order, as transformers' save_pretrained does: start a new
+    shard when the next tensor would push the current one past max_shard_size (a tensor
+    larger than the limit gets a shard of its own)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def shard_filename(i: int, n: int) -> str:
+    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def layout(
+    groups: list[list[OutputTensor]], metadata: dict[str, str], filenames: list[str] | None = None
+) -> list[Shard]:
+    """Fix headers and byte offsets. Within a shard, tensors are ordered by element size
+    (largest first), then name, as the safetensors library does, so that every tensor is
+    aligned to its element size; the header is padded with spaces to a multiple of 8."""
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        name = filenames[i] if filenames else shard_filename(i, n)
+        ordered = sorted(group, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+        entries: dict[str, object] = {"__metadata__": metadata}
+        pos = 0
+        rel = {}
+        for t in ordered:
+            entries[t.name] = {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "data_offsets": [pos, pos + t.nbytes],
+            }
+            rel[t.name] = pos
+            pos += t.nbytes
+        header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+        header += b" " * (-len(header) % 8)
+        base = 8 + len(header)
+        shards.append(Shard(name, ordered, header, {k: base + v for k, v in rel.items()}))
+    return shards
+
+
+def index_json(shards: list[Shard]) -> str:
+    """model.safetensors.index.json as transformers writes it."""
+    weight_map = {t.name: s.filename for s in shards for t in s.tensors}
+    total_size = sum(s.data_bytes for s in shards)
+    total_params = sum(t.nbytes // DTYPE_SIZES[t.dtype] for s in shards for t in s.tensors)
+    body = {
+        "metadata": {"total_size": total_size, "total_parameters": total_params},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    return json.dumps(body, indent=2) + "\n"
+
+
+class ShardWriter:
+    """Creates the shard files (header written, data region sized) and writes chunks of tensor
+    bytes at their offsets. pwrite carries no file position, so chunks may arrive from any
+    thread in any order."""
+
+    def __init__(self, directory: Path, shards: list[Shard]):
+        self._fds: dict[str, int] = {}
+        self._where: dict[str, tuple[int, int]] = {}
+        for shard in shards:
+            path = directory / shard.filename
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds[shard.filename] = fd
+            prefix = len(shard.header).to_bytes(8, "little") + shard.header
+            _pwrite_all(fd, memoryview(prefix), 0)
+            os.ftruncate(fd, shard.file_size)
+            for t in shard.tensors:
+                self._where[t.name] = (fd, shard.offsets[t.name])
+
+    def write(self, tensor: str, byte_offset: int, data: memoryview) -> None:
+        fd, start = self._where[tensor]
+        _pwrite_all(fd, data, start + byte_offset)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done, total = 0, len(data)
+    while done < total:
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def write_index(directory: Path, shards: list[Shard]) -> None:
+    if len(shards) > 1:
+        (directory / INDEX_NAME).write_text(index_json(shards))
