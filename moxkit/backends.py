@@ -9,6 +9,11 @@ Every backend computes the same function, bit for bit:
 where every operation is an IEEE fp32 operation (no fused multiply-add) and RN_out is one
 round-to-nearest-even to the output dtype. Fixing the order of operations, rather than
 "computing in fp32" loosely, is what lets the CPU and CUDA paths agree exactly.
+
+A NaN result is written as the canonical quiet NaN of the output dtype (CANONICAL_NAN_BITS),
+whatever its sign and payload: CPUs and GPUs make different NaN bits (x86 gives 0xFFC00000 for
+inf − inf, torch's vectorised fp32 -> bf16 conversion gives 0xFFFF), so only a fixed pattern
+keeps outputs byte-identical across devices.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ import torch
 from .errors import MoxError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# output dtype -> (integer dtype of the same width, the canonical quiet NaN's bits)
+CANONICAL_NAN_BITS = {
+    torch.float32: (torch.int32, 0x7FC00000),
+    torch.bfloat16: (torch.int16, 0x7FC0),
+    torch.float16: (torch.int16, 0x7E00),
+}
 
 
 def _fp32(x: float) -> float:
@@ -107,12 +119,18 @@ class CpuBackend:
                 torch.add(r, p, out=r)
             o = out[start:stop]
             o.copy_(r)
-            if finite and not bool(torch.isfinite(o).all()):
+            if not bool(torch.isfinite(o).all()):
                 finite = False
+                _canonicalize_nan(o)
         return finite
 
     def close(self) -> None:
         self._scratch = []
+
+
+def _canonicalize_nan(t: torch.Tensor) -> None:
+    int_dtype, bits = CANONICAL_NAN_BITS[t.dtype]
+    t.view(int_dtype).masked_fill_(torch.isnan(t), bits)
 
 
 def get_backend(device: str = "auto", **options) -> CpuBackend:
