@@ -14,6 +14,7 @@ import torch
 
 from moxkit.backends import Coefficients
 from moxkit.errors import MoxError
+from moxkit.units import parse_size
 
 from .extrapolate import BLOCK, NUM_WARPS, launch
 
@@ -32,7 +33,7 @@ class CudaBackend:
     def __init__(
         self,
         device: str | torch.device = "cuda",
-        max_gpu_memory: int | None = None,
+        max_gpu_memory: int | str | None = None,
         *,
         block: int = BLOCK,
         num_warps: int = NUM_WARPS,
@@ -49,11 +50,8 @@ class CudaBackend:
         free, _ = torch.cuda.mem_get_info(self.device)
         if max_gpu_memory is None:
             budget = min(DEFAULT_GPU_MEMORY, free // 2)
-        elif isinstance(max_gpu_memory, int) and max_gpu_memory > 0:
-            budget = max_gpu_memory
         else:
-            raise MoxError(f"--max-gpu-memory: expected a positive number of bytes, "
-                           f"got {max_gpu_memory!r}")
+            budget = parse_size(max_gpu_memory, "--max-gpu-memory")
         # each slot holds up to three inputs and one output of up to 4 bytes per element
         self.slot_elems = budget // (SLOTS * 4 * _MAX_ITEMSIZE) // _ALIGN * _ALIGN
         if self.slot_elems < MIN_PIECE:

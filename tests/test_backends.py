@@ -259,7 +259,7 @@ def test_engine_cuda_equals_cpu(tmp_path, momentum):
     for device in ("cpu", "cuda"):
         outs[device] = tmp_path / f"out-{device}"
         moxkit.extrapolate(str(paths["ref"]), str(paths["mem"]), str(outs[device]), 4.0,
-                           device=device, max_memory="64MiB", max_gpu_memory=48 << 20,
+                           device=device, max_memory="2GiB", max_gpu_memory="48MiB",
                            progress=False, **extra)
     cpu = load_file(str(outs["cpu"] / "model.safetensors"))
     gpu = load_file(str(outs["cuda"] / "model.safetensors"))
