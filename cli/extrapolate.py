@@ -80,10 +80,22 @@ def command(
     if prev is None and eta != 0.675:
         raise MoxError("--eta only applies with --momentum PREV")
     report = extrapolate(
-        ref, mem, out, alpha, momentum=prev, eta=eta, dtype=dtype, max_memory=max_memory,
-        max_shard_size=max_shard_size, device=device, max_gpu_memory=max_gpu_memory,
-        force=force, allow_nonfinite=allow_nonfinite, dry_run=dry_run, progress=not quiet,
-    )  # fmt: skip
+        ref,
+        mem,
+        out,
+        alpha,
+        momentum=prev,
+        eta=eta,
+        dtype=dtype,
+        max_memory=max_memory,
+        max_shard_size=max_shard_size,
+        device=device,
+        max_gpu_memory=max_gpu_memory,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        dry_run=dry_run,
+        progress=not quiet,
+    )
     if dry_run:
         click.echo(report.plan_text())
     if report.nonfinite_tensors:

@@ -15,9 +15,15 @@ from .errors import MoxError
 from .writer import OutputTensor
 
 DTYPE_ALIASES = {
-    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
-    "fp32": "F32", "float32": "F32", "float": "F32",
-}  # fmt: skip
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+}
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 

@@ -44,10 +44,17 @@ from .units import format_bytes, parse_size
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
 
 TORCH_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
 RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
@@ -191,9 +198,22 @@ def extrapolate(
         started = time.perf_counter()
         with _interrupt_on_sigterm():
             _write_output(
-                out, force, single_file, ref_ckpt, shards, metadata, plans, coeffs, backend, sizes,
-                chunk_elems, out_dtype, allow_nonfinite, progress, report,
-            )  # fmt: skip
+                out,
+                force,
+                single_file,
+                ref_ckpt,
+                shards,
+                metadata,
+                plans,
+                coeffs,
+                backend,
+                sizes,
+                chunk_elems,
+                out_dtype,
+                allow_nonfinite,
+                progress,
+                report,
+            )
         report.seconds = time.perf_counter() - started
         return report
     finally:
@@ -285,9 +305,16 @@ def _write_output(
         writer = ShardWriter(tmp, shards)
         try:
             _run_pipeline(
-                plans, coeffs, backend, writer, sizes, chunk_elems, allow_nonfinite, report,
+                plans,
+                coeffs,
+                backend,
+                writer,
+                sizes,
+                chunk_elems,
+                allow_nonfinite,
+                report,
                 ByteProgress(report.bytes_read + report.bytes_written, enabled=progress),
-            )  # fmt: skip
+            )
         finally:
             writer.close()
         if single_file:
@@ -363,8 +390,9 @@ def _run_pipeline(
         for role, info in (("ref", t.ref), ("mem", t.mem), ("prev", t.prev)):
             if info is not None:
                 size = info.itemsize
-                reader.read_into(info.file, info.start + chunk.start * size,
-                                 slot.bytes(role, chunk.count * size))  # fmt: skip
+                reader.read_into(
+                    info.file, info.start + chunk.start * size, slot.bytes(role, chunk.count * size)
+                )
 
     def write(chunk: Chunk, slot: _Slot) -> None:
         t = chunk.tensor

@@ -1,0 +1,321 @@
+"""Every input a user can get wrong ends in one clear line naming the file or tensor, a
+non-zero exit, no traceback, and nothing left where the output would be."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from ckpt_factory import random_tensor, save_sharded, write_raw_safetensors
+from moxkit.cli.main import main
+from safetensors.torch import save_file
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(["extrapolate", *map(str, args)])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def run_ok(capsys, *args) -> str:
+    main(["extrapolate", *map(str, args)])
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def pair(tmp_path):
+    t = {
+        "model.w": random_tensor((8, 4), torch.bfloat16, 0),
+        "model.b": random_tensor((4,), torch.bfloat16, 1),
+    }
+    save_file(t, tmp_path / "ref.safetensors")
+    save_file({k: v + 1 for k, v in t.items()}, tmp_path / "mem.safetensors")
+    return tmp_path / "ref.safetensors", tmp_path / "mem.safetensors"
+
+
+def assert_clean_failure(capsys, tmp_path, args, pattern: str, code: int = 1):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT, no temporary
+
+
+def corrupt(tmp_path, header, data=b"", name="bad.safetensors"):
+    path = tmp_path / name
+    write_raw_safetensors(path, header, data)
+    return path
+
+
+W = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        (
+            {"model.w": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "unknown dtype",
+        ),
+        (
+            {"model.w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "expected 12",
+        ),
+        (
+            {"model.w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 4,
+            "truncated",
+        ),
+        ({"model.w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, b"\0" * 8, "shape"),
+        (
+            {"model.w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},
+            b"\0" * 8,
+            "data_offsets",
+        ),
+        (
+            {"model.w": W, "model.b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+            b"\0" * 8,
+            "overlaps",
+        ),
+        ({"__metadata__": {"a": 1}, "model.w": W}, b"\0" * 8, "__metadata__"),
+    ],
+    ids=["dtype", "size", "truncated", "shape", "offsets", "overlap", "metadata"],
+)
+def test_corrupt_headers(capsys, tmp_path, pair, header, data, message):
+    bad = corrupt(tmp_path, header, data)
+    assert_clean_failure(
+        capsys, tmp_path, [pair[0], bad, "--alpha", 4, "-o", tmp_path / "out"], message
+    )
+
+
+def test_not_safetensors_and_header_length(capsys, tmp_path, pair):
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world, this is not a model")
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [tmp_path / "junk.safetensors", pair[1], "-a", 4, "-o", tmp_path / "o"],
+        "does not fit",
+    )
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [pair[0], tmp_path / "tiny.safetensors", "-a", 4, "-o", tmp_path / "o"],
+        "too small",
+    )
+    raw = b"{not json}     "
+    (tmp_path / "nj.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [tmp_path / "nj.safetensors", pair[1], "-a", 4, "-o", tmp_path / "o"],
+        "not valid JSON",
+    )
+
+
+def test_missing_paths_and_empty_directory(capsys, tmp_path, pair):
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [tmp_path / "nope", pair[1], "-a", 4, "-o", tmp_path / "o"],
+        "no such file",
+    )
+    (tmp_path / "empty").mkdir()
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [tmp_path / "empty", pair[1], "-a", 4, "-o", tmp_path / "o"],
+        "no model.safetensors",
+    )
+
+
+def test_bad_index_files(capsys, tmp_path, pair):
+    t = {f"model.l{i}": random_tensor((4,), torch.float32, i) for i in range(4)}
+    save_sharded(t, tmp_path / "sharded", per_shard=2)
+    index_path = tmp_path / "sharded" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    args = [tmp_path / "sharded", tmp_path / "sharded", "-a", 4, "-o", tmp_path / "o"]
+
+    index_path.write_text("{oops")
+    assert_clean_failure(capsys, tmp_path, args, "index is not valid JSON")
+    index_path.write_text(json.dumps({"metadata": {}}))
+    assert_clean_failure(capsys, tmp_path, args, "no 'weight_map'")
+    index_path.write_text(
+        json.dumps(
+            {"weight_map": dict(index["weight_map"], extra="model-00009-of-00009.safetensors")}
+        )
+    )
+    assert_clean_failure(
+        capsys, tmp_path, args, "shard model-00009-of-00009.safetensors is missing"
+    )
+    index_path.write_text(
+        json.dumps(
+            {"weight_map": dict(index["weight_map"], ghost="model-00001-of-00002.safetensors")}
+        )
+    )
+    assert_clean_failure(capsys, tmp_path, args, "tensor 'ghost' named by the index is not in it")
+    index_path.write_text(json.dumps({"weight_map": {"model.l0": "../../etc/passwd"}}))
+    assert_clean_failure(capsys, tmp_path, args, "outside the model directory")
+
+
+def test_mismatched_checkpoints(capsys, tmp_path, pair):
+    ref = pair[0]
+    save_file({"model.w": random_tensor((8, 4), torch.bfloat16, 0)}, tmp_path / "fewer.safetensors")
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [ref, tmp_path / "fewer.safetensors", "-a", 4, "-o", tmp_path / "o"],
+        "lacks tensor 'model.b'",
+    )
+    save_file(
+        {
+            "model.w": random_tensor((8, 4), torch.bfloat16, 0),
+            "model.b": random_tensor((4,), torch.bfloat16, 1),
+            "lm_head.weight": random_tensor((4,), torch.bfloat16, 1),
+        },
+        tmp_path / "more.safetensors",
+    )
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [ref, tmp_path / "more.safetensors", "-a", 4, "-o", tmp_path / "o"],
+        "tied embeddings",
+    )
+    save_file(
+        {
+            "model.w": random_tensor((4, 8), torch.bfloat16, 0),
+            "model.b": random_tensor((4,), torch.bfloat16, 1),
+        },
+        tmp_path / "shape.safetensors",
+    )
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [ref, tmp_path / "shape.safetensors", "-a", 4, "-o", tmp_path / "o"],
+        "'model.w' has shape [4, 8] in MEM but [8, 4] in REF",
+    )
+    save_file(
+        {
+            "model.w": torch.zeros((8, 4), dtype=torch.int32),
+            "model.b": random_tensor((4,), torch.bfloat16, 1),
+        },
+        tmp_path / "int.safetensors",
+    )
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [ref, tmp_path / "int.safetensors", "-a", 4, "-o", tmp_path / "o"],
+        "'model.w' in MEM is I32",
+    )
+    save_file(
+        {
+            "model.w": random_tensor((8, 4), torch.float64, 0),
+            "model.b": random_tensor((4,), torch.bfloat16, 1),
+        },
+        tmp_path / "f64.safetensors",
+    )
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [ref, tmp_path / "f64.safetensors", "-a", 4, "-o", tmp_path / "o"],
+        "is F64",
+    )
+    assert_clean_failure(
+        capsys,
+        tmp_path,
+        [ref, pair[1], "-a", 4, "--momentum", tmp_path / "fewer.safetensors", "-o", tmp_path / "o"],
+        "PREV lacks tensor",
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["-a", "0"], "--alpha 0.0: must be a positive number"),
+        (["-a", "nan"], "--alpha nan"),
+        (["-a", "4", "--dtype", "int8"], "--dtype 'int8'"),
+        (["-a", "4", "--max-memory", "lots"], "--max-memory 'lots'"),
+        (["-a", "4", "--max-memory", "10MB"], "--max-memory 10.00 MB is too small"),
+        (["-a", "4", "--max-shard-size", "-5GB"], "--max-shard-size"),
+        (["-a", "4", "--eta", "0.3"], "--eta only applies with --momentum"),
+        (["-a", "4", "--device", "tpu"], "unknown device 'tpu'"),
+        (["-a", "4", "--device", "cuda"], "no CUDA device"),
+    ],
+)
+def test_bad_options(capsys, tmp_path, pair, extra, message):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert_clean_failure(capsys, tmp_path, [*pair, *extra, "-o", tmp_path / "out"], message)
+
+
+def test_eta_range_with_momentum(capsys, tmp_path, pair):
+    args = [*pair, "-a", 4, "--momentum", pair[0], "--eta", "1.5", "-o", tmp_path / "out"]
+    assert_clean_failure(capsys, tmp_path, args, "--eta 1.5: must be in (0, 1]")
+
+
+def test_missing_required_option_is_a_usage_error(capsys, tmp_path, pair):
+    rc, _, err = run_cli(capsys, *pair, "-o", tmp_path / "out")
+    assert rc == 2 and "Missing option '--alpha'" in err and "Traceback" not in err
+
+
+def test_existing_output_and_force(capsys, tmp_path, pair):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    assert_clean_failure(
+        capsys, tmp_path, [*pair, "-a", 4, "-o", tmp_path / "out"], "already exists (use --force"
+    )
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+    run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out", "--force", "--quiet")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "model.safetensors",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_may_not_be_an_input(capsys, tmp_path):
+    t = {"w": random_tensor((4,), torch.float32, 0)}
+    save_sharded(t, tmp_path / "ref", per_shard=1)
+    save_file(t, tmp_path / "mem.safetensors")
+    for out in (tmp_path / "ref", tmp_path / "mem.safetensors", tmp_path):
+        assert_clean_failure(
+            capsys,
+            tmp_path,
+            [tmp_path / "ref", tmp_path / "mem.safetensors", "-a", 4, "-o", out, "--force"],
+            "would overwrite the input",
+        )
+    assert (tmp_path / "ref" / "model.safetensors").is_file()
+
+
+def test_nonfinite_via_cli(capsys, tmp_path):
+    save_file({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "ref.safetensors")
+    save_file({"w": torch.tensor([1.0, 2.0])}, tmp_path / "mem.safetensors")
+    args = [
+        tmp_path / "ref.safetensors",
+        tmp_path / "mem.safetensors",
+        "-a",
+        4,
+        "-o",
+        tmp_path / "out",
+    ]
+    assert_clean_failure(capsys, tmp_path, args, "tensor 'w': the result has non-finite values")
+    out = run_ok(capsys, *args, "--allow-nonfinite")
+    assert "wrote" in out and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_dry_run_and_summary_lines(capsys, tmp_path, pair):
+    out = run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out", "--dry-run")
+    assert "OUT = (1+4)·REF − 4·MEM" in out and "nothing written" in out
+    assert not (tmp_path / "out").exists()
+    out = run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out")
+    assert out.startswith(f"wrote {tmp_path / 'out'} (2 tensors extrapolated, 0 copied, 1 shard)")
+    shutil.rmtree(tmp_path / "out")
+    assert run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out", "-q") == ""
