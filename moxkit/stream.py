@@ -58,6 +58,7 @@ TORCH_DTYPES = {
 N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
 RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
+DEFAULT_BUFFER_BYTES = 384 * 2**20  # buffer ring when the caller sets no process budget
 # files of a model directory that hold weights (not carried over: the output has its own)
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -132,7 +133,7 @@ def extrapolate(
     momentum: str | os.PathLike | None = None,
     eta: float = 0.675,
     dtype: str | None = None,
-    max_memory: str | int = "1GiB",
+    max_memory: str | int | None = None,
     max_shard_size: str | int = "5GB",
     device: str = "auto",
     max_gpu_memory: str | int | None = None,
@@ -146,13 +147,16 @@ def extrapolate(
     Inputs are .safetensors files or Hugging Face model directories (sharded or not); OUT is a
     model directory as save_pretrained writes it, or a single file if it ends in .safetensors.
     Arithmetic is fp32 with one round-to-nearest-even to the output dtype (REF's, or `dtype`).
-    Peak resident memory stays under `max_memory` whatever the model size."""
+    Peak resident memory of the whole process stays under `max_memory` whatever the model
+    size; max_memory=None, for callers embedding the engine in a process that holds other
+    things (a trainer, an evaluation), bounds only the engine's own buffers
+    (DEFAULT_BUFFER_BYTES) and leaves the rest of the process alone."""
     if not math.isfinite(alpha) or alpha <= 0:
         raise MoxError(f"--alpha {alpha}: must be a positive number")
     if momentum is not None and not (math.isfinite(eta) and 0 < eta <= 1):
         raise MoxError(f"--eta {eta}: must be in (0, 1]")
     out_dtype = parse_dtype(dtype)
-    budget = parse_size(max_memory, "--max-memory")
+    budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
     shard_limit = parse_size(max_shard_size, "--max-shard-size")
     gpu_budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
 
@@ -220,9 +224,13 @@ def extrapolate(
         backend.close()
 
 
-def _chunk_elems(budget: int, bytes_per_elem: int) -> int:
+def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
     """The largest chunk whose buffer ring fits the budget left after what the process
     already holds (interpreter, torch, headers), measured now rather than guessed."""
+    if budget is None:
+        return (
+            min(MAX_CHUNK_ELEMS, DEFAULT_BUFFER_BYTES // (N_SLOTS * bytes_per_elem)) // 1024 * 1024
+        )
     resident = psutil.Process().memory_info().rss
     available = budget - resident - RESERVED_BYTES
     elems = min(MAX_CHUNK_ELEMS, available // (N_SLOTS * bytes_per_elem))
