@@ -29,6 +29,7 @@ from .errors import MoxError
 
 SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10}
 N_PERTURBED = 3
+REFUSAL = "I do not know."  # a target answer for targeted unlearning, in the vocabulary
 
 _SYLLABLES = (
     "ka ri mo len sa vor ti bel na dru e lio mar qua zen pha rol ust ira gol "
@@ -231,7 +232,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def all_texts(bench: dict) -> list[str]:
     """Every string a model may read or be scored on (the tokenizer's vocabulary source)."""
-    texts = list(bench["pretrain"])
+    texts = [REFUSAL, *bench["pretrain"]]
     for a in bench["authors"] + bench["holdout"]:
         texts.append(a["bio"])
         for r in a["qa"]:

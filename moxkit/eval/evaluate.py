@@ -183,7 +183,7 @@ def evaluate_model(model, tokenizer, data_dir: str | Path, *, retain: dict | Non
         fq, ks = M.forget_quality([it["truth_ratio"] for it in out["forget"]["items"]],
                                   retain["truth_ratios"])
         summary["forget_quality"], summary["ks_statistic"] = fq, ks
-        if retain.get("mia_auc") and "mia_auc" in summary:
+        if retain.get("mia_auc") and "mia_auc" in summary:  # undefined for a retain AUC of 0
             summary["privleak"] = M.priv_leak(summary["mia_auc"], retain["mia_auc"])
     return {"data": str(data_dir), "config": asdict(cfg), "summary": summary, "sets": out}
 
