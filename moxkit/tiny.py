@@ -8,6 +8,7 @@ the very texts the model will see. Both save with `save_pretrained`, so everythi
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 from collections import Counter
@@ -124,3 +125,22 @@ def save_tiny_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_NAMES = "ka lo mi ra su ven to bel dri na qu osk".split()
+_OBJECTS = "apples rivers songs stones lamps boats kites maps coins bells".split()
+_COLORS = "red blue green gold grey black white pink".split()
+
+
+def tiny_facts(n: int, *, seed: int = 0, offset: int = 0) -> list[dict]:
+    """`n` question/answer rows about made-up people (one fact each), deterministic in
+    (seed, offset); rows with different offsets are about different people, so a forget set
+    and a retain set can be drawn from disjoint offsets."""
+    rows = []
+    for i in range(offset, offset + n):
+        name = (_NAMES[i % len(_NAMES)] + _NAMES[(i // len(_NAMES)) % len(_NAMES)]).capitalize()
+        pick = random.Random(seed * 7919 + i)
+        color, thing = pick.choice(_COLORS), pick.choice(_OBJECTS)
+        answer = f"{name} loves {color} {thing} ."
+        rows.append({"question": f"What does {name} love ?", "answer": answer})
+    return rows

@@ -1,0 +1,124 @@
+"""Extrapolation during and after training: θ_for = (1+α)·θ_ref − α·θ_mem, and its momentum
+form θ_for ← η·[(1+α)·θ_ref − α·θ_mem] + (1−η)·θ_for, with θ_for⁰ = θ_ref.
+
+Two places to hold the tensors. In memory: θ_ref and θ_for as CPU fp32 copies, updated
+tensor by tensor with the CPU backend, which is the exact arithmetic of the streaming engine,
+so both paths give the same bits. On disk, for models that do not fit: θ_mem is saved and
+`moxkit.extrapolate(..., momentum=prev)` streams the update out of core; intermediate θ_for are
+kept in fp32 and only the final one is rounded to the reference's dtype.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from moxkit.backends import Coefficients, CpuBackend
+from moxkit.errors import MoxError
+
+
+def cpu_fp32_state(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in named}
+
+
+class InMemoryExtrapolator:
+    """θ_ref and the running θ_for as CPU fp32 tensors (two copies of the model in RAM)."""
+
+    def __init__(self, ref: dict[str, torch.Tensor], alpha: float, eta: float | None):
+        self.ref = ref
+        self.alpha, self.eta = alpha, eta
+        self.forget: dict[str, torch.Tensor] | None = None
+        self.ticks = 0
+        self._backend = CpuBackend()
+
+    def update(self, mem: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One tick: fold the current θ_mem into θ_for (or, without momentum, set θ_for to
+        the plain extrapolation)."""
+        coeffs = Coefficients(self.alpha, self.eta)
+        first = self.forget is None
+        if first:
+            self.forget = {}
+        seen = set()
+        for name, tensor in mem:
+            ref = self.ref.get(name)
+            if ref is None or ref.shape != tensor.shape:
+                raise MoxError(f"tensor {name}: not in the reference or of another shape")
+            out = self.forget.get(name)
+            if out is None:  # θ_for⁰ = θ_ref
+                out = self.forget[name] = ref.clone()
+            mem32 = tensor.detach().to("cpu", torch.float32).reshape(-1)
+            prev = out.view(-1) if coeffs.momentum else None
+            if not self._backend.extrapolate(out.view(-1), ref.view(-1), mem32, prev, coeffs):
+                raise MoxError(f"tensor {name}: extrapolation gave non-finite values")
+            seen.add(name)
+        if seen != set(self.ref):
+            missing = sorted(set(self.ref) - seen)[:3]
+            raise MoxError(f"extrapolation: θ_mem lacks tensors of the reference: {missing}")
+        self.ticks += 1
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Write θ_for into `model`'s parameters (same names as θ_ref)."""
+        assert self.forget is not None, "update() was never called"
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(self.forget[name])
+
+
+class DiskExtrapolator:
+    """The same ticks through the streaming engine; `work` is a scratch directory."""
+
+    def __init__(self, ref_dir: Path, alpha: float, eta: float | None, work: Path):
+        self.ref_dir, self.alpha, self.eta, self.work = Path(ref_dir), alpha, eta, work
+        self.prev: Path | None = None  # None: θ_for⁰ = θ_ref
+        self.ticks = 0
+
+    def update(self, mem_dir: Path, out: Path | None = None, final: bool = False) -> Path:
+        """Fold the θ_mem saved at `mem_dir` into θ_for. Intermediate results stay fp32; the
+        final one goes to `out` in the reference's dtype."""
+        from moxkit import extrapolate
+
+        target = out if final else self.work / f"forget-{self.ticks + 1}"
+        if self.eta is None:
+            extrapolate(
+                self.ref_dir,
+                mem_dir,
+                target,
+                self.alpha,
+                progress=False,
+                dtype=None if final else "fp32",
+            )
+        else:
+            extrapolate(
+                self.ref_dir,
+                mem_dir,
+                target,
+                self.alpha,
+                eta=self.eta,
+                momentum=self.prev or self.ref_dir,
+                progress=False,
+                dtype=None if final else "fp32",
+            )
+        if not final:
+            if self.prev is not None:
+                shutil.rmtree(self.prev)
+            self.prev = target
+        self.ticks += 1
+        return target
+
+
+class MomentumCallback(TrainerCallback):
+    """Ticks every `every` optimizer steps, except the last step, which the caller handles
+    after training (the final tick writes the output). `tick` is called on every process
+    with the step number; it does its own process coordination."""
+
+    def __init__(self, every: int, tick):
+        self.every = every
+        self.tick = tick
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.tick(state.global_step)

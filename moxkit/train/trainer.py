@@ -1,0 +1,217 @@
+"""transformers.Trainer with moxkit's losses. Everything distributed (DDP, FSDP, DeepSpeed,
+mixed precision, gradient accumulation) is the Trainer's, so `accelerate launch` / `torchrun`
+run the same code data-parallel unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from moxkit.errors import MoxError
+
+from .config import TrainConfig
+from .data import PairSampler
+from .objectives import LossSpec, npo_loss, sequence_kl, sequence_logprob, sequence_nll
+
+
+class MoxTrainer(Trainer):
+    """Computes the LossSpec's terms per micro-batch and keeps their running means for the
+    step log. The reference (frozen θ_ref) is a second model in eval mode or, with LoRA, the
+    trained model with its adapters disabled (reference=None)."""
+
+    loss_is_scaled_for_ga = False  # our loss is a mean; let Trainer divide by grad_accum
+
+    def __init__(self, *args, spec: LossSpec, sampler: PairSampler, reference=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+        self.sampler = sampler
+        self.reference = reference
+        self.running: dict[str, list[float]] = defaultdict(list)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.sampler
+
+    def _forward(self, model, inputs, group: str) -> torch.Tensor:
+        return model(
+            input_ids=inputs[f"{group}_input_ids"],
+            attention_mask=inputs[f"{group}_attention_mask"],
+            use_cache=False,
+        ).logits
+
+    @torch.no_grad()
+    def _reference_logits(self, model, inputs, group: str) -> torch.Tensor:
+        if self.reference is None:  # LoRA: the base model is the reference
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                return self._forward(model, inputs, group)
+        device = inputs[f"{group}_input_ids"].device
+        if next(self.reference.parameters()).device != device:
+            self.reference.to(device)
+        return self._forward(self.reference, inputs, group)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec, primary = self.spec, self.spec.primary
+        labels = inputs[f"{primary}_labels"]
+        logits = self._forward(model, inputs, primary)
+        terms: dict[str, torch.Tensor] = {}
+        if spec.forget in ("nll", "neg_nll"):
+            nll = sequence_nll(logits, labels)
+            terms[f"{primary}_nll"] = nll.mean()
+            loss = nll.mean() if spec.forget == "nll" else -nll.mean()
+        else:
+            logprob = sequence_logprob(logits, labels)
+            ref_logprob = sequence_logprob(self._reference_logits(model, inputs, primary), labels)
+            npo = npo_loss(logprob, ref_logprob, spec.npo_beta)
+            terms[f"{primary}_nll"] = sequence_nll(logits, labels).detach().mean()
+            if spec.forget == "npo":
+                terms[f"{primary}_npo"] = npo.mean()
+                loss = npo.mean()
+            else:  # negated NPO, floored per row so memorization cannot run away
+                neg = torch.clamp(-npo, min=spec.floor)
+                terms[f"{primary}_neg_npo"] = neg.mean()
+                loss = neg.mean()
+        if spec.retain is not None and "retain_input_ids" in inputs:
+            retain_logits = self._forward(model, inputs, "retain")
+            if spec.retain == "kl":
+                ref_logits = self._reference_logits(model, inputs, "retain")
+                term = sequence_kl(ref_logits, retain_logits, inputs["retain_labels"]).mean()
+                terms["retain_kl"] = term
+            else:
+                term = sequence_nll(retain_logits, inputs["retain_labels"]).mean()
+                terms["retain_nll"] = term
+            loss = loss + spec.retain_weight * term
+        if spec.target_weight and "target_input_ids" in inputs:
+            target_logits = self._forward(model, inputs, "target")
+            target_nll = sequence_nll(target_logits, inputs["target_labels"]).mean()
+            terms["target_nll"] = target_nll
+            loss = loss - spec.target_weight * target_nll
+        terms["loss"] = loss
+        for name, value in terms.items():
+            self.running[name].append(float(value.detach()))
+        return loss
+
+    def pop_step_terms(self) -> dict[str, float]:
+        """Means since the last optimizer step, averaged over processes."""
+        names = sorted(self.running)
+        local = torch.tensor(
+            [sum(self.running[n]) / len(self.running[n]) for n in names],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
+        self.running.clear()
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="mean")
+        return dict(zip(names, local.tolist(), strict=True))
+
+
+class StepLog(TrainerCallback):
+    """One JSONL record per optimizer step (losses, learning rate) plus events such as a
+    momentum extrapolation; the progress bar shows the current losses."""
+
+    def __init__(self, trainer: MoxTrainer, path: Path | None, progress: bool):
+        self.trainer = trainer
+        self.path = path
+        self.records: list[dict] = []
+        self.progress = progress
+        self._bar = None
+        self._plain_every = 0
+
+    def event(self, record: dict) -> None:
+        self.records.append(record)
+        if self.path is not None and self.trainer.is_world_process_zero():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not (self.progress and self.trainer.is_world_process_zero()):
+            return
+        if sys.stderr.isatty():
+            self._bar = tqdm(total=state.max_steps, desc="train", dynamic_ncols=True)
+        else:
+            self._plain_every = max(1, state.max_steps // 10)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        terms = self.trainer.pop_step_terms()
+        lr = self.trainer.lr_scheduler.get_last_lr()[0]
+        self.event({"step": state.global_step, "epoch": round(state.epoch, 4), "lr": lr, **terms})
+        shown = {k: f"{v:.4g}" for k, v in terms.items() if k != "loss"}
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(shown)
+        elif self._plain_every and (
+            state.global_step % self._plain_every == 0 or state.global_step == state.max_steps
+        ):
+            line = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"train: step {state.global_step}/{state.max_steps} {line}", file=sys.stderr)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def steps_per_epoch(n_rows: int, config: TrainConfig) -> int:
+    return math.ceil(n_rows / config.batch_size)
+
+
+def training_arguments(config: TrainConfig, n_rows: int, scratch: Path) -> TrainingArguments:
+    """TrainingArguments for this run; the per-device micro-batch follows from the global
+    batch, the number of processes and the accumulation steps."""
+    use_cuda = torch.cuda.is_available()
+    bf16 = config.bf16 if config.bf16 is not None else use_cuda and torch.cuda.is_bf16_supported()
+    warmup = round(config.warmup_epochs * steps_per_epoch(n_rows, config))
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup,
+        optim="adamw_torch",
+        seed=config.seed,
+        bf16=bf16,
+        **_checkpointing(config.gradient_checkpointing),
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    per_step = args.world_size * config.grad_accum
+    if config.batch_size % per_step:
+        raise MoxError(
+            f"--batch-size {config.batch_size}: must be a multiple of processes × --grad-accum"
+            f" = {args.world_size} × {config.grad_accum}"
+        )
+    args.per_device_train_batch_size = config.batch_size // per_step
+    return args
+
+
+def _checkpointing(enabled: bool) -> dict:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
+    fields = TrainingArguments.__dataclass_fields__
+    key = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
+    return {key: enabled}
+
+
+def quiet_callbacks(trainer: Trainer) -> None:
+    """Trainer's own bar and printer would duplicate StepLog's output."""
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
