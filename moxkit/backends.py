@@ -68,17 +68,19 @@ class Coefficients:
 
 
 class CpuBackend:
-    """Torch ops on cache-sized blocks into preallocated fp32 scratch buffers.
-
-    Working block by block keeps the intermediate fp32 values in cache, so the whole
-    computation costs one pass over the inputs and the output in main memory, the momentum
-    form included, instead of one pass per operation."""
+    """A fused numba loop (moxkit.cpu_kernels) for bf16/fp32 operands: one pass over memory,
+    every element rounded in registers. Other dtypes (fp16: numba has none on the CPU) take
+    torch ops on cache-sized blocks into preallocated fp32 scratch buffers, which keeps the
+    intermediates in cache; blocks stay under torch's parallel grain size, because waking
+    its thread pool for every small op costs more than it gains when the cores are shared
+    with the engine's reader and writer threads."""
 
     name = "cpu"
 
-    def __init__(self, block_elems: int = 1 << 16):
+    def __init__(self, block_elems: int = 1 << 14, fused: bool = True):
         self.block_elems = block_elems
         self._scratch = [torch.empty(block_elems, dtype=torch.float32) for _ in range(3)]
+        self._kernels = _fused_kernels() if fused else None
 
     def allocate_host(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -100,6 +102,13 @@ class CpuBackend:
             raise ValueError("extrapolate: momentum needs prev")
         a, b = coeffs.ref_scale, coeffs.mem_scale
         e, c = coeffs.new_weight, coeffs.prev_weight
+        operands = (out, ref, mem, prev) if coeffs.momentum else (out, ref, mem)
+        arrays = [_numba_view(t) for t in operands]
+        if self._kernels is not None and all(x is not None for x in arrays):
+            plain, with_momentum = self._kernels
+            if coeffs.momentum:
+                return with_momentum(*arrays, a, b, e, c) == 0
+            return plain(*arrays, a, b) == 0
         finite = True
         r_buf, m_buf, p_buf = self._scratch
         for start in range(0, n, self.block_elems):
@@ -126,6 +135,25 @@ class CpuBackend:
 
     def close(self) -> None:
         self._scratch = []
+
+
+def _fused_kernels():
+    """The numba kernels, compiled (or loaded from numba's cache) on first use; None where
+    numba is not installed."""
+    try:
+        from .cpu_kernels import fused_extrapolate, fused_extrapolate_momentum
+    except ImportError:
+        return None
+    return fused_extrapolate, fused_extrapolate_momentum
+
+
+def _numba_view(t: torch.Tensor) -> np.ndarray | None:
+    """The numpy array the fused kernels take: bf16 as uint16 bits, fp32 as is."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float32:
+        return t.numpy()
+    return None
 
 
 def _canonicalize_nan(t: torch.Tensor) -> None:
