@@ -1,0 +1,181 @@
+"""The data pipeline and the loss terms, against hand-built cases and fp64 / transformers
+oracles. No training here."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from moxkit.errors import MoxError
+from moxkit.tiny import build_tiny_llama, build_word_tokenizer
+from moxkit.train.data import IGNORE, Collator, PairDataset, PairSampler, encode, load_rows
+from moxkit.train.objectives import (
+    default_npo_floor,
+    npo_loss,
+    sequence_kl,
+    sequence_logprob,
+    sequence_nll,
+)
+
+ROWS = [
+    {"question": "Who wrote Dune ?", "answer": "Frank Herbert wrote it ."},
+    {"prompt": "The sky is", "completion": "blue ."},
+    {"text": "Rain falls on the plain ."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [" ".join(str(v) for v in r.values()) for r in ROWS]
+    return build_word_tokenizer(texts)
+
+
+def test_load_rows_formats_agree(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    as_json = tmp_path / "d.json"
+    as_json.write_text(json.dumps(ROWS))
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "Q ?", "answer": "A ."}] * 2), parquet)
+    from_rows = load_rows(ROWS, "--forget")
+    for source in (jsonl, as_json):
+        rows = load_rows(source, "--forget")
+        assert [(r.prompt, r.completion) for r in rows] == [
+            (r.prompt, r.completion) for r in from_rows
+        ]
+    assert [(r.prompt, r.completion) for r in from_rows] == [
+        ("Who wrote Dune ?", "Frank Herbert wrote it ."),
+        ("The sky is", "blue ."),
+        ("", "Rain falls on the plain ."),
+    ]
+    assert [(r.prompt, r.completion) for r in load_rows(parquet, "--forget")] == [("Q ?", "A .")] * 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "Q"}\n', "d.jsonl:line 1: needs both 'question' and 'answer'"),
+        ('{"text": "ok"}\n{"title": "x"}\n', "d.jsonl:line 2: missing fields"),
+        ('{"text": "ok"}\n{oops\n', "d.jsonl: line 2: invalid JSON"),
+        ("\n\n", "no rows"),
+    ],
+)
+def test_load_rows_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(MoxError, match=message.replace("(", r"\(")):
+        load_rows(path, "--forget")
+
+
+def test_encode_masks_prompt_exactly(tok):
+    qa, pc, text = encode(load_rows(ROWS, "x"), tok, 64, chat_template=False)
+    words = tok.convert_ids_to_tokens
+    # question tokens (and <s>) are masked; the answer and </s> count
+    answer = [t for t, lab in zip(qa.input_ids, qa.labels, strict=True) if lab != IGNORE]
+    assert words(answer) == ["Frank", "Herbert", "wrote", "it", ".", "</s>"]
+    assert [lab for lab in qa.labels if lab != IGNORE] == answer
+    assert words([t for t, lab in zip(pc.input_ids, pc.labels, strict=True) if lab != IGNORE]) == [
+        "blue",
+        ".",
+        "</s>",
+    ]
+    # text rows: every token but <s> counts
+    assert text.labels[0] == IGNORE and text.labels[1:] == text.input_ids[1:]
+    with pytest.raises(MoxError, match=r"rows\[0\]: no answer tokens left within --max-length 4"):
+        encode(load_rows(ROWS[:1], "x"), tok, 4, chat_template=False)
+
+
+def test_encode_with_chat_template(tok):
+    (ex,) = encode(load_rows(ROWS[:1], "x"), tok, 64, chat_template=True)
+    tokens = tok.convert_ids_to_tokens(ex.input_ids)
+    assert tokens[:3] == ["<s>", "user", ":"] and "assistant" in tokens
+    first_answer = ex.labels.index(next(lab for lab in ex.labels if lab != IGNORE))
+    assert tokens[first_answer - 2 : first_answer] == ["assistant", ":"]
+
+
+def test_pair_sampler_shuffles_and_covers_retain():
+    sampler = PairSampler(n_forget=4, n_retain=6, seed=1)
+    epochs = [list(sampler) for _ in range(3)]
+    for pairs in epochs:
+        assert sorted(i for i, _ in pairs) == [0, 1, 2, 3]
+    assert len({tuple(i for i, _ in pairs) for pairs in epochs}) > 1  # reshuffled per epoch
+    retain = [r for pairs in epochs for _, r in pairs]  # 12 draws: two full passes over 6
+    assert sorted(retain[:6]) == list(range(6)) and sorted(retain[6:]) == list(range(6))
+    again = PairSampler(4, 6, seed=1)
+    again.set_epoch(1)
+    assert list(again) == epochs[1]
+
+
+def test_collator_pads_and_masks(tok):
+    examples = encode(load_rows(ROWS, "x"), tok, 64, chat_template=False)
+    dataset = PairDataset(examples[:2], retain=examples[2:])
+    batch = Collator(pad_id=tok.pad_token_id)([dataset[(0, 0)], dataset[(1, 0)]])
+    ids, mask, labels = (batch[f"forget_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+    n_short = len(examples[1].input_ids)
+    assert ids.shape == (2, len(examples[0].input_ids))
+    assert mask[1].tolist() == [1] * n_short + [0] * (ids.shape[1] - n_short)
+    assert (ids[1, n_short:] == tok.pad_token_id).all() and (labels[1, n_short:] == IGNORE).all()
+    assert batch["retain_input_ids"].shape[0] == 2
+
+
+def _batch(tok, seed=0):
+    examples = encode(load_rows(ROWS, "x"), tok, 64, chat_template=False)
+    batch = Collator(tok.pad_token_id)([{"forget": e} for e in examples])
+    model = build_tiny_llama(len(tok), hidden_size=32, num_heads=2, seed=seed)
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["forget_input_ids"], attention_mask=batch["forget_attention_mask"]
+        ).logits
+    return model, batch, logits, examples
+
+
+def test_sequence_nll_matches_transformers_loss(tok):
+    model, batch, logits, examples = _batch(tok)
+    ours = sequence_nll(logits, batch["forget_labels"])
+    with torch.no_grad():  # oracle: each row alone, unpadded, through transformers' own loss
+        theirs = [
+            model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item()
+            for e in examples
+        ]
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5)
+    n_answer = [sum(lab != IGNORE for lab in e.labels[1:]) for e in examples]
+    np.testing.assert_allclose(
+        sequence_logprob(logits, batch["forget_labels"]).numpy(),
+        -np.array(theirs) * n_answer,
+        rtol=1e-5,
+    )
+
+
+def test_sequence_kl_matches_fp64(tok):
+    _, batch, logits, _ = _batch(tok, seed=0)
+    _, _, ref_logits, _ = _batch(tok, seed=1)
+    labels = batch["forget_labels"]
+    ours = sequence_kl(ref_logits, logits, labels).numpy()
+    lp = torch.log_softmax(logits.double(), -1).numpy()
+    lr = torch.log_softmax(ref_logits.double(), -1).numpy()
+    for row in range(labels.shape[0]):
+        kls = [
+            float(np.sum(np.exp(lr[row, t]) * (lr[row, t] - lp[row, t])))
+            for t in range(labels.shape[1] - 1)
+            if labels[row, t + 1] != IGNORE
+        ]
+        assert ours[row] == pytest.approx(sum(kls) / len(kls), rel=1e-5)
+    assert (sequence_kl(logits, logits, labels).abs() < 1e-6).all()
+
+
+def test_npo_loss_and_floor():
+    logp = torch.tensor([-3.0, -1.0, -10.0], dtype=torch.float64)
+    ref = torch.tensor([-2.0, -2.0, -2.0], dtype=torch.float64)
+    beta = 0.1
+    expected = [-(2 / beta) * math.log(1 / (1 + math.exp(beta * (a - b)))) for a, b in zip(
+        logp.tolist(), ref.tolist(), strict=True)]  # fmt: skip
+    np.testing.assert_allclose(npo_loss(logp, ref, beta).numpy(), expected, rtol=1e-12)
+    # at log-ratio 0 the loss is (2/β)·log 2
+    assert npo_loss(ref, ref, beta)[0].item() == pytest.approx(20 * math.log(2))
+    floor = default_npo_floor(beta)
+    r = torch.tensor([20.0], dtype=torch.float64)
+    assert floor == pytest.approx(-npo_loss(r, torch.zeros(1, dtype=torch.float64), beta).item())
