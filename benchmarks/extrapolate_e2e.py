@@ -10,6 +10,7 @@ resident memory of its process tree.
     plain      benchmarks/plain_extrapolate.py (load both whole, compute, save_file)
     mergekit   mergekit-yaml, task_arithmetic with base REF and MEM at weight -alpha, from its
                own venv (benchmarks/.cache/mergekit-venv)
+    startup    python -c 'import torch', for reference: the fixed cost inside each Python tool
 
 Then moxkit again on a pair twice the size, to show that its peak memory does not grow.
 `--big7b` instead runs the case moxkit exists for, once: a Llama-2-7B-shaped pair from a cold
@@ -52,7 +53,8 @@ VOCAB = 32000
 ALPHA = 4.0
 GB = 1e9
 GIB = 2**30
-TOOLS = ("floor", "moxkit", "plain", "mergekit")
+TOOLS = ("floor", "startup", "moxkit", "plain", "mergekit")
+WARM_PROGRAMS = "import torch, safetensors.torch, moxkit.stream, moxkit.cli.extrapolate"
 
 # ---------------------------------------------------------------------------------------------
 # The checkpoint pair: random bf16 weights, MEM = REF + small noise, written shard by shard.
@@ -224,6 +226,7 @@ class Run:
     load_before: float  # 1-minute load average when it started
     cold: bool
     output_tail: str = ""
+    killed_by_guard: bool = False  # stopped because the machine ran short of memory
 
 
 def _status_kb(pid: int) -> tuple[int, int]:
@@ -255,11 +258,15 @@ def warm(paths: list[Path]) -> None:
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
 
 
-def measure(tool: str, cmd: list[str] | str, cold: bool, env: dict | None = None) -> Run:
+def measure(
+    tool: str, cmd: list[str] | str, cold: bool, env: dict | None = None, guard: int = 0
+) -> Run:
     """Run `cmd` (a list, or a shell line) under /usr/bin/time and poll the memory of the
     processes below it every 10 ms (re-listed every 100 ms). Only what runs below the small
     `time` process is counted: a child forked straight from this (torch-sized) process shows
-    our own RSS until it execs, in the samples and in its kernel high-water mark alike."""
+    our own RSS until it execs, in the samples and in its kernel high-water mark alike.
+    With `guard`, the run is killed when the machine's available memory falls below that many
+    bytes: the machine is shared, and the OOM killer would not pick only our processes."""
     load = os.getloadavg()[0]
     log, maxrss_file = CACHE / "last-run.log", CACHE / "last-run.maxrss"
     argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
@@ -272,6 +279,7 @@ def measure(tool: str, cmd: list[str] | str, cold: bool, env: dict | None = None
         peak = peak_anon = 0
         below: list[int] = []
         tick = 0
+        killed = False
         while True:
             pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -284,6 +292,13 @@ def measure(tool: str, cmd: list[str] | str, cold: bool, env: dict | None = None
             samples = [_status_kb(p) for p in below]
             peak = max(peak, sum(s[0] for s in samples))
             peak_anon = max(peak_anon, sum(s[1] for s in samples))
+            if guard and not killed and psutil.virtual_memory().available < guard:
+                killed = True
+                for child in below:
+                    try:
+                        os.kill(child, 9)
+                    except ProcessLookupError:
+                        pass
             tick += 1
             time.sleep(0.01)
         seconds = time.perf_counter() - start
@@ -294,10 +309,11 @@ def measure(tool: str, cmd: list[str] | str, cold: bool, env: dict | None = None
     tail = log.read_text(errors="replace")[-2000:]
     if proc.returncode != 0:
         print(f"  {tool}: exit {proc.returncode}\n{tail}", file=sys.stderr)
-    kernel_peak = int(maxrss_file.read_text().split()[-1]) * 1024 if proc.returncode == 0 else 0
+    found = re.findall(r"^(\d+)$", maxrss_file.read_text(), re.MULTILINE)
+    kernel_peak = int(found[-1]) * 1024 if found else 0
     return Run(
         tool, seconds, sync_seconds, max(peak, kernel_peak), peak_anon, kernel_peak,
-        proc.returncode, load, cold, tail,
+        proc.returncode, load, cold, tail, killed,
     )  # fmt: skip
 
 
@@ -343,6 +359,8 @@ def commands(
         if cold:
             return [("floor (cat ∥ cp)", par)]
         return [("floor (cat, then cp)", seq), ("floor (cat ∥ cp)", par)]
+    if tool == "startup":
+        return [("python start-up + import torch", [sys.executable, "-c", "import torch"])]
     if tool == "moxkit":
         cmd = [moxkit_bin(), "extrapolate", str(ref), str(mem), "--alpha", str(ALPHA), "-o",
                str(out), "--quiet", "--device", args.device, "--max-memory", "1GiB"]  # fmt: skip
@@ -385,26 +403,40 @@ class Case:
     agreement: dict[str, dict] = field(default_factory=dict)
 
     @property
+    def repeats(self) -> int:
+        return max((len(r) for r in self.runs.values()), default=0)
+
+    @property
     def bytes_moved(self) -> int:
         """The job's I/O: read REF and MEM, write one checkpoint."""
         return 3 * self.checkpoint_bytes
 
 
-def run_case(case: Case, pair: Path, tools: list[str], repeats: int, args) -> Case:
+def run_case(
+    case: Case, pair: Path, tools: list[str], repeats: int, args, once: tuple[str, ...] = ()
+) -> Case:
+    """Each tool `repeats` times (those in `once` only in the first round), interleaved; the
+    outputs of the first round are compared. A run killed by the memory guard is recorded as
+    such; any other failure stops the benchmark."""
     ref, mem = pair / "ref", pair / "mem"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    guard = int(args.guard_gib * GIB)
     for repeat in range(repeats):
         for tool in tools:
+            if repeat > 0 and tool in once:
+                continue
             out = CACHE / "runs" / tool
             for label, cmd in commands(tool, ref, mem, out, case.cold, args):
                 shutil.rmtree(out, ignore_errors=True)
                 if case.cold:
                     if not drop_page_cache():
                         sys.exit("cannot drop the page cache here (/proc/sys/vm/drop_caches)")
+                    # cold checkpoints, not a cold Python: load the programs' own files again
+                    subprocess.run([sys.executable, "-c", WARM_PROGRAMS], check=True)
                 else:
                     os.sync()
                     warm([ref, mem])
-                run = measure(label, cmd, case.cold, env)
+                run = measure(label, cmd, case.cold, env, guard)
                 case.runs.setdefault(label, []).append(run)
                 print(
                     f"[{case.name}] {repeat + 1}/{repeats} {label}: {run.seconds:.2f} s "
@@ -412,13 +444,20 @@ def run_case(case: Case, pair: Path, tools: list[str], repeats: int, args) -> Ca
                     f"load {run.load_before:.2f}",
                     flush=True,
                 )
-                if run.returncode != 0:
+                if run.killed_by_guard:
+                    print(f"  {label}: killed, available memory fell under {args.guard_gib} GiB")
+                elif run.returncode != 0:
                     sys.exit(f"{label} failed (exit {run.returncode}); see above")
         if repeat == 0:
-            case.agreement = compare_outputs(tools)
+            done = [t for t in tools if all(r.returncode == 0 for r in runs_of(case, t))]
+            case.agreement = compare_outputs(done)
     for tool in tools:
         shutil.rmtree(CACHE / "runs" / tool, ignore_errors=True)
     return case
+
+
+def runs_of(case: Case, tool: str) -> list[Run]:
+    return [r for label, runs in case.runs.items() if label.startswith(tool) for r in runs]
 
 
 def open_tensors(model: Path) -> dict[str, Path]:
@@ -473,22 +512,25 @@ def compare_outputs(tools: list[str]) -> dict:
 
 
 def summarize(case: Case, with_sync: bool) -> dict[str, dict]:
-    """Median time (and GB/s from it), worst peak RSS over the repeats, per tool."""
+    """Median time of the completed runs (and GB/s from it), worst peak RSS over all runs
+    (a run killed by the memory guard counts for memory, not for time), per tool."""
     rows = {}
     for label, runs in case.runs.items():
         times = [r.seconds + (r.sync_seconds if with_sync else 0.0) for r in runs]
-        median = statistics.median(times)
+        done = [t for t, r in zip(times, runs, strict=True) if r.returncode == 0]
+        median = statistics.median(done) if done else None
         rows[label] = {
             "seconds_median": median,
             "seconds_all": times,
-            "gb_per_s": case.bytes_moved / GB / median,
+            "gb_per_s": case.bytes_moved / GB / median if median else None,
             "peak_rss_bytes": max(r.peak_rss for r in runs),
             "peak_rss_anon_bytes": max(r.peak_rss_anon for r in runs),
             "repeats": len(runs),
+            "killed_by_guard": sum(r.killed_by_guard for r in runs),
         }
     floors = [v["seconds_median"] for k, v in rows.items() if k.startswith("floor")]
-    if floors:
-        for row in rows.values():
+    for row in rows.values():
+        if floors and row["seconds_median"]:
             row["x_floor"] = row["seconds_median"] / min(floors)
     return rows
 
@@ -528,7 +570,7 @@ def versions() -> dict:
 
 
 def fmt_gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def table(title: str, case: Case, rows: dict[str, dict], times_note: str) -> list[str]:
@@ -536,16 +578,23 @@ def table(title: str, case: Case, rows: dict[str, dict], times_note: str) -> lis
         f"### {title}",
         "",
         f"{case.params / 1e9:.2f}B parameters, {case.checkpoint_bytes / GB:.2f} GB per checkpoint; "
-        f"{case.bytes_moved / GB:.2f} GB moved per run (read REF + MEM, write OUT). {times_note}",
+        f"{case.bytes_moved / GB:.2f} GB moved per run (read REF + MEM, write OUT); "
+        f"{case.repeats} runs of each, interleaved. {times_note}",
         "",
         "| tool | time (s, median) | all runs (s) | GB/s | × floor | peak RSS | peak anon RSS |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
     for label, row in rows.items():
         runs = ", ".join(f"{t:.1f}" for t in row["seconds_all"])
+        if row["killed_by_guard"]:
+            runs += f" ({row['killed_by_guard']} killed: machine out of memory)"
         lines.append(
-            f"| {label} | {row['seconds_median']:.2f} | {runs} | {row['gb_per_s']:.2f} | "
-            f"{row.get('x_floor', float('nan')):.2f} | {fmt_gib(row['peak_rss_bytes'])} | "
+            f"| {label} | {num(row['seconds_median'])} | {runs} | {num(row['gb_per_s'])} | "
+            f"{num(row.get('x_floor'))} | {fmt_gib(row['peak_rss_bytes'])} | "
             f"{fmt_gib(row['peak_rss_anon_bytes'])} |"
         )
     return lines + [""]
@@ -562,7 +611,7 @@ def bar_chart(rows: dict[str, dict], doubled: dict[str, dict] | None, title: str
     rss = [rows[k]["peak_rss_bytes"] / GIB for k in labels]
     if doubled:
         for k, row in doubled.items():
-            labels.append(f"{k} (2× model)")
+            labels.append(f"{k}, 2× model")
             times.append(row["seconds_median"])
             rss.append(row["peak_rss_bytes"] / GIB)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 0.55 * len(labels) + 1.8))
@@ -571,6 +620,8 @@ def bar_chart(rows: dict[str, dict], doubled: dict[str, dict] | None, title: str
     ax_m.barh(labels, rss, color="tab:orange")
     ax_m.set_xlabel("peak RSS, GiB")
     ax_m.set_yticklabels([])
+    ax_m.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax_m.text(1.0, -0.6, " 1 GiB", color="gray")
     for ax, values in ((ax_t, times), (ax_m, rss)):
         ax.invert_yaxis()
         for y, v in enumerate(values):
@@ -638,7 +689,7 @@ def main_case(args) -> None:
         "/usr/bin/time).",
         "",
     ]
-    lines += table(case.name, case, rows, f"{args.repeats} repeats, interleaved.")
+    lines += table(case.name, case, rows, "")
     if doubled_case is not None:
         lines += table(doubled_case.name + " (twice the model)", doubled_case, doubled_rows, "")
     lines += headline(rows, doubled_rows)
@@ -651,7 +702,7 @@ def main_case(args) -> None:
                 f"{a['values_differing']} values differ, at most {a['max_ulps_bf16']} bf16 ulp"
             )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    bar_chart(rows, {k: v for k, v in (doubled_rows or {}).items() if k == "moxkit"},
+    bar_chart(rows, {k: v for k, v in (doubled_rows or {}).items() if not k.startswith("floor")},
               f"{case.name}: time and peak memory", stem.with_suffix(".png"))  # fmt: skip
     print("\n".join(lines))
 
@@ -668,7 +719,7 @@ def headline(rows: dict[str, dict], doubled: dict[str, dict] | None) -> list[str
         lines.append(f"- moxkit {speedup:.1f}× faster than mergekit (goal: at least 5×)")
     if "plain script" in rows:
         speedup = rows["plain script"]["seconds_median"] / mox["seconds_median"]
-        lines.append(f"- moxkit {speedup:.1f}× faster than the plain script")
+        lines.append(f"- the plain script takes {speedup:.1f}× moxkit's time")
     lines.append(f"- moxkit peak RSS {fmt_gib(mox['peak_rss_bytes'])} (goal: under 1 GiB)")
     if doubled and "moxkit" in doubled:
         lines.append(
@@ -683,26 +734,6 @@ def headline(rows: dict[str, dict], doubled: dict[str, dict] | None) -> list[str
 
 # ---------------------------------------------------------------------------------------------
 # The 7B case: cold cache, more than the machine can hold, once.
-
-
-def plain_prediction(checkpoint_bytes: int) -> dict:
-    """The plain script's peak RSS at this size, from its measured peaks in the committed
-    warm-cache results (a line through the measured points: bytes of RSS per checkpoint byte)."""
-    path = RESULTS / "extrapolate_e2e.json"
-    if not path.exists():
-        return {"note": f"no {path.name} to predict from"}
-    points = [
-        (c["checkpoint_bytes"], c["summary"]["plain script"]["peak_rss_bytes"])
-        for c in json.loads(path.read_text())["cases"]
-        if "plain script" in c["summary"]
-    ]
-    ratio = max(rss / size for size, rss in points)
-    return {
-        "measured_points": [{"checkpoint_bytes": s, "peak_rss_bytes": r} for s, r in points],
-        "rss_per_checkpoint_byte": ratio,
-        "predicted_peak_rss_bytes": int(ratio * checkpoint_bytes),
-        "machine_ram_bytes": psutil.virtual_memory().total,
-    }
 
 
 def big7b(args) -> None:
@@ -724,13 +755,14 @@ def big7b(args) -> None:
     try:
         pair = ensure_pair(config)
         case = Case("Llama-2-7B shapes, cold cache", params, weight_bytes(pair / "ref"), cold=True)
-        run_case(case, pair, ["floor", "moxkit"], args.repeats, args)
+        tools = ["floor", "startup", "moxkit"]
+        tools += ["plain"] if "plain" in args.tools.split(",") else []
+        run_case(case, pair, tools, args.repeats, args, once=("plain",))
     finally:
         shutil.rmtree(pair, ignore_errors=True)
         shutil.rmtree(pair.with_name(pair.name + ".partial"), ignore_errors=True)
         shutil.rmtree(CACHE / "runs", ignore_errors=True)
     rows = summarize(case, with_sync=True)
-    prediction = plain_prediction(case.checkpoint_bytes)
     report = {
         "benchmark": "moxkit extrapolate, Llama-2-7B shapes, cold page cache",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -739,11 +771,11 @@ def big7b(args) -> None:
         "versions": versions(),
         "alpha": ALPHA,
         "device": args.device,
-        "timing": "page cache dropped before each run; time = subprocess start to exit + "
-        "os.sync() of its output (the bytes are on disk for both tools)",
+        "timing": "page cache dropped before each run, then the Python libraries re-read (not "
+        "timed); time = subprocess start to exit + os.sync() of its output (on disk for all)",
         "case": {**{k: v for k, v in asdict(case).items() if k != "runs"}, "summary": rows,
                  "runs": {k: [asdict(x) for x in v] for k, v in case.runs.items()}},
-        "plain_script": prediction,
+        "memory_guard_gib": args.guard_gib,
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{args.stem}_7b"
@@ -757,24 +789,25 @@ def big7b(args) -> None:
         f"{report['machine']['cores']} cores, {report['machine']['ram_gib']} GiB RAM; disk "
         f"`{report['machine']['disk']}`. " + report["machine"]["note"],
         "",
-        "Page cache dropped before every run; time includes syncing the output to disk. The "
+        "Page cache dropped before every run, then the Python programs' own files read back "
+        "(`import torch, safetensors, moxkit`, not timed): the checkpoints are cold, not the "
+        "interpreter. Time includes syncing the output to disk. The "
         "floor reads MEM with cat while cp copies REF (each input byte read once; reading "
         "both first and then copying REF would read REF from disk twice, since the inputs "
-        "do not fit in the page cache).",
+        "do not fit in the page cache). The plain script runs once, under a guard that kills "
+        f"it if the machine's available memory falls under {args.guard_gib} GiB.",
         "",
     ]
-    lines += table(case.name, case, rows, f"{args.repeats} repeats, interleaved.")
-    lines += [
-        f"- moxkit at {mox['x_floor']:.2f}× the cold-cache I/O floor (goal: within 1.5×), "
-        f"peak RSS {fmt_gib(mox['peak_rss_bytes'])} (budget 1 GiB)",
-    ]
-    if "predicted_peak_rss_bytes" in prediction:
+    lines += table(case.name, case, rows, "")
+    if mox.get("x_floor"):
         lines.append(
-            f"- plain script: not run (it would drive this shared machine into the OOM "
-            f"killer). Predicted from its measured peak RSS at smaller sizes "
-            f"({prediction['rss_per_checkpoint_byte']:.2f}× the checkpoint): "
-            f"{fmt_gib(prediction['predicted_peak_rss_bytes'])}, against "
-            f"{fmt_gib(prediction['machine_ram_bytes'])} of RAM: it cannot run here."
+            f"- moxkit at {mox['x_floor']:.2f}× the cold-cache I/O floor (goal: within 1.5×), "
+            f"peak RSS {fmt_gib(mox['peak_rss_bytes'])} (budget 1 GiB)"
+        )
+    for tool, a in case.agreement.items():
+        lines.append(
+            f"- {tool} against {a['against']}: {a['tensors_bit_identical']}/{a['tensors']} "
+            f"tensors bit-identical, at most {a['max_ulps_bf16']} bf16 ulp apart"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -792,6 +825,8 @@ def main() -> None:
     parser.add_argument("--no-double", dest="double", action="store_false",
                         help="skip the twice-the-model run")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--guard-gib", type=float, default=1.5,
+                        help="kill a run when available memory falls under this")  # fmt: skip
     parser.add_argument("--big7b", action="store_true",
                         help="the Llama-2-7B-shaped case from a cold cache, instead")  # fmt: skip
     parser.add_argument("--stem", default="extrapolate_e2e",
