@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default=None, help="MB per operand, comma-separated "
                    "(default: cpu 4,64,256; cuda 4,64,256,1024)")
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per figure on the CPU")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds per figure on the CPU")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args()
 
@@ -54,6 +54,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    """The commit measured, marked '+dirty' when the working tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def machine(device: str) -> dict:
@@ -69,6 +84,7 @@ def machine(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
+        "git_commit": git_commit(),
     }
     if device == "cuda":
         import triton
@@ -82,12 +98,7 @@ def machine(device: str) -> dict:
 
 def time_cpu(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(median, best) seconds of `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = time_rounds({"fn": fn}, repeats)["fn"]
     return statistics.median(times), min(times)
 
 
@@ -114,27 +125,60 @@ def row(device, dtype_name, form, size_mb, n, config, secs, nbytes, copy_gbps=No
     return r
 
 
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of each function, measured round-robin after one warm-up each, so that
+    on a shared machine the copy and the kernel see the same background load."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
     import torch
 
     from moxkit.backends import Coefficients, CpuBackend
 
     backend = CpuBackend()
+    plain, momentum = Coefficients(4.0), Coefficients(4.0, 0.675)
 
     def measure(name: str, mb: int) -> list[dict]:
         dtype = getattr(torch, DTYPE_NAMES[name])
         n = mb * 2**20 // dtype.itemsize
         ref, mem, prev, out = operands(n, dtype, "cpu", 4)
         b = n * dtype.itemsize
-        copy = row("cpu", name, "copy", mb, n, "torch copy_",
-                   time_cpu(lambda: out.copy_(ref), args.repeats), 2 * b)
-        rows = [copy]
-        for form, coeffs, p, nbytes in (("plain", Coefficients(4.0), None, 3 * b),
-                                        ("momentum", Coefficients(4.0, 0.675), prev, 4 * b)):
-            secs = time_cpu(lambda: backend.extrapolate(out, ref, mem, p, coeffs),  # noqa: B023
-                            args.repeats)
-            rows.append(row("cpu", name, form, mb, n, "CpuBackend", secs, nbytes,
-                            copy["gbps_median"]))
+        threads = torch.get_num_threads()
+
+        def copy_one_thread() -> None:
+            torch.set_num_threads(1)
+            out.copy_(ref)
+            torch.set_num_threads(threads)
+
+        times = time_rounds({
+            "copy": lambda: out.copy_(ref),
+            "copy 1 thread": copy_one_thread,
+            "plain": lambda: backend.extrapolate(out, ref, mem, None, plain),
+            "momentum": lambda: backend.extrapolate(out, ref, mem, prev, momentum),
+        }, args.repeats)  # fmt: skip
+        # the reference copy of each round: the faster of torch's threaded and 1-thread copy_
+        # (on a loaded machine waking torch's thread pool can cost more than it gains)
+        copies = [min(pair) for pair in zip(times["copy"], times["copy 1 thread"], strict=True)]
+        nbytes = {"copy": 2 * b, "copy 1 thread": 2 * b, "plain": 3 * b, "momentum": 4 * b}
+        rows = []
+        for form, ts in times.items():
+            config = f"torch copy_ x{threads}" if form == "copy" else (
+                "torch copy_ x1" if form == "copy 1 thread" else "CpuBackend")
+            r = row("cpu", name, form, mb, n, config, (statistics.median(ts), min(ts)),
+                    nbytes[form])
+            if not form.startswith("copy"):  # the median over rounds of the ratio to the copy
+                r["pct_of_copy"] = 100 * statistics.median(
+                    (nbytes[form] / t) / (2 * b / tc) for t, tc in zip(ts, copies, strict=True))
+            rows.append(r)
         print_rows(rows)
         return rows
 
@@ -270,11 +314,12 @@ def plot(rows: list[dict], device: str, path: Path, title: str) -> None:
         for r in rows:
             if r["dtype"] != name or r.get("sweep") or r["form"].startswith(("h2d", "d2h", "back")):
                 continue
-            label = r["form"] if r["form"] == "copy" else f"{r['form']} {r['config']}"
+            label = r["config"] if r["form"].startswith("copy") else f"{r['form']} {r['config']}"
             lines.setdefault(label, []).append((r["size_mb"], r["gbps_median"]))
         for label, pts in sorted(lines.items()):
             xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot(xs, ys, marker="o", label=label, linestyle="--" if label == "copy" else "-")
+            ax.plot(xs, ys, marker="o", label=label,
+                    linestyle="--" if label.startswith("torch copy_") else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("MB per operand")
         ax.set_ylabel("GB/s (read + written), median")
