@@ -33,6 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GPU_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8)]
 SWEEP_MB = 256
+# the code whose speed this measures: a change elsewhere does not make the figures stale
+MEASURED_PATHS = ("kernels", "moxkit/backends.py", "moxkit/_fused.c", "moxkit/torch_path.py")
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,7 +66,7 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
                               capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *MEASURED_PATHS],
                                cwd=root, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

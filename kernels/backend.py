@@ -64,7 +64,7 @@ class CudaBackend:
                 torch.empty(4 * region, dtype=torch.uint8, device=self.device)
                 for _ in range(SLOTS)
             ]
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise MoxError(f"--max-gpu-memory {budget} bytes: cannot allocate that much on "
                            f"{self.device} ({free >> 20} MiB free)") from None
         self._region = region
