@@ -14,25 +14,36 @@ A NaN result is written as the canonical quiet NaN of the output dtype (CANONICA
 whatever its sign and payload: CPUs and GPUs make different NaN bits (x86 gives 0xFFC00000 for
 inf − inf, torch's vectorised fp32 -> bf16 conversion gives 0xFFFF), so only a fixed pattern
 keeps outputs byte-identical across devices.
+
+Importing this module does not import torch: the CPU path of `moxkit extrapolate` runs on
+numpy buffers and a small C library (moxkit/_fused.c), so a run does not pay torch's import
+time. torch comes in for the fallback path, the CUDA backend, or when callers pass tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import MoxError
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# dtype codes of the C library; bf16 travels in numpy as its uint16 bit patterns
+_C_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}
+_TORCH_NAMES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
-# output dtype -> (integer dtype of the same width, the canonical quiet NaN's bits)
-CANONICAL_NAN_BITS = {
-    torch.float32: (torch.int32, 0x7FC00000),
-    torch.bfloat16: (torch.int16, 0x7FC0),
-    torch.float16: (torch.int16, 0x7E00),
-}
+
+def __getattr__(name: str):
+    # torch-keyed tables live with the torch path; loaded on first use only
+    if name in ("FLOAT_DTYPES", "CANONICAL_NAN_BITS"):
+        from . import torch_path
+
+        return getattr(torch_path, name)
+    raise AttributeError(name)
 
 
 def _fp32(x: float) -> float:
@@ -68,106 +79,100 @@ class Coefficients:
 
 
 class CpuBackend:
-    """A fused numba loop (moxkit.cpu_kernels) for bf16/fp32 operands: one pass over memory,
-    every element rounded in registers. Other dtypes (fp16: numba has none on the CPU) take
-    torch ops on cache-sized blocks into preallocated fp32 scratch buffers, which keeps the
-    intermediates in cache; blocks stay under torch's parallel grain size, because waking
-    its thread pool for every small op costs more than it gains when the cores are shared
-    with the engine's reader and writer threads."""
+    """The fused C loop (moxkit/_fused.c): one pass over memory, every element widened,
+    combined and rounded in registers, for any mix of fp32/bf16/fp16 operands.
+
+    Where the C library was not built (no compiler at install time), or with fused=False,
+    torch ops on cache-sized blocks compute the same bits (moxkit.torch_path); tests hold
+    the two to each other.
+
+    Operands are 1-D CPU arrays: numpy (float32, float16, or uint16 holding bf16 bits, the
+    engine's own buffers) or contiguous torch tensors."""
 
     name = "cpu"
 
     def __init__(self, block_elems: int = 1 << 14, fused: bool = True):
         self.block_elems = block_elems
-        self._scratch = [torch.empty(block_elems, dtype=torch.float32) for _ in range(3)]
-        self._kernels = _fused_kernels() if fused else None
+        self._lib = _fused_library() if fused else None
+        self._torch_path = None
 
-    def allocate_host(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+    def allocate_host(self, nbytes: int) -> np.ndarray:
+        return np.empty(nbytes, dtype=np.uint8)
 
-    def extrapolate(
-        self,
-        out: torch.Tensor,
-        ref: torch.Tensor,
-        mem: torch.Tensor,
-        prev: torch.Tensor | None,
-        coeffs: Coefficients,
-    ) -> bool:
-        """Write the result into `out` (1-D, any float dtype). Returns False if any output
-        value is not finite (NaN or ±inf, including overflow from rounding)."""
-        n = out.numel()
-        if ref.numel() != n or mem.numel() != n or (prev is not None and prev.numel() != n):
+    def extrapolate(self, out, ref, mem, prev, coeffs: Coefficients) -> bool:
+        """Write the result into `out`. Returns False if any output value is not finite
+        (NaN or ±inf, including overflow from rounding)."""
+        n = _length(out)
+        if _length(ref) != n or _length(mem) != n or (prev is not None and _length(prev) != n):
             raise ValueError("extrapolate: operands differ in length")
         if coeffs.momentum and prev is None:
             raise ValueError("extrapolate: momentum needs prev")
-        a, b = coeffs.ref_scale, coeffs.mem_scale
-        e, c = coeffs.new_weight, coeffs.prev_weight
-        operands = (out, ref, mem, prev) if coeffs.momentum else (out, ref, mem)
-        arrays = [_numba_view(t) for t in operands]
-        if self._kernels is not None and all(x is not None for x in arrays):
-            plain, with_momentum = self._kernels
-            if coeffs.momentum:
-                return with_momentum(*arrays, a, b, e, c) == 0
-            return plain(*arrays, a, b) == 0
-        finite = True
-        r_buf, m_buf, p_buf = self._scratch
-        for start in range(0, n, self.block_elems):
-            stop = min(n, start + self.block_elems)
-            k = stop - start
-            r, m = r_buf[:k], m_buf[:k]
-            r.copy_(ref[start:stop])
-            torch.mul(r, a, out=r)
-            m.copy_(mem[start:stop])
-            torch.mul(m, b, out=m)
-            torch.sub(r, m, out=r)
-            if coeffs.momentum:
-                p = p_buf[:k]
-                torch.mul(r, e, out=r)
-                p.copy_(prev[start:stop])
-                torch.mul(p, c, out=p)
-                torch.add(r, p, out=r)
-            o = out[start:stop]
-            o.copy_(r)
-            if not bool(torch.isfinite(o).all()):
-                finite = False
-                _canonicalize_nan(o)
-        return finite
+        if self._lib is None:
+            if self._torch_path is None:
+                from .torch_path import TorchBlockPath
+
+                self._torch_path = TorchBlockPath(self.block_elems)
+            return self._torch_path.extrapolate(out, ref, mem, prev, coeffs)
+        o, r, m = _c_operand(out), _c_operand(ref), _c_operand(mem)
+        p = _c_operand(prev) if coeffs.momentum else (None, 0)
+        bad = self._lib.moxkit_extrapolate(
+            o[0], o[1], r[0], r[1], m[0], m[1], p[0], p[1], n,
+            coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight,
+        )  # fmt: skip
+        return bad == 0
 
     def close(self) -> None:
-        self._scratch = []
+        self._torch_path = None
 
 
-def _fused_kernels():
-    """The numba kernels, compiled (or loaded from numba's cache) on first use; None where
-    numba is not installed."""
-    try:
-        from .cpu_kernels import fused_extrapolate, fused_extrapolate_momentum
-    except ImportError:
-        return None
-    return fused_extrapolate, fused_extrapolate_momentum
+def _length(x) -> int:
+    return x.size if isinstance(x, np.ndarray) else x.numel()
 
 
-def _numba_view(t: torch.Tensor) -> np.ndarray | None:
-    """The numpy array the fused kernels take: bf16 as uint16 bits, fp32 as is."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype == torch.float32:
-        return t.numpy()
-    return None
+def _c_operand(x) -> tuple[int, int]:
+    """(address, dtype code) of a contiguous CPU array for the C library."""
+    if isinstance(x, np.ndarray):
+        if not x.flags.c_contiguous or x.dtype not in _C_CODES:
+            raise ValueError(
+                f"extrapolate: need a contiguous float32/float16/bf16 array, got {x.dtype}"
+            )
+        return x.ctypes.data, _C_CODES[x.dtype]
+    name = str(x.dtype).removeprefix("torch.")
+    if x.device.type != "cpu" or not x.is_contiguous() or name not in _TORCH_NAMES:
+        raise ValueError(f"extrapolate: need a contiguous CPU fp32/bf16/fp16 tensor, got {x.dtype}")
+    return x.data_ptr(), _TORCH_NAMES[name]
 
 
-def _canonicalize_nan(t: torch.Tensor) -> None:
-    int_dtype, bits = CANONICAL_NAN_BITS[t.dtype]
-    t.view(int_dtype).masked_fill_(torch.isnan(t), bits)
+_LIBRARY: list = []  # loaded once per process
 
 
-def get_backend(device: str = "auto", **options) -> CpuBackend:
+def _fused_library():
+    """The C library built at install time (setup.py), or None where it was not built."""
+    if not _LIBRARY:
+        spec = importlib.util.find_spec("moxkit._fused")
+        lib = None
+        if spec is not None and spec.origin and os.path.exists(spec.origin):
+            lib = ctypes.CDLL(spec.origin)
+            fn = lib.moxkit_extrapolate
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [
+                ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+            ]  # fmt: skip
+        _LIBRARY.append(lib)
+    return _LIBRARY[0]
+
+
+def get_backend(device: str = "auto", **options):
     """'cpu', 'cuda' or 'auto' (CUDA when a device and Triton are present, else CPU)."""
     if device == "auto":
         device = "cuda" if _cuda_usable() else "cpu"
     if device == "cpu":
         return CpuBackend(**{k: v for k, v in options.items() if k == "block_elems"})
     if device.startswith("cuda"):
+        import torch
+
         if not torch.cuda.is_available():
             raise MoxError("--device cuda: no CUDA device is available (use --device cpu)")
         try:
@@ -179,10 +184,11 @@ def get_backend(device: str = "auto", **options) -> CpuBackend:
 
 
 def _cuda_usable() -> bool:
+    # No NVIDIA device nodes: no CUDA, and no need to pay for importing torch to learn it.
+    if not (os.path.exists("/dev/nvidiactl") or glob.glob("/dev/nvidia[0-9]*")):
+        return False
+    import torch
+
     if not torch.cuda.is_available():
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None

@@ -23,8 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
-import torch
 
 from . import __version__
 from .backends import Coefficients, get_backend
@@ -43,18 +43,8 @@ from .progress import ByteProgress
 from .units import format_bytes, parse_size
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
 
-TORCH_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# the floating dtypes the backends compute on, as the engine's numpy buffers hold them
+NUMPY_VIEWS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16: its bits
 N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
 RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
@@ -359,19 +349,28 @@ def _replace(src: Path, dst: Path, force: bool) -> None:
 
 
 class _Slot:
-    """Preallocated I/O buffers for one chunk in flight."""
+    """Preallocated I/O buffers for one chunk in flight: numpy arrays from the CPU backend,
+    pinned torch tensors from the CUDA backend."""
 
     def __init__(self, backend, chunk_elems: int, sizes: dict[str, int]):
         self.raw = {
             role: backend.allocate_host(chunk_elems * size) for role, size in sizes.items() if size
         }
+        self._bytes = {
+            role: memoryview(raw if isinstance(raw, np.ndarray) else raw.numpy())
+            for role, raw in self.raw.items()
+        }
 
-    def view(self, role: str, dtype: str, count: int) -> torch.Tensor:
-        nbytes = count * DTYPE_SIZES[dtype]
-        return self.raw[role][:nbytes].view(TORCH_DTYPES[dtype])
+    def view(self, role: str, dtype: str, count: int):
+        raw = self.raw[role][: count * DTYPE_SIZES[dtype]]
+        if isinstance(raw, np.ndarray):
+            return raw.view(NUMPY_VIEWS[dtype])
+        from .torch_path import TORCH_DTYPES
+
+        return raw.view(TORCH_DTYPES[dtype])
 
     def bytes(self, role: str, nbytes: int) -> memoryview:
-        return memoryview(self.raw[role].numpy())[:nbytes]
+        return self._bytes[role][:nbytes]
 
 
 def _run_pipeline(

@@ -1,6 +1,6 @@
-"""The fused numba loops against the torch-ops path (itself held to numpy and fp64 oracles in
+"""The fused C loop against the torch-ops path (itself held to numpy and fp64 oracles in
 test_extrapolate.py), bit for bit, on the values where they could differ: rounding ties,
-overflow to inf in the output rounding, NaN and inf inputs, subnormals, mixed dtypes."""
+overflow to inf in the output rounding, NaN and inf inputs, subnormals, every mix of dtypes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from moxkit.backends import Coefficients, CpuBackend
+from moxkit.backends import Coefficients, CpuBackend, _fused_library
 
-DTYPES = [torch.bfloat16, torch.float32]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def test_the_c_library_is_built():
+    # without it every comparison below would hold the torch path to itself
+    assert _fused_library() is not None, "moxkit/_fused.c was not built at install time"
 
 
 def _operand(dtype, seed, n=10_007):
@@ -44,13 +49,20 @@ def test_fused_matches_torch_path(out_dtype, ref_dtype, mem_dtype, momentum):
     torch_ok = CpuBackend(fused=False).extrapolate(torch_out, ref, mem, prev, coeffs)
     assert fused_ok == torch_ok is False  # the specials make some outputs non-finite
     np.testing.assert_array_equal(_bits(fused_out), _bits(torch_out))
+    # the engine's own operands: numpy buffers, bf16 as uint16 bits
+    as_np = {torch.bfloat16: lambda t: t.view(torch.int16).numpy().view(np.uint16)}
+    to_np = lambda t: as_np.get(t.dtype, torch.Tensor.numpy)(t)  # noqa: E731
+    np_out = torch.empty(len(ref), dtype=out_dtype)
+    args = [to_np(np_out), to_np(ref), to_np(mem), to_np(prev) if momentum else None]
+    assert CpuBackend().extrapolate(*args, coeffs) is False
+    np.testing.assert_array_equal(_bits(np_out), _bits(torch_out))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_reports_finite_and_overflow(dtype):
     ref = torch.full((100,), 2.0, dtype=dtype)
     assert CpuBackend().extrapolate(torch.empty_like(ref), ref, ref * 0.5, None, Coefficients(4.0))
-    big = torch.full((100,), 3e38, dtype=dtype)  # 5 · 3e38 overflows fp32 and bf16
+    big = torch.full((100,), torch.finfo(dtype).max / 2, dtype=dtype)  # 5 · max/2 overflows
     out = torch.empty_like(big)
     assert not CpuBackend().extrapolate(out, big, big * 0, None, Coefficients(4.0))
     assert torch.isinf(out).all()
