@@ -126,7 +126,8 @@ def retain_reference(retain: str | Path | dict, data_dir: str | Path, cfg: EvalC
                      device: str = "auto") -> dict:
     """What forget quality and PrivLeak compare against: the retain-only model's forget-set truth
     ratios and membership AUC, from a saved `moxkit eval` report (a .json file or dict) or by
-    evaluating the retain-only model directory on the forget and membership sets."""
+    evaluating the retain-only model directory on the forget and membership sets. Its summary
+    comes along: a sweep compares forget metrics with it."""
     if isinstance(retain, dict):
         report = retain
     elif Path(retain).is_file():
@@ -140,7 +141,8 @@ def retain_reference(retain: str | Path | dict, data_dir: str | Path, cfg: EvalC
         report = evaluate_model(model, tokenizer, data_dir, cfg=cfg,
                                 only=("forget", "forget_text", "holdout_text"))
     ratios = [it["truth_ratio"] for it in report["sets"]["forget"]["items"]]
-    return {"truth_ratios": ratios, "mia_auc": report["summary"].get("mia_auc")}
+    return {"truth_ratios": ratios, "mia_auc": report["summary"].get("mia_auc"),
+            "summary": report["summary"]}
 
 
 def evaluate_model(model, tokenizer, data_dir: str | Path, *, retain: dict | None = None,
@@ -179,13 +181,22 @@ def evaluate_model(model, tokenizer, data_dir: str | Path, *, retain: dict | Non
     if "forget_text" in out and "holdout_text" in out:
         summary["mia_auc"] = M.membership_auc([it[cfg.mia] for it in out["forget_text"]["items"]],
                                               [it[cfg.mia] for it in out["holdout_text"]["items"]])
+    report = {"data": str(data_dir), "config": asdict(cfg), "summary": summary, "sets": out}
     if retain is not None and "forget" in out:
-        fq, ks = M.forget_quality([it["truth_ratio"] for it in out["forget"]["items"]],
-                                  retain["truth_ratios"])
-        summary["forget_quality"], summary["ks_statistic"] = fq, ks
-        if retain.get("mia_auc") and "mia_auc" in summary:  # undefined for a retain AUC of 0
-            summary["privleak"] = M.priv_leak(summary["mia_auc"], retain["mia_auc"])
-    return {"data": str(data_dir), "config": asdict(cfg), "summary": summary, "sets": out}
+        summary.update(compare_with_retain(report, retain))
+    return report
+
+
+def compare_with_retain(report: dict, retain: dict) -> dict:
+    """Forget quality (KS p-value and statistic) and PrivLeak of a report against the
+    retain-only model's reference (see retain_reference)."""
+    fq, ks = M.forget_quality([it["truth_ratio"] for it in report["sets"]["forget"]["items"]],
+                              retain["truth_ratios"])
+    out = {"forget_quality": fq, "ks_statistic": ks}
+    auc = report["summary"].get("mia_auc")
+    if retain.get("mia_auc") and auc is not None:  # undefined for a retain AUC of 0
+        out["privleak"] = M.priv_leak(auc, retain["mia_auc"])
+    return out
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, retain_model: str | Path | None = None,
