@@ -77,6 +77,8 @@ class CudaBackend:
 
     def allocate_host(self, nbytes: int) -> torch.Tensor:
         """A page-aligned uint8 host buffer of exactly `nbytes`, pinned until close()."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
         base = torch.empty(nbytes + 2 * _ALIGN, dtype=torch.uint8)
         offset = -base.data_ptr() % _ALIGN
         span = -(-nbytes // _ALIGN) * _ALIGN

@@ -213,10 +213,12 @@ def test_cuda_backend_host_buffers_are_pinned_and_aligned():
 
     be = CudaBackend(max_gpu_memory=256 << 20)
     try:
+        assert be.allocate_host(0).numel() == 0
         for nbytes in (1, 4097, 10 << 20):
             buf = be.allocate_host(nbytes)
             assert buf.numel() == nbytes and buf.data_ptr() % 4096 == 0
             assert buf.is_pinned()
+            buf.fill_(7)  # the whole span is usable
     finally:
         be.close()
 
