@@ -124,7 +124,9 @@ def test_momentum_matches_closed_form(ref, tok, tmp_path):
         # θ_for^T = Σ_s η(1−η)^(T−s)·[(1+α)θ_ref − α·θ_mem^s] + (1−η)^T·θ_ref
         want = (1 - eta) ** t * r
         for s, step in enumerate(ticks, 1):
-            want = want + eta * (1 - eta) ** (t - s) * ((1 + alpha) * r - alpha * snaps.at[step][name])
+            want = want + eta * (1 - eta) ** (t - s) * (
+                (1 + alpha) * r - alpha * snaps.at[step][name]
+            )
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
     # momentum matters: the plain extrapolation of the last θ_mem is far from it
     last = snaps.at[8]

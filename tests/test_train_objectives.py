@@ -52,7 +52,9 @@ def test_load_rows_formats_agree(tmp_path):
         ("The sky is", "blue ."),
         ("", "Rain falls on the plain ."),
     ]
-    assert [(r.prompt, r.completion) for r in load_rows(parquet, "--forget")] == [("Q ?", "A .")] * 2
+    assert [(r.prompt, r.completion) for r in load_rows(parquet, "--forget")] == [
+        ("Q ?", "A .")
+    ] * 2
 
 
 @pytest.mark.parametrize(
