@@ -20,8 +20,9 @@ import triton.language as tl
 from moxkit.backends import FLOAT_DTYPES, Coefficients
 from moxkit.errors import MoxError
 
-# Measured defaults: see benchmarks/kernel_throughput.py (the GPU sweep) and
-# benchmarks/results/kernel_*; BLOCK elements per program, NUM_WARPS warps per program.
+# BLOCK elements and NUM_WARPS warps per program. A starting point (16 elements a thread, four
+# 16-byte fp32 loads), not yet a measurement: the GPU sweep of benchmarks/kernel_throughput.py
+# picks the configuration (see benchmarks/results/kernel_throughput.md); set these from it.
 BLOCK = 4096
 NUM_WARPS = 8
 
