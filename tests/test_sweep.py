@@ -1,0 +1,86 @@
+"""`moxkit sweep`: each α's forget model is (1+α)·REF − α·MEM (checked against fp64 arithmetic
+through its evaluation), the in-memory and on-disk paths agree, and the rule picks as stated."""
+
+import json
+
+import pytest
+import torch
+from moxkit.cli.main import main
+from transformers import AutoTokenizer
+
+from moxkit.errors import MoxError
+from moxkit.eval.evaluate import EvalConfig, evaluate_model, load_model
+from moxkit.sweep import parse_alphas, pick_alpha, sweep
+from moxkit.tiny import build_tiny_llama, save_tiny_model
+from moxkit.tofu_mini import write
+
+CFG = EvalConfig(max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    bench = write(root / "tm", n_authors=10)
+    tok = AutoTokenizer.from_pretrained(bench / "tokenizer")
+    data = root / "small"  # a few rows of each set keep the many evaluations cheap
+    data.mkdir()
+    for name in ("forget", "retain", "general", "forget_text", "holdout_text"):
+        lines = (bench / "forget10" / f"{name}.jsonl").read_text().splitlines()
+        (data / f"{name}.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    ref = build_tiny_llama(len(tok), hidden_size=32, seed=1)
+    mem = build_tiny_llama(len(tok), hidden_size=32, seed=1)
+    with torch.no_grad():  # MEM = REF plus a small, seeded displacement
+        g = torch.Generator().manual_seed(5)
+        for p in mem.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return (root, data, save_tiny_model(ref, tok, root / "ref"),
+            save_tiny_model(mem, tok, root / "mem"))
+
+
+def test_sweep_matches_fp64_extrapolation_on_both_paths(models):
+    root, data, ref, mem = models
+    alphas = [2.0]
+    in_mem = sweep(ref, mem, alphas, data, cfg=CFG, on_disk=False, progress=False)
+    on_disk = sweep(ref, mem, alphas, data, cfg=CFG, on_disk=True, progress=False)
+    assert [r["alpha"] for r in in_mem.rows] == [0.0, 2.0]
+    r_model, tok = load_model(ref, "cpu")
+    m_model, _ = load_model(mem, "cpu")
+    for row_mem, row_disk, alpha in zip(in_mem.rows, on_disk.rows, [0.0, *alphas], strict=True):
+        oracle = load_model(ref, "cpu")[0]
+        ref_sd, mem_sd = r_model.state_dict(), m_model.state_dict()
+        oracle.load_state_dict({k: ((1 + alpha) * ref_sd[k].double() - alpha * mem_sd[k].double())
+                                .float() for k in ref_sd})
+        want = evaluate_model(oracle, tok, data, cfg=CFG)["summary"]
+        for key in ("forget_prob", "retain_prob", "forget_truth_ratio", "model_utility"):
+            assert row_mem[key] == pytest.approx(want[key], rel=1e-5), (alpha, key)
+            assert row_disk[key] == pytest.approx(want[key], rel=1e-5), (alpha, key)
+
+
+def test_pick_alpha_rule():
+    rows = [{"alpha": 0.0, "forget_prob": 0.9, "model_utility": 0.9},
+            {"alpha": 1.0, "forget_prob": 0.5, "model_utility": 0.8},
+            {"alpha": 2.0, "forget_prob": 0.2, "model_utility": 0.6},
+            {"alpha": 4.0, "forget_prob": 0.1, "model_utility": 0.7},
+            {"alpha": 8.0, "forget_prob": 0.05, "model_utility": 0.2}]
+    assert pick_alpha(rows, {"forget_prob": 0.3}, "forget_prob") == 4.0
+    assert pick_alpha(rows, {"forget_prob": 0.01}, "forget_prob") is None
+    assert pick_alpha(rows, {}, "forget_prob") is None
+    assert parse_alphas("4, 0.5,1,1") == [0.5, 1.0, 4.0]
+    for bad in ("", "1,x", "0,1", "-2"):
+        with pytest.raises(MoxError, match="--alphas"):
+            parse_alphas(bad)
+
+
+def test_sweep_cli_with_retain_model_writes_table_plot_json(models, capsys):
+    root, data, ref, mem = models
+    out = root / "out"
+    main(["sweep", str(ref), str(mem), "--alphas", "1,3", "--data", str(data),
+          "--retain-model", str(ref), "-o", str(out), "-q"])
+    printed = capsys.readouterr().out
+    report = json.loads((out / "sweep.json").read_text())
+    assert [r["alpha"] for r in report["rows"]] == [0.0, 1.0, 3.0]
+    assert report["rows"][0]["forget_quality"] == 1.0  # REF is its own retain model here
+    assert (out / "sweep.png").stat().st_size > 10_000 and "picked" in printed
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(ref), str(root / "missing"), "--data", str(data), "-q"])
+    assert exc.value.code == 1 and "MEM" in capsys.readouterr().err
