@@ -149,16 +149,14 @@ def config_from(kw: dict) -> TrainConfig:
 
 
 def target_from(kw: dict):
-    """--target-answer TEXT or --target-file PATH (rows whose completion is the answer)."""
+    """--target-answer TEXT or --target-file PATH (one replacement answer per forget row)."""
     from moxkit.errors import MoxError
-    from moxkit.train.data import load_rows
+    from moxkit.train.data import load_answers
 
     text, path = kw.pop("target_answer"), kw.pop("target_file")
     if text is not None and path is not None:
         raise MoxError("--target-answer and --target-file: give one, not both")
-    if path is not None:
-        return [row.completion for row in load_rows(path, "--target-file")]
-    return text
+    return load_answers(path, "--target-file") if path is not None else text
 
 
 def summary(result, what: str) -> str:

@@ -98,6 +98,8 @@ def _write(path, text):
         ("no-tokenizer", "MODEL {root}/notok: no tokenizer files"),
         ("bad-method", "Invalid value for '--method'"),
         ("bad-batch", "--batch-size 0: must be at least 1"),
+        ("target-count", "2 replacement answers for 8 forget rows"),
+        ("target-field", "{root}/targets.jsonl:line 1: needs an answer, completion or text"),
     ],
 )
 def test_bad_inputs_one_line_nothing_written(workdir, capsys, tmp_path, case, message):
@@ -122,6 +124,12 @@ def test_bad_inputs_one_line_nothing_written(workdir, capsys, tmp_path, case, me
         extra = ["--method", "magic"]
     elif case == "bad-batch":
         extra = ["--batch-size", "0"]
+    elif case == "target-count":
+        targets = _write(root / "targets.jsonl", '{"answer": "no"}\n{"text": "no"}\n')
+        extra = ["--target-file", str(targets)]
+    elif case == "target-field":
+        targets = _write(root / "targets.jsonl", '{"question": "no"}\n')
+        extra = ["--target-file", str(targets)]
     out = root / "out"
     before = sorted(p.name for p in root.iterdir())
     args = ["unlearn", model, "--forget", forget, "--retain", str(workdir / "retain.jsonl"),

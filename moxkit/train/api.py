@@ -10,29 +10,20 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-import torch
-
 from moxkit.errors import MoxError
 
 from .config import TrainConfig
-from .data import Collator, PairDataset, PairSampler, Row, encode, load_rows
-from .models import ARGS_FILE, LOG_FILE, Loaded, OutputDir, ensure_pad_token, load_model, save_model
-from .momentum import (
-    DiskExtrapolator,
-    InMemoryExtrapolator,
-    MomentumCallback,
-    cpu_fp32_state,
-)
+from .data import PairDataset, Row, encode, load_rows
+from .models import load_model
+from .momentum import InMemoryExtrapolator, cpu_fp32_state
 from .objectives import LossSpec
-from .trainer import MoxTrainer, StepLog, quiet_callbacks, steps_per_epoch, training_arguments
+from .session import Run
+from .trainer import steps_per_epoch
 
 Rows = Sequence[dict]  # rows given directly, as a JSONL file would hold them
 Data = str | os.PathLike | Rows
@@ -42,7 +33,9 @@ METHODS = ("mox", "ga", "graddiff", "npo", "task-vector")
 
 @dataclass
 class TrainResult:
-    """A trained model, held in memory, and where it was written (None if not written)."""
+    """A trained model, held in memory, and where it was written (None if not written).
+    In a multi-process run only the main process gets the model of an in-memory
+    extrapolation (others get None), and a disk extrapolation returns None everywhere."""
 
     model: Any
     tokenizer: Any
@@ -71,23 +64,17 @@ def finetune(
     """Plain NLL fine-tuning on `rows` (e.g. the demo's reference and retain-only models).
     The output keeps the training precision (fp32)."""
     arguments = _describe(locals())
-    base = load_model(model, tokenizer, "MODEL")
-    examples = encode(
-        load_rows(rows, "ROWS"), base.tokenizer, config.max_length, config.chat_template
-    )
-    spec = LossSpec(forget="nll", primary="train")
-    with _Session(out, force, config, base.model, len(examples)) as session:
-        session.write_args("finetune", arguments)
-        trainer, log = session.train(
-            base, PairDataset(examples, primary="train"), spec, None, callbacks
-        )
-        trained = _unwrap(trainer)
-        session.save_trained(trainer, base.tokenizer)
-        session.commit()
-    trained.eval()
-    return TrainResult(
-        trained, base.tokenizer, session.result_path, trainer.state.global_step, log.records
-    )
+    train_rows = load_rows(rows, "ROWS")
+    with Run(out, force, config, len(train_rows)) as run:
+        run.write_args("finetune", arguments)
+        base = load_model(model, tokenizer, "MODEL")
+        examples = encode(train_rows, base.tokenizer, config.max_length, config.chat_template)
+        spec = LossSpec(forget="nll", primary="train")
+        trainer = run.train(base, PairDataset(examples, primary="train"), spec, None, callbacks)
+        run.save_trained(base.tokenizer)
+        trained = run.model.eval()
+    return TrainResult(trained, base.tokenizer, run.result_path, trainer.state.global_step,
+                       run.log.records)  # fmt: skip
 
 
 def train_mem(
@@ -110,25 +97,9 @@ def train_mem(
     """Train the memorization model θ_mem (MOX step 1): NLL (or negated, floored NPO) on the
     forget set plus kl_weight × KL(θ_ref ‖ θ) on retain answers; with target_answer, minus the
     NLL of the replacement answers. Saved in fp32: the difference θ_mem − θ_ref is what MOX
-    amplifies, and bf16 rounding would drown it."""
-    return unlearn(
-        model,
-        forget,
-        retain,
-        out,
-        method="memorize",
-        config=config,
-        tokenizer=tokenizer,
-        objective=objective,
-        kl_weight=kl_weight,
-        npo_beta=npo_beta,
-        npo_floor=npo_floor,
-        target_answer=target_answer,
-        init_from=init_from,
-        force=force,
-        callbacks=callbacks,
-        _arguments=_describe(locals()),
-    )
+    amplifies, and bf16 rounding would drown it. With init_from (continual unlearning),
+    training starts from that model and θ_ref stays MODEL."""
+    return _run("memorize", _describe(locals()), **_kwargs(locals()))
 
 
 def unlearn(
@@ -153,7 +124,6 @@ def unlearn(
     extrapolate_on: Literal["auto", "memory", "disk"] = "auto",
     force: bool = False,
     callbacks: Sequence[Any] = (),
-    _arguments: dict | None = None,
 ) -> UnlearnResult:
     """Unlearn the forget set from MODEL.
 
@@ -161,92 +131,18 @@ def unlearn(
     θ_for is updated every `extrapolate_every` optimizer steps (default: once per epoch) and
     at the last step. task-vector: the same without the KL term. ga: gradient ascent on the
     forget NLL. graddiff: ascent on forget + NLL on retain. npo: NPO (β = npo_beta, reference
-    θ_ref) + NLL on retain. Extrapolated models are saved in MODEL's dtype, trained ones in
-    fp32. With init_from (continual unlearning), training starts from that model and θ_ref
-    stays MODEL."""
-    arguments = _arguments or _describe(locals())
-    memorize = method == "memorize"
-    if method not in METHODS and not memorize:
+    θ_ref) + NLL on retain. Extrapolated models are saved in MODEL's dtype, trained ones
+    (the baselines) in fp32. extrapolate_on="disk" streams θ_ref, θ_mem and θ_for through
+    `moxkit.extrapolate` instead of holding two fp32 copies in RAM."""
+    if method not in METHODS:
         raise MoxError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    extrapolates = method in ("mox", "task-vector")
-    _check_options(method, alpha, momentum_eta, extrapolate_every, objective, kl_weight, npo_beta)
-    if method in ("ga", "graddiff", "npo") and target_answer is not None:
-        raise MoxError(f"--target-answer: only for MOX, not --method {method}")
-    config.validate()
-
-    ref = load_model(model, tokenizer, "MODEL")
-    start = load_model(init_from, ref.tokenizer, "--init-from") if init_from is not None else ref
-    _check_same_shapes(ref.model, start.model)
-    tok = ref.tokenizer
-    forget_rows = load_rows(forget, "--forget")
-    forget_ex = encode(forget_rows, tok, config.max_length, config.chat_template)
-    needs_retain = (memorize or method in ("mox", "graddiff", "npo")) and not (
-        method in ("mox", "memorize") and kl_weight == 0
-    )
-    retain_ex = None
-    if retain is not None:
-        retain_ex = encode(
-            load_rows(retain, "--retain"), tok, config.max_length, config.chat_template
-        )
-    elif needs_retain:
-        raise MoxError(
-            f"--retain: needed by --method {method}"
-            + (" (or set --kl-weight 0)" if method in ("mox", "memorize") else "")
-        )
-    targets = _target_examples(target_answer, forget_rows, tok, config)
-
-    spec = _loss_spec(method, objective, kl_weight, npo_beta, npo_floor, targets is not None)
-    reference = None
-    if spec.needs_reference and not config.lora:
-        reference = copy.deepcopy(ref.model) if start is ref else ref.model
-        reference.eval().requires_grad_(False)
-    dataset = PairDataset(forget_ex, retain_ex if spec.retain else None, targets)
-
-    with _Session(out, force, config, start.model, len(forget_ex)) as session:
-        session.write_args("train-mem" if memorize else "unlearn", arguments)
-        extrapolator, tick = None, None
-        if extrapolates:
-            every = extrapolate_every or steps_per_epoch(len(forget_ex), config)
-            extrapolator = session.extrapolator(ref, alpha, momentum_eta, extrapolate_on)
-            tick = session.momentum_tick(extrapolator) if momentum_eta is not None else None
-        extra = [MomentumCallback(every, tick)] if tick is not None else []
-        trainer, log = session.train(start, dataset, spec, reference, [*extra, *callbacks])
-        steps = trainer.state.global_step
-        if extrapolates:
-            if save_mem is not None:
-                session.save_elsewhere(trainer, tok, Path(save_mem), force)
-            log.event(
-                {
-                    "step": steps,
-                    "event": "extrapolate",
-                    "alpha": alpha,
-                    "eta": momentum_eta,
-                    "tick": extrapolator.ticks + 1,
-                }
-            )
-            forget_model = session.finish_extrapolation(extrapolator, tok, ref.dtype)
-        else:
-            forget_model = _unwrap(trainer)
-            session.save_trained(trainer, tok)
-            session.commit()
-    if forget_model is not None:
-        forget_model.eval()
-    return UnlearnResult(
-        forget_model,
-        tok,
-        session.result_path,
-        steps,
-        log.records,
-        method=method,
-        alpha=alpha if extrapolates else None,
-        momentum_eta=momentum_eta if extrapolates else None,
-    )
+    return _run(method, _describe(locals()), **_kwargs(locals(), "method"))
 
 
 def extrapolate_model(ref: Any, mem: Any, alpha: float) -> Any:
     """θ_for = (1+α)·θ_ref − α·θ_mem for two in-memory models, with the streaming engine's
     arithmetic (fp32, one rounding); returns a new model, the inputs are untouched."""
-    _check_options("mox", alpha, None, None, "nll", 0.0, 0.1)
+    _check_alpha(alpha)
     _check_same_shapes(ref, mem)
     ext = InMemoryExtrapolator(cpu_fp32_state(ref.named_parameters()), alpha, None)
     ext.update(mem.named_parameters())
@@ -255,176 +151,92 @@ def extrapolate_model(ref: Any, mem: Any, alpha: float) -> Any:
     return forget_model
 
 
-# --- internals -------------------------------------------------------------------------------
+def _run(
+    method: str,
+    arguments: dict,
+    *,
+    model,
+    forget,
+    retain,
+    out,
+    config: TrainConfig,
+    tokenizer,
+    objective: str,
+    kl_weight: float,
+    npo_beta: float,
+    npo_floor: float | None,
+    target_answer,
+    init_from,
+    force: bool,
+    callbacks,
+    alpha: float = 4.0,
+    momentum_eta: float | None = None,
+    extrapolate_every: int | None = None,
+    save_mem=None,
+    extrapolate_on: str = "auto",
+) -> UnlearnResult:
+    """train_mem (method "memorize") and unlearn: validate cheap things first (options, data
+    files), then load the model, train, and extrapolate if the method does."""
+    extrapolates = method in ("mox", "task-vector")
+    _check_options(method, alpha, momentum_eta, extrapolate_every, objective, kl_weight, npo_beta)
+    if not extrapolates and method != "memorize" and target_answer is not None:
+        raise MoxError(f"--target-answer: only for MOX, not --method {method}")
+    uses_kl = method in ("mox", "memorize") and kl_weight > 0
+    forget_rows = load_rows(forget, "--forget")
+    if retain is None and (uses_kl or method in ("graddiff", "npo")):
+        hint = " (or set --kl-weight 0)" if uses_kl else ""
+        raise MoxError(f"--retain: needed by --method {method}{hint}")
+    retain_rows = load_rows(retain, "--retain") if retain is not None else None
+
+    with Run(out, force, config, len(forget_rows)) as run:
+        run.write_args("train-mem" if method == "memorize" else "unlearn", arguments)
+        ref = load_model(model, tokenizer, "MODEL")
+        start = load_model(init_from, ref.tokenizer, "--init-from") if init_from else ref
+        _check_same_shapes(ref.model, start.model)
+        tok = ref.tokenizer
+        forget_ex = encode(forget_rows, tok, config.max_length, config.chat_template)
+        retain_ex = None
+        if retain_rows is not None:
+            retain_ex = encode(retain_rows, tok, config.max_length, config.chat_template)
+        targets = _target_examples(target_answer, forget_rows, tok, config)
+        spec = _loss_spec(method, objective, kl_weight, npo_beta, npo_floor, targets is not None)
+        reference = None
+        if spec.needs_reference and not config.lora:  # with LoRA: the adapters disabled
+            reference = copy.deepcopy(ref.model) if start is ref else ref.model
+            reference.eval().requires_grad_(False)
+        dataset = PairDataset(forget_ex, retain_ex if spec.retain else None, targets)
+
+        extra, extrapolator = [], None
+        if extrapolates:
+            extrapolator = run.extrapolator(ref, alpha, momentum_eta, extrapolate_on)
+            if momentum_eta is not None:
+                every = extrapolate_every or steps_per_epoch(len(forget_ex), config)
+                extra.append(run.momentum_callback(extrapolator, every))
+        trainer = run.train(start, dataset, spec, reference, [*extra, *callbacks])
+        steps = trainer.state.global_step
+        if not extrapolates:
+            run.save_trained(tok)
+            result_model = run.model.eval()
+        else:
+            if save_mem is not None:
+                run.save_elsewhere(tok, Path(save_mem), force)
+            run.log.event({"step": steps, "event": "extrapolate", "alpha": alpha,
+                           "eta": momentum_eta, "tick": extrapolator.ticks + 1})  # fmt: skip
+            result_model = run.finish_extrapolation(extrapolator, tok, ref.dtype)
+            if result_model is not None:
+                result_model.eval()
+    return UnlearnResult(
+        result_model, tok, run.result_path, steps, run.log.records, method=method,
+        alpha=alpha if extrapolates else None,
+        momentum_eta=momentum_eta if extrapolates else None,
+    )  # fmt: skip
 
 
-class _Session:
-    """One training run: arguments, the output directory (atomic), the trainer and the log."""
-
-    def __init__(self, out, force: bool, config: TrainConfig, model, n_rows: int):
-        config.validate()
-        self.config, self.model, self.n_rows = config, model, n_rows
-        self._scratch = tempfile.TemporaryDirectory(prefix="moxkit-trainer-")
-        self.args = training_arguments(config, n_rows, Path(self._scratch.name))
-        self.is_main = self.args.process_index == 0
-        self.output = OutputDir(Path(out), force, self.is_main) if out is not None else None
-        self.trainer: MoxTrainer | None = None
-        self.log: StepLog | None = None
-        self.result_path: Path | None = None
-
-    def __enter__(self) -> _Session:
-        if self.output is not None:
-            self.output.check()
-            self.output.start()
-            self._barrier()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and self.output is not None:
-            self.output.abort()
-        self._scratch.cleanup()
-
-    def _barrier(self) -> None:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-
-    def write_args(self, command: str, arguments: dict) -> None:
-        if self.output is not None:
-            data = {"command": command, **arguments, "config": self.config.to_dict()}
-            data["world_size"] = self.args.world_size
-            self.output.write_json(ARGS_FILE, data)
-
-    def train(self, loaded: Loaded, dataset, spec: LossSpec, reference, callbacks):
-        model = loaded.model
-        if self.config.lora:
-            model = _with_lora(model, self.config.lora)
-        sampler = PairSampler(len(dataset), len(dataset.retain), self.config.seed)
-        trainer = MoxTrainer(
-            model=model,
-            args=self.args,
-            train_dataset=dataset,
-            data_collator=Collator(ensure_pad_token(loaded.tokenizer)),
-            spec=spec,
-            sampler=sampler,
-            reference=reference,
-        )
-        quiet_callbacks(trainer)
-        log_path = self.output.partial / LOG_FILE if self.output is not None else None
-        log = StepLog(trainer, log_path, self.config.progress)
-        for cb in (log, *callbacks):
-            trainer.add_callback(cb)
-        self.trainer, self.log = trainer, log
-        trainer.train()
-        if self.config.lora:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            trainer.model = trainer.model_wrapped = merged
-        return trainer, log
-
-    def _state_dict(self, trainer):
-        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
-
-    def save_trained(self, trainer, tokenizer) -> None:
-        if self.output is None:
-            return
-        state = self._state_dict(trainer)
-        if self.is_main:
-            save_model(_unwrap(trainer), tokenizer, self.output.partial, state)
-        self._barrier()
-
-    def save_elsewhere(self, trainer, tokenizer, path: Path, force: bool) -> None:
-        """θ_mem next to the forget model (--save-mem), atomically like any output."""
-        other = OutputDir(path, force, self.is_main)
-        other.check()
-        other.start()
-        self._barrier()
-        state = self._state_dict(trainer)
-        if self.is_main:
-            save_model(_unwrap(trainer), tokenizer, other.partial, state)
-            other.commit()
-        self._barrier()
-
-    def commit(self) -> None:
-        if self.output is not None:
-            self.output.commit()
-            self.result_path = self.output.out
-        self._barrier()
-
-    # --- extrapolation ---
-
-    def extrapolator(self, ref: Loaded, alpha, eta, where: str):
-        where = self._where(ref, where)
-        if where == "disk":
-            return DiskExtrapolator(ref.directory, alpha, eta, self.output.work)
-        state = cpu_fp32_state(ref.model.named_parameters()) if self.is_main else {}
-        return InMemoryExtrapolator(state, alpha, eta)
-
-    def _where(self, ref: Loaded, where: str) -> str:
-        if where not in ("auto", "memory", "disk"):
-            raise MoxError(f"--extrapolate-on {where!r}: expected auto, memory or disk")
-        if where == "auto":
-            from accelerate import PartialState
-            from accelerate.utils import DistributedType
-
-            sharded = PartialState().distributed_type in (
-                DistributedType.FSDP,
-                DistributedType.DEEPSPEED,
-            )
-            fp32_bytes = sum(p.numel() for p in ref.model.parameters()) * 4
-            too_big = 2 * fp32_bytes > psutil.virtual_memory().available // 2
-            where = "disk" if (sharded or too_big) else "memory"
-            if where == "disk" and (ref.directory is None or self.output is None):
-                where = "memory"
-        if where == "disk" and (ref.directory is None or self.output is None):
-            raise MoxError("--extrapolate-on disk: needs MODEL as a directory and an output")
-        return where
-
-    def momentum_tick(self, extrapolator):
-        def tick(step: int) -> None:
-            trainer = self.trainer
-            if isinstance(extrapolator, DiskExtrapolator):
-                state = self._state_dict(trainer)
-                mem_dir = self.output.work / "mem"
-                if self.is_main:
-                    shutil.rmtree(mem_dir, ignore_errors=True)
-                    save_model(_unwrap(trainer), None, mem_dir, state)
-                    extrapolator.update(mem_dir)
-            elif self.is_main:
-                extrapolator.update(_unwrap(trainer).named_parameters())
-            self._barrier()
-            self.log.event({"step": step, "event": "momentum", "tick": extrapolator.ticks})
-
-        return tick
-
-    def finish_extrapolation(self, extrapolator, tokenizer, dtype: torch.dtype):
-        """The final tick: into the trained model in memory, or through the engine on disk."""
-        trainer = self.trainer
-        model = _unwrap(trainer)
-        if isinstance(extrapolator, DiskExtrapolator):
-            state = self._state_dict(trainer)
-            mem_dir = self.output.work / "mem"
-            built = self.output.work / "forget"
-            if self.is_main:
-                shutil.rmtree(mem_dir, ignore_errors=True)
-                save_model(model, None, mem_dir, state)
-                extrapolator.update(mem_dir, out=built, final=True)
-                self.output.commit(built)
-            self._barrier()
-            self.result_path = self.output.out
-            return None
-        if self.is_main:
-            extrapolator.update(model.named_parameters())
-            extrapolator.load_into(model)
-        model.to(dtype)
-        if self.output is not None:
-            if self.is_main:
-                save_model(model, tokenizer, self.output.partial)
-            self.commit()
-        return model
+# --- checks and small helpers ----------------------------------------------------------------
 
 
-def _unwrap(trainer):
-    return trainer.accelerator.unwrap_model(trainer.model)
+def _kwargs(local_vars: dict, *drop: str) -> dict:
+    return {k: v for k, v in local_vars.items() if k not in drop}
 
 
 def _describe(arguments: dict) -> dict:
@@ -432,7 +244,7 @@ def _describe(arguments: dict) -> dict:
     summarised, not dumped)."""
     out = {}
     for key, value in arguments.items():
-        if key in ("_arguments", "callbacks") or key.startswith("__"):
+        if key == "callbacks":
             continue
         if isinstance(value, TrainConfig):
             continue
@@ -447,9 +259,14 @@ def _describe(arguments: dict) -> dict:
     return out
 
 
-def _check_options(method, alpha, eta, every, objective, kl_weight, npo_beta) -> None:
-    if method in ("mox", "task-vector") and not (math.isfinite(alpha) and alpha > 0):
+def _check_alpha(alpha: float) -> None:
+    if not (math.isfinite(alpha) and alpha > 0):
         raise MoxError(f"--alpha {alpha}: must be a positive number")
+
+
+def _check_options(method, alpha, eta, every, objective, kl_weight, npo_beta) -> None:
+    if method in ("mox", "task-vector"):
+        _check_alpha(alpha)
     if eta is not None:
         if method not in ("mox", "task-vector"):
             raise MoxError(f"--momentum: only for --method mox or task-vector, not {method}")
@@ -491,7 +308,7 @@ def _target_examples(target_answer, forget_rows: list[Row], tokenizer, config: T
     )
     if len(answers) != len(forget_rows):
         raise MoxError(
-            f"--target-answer: {len(answers)} replacement answers"
+            f"--target-answer/--target-file: {len(answers)} replacement answers"
             f" for {len(forget_rows)} forget rows"
         )
     if not all(isinstance(a, str) and a.strip() for a in answers):
@@ -510,12 +327,3 @@ def _check_same_shapes(ref, other) -> None:
     if a != b:
         diff = sorted(set(a) ^ set(b)) or [n for n in a if a[n] != b[n]]
         raise MoxError(f"--init-from: not the same architecture as MODEL (e.g. {diff[0]})")
-
-
-def _with_lora(model, rank: int):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise MoxError("--lora needs PEFT: pip install 'moxkit[lora]'") from None
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
-    return get_peft_model(model, config)

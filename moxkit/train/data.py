@@ -49,6 +49,21 @@ def load_rows(data: str | os.PathLike | Sequence[dict], name: str) -> list[Row]:
     return rows
 
 
+def load_answers(path: str | os.PathLike, name: str) -> list[str]:
+    """Replacement answers for targeted unlearning, one row per forget row, from the row's
+    answer, completion or text field."""
+    answers = []
+    for where, rec in _read_file(Path(path), name):
+        text = next((rec.get(k) for k in ("answer", "completion", "text")
+                     if isinstance(rec, dict) and k in rec), None)  # fmt: skip
+        if not isinstance(text, str) or not text.strip():
+            raise MoxError(f"{path}:{where}: needs an answer, completion or text field")
+        answers.append(text)
+    if not answers:
+        raise MoxError(f"{name} {path}: no rows")
+    return answers
+
+
 def _read_file(path: Path, name: str) -> list[tuple[str, object]]:
     if not path.is_file():
         raise MoxError(f"{name} {path}: no such file")
