@@ -64,16 +64,17 @@ static void load_block(float *dst, const void *src, int dtype, size_t start, siz
     }
 }
 
-/* Round to the output dtype; returns how many stored values are not finite. */
-static int64_t store_block(void *dst, int dtype, size_t start, const float *src, size_t n) {
-    int64_t bad = 0;
+/* Round to the output dtype; returns how many stored values are not finite (a 32-bit count:
+ * n <= BLOCK, and 32-bit lanes keep the loops as wide as the data). */
+static uint32_t store_block(void *dst, int dtype, size_t start, const float *src, size_t n) {
+    uint32_t bad = 0;
     if (dtype == MOX_F32) {
         uint32_t *d = (uint32_t *)dst + start;
         for (size_t i = 0; i < n; i++) {
             uint32_t u = f32_bits(src[i]);
             int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
             d[i] = nan ? 0x7FC00000u : u;
-            bad += (u & 0x7F800000u) == 0x7F800000u;
+            bad += (uint32_t)((u & 0x7F800000u) == 0x7F800000u);
         }
     } else if (dtype == MOX_BF16) {
         uint16_t *d = (uint16_t *)dst + start;
@@ -83,7 +84,7 @@ static int64_t store_block(void *dst, int dtype, size_t start, const float *src,
             int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
             uint32_t r = nan ? 0x7FC0u : rounded;
             d[i] = (uint16_t)r;
-            bad += (r & 0x7F80u) == 0x7F80u;
+            bad += (uint32_t)((r & 0x7F80u) == 0x7F80u);
         }
     } else {
         uint16_t *d = (uint16_t *)dst + start;
@@ -102,7 +103,7 @@ static int64_t store_block(void *dst, int dtype, size_t start, const float *src,
             int nan = src[i] != src[i];
             uint16_t r = nan ? (uint16_t)0x7E00u : d[i];
             d[i] = r;
-            bad += (r & 0x7C00u) == 0x7C00u;
+            bad += (uint32_t)((r & 0x7C00u) == 0x7C00u);
         }
     }
     return bad;

@@ -26,6 +26,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,8 @@ from .errors import MoxError
 # dtype codes of the C library; bf16 travels in numpy as its uint16 bit patterns
 _C_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}
 _TORCH_NAMES = {"float32": 0, "bfloat16": 1, "float16": 2}
+_C_ITEMSIZE = {0: 4, 1: 2, 2: 2}
+MIN_ELEMS_PER_THREAD = 1 << 18  # below this, starting a thread costs more than it saves
 
 
 def __getattr__(name: str):
@@ -87,14 +90,19 @@ class CpuBackend:
     the two to each other.
 
     Operands are 1-D CPU arrays: numpy (float32, float16, or uint16 holding bf16 bits, the
-    engine's own buffers) or contiguous torch tensors."""
+    engine's own buffers) or contiguous torch tensors.
+
+    Large chunks are split over `threads` threads (default: all cores): ctypes releases the
+    GIL, and one core alone cannot keep up with memory for the 2-byte dtypes."""
 
     name = "cpu"
 
-    def __init__(self, block_elems: int = 1 << 14, fused: bool = True):
+    def __init__(self, block_elems: int = 1 << 14, fused: bool = True, threads: int | None = None):
         self.block_elems = block_elems
         self._lib = _fused_library() if fused else None
         self._torch_path = None
+        self.threads = max(1, threads or min(8, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     def allocate_host(self, nbytes: int) -> np.ndarray:
         return np.empty(nbytes, dtype=np.uint8)
@@ -113,16 +121,30 @@ class CpuBackend:
 
                 self._torch_path = TorchBlockPath(self.block_elems)
             return self._torch_path.extrapolate(out, ref, mem, prev, coeffs)
-        o, r, m = _c_operand(out), _c_operand(ref), _c_operand(mem)
-        p = _c_operand(prev) if coeffs.momentum else (None, 0)
-        bad = self._lib.moxkit_extrapolate(
-            o[0], o[1], r[0], r[1], m[0], m[1], p[0], p[1], n,
-            coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight,
-        )  # fmt: skip
-        return bad == 0
+        operands = [_c_operand(x) for x in (out, ref, mem)]
+        operands.append(_c_operand(prev) if coeffs.momentum else (None, 0))
+        scales = (coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight)
+
+        def run(start: int, count: int) -> int:
+            args = []
+            for address, code in operands:
+                args += [address + start * _C_ITEMSIZE[code] if address else None, code]
+            return self._lib.moxkit_extrapolate(*args, count, *scales)
+
+        parts = min(self.threads, max(1, n // MIN_ELEMS_PER_THREAD))
+        if parts == 1:
+            return run(0, n) == 0
+        step = -(-n // parts) + 1023 & ~1023  # 1024-aligned pieces keep vector loops aligned
+        starts = range(0, n, step)
+        futures = [self._pool.submit(run, s, min(step, n - s)) for s in starts[1:]]
+        bad = run(0, min(step, n))
+        return bad + sum(f.result() for f in futures) == 0
 
     def close(self) -> None:
         self._torch_path = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _length(x) -> int:
