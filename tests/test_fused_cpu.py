@@ -66,3 +66,17 @@ def test_fused_reports_finite_and_overflow(dtype):
     out = torch.empty_like(big)
     assert not CpuBackend().extrapolate(out, big, big * 0, None, Coefficients(4.0))
     assert torch.isinf(out).all()
+
+
+@pytest.mark.parametrize("momentum", [False, True], ids=["plain", "momentum"])
+def test_threaded_split_matches_single_thread(momentum):
+    n = 3 * (1 << 18) + 12345  # three uneven pieces
+    ref, mem = _operand(torch.bfloat16, 4, n), _operand(torch.float16, 5, n)
+    prev = _operand(torch.float32, 6, n) if momentum else None
+    coeffs = Coefficients(2.0, 0.5 if momentum else None)
+    outs = []
+    for threads in (1, 3):
+        out = torch.empty(n, dtype=torch.bfloat16)
+        assert CpuBackend(threads=threads).extrapolate(out, ref, mem, prev, coeffs) is False
+        outs.append(out)
+    np.testing.assert_array_equal(_bits(outs[0]), _bits(outs[1]))
