@@ -202,8 +202,9 @@ def _run(
         spec = _loss_spec(method, objective, kl_weight, npo_beta, npo_floor, targets is not None)
         reference = None
         if spec.needs_reference and not config.lora:  # with LoRA: the adapters disabled
+            # frozen, so it can stay in its stored dtype (half the memory of fp32 for bf16)
             reference = copy.deepcopy(ref.model) if start is ref else ref.model
-            reference.eval().requires_grad_(False)
+            reference.to(ref.dtype).eval().requires_grad_(False)
         dataset = PairDataset(forget_ex, retain_ex if spec.retain else None, targets)
 
         extra, extrapolator = [], None
