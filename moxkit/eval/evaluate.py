@@ -34,6 +34,7 @@ class EvalConfig:
     mia: str = "min_k"  # or "min_k_pp"
     verbmem_prefix: float = 0.5  # fraction of each forget text given as the prefix
     chat_template: bool = False  # format questions with the tokenizer's chat template
+    generate: bool = True  # False: likelihood metrics only (no ROUGE, VerbMem, KnowMem, utility)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -76,27 +77,23 @@ def _qa_set(model, tokenizer, rows: list[dict], kind: str, cfg: EvalConfig) -> d
     flat = iter(answer_logprobs(model, tokenizer, flat_q, flat_a, cfg.batch_size,
                                 cfg.chat_template))
     pert = [[next(flat) for _ in r["perturbed_answer"]] for r in rows]
-    generated = greedy_answers(model, tokenizer, qs, cfg.max_new_tokens, cfg.batch_size,
-                               cfg.chat_template)
-
-    items = []
-    for r, g, pa, pe, gen in zip(rows, gold, para, pert, generated, strict=True):
-        rouge = rouge_l(r["answer"], gen)
-        items.append({
-            "question": r["question"], "answer": r["answer"], "generated": gen,
-            "prob": M.option_prob(pa, pe) if kind == "secondary" else M.normalized_prob(*g),
-            "rouge_recall": rouge.recall, "rouge_f1": rouge.f1,
-            "truth_ratio": M.truth_ratio(pa, pe),
-        })
-    ratios = [it["truth_ratio"] for it in items]
+    items = [{"question": r["question"], "answer": r["answer"],
+              "prob": M.option_prob(pa, pe) if kind == "secondary" else M.normalized_prob(*g),
+              "truth_ratio": M.truth_ratio(pa, pe)}
+             for r, g, pa, pe in zip(rows, gold, para, pert, strict=True)]
+    if cfg.generate:
+        generated = greedy_answers(model, tokenizer, qs, cfg.max_new_tokens, cfg.batch_size,
+                                   cfg.chat_template)
+        for it, gen in zip(items, generated, strict=True):
+            rouge = rouge_l(it["answer"], gen)
+            it.update(generated=gen, rouge_recall=rouge.recall, rouge_f1=rouge.f1)
     n = len(items)
-    summary = {
-        "items": n,
-        "prob": sum(it["prob"] for it in items) / n,
-        "rouge_recall": sum(it["rouge_recall"] for it in items) / n,
-        "rouge_f1": sum(it["rouge_f1"] for it in items) / n,
-        "truth_ratio": M.truth_ratio_stat(ratios, forget=kind == "forget"),
-    }
+    summary = {"items": n, "prob": sum(it["prob"] for it in items) / n}
+    if cfg.generate:
+        summary["rouge_recall"] = sum(it["rouge_recall"] for it in items) / n
+        summary["rouge_f1"] = sum(it["rouge_f1"] for it in items) / n
+    summary["truth_ratio"] = M.truth_ratio_stat([it["truth_ratio"] for it in items],
+                                                forget=kind == "forget")
     return {"summary": summary, "items": items}
 
 
@@ -107,7 +104,7 @@ def _text_set(model, tokenizer, rows: list[dict], cfg: EvalConfig, verbmem: bool
     items = [{"min_k": M.min_k(s.logprobs, cfg.min_k),
               "min_k_pp": M.min_k_plus_plus(s.logprobs, s.mu, s.sigma, cfg.min_k)}
              for s in token_stats]
-    if verbmem:
+    if verbmem and cfg.generate:
         encoded = [tokenizer(t)["input_ids"] for t in texts]
         cuts = [max(2, int(len(e) * cfg.verbmem_prefix)) for e in encoded]
         pairs = list(zip(encoded, cuts, strict=True))
@@ -167,15 +164,15 @@ def evaluate_model(model, tokenizer, data_dir: str | Path, *, retain: dict | Non
             if key != "items":
                 summary[f"{name}_{key}"] = value
     utility_sets = [n for n in out if n not in ("forget",) and "summary" in out[n]]
-    if utility_sets:
+    if utility_sets and cfg.generate:
         summary["model_utility"] = M.harmonic_mean(
             [out[n]["summary"][k] for n in utility_sets
              for k in ("prob", "rouge_recall", "truth_ratio")])
-    if "forget" in out:
+    if "forget" in out and cfg.generate:
         summary["knowmem_forget"] = out["forget"]["summary"]["rouge_f1"]
-    if "retain" in out:
+    if "retain" in out and cfg.generate:
         summary["knowmem_retain"] = out["retain"]["summary"]["rouge_f1"]
-    if "forget_text" in out:
+    if "forget_text" in out and cfg.generate:
         its = out["forget_text"]["items"]
         summary["verbmem_forget"] = sum(it["rouge_f1"] for it in its) / len(its)
     if "forget_text" in out and "holdout_text" in out:
