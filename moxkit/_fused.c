@@ -46,7 +46,11 @@ static int has_f16c(void) {
 static inline uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static inline float bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 
-static void load_block(float *dst, const void *src, int dtype, size_t start, size_t n) {
+/* The helpers are forced inline so that each target clone of moxkit_extrapolate gets its own
+ * vector code for them (a called helper would stay at the baseline target). */
+#define MOX_INLINE static inline __attribute__((always_inline))
+
+MOX_INLINE void load_block(float *dst, const void *src, int dtype, size_t start, size_t n) {
     if (dtype == MOX_F32) {
         memcpy(dst, (const float *)src + start, n * sizeof(float));
     } else if (dtype == MOX_BF16) {
@@ -66,7 +70,7 @@ static void load_block(float *dst, const void *src, int dtype, size_t start, siz
 
 /* Round to the output dtype; returns how many stored values are not finite (a 32-bit count:
  * n <= BLOCK, and 32-bit lanes keep the loops as wide as the data). */
-static uint32_t store_block(void *dst, int dtype, size_t start, const float *src, size_t n) {
+MOX_INLINE uint32_t store_block(void *dst, int dtype, size_t start, const float *src, size_t n) {
     uint32_t bad = 0;
     if (dtype == MOX_F32) {
         uint32_t *d = (uint32_t *)dst + start;
