@@ -11,6 +11,7 @@ from moxkit.tiny import (
     build_tiny_llama,
     build_word_tokenizer,
     save_tiny_model,
+    tiny_facts,
 )
 
 TEXTS = ["Who wrote Dune?", "Frank Herbert wrote Dune.", "The sky is blue."]
@@ -34,9 +35,10 @@ def test_word_tokenizer_vocab_and_specials():
     assert tok.convert_tokens_to_ids([".", "Dune", "wrote"]) == [4, 5, 6]
     # prompt and answer encoded apart concatenate to the joined encoding (exact answer mask)
     joined = tok("Who wrote Dune? Frank Herbert wrote Dune.")["input_ids"]
-    apart = tok("Who wrote Dune?")["input_ids"] + tok(
-        "Frank Herbert wrote Dune.", add_special_tokens=False
-    )["input_ids"]
+    apart = (
+        tok("Who wrote Dune?")["input_ids"]
+        + tok("Frank Herbert wrote Dune.", add_special_tokens=False)["input_ids"]
+    )
     assert joined == apart
 
 
@@ -69,3 +71,11 @@ def test_tiny_llama_seeded_and_roundtrips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, a(ids).logits, rtol=0, atol=0)
     assert loaded_tok.pad_token_id == PAD_ID and loaded_tok.chat_template is not None
+
+
+def test_tiny_facts_deterministic_and_disjoint():
+    a, b = tiny_facts(20, offset=0), tiny_facts(20, offset=20)
+    assert a == tiny_facts(20, offset=0) and len(a) == 20
+    people = lambda rows: {r["question"].split()[2] for r in rows}  # noqa: E731
+    assert len(people(a)) == 20 and not people(a) & people(b)
+    assert all(r["answer"].startswith(r["question"].split()[2] + " loves ") for r in a)
