@@ -134,8 +134,8 @@ _COLORS = "red blue green gold grey black white pink".split()
 
 def tiny_facts(n: int, *, seed: int = 0, offset: int = 0) -> list[dict]:
     """`n` question/answer rows about made-up people (one fact each), deterministic in
-    (seed, offset); rows with different offsets are about different people (144 in all), so a forget set
-    and a retain set can be drawn from disjoint offsets."""
+    (seed, offset). Rows at different offsets are about different people (144 in all), so a
+    forget set and a retain set can be drawn from disjoint offsets."""
     rows = []
     for i in range(offset, offset + n):
         name = (_NAMES[i % len(_NAMES)] + _NAMES[(i // len(_NAMES)) % len(_NAMES)]).capitalize()
