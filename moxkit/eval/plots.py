@@ -47,6 +47,8 @@ def plot_methods(rows: Sequence[dict], path: str | Path, title: str) -> Path:
         ax.scatter([x], [y], s=70, color=f"C{i % 10}", zorder=3)
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(7, 4), fontsize=10)
     ax.set_yscale("log")
+    ax.text(0.98, 0.02, "better: up (forgotten) and right (kept)", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=9, color="gray")
     ax.set_xlabel("model utility (harmonic mean over retain + general sets) →")
     ax.set_ylabel("forget quality (KS p-value vs retain-only model) →")
     ax.set_title(title)
