@@ -143,7 +143,7 @@ def extrapolate_model(ref: Any, mem: Any, alpha: float) -> Any:
     """θ_for = (1+α)·θ_ref − α·θ_mem for two in-memory models, with the streaming engine's
     arithmetic (fp32, one rounding); returns a new model, the inputs are untouched."""
     _check_alpha(alpha)
-    _check_same_shapes(ref, mem)
+    _check_same_shapes(ref, mem, "mem")
     ext = InMemoryExtrapolator(cpu_fp32_state(ref.named_parameters()), alpha, None)
     ext.update(mem.named_parameters())
     forget_model = copy.deepcopy(mem)
@@ -191,8 +191,10 @@ def _run(
     with Run(out, force, config, len(forget_rows)) as run:
         run.write_args("train-mem" if method == "memorize" else "unlearn", arguments)
         ref = load_model(model, tokenizer, "MODEL")
-        start = load_model(init_from, ref.tokenizer, "--init-from") if init_from else ref
-        _check_same_shapes(ref.model, start.model)
+        start = (
+            load_model(init_from, ref.tokenizer, "--init-from") if init_from is not None else ref
+        )
+        _check_same_shapes(ref.model, start.model, "--init-from")
         tok = ref.tokenizer
         forget_ex = encode(forget_rows, tok, config.max_length, config.chat_template)
         retain_ex = None
@@ -320,11 +322,11 @@ def _target_examples(target_answer, forget_rows: list[Row], tokenizer, config: T
     return encode(rows, tokenizer, config.max_length, config.chat_template)
 
 
-def _check_same_shapes(ref, other) -> None:
+def _check_same_shapes(ref, other, what: str) -> None:
     if ref is other:
         return
     a = {n: p.shape for n, p in ref.named_parameters()}
     b = {n: p.shape for n, p in other.named_parameters()}
     if a != b:
         diff = sorted(set(a) ^ set(b)) or [n for n in a if a[n] != b[n]]
-        raise MoxError(f"--init-from: not the same architecture as MODEL (e.g. {diff[0]})")
+        raise MoxError(f"{what}: not the same architecture as MODEL (e.g. {diff[0]})")

@@ -34,7 +34,7 @@ class MoxTrainer(Trainer):
         self.spec = spec
         self.sampler = sampler
         self.reference = reference
-        self.running: dict[str, list[float]] = defaultdict(list)
+        self.running: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def _get_train_sampler(self, train_dataset=None):
         return self.sampler
@@ -93,17 +93,15 @@ class MoxTrainer(Trainer):
             terms["target_nll"] = target_nll
             loss = loss - spec.target_weight * target_nll
         terms["loss"] = loss
-        for name, value in terms.items():
-            self.running[name].append(float(value.detach()))
+        for name, value in terms.items():  # kept on the device: no sync per micro-batch
+            self.running[name].append(value.detach().float())
         return loss
 
     def pop_step_terms(self) -> dict[str, float]:
         """Means since the last optimizer step, averaged over processes."""
         names = sorted(self.running)
-        local = torch.tensor(
-            [sum(self.running[n]) / len(self.running[n]) for n in names],
-            dtype=torch.float64,
-            device=self.args.device,
+        local = torch.stack([torch.stack(self.running[n]).mean() for n in names]).to(
+            self.args.device, torch.float64
         )
         self.running.clear()
         if self.accelerator.num_processes > 1:
