@@ -2,6 +2,8 @@
 made-up facts. Likelihoods are measured with transformers' own loss, one row at a time; the
 momentum result is checked against an fp64 closed form from θ_mem snapshots."""
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -136,9 +138,11 @@ def test_momentum_matches_closed_form(ref, tok, tmp_path):
     assert (plain - got).abs().max() > 1e-4
 
 
-def test_disk_path_equals_memory_path(ref, tok, tmp_path):
-    """The on-disk momentum (through moxkit.extrapolate) gives the in-memory result, bit for bit."""
-    save_tiny_model(ref, tok, tmp_path / "ref")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disk_path_equals_memory_path(ref, tok, tmp_path, dtype):
+    """The on-disk momentum (through moxkit.extrapolate) gives the in-memory result, bit for
+    bit, and both come out in the dtype MODEL is stored in."""
+    save_tiny_model(copy.deepcopy(ref).to(dtype), tok, tmp_path / "ref")
     config = TrainConfig(max_steps=5, lr=2e-3, batch_size=4, warmup_epochs=0, progress=False)
     outs = {}
     for where in ("memory", "disk"):
@@ -146,6 +150,7 @@ def test_disk_path_equals_memory_path(ref, tok, tmp_path):
         unlearn(tmp_path / "ref", FORGET, RETAIN, out, alpha=4.0, momentum_eta=0.5,
                 extrapolate_every=2, extrapolate_on=where, config=config)  # fmt: skip
         outs[where] = load_file(out / "model.safetensors")
+        assert {t.dtype for t in outs[where].values()} == {dtype}
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert outs["memory"].keys() == outs["disk"].keys()
     for name in outs["memory"]:
