@@ -65,7 +65,9 @@ def retain_kl(ref_model, model, tok):
 
 
 def test_memorize_then_extrapolate(ref, tok):
+    before = {n: p.clone() for n, p in ref.state_dict().items()}
     mem = train_mem(ref, FORGET, RETAIN, config=MEM, tokenizer=tok).model
+    assert all(torch.equal(before[n], p) for n, p in ref.state_dict().items())  # input untouched
     f_ref, r_ref = nll(ref, FORGET, tok), nll(ref, RETAIN, tok)
     f_mem = nll(mem, FORGET, tok)
     assert f_mem < f_ref - 0.05  # θ_mem memorized the forget set further
