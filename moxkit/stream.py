@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 
 from . import __version__
+from .atomic import move_into_place
 from .backends import Coefficients, get_backend
 from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
 from .errors import MoxError
@@ -316,36 +317,19 @@ def _write_output(
         finally:
             writer.close()
         if single_file:
-            _replace(tmp / out.name, out, force)
+            move_into_place(tmp / out.name, out, force)
             shutil.rmtree(tmp)
             return
         write_index(tmp, shards)
         if ref.directory is not None:
             report.carried_files = _carry_files(ref.directory, tmp, out_dtype)
         (tmp / "README.md").write_text(_model_card(metadata))
-        _replace(tmp, out, force)
+        move_into_place(tmp, out, force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise MoxError(f"{out}: cannot write output: {exc.strerror or exc}") from None
         raise
-
-
-def _replace(src: Path, dst: Path, force: bool) -> None:
-    """Move the finished output into place; an existing OUT (with --force) is removed only
-    after the new one is complete."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    if not force:
-        raise MoxError(f"{dst}: appeared while writing; output left unfinished")
-    trash = dst.with_name(f".{dst.name}.moxkit-old-{os.getpid()}")
-    os.rename(dst, trash)
-    os.rename(src, dst)
-    if trash.is_dir():
-        shutil.rmtree(trash)
-    else:
-        trash.unlink()
 
 
 class _Slot:

@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from moxkit.atomic import move_into_place
+
 # Fixed ids so that a model can be configured without seeing the tokenizer.
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -118,9 +120,7 @@ def save_tiny_model(
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        move_into_place(tmp, out, force=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

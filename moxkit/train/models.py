@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from moxkit.atomic import move_into_place
 from moxkit.errors import MoxError
-from moxkit.stream import _replace
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 LOG_FILE = "moxkit_log.jsonl"
@@ -114,7 +114,7 @@ class OutputDir:
             for f in self.partial.iterdir():
                 shutil.move(str(f), built / f.name)
             shutil.rmtree(self.partial)
-        _replace(built or self.partial, self.out, self.force)
+        move_into_place(built or self.partial, self.out, self.force)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def abort(self) -> None:
