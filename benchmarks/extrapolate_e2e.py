@@ -521,6 +521,7 @@ def summarize(case: Case, with_sync: bool) -> dict[str, dict]:
         median = statistics.median(done) if done else None
         rows[label] = {
             "seconds_median": median,
+            "seconds_best": min(done) if done else None,
             "seconds_all": times,
             "gb_per_s": case.bytes_moved / GB / median if median else None,
             "peak_rss_bytes": max(r.peak_rss for r in runs),
@@ -573,138 +574,85 @@ def fmt_gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
-def table(title: str, case: Case, rows: dict[str, dict], times_note: str) -> list[str]:
+def num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def is_reference(label: str) -> bool:
+    """The start-up row is there to read the others by; it does not do the job."""
+    return label.startswith("python start-up")
+
+
+def table(case: dict, title: str) -> list[str]:
+    """One case as a markdown table, from its JSON summary."""
+    rows = case["summary"]
+    repeats = max(row["repeats"] for row in rows.values())
     lines = [
         f"### {title}",
         "",
-        f"{case.params / 1e9:.2f}B parameters, {case.checkpoint_bytes / GB:.2f} GB per checkpoint; "
-        f"{case.bytes_moved / GB:.2f} GB moved per run (read REF + MEM, write OUT); "
-        f"{case.repeats} runs of each, interleaved. {times_note}",
+        f"{case['params'] / 1e9:.2f}B parameters, {case['checkpoint_bytes'] / GB:.2f} GB per "
+        f"checkpoint; {3 * case['checkpoint_bytes'] / GB:.2f} GB moved per run (read REF + MEM, "
+        f"write OUT); up to {repeats} runs of each, interleaved.",
         "",
-        "| tool | time (s, median) | all runs (s) | GB/s | × floor | peak RSS | peak anon RSS |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| tool | time (s, median) | best (s) | all runs (s) | GB/s | × floor | peak RSS "
+        "| peak anon RSS |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-
-    def num(x: float | None) -> str:
-        return "—" if x is None else f"{x:.2f}"
-
     for label, row in rows.items():
         runs = ", ".join(f"{t:.1f}" for t in row["seconds_all"])
-        if row["killed_by_guard"]:
+        if row.get("killed_by_guard"):
             runs += f" ({row['killed_by_guard']} killed: machine out of memory)"
+        best = row.get("seconds_best", min(row["seconds_all"]))
+        rate, ratio = (None, None) if is_reference(label) else (row["gb_per_s"], row.get("x_floor"))
         lines.append(
-            f"| {label} | {num(row['seconds_median'])} | {runs} | {num(row['gb_per_s'])} | "
-            f"{num(row.get('x_floor'))} | {fmt_gib(row['peak_rss_bytes'])} | "
+            f"| {label} | {num(row['seconds_median'])} | {num(best)} | {runs} | {num(rate)} | "
+            f"{num(ratio)} | {fmt_gib(row['peak_rss_bytes'])} | "
             f"{fmt_gib(row['peak_rss_anon_bytes'])} |"
         )
     return lines + [""]
 
 
-def bar_chart(rows: dict[str, dict], doubled: dict[str, dict] | None, title: str, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(rows)
-    times = [rows[k]["seconds_median"] for k in labels]
-    rss = [rows[k]["peak_rss_bytes"] / GIB for k in labels]
-    if doubled:
-        for k, row in doubled.items():
-            labels.append(f"{k}, 2× model")
-            times.append(row["seconds_median"])
-            rss.append(row["peak_rss_bytes"] / GIB)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 0.55 * len(labels) + 1.8))
-    ax_t.barh(labels, times, color="tab:blue")
-    ax_t.set_xlabel("wall time, s (median)")
-    ax_m.barh(labels, rss, color="tab:orange")
-    ax_m.set_xlabel("peak RSS, GiB")
-    ax_m.set_yticklabels([])
-    ax_m.axvline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax_m.text(1.0, -0.6, " 1 GiB", color="gray")
-    for ax, values in ((ax_t, times), (ax_m, rss)):
-        ax.invert_yaxis()
-        for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.2f}", va="center")
-        ax.margins(x=0.2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def agreement_lines(case: dict) -> list[str]:
+    lines = []
+    for tool, a in case.get("agreement", {}).items():
+        lines.append(
+            f"- {tool} against {a['against']}: "
+            f"{a['tensors_bit_identical']}/{a['tensors']} tensors bit-identical, "
+            f"{a['values_differing']} values differ, at most {a['max_ulps_bf16']} bf16 ulp"
+        )
+    return lines
 
 
-def main_case(args) -> None:
-    tools = [t for t in args.tools.split(",") if t]
-    if args.skip_mergekit and "mergekit" in tools:
-        tools.remove("mergekit")
-    check_tools(tools)
-    config = llama_config(args.params)
-    pair = ensure_pair(config)
-    params = sum(math.prod(s) for _, s in state_shapes(config))
-    case = Case(f"{params / 1e9:.2f}B warm", params, weight_bytes(pair / "ref"), cold=False)
-    run_case(case, pair, tools, args.repeats, args)
-    rows = summarize(case, with_sync=False)
-
-    doubled_case = doubled_rows = None
-    if args.double and "moxkit" in tools:
-        config2 = llama_config(2 * args.params)
-        pair2 = ensure_pair(config2)
-        params2 = sum(math.prod(s) for _, s in state_shapes(config2))
-        size2 = weight_bytes(pair2 / "ref")
-        doubled_case = Case(f"{params2 / 1e9:.2f}B warm", params2, size2, cold=False)
-        tools2 = [t for t in ("floor", "moxkit", "plain") if t in tools]
-        run_case(doubled_case, pair2, tools2, args.repeats, args)
-        doubled_rows = summarize(doubled_case, with_sync=False)
-
-    report = {
-        "benchmark": "moxkit extrapolate end to end, warm page cache",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": describe_machine(),
-        "versions": versions(),
-        "alpha": ALPHA,
-        "device": args.device,
-        "timing": "subprocess start to exit (interpreter start-up and imports included); "
-        "page cache warmed before each run, dirty pages synced after each (not timed)",
-        "cases": [
-            {**{k: v for k, v in asdict(c).items() if k != "runs"}, "summary": r,
-             "runs": {k: [asdict(x) for x in v] for k, v in c.runs.items()}}
-            for c, r in ((case, rows), (doubled_case, doubled_rows)) if c is not None
-        ],
-    }  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / args.stem
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        "# moxkit extrapolate, end to end (warm page cache)",
+def preamble(report: dict, title: str) -> list[str]:
+    m = report["machine"]
+    return [
+        f"# {title}",
         "",
-        f"`{report['command']}`, {report['date_utc']} UTC, α = {ALPHA}, device {args.device}.",
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-        f"{report['machine']['ram_gib']} GiB RAM; disk `{report['machine']['disk']}`. "
-        + report["machine"]["note"],
+        f"`{report['command']}`, {report['date_utc']} UTC, α = {report['alpha']}, device "
+        f"{report['device']}, moxkit at commit {report['versions']['moxkit_commit']}, mergekit "
+        f"{report['versions']['mergekit']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; disk `{m['disk']}`. "
+        + m["note"],
         "",
         "Time is the whole subprocess (Python start-up and imports included). GB/s = bytes "
-        "moved / time. × floor is against the faster floor form. Peak RSS: summed over the "
-        "process tree, polled every 10 ms, and never below the kernel's ru_maxrss (from "
-        "/usr/bin/time).",
+        "moved / median time. × floor: median against the fastest floor form's median. Peak "
+        "RSS: summed over the process tree, polled every 10 ms, and never below the kernel's "
+        "ru_maxrss (from /usr/bin/time); anon RSS leaves out mapped file pages.",
         "",
     ]
-    lines += table(case.name, case, rows, "")
-    if doubled_case is not None:
-        lines += table(doubled_case.name + " (twice the model)", doubled_case, doubled_rows, "")
-    lines += headline(rows, doubled_rows)
-    if case.agreement:
+
+
+def render_main(report: dict) -> list[str]:
+    cases = report["cases"]
+    lines = preamble(report, "moxkit extrapolate, end to end (warm page cache)")
+    lines += table(cases[0], cases[0]["name"])
+    if len(cases) > 1:
+        lines += table(cases[1], cases[1]["name"] + " (twice the model)")
+    lines += headline(cases[0]["summary"], cases[1]["summary"] if len(cases) > 1 else None)
+    if cases[0].get("agreement"):
         lines += ["", "Outputs compared (every tensor, bf16 bit patterns):", ""]
-        for tool, a in case.agreement.items():
-            lines.append(
-                f"- {tool} against {a['against']}: "
-                f"{a['tensors_bit_identical']}/{a['tensors']} tensors bit-identical, "
-                f"{a['values_differing']} values differ, at most {a['max_ulps_bf16']} bf16 ulp"
-            )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    bar_chart(rows, {k: v for k, v in (doubled_rows or {}).items() if not k.startswith("floor")},
-              f"{case.name}: time and peak memory", stem.with_suffix(".png"))  # fmt: skip
-    print("\n".join(lines))
+        lines += agreement_lines(cases[0])
+    return lines
 
 
 def headline(rows: dict[str, dict], doubled: dict[str, dict] | None) -> list[str]:
@@ -732,6 +680,147 @@ def headline(rows: dict[str, dict], doubled: dict[str, dict] | None) -> list[str
     return lines
 
 
+def render_7b(report: dict) -> list[str]:
+    case = report["case"]
+    rows = case["summary"]
+    lines = preamble(report, "moxkit extrapolate, Llama-2-7B shapes, cold page cache")
+    lines += [
+        "Page cache dropped before every run, then the Python programs' own files read back "
+        "(`import torch, safetensors, moxkit`, not timed): the checkpoints are cold, not the "
+        "interpreter. Time includes syncing the output to disk. The floor reads MEM with cat "
+        "while cp copies REF (each input byte read once; reading both first and then copying "
+        "REF would read REF from disk twice, since the inputs do not fit in the page cache). "
+        "moxkit runs under --max-memory 1GiB. The plain script runs once, under a guard that "
+        f"kills it if the machine's available memory falls under {report['memory_guard_gib']} "
+        "GiB.",
+        "",
+    ]
+    lines += table(case, case["name"])
+    mox = rows.get("moxkit", {})
+    if mox.get("x_floor"):
+        lines.append(
+            f"- moxkit at {mox['x_floor']:.2f}× the cold-cache I/O floor (goal: within 1.5×), "
+            f"peak RSS {fmt_gib(mox['peak_rss_bytes'])} (budget 1 GiB)"
+        )
+    plain = rows.get("plain script")
+    if plain and plain.get("killed_by_guard"):
+        lines.append(
+            f"- the plain script could not run: killed when the machine ran out of memory, "
+            f"at {fmt_gib(plain['peak_rss_bytes'])} RSS"
+        )
+    elif plain and mox.get("seconds_median"):
+        lines.append(
+            f"- the plain script did run: {plain['seconds_median'] / mox['seconds_median']:.1f}× "
+            f"moxkit's time, peak RSS {fmt_gib(plain['peak_rss_bytes'])} of the machine's "
+            f"{report['machine']['ram_gib']} GiB ({fmt_gib(plain['peak_rss_anon_bytes'])} "
+            "anonymous: safetensors' load_file maps the inputs, so only OUT must fit in RAM)"
+        )
+    return lines + agreement_lines(case)
+
+
+def bar_chart(report: dict, path: Path) -> None:
+    """Median time and peak RSS per tool for the main case (and the 2x-model runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, times, rss = [], [], []
+    for i, case in enumerate(report["cases"]):
+        for label, row in case["summary"].items():
+            if is_reference(label) or (i > 0 and label.startswith("floor")):
+                continue
+            labels.append(label if i == 0 else f"{label}, 2× model")
+            times.append(row["seconds_median"])
+            rss.append(row["peak_rss_bytes"] / GIB)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 0.55 * len(labels) + 1.8))
+    ax_t.barh(labels, times, color="tab:blue")
+    ax_t.set_xlabel("wall time, s (median)")
+    ax_m.barh(labels, rss, color="tab:orange")
+    ax_m.set_xlabel("peak RSS, GiB")
+    ax_m.set_yticklabels([])
+    ax_m.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax_m.text(1.0, -0.6, " 1 GiB", color="gray")
+    for ax, values in ((ax_t, times), (ax_m, rss)):
+        ax.invert_yaxis()
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center")
+        ax.margins(x=0.2)
+    first = report["cases"][0]["name"]
+    fig.suptitle(f"moxkit extrapolate, {first}: time and peak memory ({report['date_utc']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, stem: Path) -> None:
+    """JSON, then the markdown (and for the main case the chart) made from it alone."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    render(stem)
+
+
+def render(stem: Path) -> None:
+    report = json.loads(stem.with_suffix(".json").read_text())
+    lines = render_7b(report) if "case" in report else render_main(report)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if "cases" in report:
+        bar_chart(report, stem.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def case_json(case: Case, rows: dict) -> dict:
+    return {
+        **{k: v for k, v in asdict(case).items() if k != "runs"},
+        "summary": rows,
+        "runs": {k: [asdict(x) for x in v] for k, v in case.runs.items()},
+    }
+
+
+def report_head(args, benchmark: str, timing: str) -> dict:
+    return {
+        "benchmark": benchmark,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "machine": describe_machine(),
+        "versions": versions(),
+        "alpha": ALPHA,
+        "device": args.device,
+        "timing": timing,
+    }
+
+
+def main_case(args) -> None:
+    tools = [t for t in args.tools.split(",") if t]
+    if args.skip_mergekit and "mergekit" in tools:
+        tools.remove("mergekit")
+    check_tools(tools)
+    config = llama_config(args.params)
+    pair = ensure_pair(config)
+    params = sum(math.prod(s) for _, s in state_shapes(config))
+    case = Case(f"{params / 1e9:.2f}B warm", params, weight_bytes(pair / "ref"), cold=False)
+    run_case(case, pair, tools, args.repeats, args)
+    cases = [case_json(case, summarize(case, with_sync=False))]
+
+    if args.double and "moxkit" in tools:
+        config2 = llama_config(2 * args.params)
+        pair2 = ensure_pair(config2)
+        params2 = sum(math.prod(s) for _, s in state_shapes(config2))
+        size2 = weight_bytes(pair2 / "ref")
+        doubled = Case(f"{params2 / 1e9:.2f}B warm", params2, size2, cold=False)
+        tools2 = [t for t in ("floor", "moxkit", "plain") if t in tools]
+        run_case(doubled, pair2, tools2, args.repeats, args)
+        cases.append(case_json(doubled, summarize(doubled, with_sync=False)))
+
+    report = report_head(
+        args,
+        "moxkit extrapolate end to end, warm page cache",
+        "subprocess start to exit (interpreter start-up and imports included); page cache "
+        "warmed before each run, dirty pages synced after each (not timed)",
+    )
+    write_report({**report, "cases": cases}, RESULTS / args.stem)
+
+
 # ---------------------------------------------------------------------------------------------
 # The 7B case: cold cache, more than the machine can hold, once.
 
@@ -739,10 +828,9 @@ def headline(rows: dict[str, dict], doubled: dict[str, dict] | None) -> list[str
 def big7b(args) -> None:
     config = llama2_7b_config()
     params = sum(math.prod(s) for _, s in state_shapes(config))
-    checkpoint = 2 * params
-    need = 3 * checkpoint + GIB
+    need = 3 * 2 * params + GIB
     pair = pair_dir(config)
-    free = shutil.disk_usage(CACHE if CACHE.exists() else HERE).free
+    free = shutil.disk_usage(CACHE).free
     have = weight_bytes(pair / "ref") + weight_bytes(pair / "mem") if pair.exists() else 0
     if free + have < need:
         sys.exit(
@@ -751,7 +839,6 @@ def big7b(args) -> None:
         )
     if not drop_page_cache():
         sys.exit("--big7b needs to drop the page cache (/proc/sys/vm/drop_caches): not permitted")
-    CACHE.mkdir(parents=True, exist_ok=True)
     try:
         pair = ensure_pair(config)
         case = Case("Llama-2-7B shapes, cold cache", params, weight_bytes(pair / "ref"), cold=True)
@@ -762,55 +849,15 @@ def big7b(args) -> None:
         shutil.rmtree(pair, ignore_errors=True)
         shutil.rmtree(pair.with_name(pair.name + ".partial"), ignore_errors=True)
         shutil.rmtree(CACHE / "runs", ignore_errors=True)
-    rows = summarize(case, with_sync=True)
-    report = {
-        "benchmark": "moxkit extrapolate, Llama-2-7B shapes, cold page cache",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": describe_machine(),
-        "versions": versions(),
-        "alpha": ALPHA,
-        "device": args.device,
-        "timing": "page cache dropped before each run, then the Python libraries re-read (not "
-        "timed); time = subprocess start to exit + os.sync() of its output (on disk for all)",
-        "case": {**{k: v for k, v in asdict(case).items() if k != "runs"}, "summary": rows,
-                 "runs": {k: [asdict(x) for x in v] for k, v in case.runs.items()}},
-        "memory_guard_gib": args.guard_gib,
-    }  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{args.stem}_7b"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    mox = rows["moxkit"]
-    lines = [
-        "# moxkit extrapolate, Llama-2-7B shapes, cold page cache",
-        "",
-        f"`{report['command']}`, {report['date_utc']} UTC, α = {ALPHA}, --max-memory 1GiB, "
-        f"device {args.device}. Machine: {report['machine']['cpu']}, "
-        f"{report['machine']['cores']} cores, {report['machine']['ram_gib']} GiB RAM; disk "
-        f"`{report['machine']['disk']}`. " + report["machine"]["note"],
-        "",
-        "Page cache dropped before every run, then the Python programs' own files read back "
-        "(`import torch, safetensors, moxkit`, not timed): the checkpoints are cold, not the "
-        "interpreter. Time includes syncing the output to disk. The "
-        "floor reads MEM with cat while cp copies REF (each input byte read once; reading "
-        "both first and then copying REF would read REF from disk twice, since the inputs "
-        "do not fit in the page cache). The plain script runs once, under a guard that kills "
-        f"it if the machine's available memory falls under {args.guard_gib} GiB.",
-        "",
-    ]
-    lines += table(case.name, case, rows, "")
-    if mox.get("x_floor"):
-        lines.append(
-            f"- moxkit at {mox['x_floor']:.2f}× the cold-cache I/O floor (goal: within 1.5×), "
-            f"peak RSS {fmt_gib(mox['peak_rss_bytes'])} (budget 1 GiB)"
-        )
-    for tool, a in case.agreement.items():
-        lines.append(
-            f"- {tool} against {a['against']}: {a['tensors_bit_identical']}/{a['tensors']} "
-            f"tensors bit-identical, at most {a['max_ulps_bf16']} bf16 ulp apart"
-        )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report = report_head(
+        args,
+        "moxkit extrapolate, Llama-2-7B shapes, cold page cache",
+        "page cache dropped before each run, then the Python libraries re-read (not timed); "
+        "time = subprocess start to exit + os.sync() of its output (on disk for all)",
+    )
+    report["case"] = case_json(case, summarize(case, with_sync=True))
+    report["memory_guard_gib"] = args.guard_gib
+    write_report(report, RESULTS / f"{args.stem}_7b")
 
 
 def main() -> None:
@@ -829,6 +876,8 @@ def main() -> None:
                         help="kill a run when available memory falls under this")  # fmt: skip
     parser.add_argument("--big7b", action="store_true",
                         help="the Llama-2-7B-shaped case from a cold cache, instead")  # fmt: skip
+    parser.add_argument("--render-only", action="store_true",
+                        help="remake .md/.png from the JSON; measure nothing")  # fmt: skip
     parser.add_argument("--stem", default="extrapolate_e2e",
                         help="results file name stem under benchmarks/results/")  # fmt: skip
     args = parser.parse_args()
@@ -836,7 +885,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--tools: unknown {', '.join(sorted(unknown))}")
     CACHE.mkdir(parents=True, exist_ok=True)
-    if args.big7b:
+    if args.render_only:
+        for stem in (RESULTS / args.stem, RESULTS / f"{args.stem}_7b"):
+            if stem.with_suffix(".json").exists():
+                render(stem)
+    elif args.big7b:
         big7b(args)
     else:
         main_case(args)
