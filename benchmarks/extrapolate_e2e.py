@@ -12,10 +12,16 @@ resident memory of its process tree.
                own venv (benchmarks/.cache/mergekit-venv)
     startup    python -c 'import torch', for reference: the fixed cost inside each Python tool
 
-Then moxkit again on a pair twice the size, to show that its peak memory does not grow.
-`--big7b` instead runs the case moxkit exists for, once: a Llama-2-7B-shaped pair from a cold
-page cache under --max-memory 1GiB, against the cold-cache I/O floor; the files are deleted
-afterwards. Figures go to benchmarks/results/ (JSON, markdown table, PNG).
+Then floor, moxkit and the plain script again on a pair twice the size, to show that
+moxkit's peak memory does not grow. `--big7b` instead runs the case moxkit exists for, once: a
+Llama-2-7B-shaped pair from a cold page cache, moxkit under --max-memory 1GiB against the
+cold-cache I/O floor, and the plain script once under a memory guard (the machine is shared);
+the files are deleted afterwards. Figures go to benchmarks/results/ (JSON, then the markdown
+table and PNG chart made from it; --render-only remakes those).
+
+mergekit comes from PyPI into its own venv (its pins are not moxkit's):
+    python3 -m venv benchmarks/.cache/mergekit-venv
+    benchmarks/.cache/mergekit-venv/bin/pip install torch==2.13.0 mergekit
 
     .venv/bin/python benchmarks/extrapolate_e2e.py                 # 0.9B pair, all tools
     .venv/bin/python benchmarks/extrapolate_e2e.py --params 50M --tools floor,plain,mergekit
@@ -401,10 +407,6 @@ class Case:
     cold: bool
     runs: dict[str, list[Run]] = field(default_factory=dict)
     agreement: dict[str, dict] = field(default_factory=dict)
-
-    @property
-    def repeats(self) -> int:
-        return max((len(r) for r in self.runs.values()), default=0)
 
     @property
     def bytes_moved(self) -> int:
