@@ -96,6 +96,7 @@ class CpuBackend:
     GIL, and one core alone cannot keep up with memory for the 2-byte dtypes."""
 
     name = "cpu"
+    maps_inputs = True  # the engine may hand it inputs mapped from the page cache
 
     def __init__(self, block_elems: int = 1 << 14, fused: bool = True, threads: int | None = None):
         self.block_elems = block_elems

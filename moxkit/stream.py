@@ -333,28 +333,50 @@ def _write_output(
 
 
 class _Slot:
-    """Preallocated I/O buffers for one chunk in flight: numpy arrays from the CPU backend,
-    pinned torch tensors from the CUDA backend."""
+    """One chunk in flight: an output buffer, and its inputs either mapped from the input
+    files (CPU backend: the arithmetic reads the page cache directly, no copy) or read into
+    preallocated buffers (CUDA backend: pinned memory the GPU can copy from)."""
 
-    def __init__(self, backend, chunk_elems: int, sizes: dict[str, int]):
+    def __init__(self, backend, chunk_elems: int, sizes: dict[str, int], reader: FileReader):
+        self.maps_inputs = getattr(backend, "maps_inputs", False)
+        owned = {"out"} if self.maps_inputs else {"ref", "mem", "prev", "out"}
         self.raw = {
-            role: backend.allocate_host(chunk_elems * size) for role, size in sizes.items() if size
+            role: backend.allocate_host(chunk_elems * size)
+            for role, size in sizes.items()
+            if size and role in owned
         }
         self._bytes = {
             role: memoryview(raw if isinstance(raw, np.ndarray) else raw.numpy())
             for role, raw in self.raw.items()
         }
+        self._maps: dict[str, tuple] = {}
+        self._reader = reader
 
-    def view(self, role: str, dtype: str, count: int):
-        raw = self.raw[role][: count * DTYPE_SIZES[dtype]]
-        if isinstance(raw, np.ndarray):
-            return raw.view(NUMPY_VIEWS[dtype])
-        from .torch_path import TORCH_DTYPES
-
-        return raw.view(TORCH_DTYPES[dtype])
+    def load(self, role: str, file: Path, offset: int, nbytes: int) -> None:
+        if self.maps_inputs:
+            self._maps[role] = self._reader.map_range(file, offset, nbytes)
+        else:
+            self._reader.read_into(file, offset, self._bytes[role][:nbytes])
 
     def bytes(self, role: str, nbytes: int) -> memoryview:
+        if role in self._maps:
+            return self._maps[role][1][:nbytes]
         return self._bytes[role][:nbytes]
+
+    def view(self, role: str, dtype: str, count: int):
+        nbytes = count * DTYPE_SIZES[dtype]
+        if role in self._maps or isinstance(self.raw[role], np.ndarray):
+            return np.frombuffer(self.bytes(role, nbytes), dtype=NUMPY_VIEWS[dtype])
+        from .torch_path import TORCH_DTYPES
+
+        return self.raw[role][:nbytes].view(TORCH_DTYPES[dtype])
+
+    def release(self) -> None:
+        """Unmap this chunk's inputs (they count towards resident memory while mapped)."""
+        maps, self._maps = self._maps, {}
+        for mapping, window in maps.values():
+            window.release()
+            mapping.close()
 
 
 def _run_pipeline(
@@ -369,8 +391,8 @@ def _run_pipeline(
     bar: ByteProgress,
 ) -> None:
     chunks = cut_chunks(plans, chunk_elems)
-    slots = [_Slot(backend, chunk_elems, sizes) for _ in range(N_SLOTS)]
     reader = FileReader()
+    slots = [_Slot(backend, chunk_elems, sizes, reader) for _ in range(N_SLOTS)]
     read_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-read")
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-write")
     reads: dict[int, Future] = {}
@@ -381,15 +403,15 @@ def _run_pipeline(
         for role, info in (("ref", t.ref), ("mem", t.mem), ("prev", t.prev)):
             if info is not None:
                 size = info.itemsize
-                reader.read_into(
-                    info.file, info.start + chunk.start * size, slot.bytes(role, chunk.count * size)
-                )
+                slot.load(role, info.file, info.start + chunk.start * size, chunk.count * size)
 
     def write(chunk: Chunk, slot: _Slot) -> None:
         t = chunk.tensor
         size = DTYPE_SIZES[t.out_dtype]
         data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
         writer.write(t.name, chunk.start * size, data)
+        del data
+        slot.release()
         in_bytes = chunk.count * sum(i.itemsize for i in (t.ref, t.mem, t.prev) if i is not None)
         bar.update(in_bytes + chunk.count * size)
 
