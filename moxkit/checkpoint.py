@@ -4,8 +4,9 @@ A checkpoint is a single .safetensors file or a Hugging Face model directory (on
 model.safetensors, or shards named by model.safetensors.index.json). Opening one parses and
 validates every header strictly, so a corrupt or truncated input is refused before a single
 output byte is written, and yields per-tensor metadata (name, dtype, shape, file, byte range).
-Tensor bytes are then read on demand with pread into caller-owned buffers: nothing is mapped,
-so reading never grows the process's resident memory.
+Tensor bytes are then read on demand, a chunk at a time: copied with pread into caller-owned
+buffers, or mapped in windows that are released as soon as the chunk is done, so resident
+memory never grows with the model.
 """
 
 from __future__ import annotations

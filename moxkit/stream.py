@@ -1,9 +1,10 @@
 """The extrapolation pipeline: read -> arithmetic -> write, overlapped, in bounded memory.
 
-A fixed ring of buffer slots is allocated once from the memory budget. While the backend
-computes chunk i in one slot, a reader thread fills the next slot with chunk i+1 (pread from
-the inputs) and a writer thread drains chunk i-1 (pwrite into the output shards, whose headers
-were written first). The output is assembled in a temporary directory beside OUT and renamed
+A fixed ring of slots is sized once from the memory budget. While the backend computes chunk
+i in one slot, a reader thread loads chunk i+1 into the next (a read-only mapping of the input
+bytes for the CPU backend, which computes on the page cache in place; a pread into pinned
+buffers for CUDA) and a writer thread drains chunk i-1 (pwrite into the output shards, whose
+headers were written first), then releases the slot. The output is assembled in a temporary directory beside OUT and renamed
 into place only when complete: an error, Ctrl-C or SIGTERM leaves no OUT and no temporary.
 """
 
