@@ -64,7 +64,7 @@ def test_eval_bad_inputs_one_line(setup, tmp_path, capsys):
     bad.mkdir()
     (bad / "forget.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     for args, needle in [
-        (["eval", str(model), "--data", str(bad)], "forget.jsonl:1: missing field(s)"),
+        (["eval", str(model), "--data", str(bad)], "forget.jsonl: line 1: missing field(s)"),
         (["eval", str(model), "--data", str(tmp_path / "none")], "not a directory"),
         (["eval", str(tmp_path), "--data", str(data)], "not a model directory"),
     ]:

@@ -8,42 +8,34 @@ holdout_text.jsonl with rows {text} for VerbMem and PrivLeak.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MoxError
+from ..records import read_records
 
 QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 SECONDARY_SETS = ("general",)
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file, each checked for `fields`; errors name the file and line."""
+    """Rows of a row file, each checked for `fields`; errors name the file and line."""
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise MoxError(f"cannot read {path}: {exc.strerror}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MoxError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    for where, row in read_records(path, f"{path.stem} set"):
         if not isinstance(row, dict):
-            raise MoxError(f"{path}:{n}: expected a JSON object")
+            raise MoxError(f"{path}: {where}: expected a JSON object")
         missing = [f for f in fields if f not in row]
         if missing:
-            raise MoxError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+            raise MoxError(f"{path}: {where}: missing field(s) {', '.join(missing)}")
         if "perturbed_answer" in fields:
             pert = row["perturbed_answer"]
             if isinstance(pert, str):
                 row["perturbed_answer"] = [pert]
             elif not (isinstance(pert, list) and pert and all(isinstance(p, str) for p in pert)):
-                raise MoxError(f"{path}:{n}: perturbed_answer must be a string or a list of them")
+                raise MoxError(
+                    f"{path}: {where}: perturbed_answer must be a string or a list of them"
+                )
         rows.append(row)
     if not rows:
         raise MoxError(f"{path} has no rows")

@@ -9,7 +9,6 @@ sampler that walks the retain set in shuffled passes, so over epochs every retai
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moxkit.errors import MoxError
+from moxkit.records import read_records
 
 IGNORE = -100
 
@@ -40,7 +40,7 @@ def load_rows(data: str | os.PathLike | Sequence[dict], name: str) -> list[Row]:
     `name` is the option the data came from (e.g. "--forget"), for error messages."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
-        records = _read_file(path, name)
+        records = read_records(path, name)
         rows = [_to_row(rec, f"{path}:{where}") for where, rec in records]
     else:
         rows = [_to_row(rec, f"{name} rows[{i}]") for i, rec in enumerate(data)]
@@ -53,7 +53,7 @@ def load_answers(path: str | os.PathLike, name: str) -> list[str]:
     """Replacement answers for targeted unlearning, one row per forget row, from the row's
     answer, completion or text field."""
     answers = []
-    for where, rec in _read_file(Path(path), name):
+    for where, rec in read_records(Path(path), name):
         text = next((rec.get(k) for k in ("answer", "completion", "text")
                      if isinstance(rec, dict) and k in rec), None)  # fmt: skip
         if not isinstance(text, str) or not text.strip():
@@ -62,40 +62,6 @@ def load_answers(path: str | os.PathLike, name: str) -> list[str]:
     if not answers:
         raise MoxError(f"{name} {path}: no rows")
     return answers
-
-
-def _read_file(path: Path, name: str) -> list[tuple[str, object]]:
-    if not path.is_file():
-        raise MoxError(f"{name} {path}: no such file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path).to_pylist()
-            return [(f"row {i + 1}", rec) for i, rec in enumerate(table)]
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MoxError(f"{name} {path}: cannot read: {exc}") from None
-    except Exception as exc:  # pyarrow raises its own types for corrupt files
-        raise MoxError(f"{name} {path}: not a readable Parquet file: {exc}") from None
-    if suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MoxError(f"{name} {path}: invalid JSON: {exc}") from None
-        if not isinstance(records, list):
-            raise MoxError(f"{name} {path}: expected a JSON list of objects")
-        return [(f"item {i + 1}", rec) for i, rec in enumerate(records)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise MoxError(f"{name} {path}: line {lineno}: invalid JSON: {exc.msg}") from None
-    return out
 
 
 def _to_row(rec: object, where: str) -> Row:
