@@ -109,6 +109,7 @@ def run_condition(cond: Condition, budget: Budget, data: Path, work: Path) -> di
     from moxkit.train import TrainConfig, extrapolate_model, finetune, train_mem, unlearn
 
     torch.set_num_threads(1)
+    t_start = time.time()
     log = lambda msg: print(f"[{cond.name} {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     split = data / budget.split
     wd = work / cond.name
@@ -229,6 +230,7 @@ def run_condition(cond: Condition, budget: Budget, data: Path, work: Path) -> di
                 record(run, t0)
             log(f"seed {seed} lr {lr:g}: baselines done")
     return {"condition": asdict(cond), "parameters": n_params, "train_seconds": timings,
+            "seconds": round(time.time() - t_start, 1),
             "retain_only": retain_summary, "reference": ref_summary,
             "runs": [asdict(r) for r in runs]}
 
@@ -339,24 +341,75 @@ def plots(results: list[dict], budget: Budget, out: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
+    # 2. the selectivity frontier: retain against forget likelihood along each method's path
+    # (MOX and task vector: α = 0 → 8; GA-style: training epochs), the retain-only model as the
+    # target point; down-left is forgetting, and staying high is keeping
+    fig, axes = plt.subplots(1, len(results), figsize=(5.6 * len(results), 5), squeeze=False)
+    colors: dict[str, str] = {}  # one colour per path label across panels
+    for ax, res in zip(axes[0], results, strict=True):
+        ref = res["reference"]
+        paths = []
+        for lr in budget.lrs:
+            for method, kl in (("mox", 1.0), ("task-vector", 0.0), ("mox", 10.0)):
+                pts = [(ref["forget_prob"], ref["retain_prob"])]
+                for a in ALPHAS:
+                    g = _group(res["runs"], method=method, lr=lr, kl_weight=kl, alpha=a)
+                    if g:
+                        pts.append(tuple(_mean_std([x["summary"][k] for x in g])[0]
+                                         for k in ("forget_prob", "retain_prob")))
+                name = "mox" if kl == 1.0 else ("task vector" if kl == 0 else f"mox λ={kl:g}")
+                if len(pts) > 1:
+                    paths.append((f"{name} α-path, lr {lr:g}", pts, "-" if lr ==
+                                  budget.lrs[0] else ":"))
+            for method in ("ga", "graddiff", "npo"):
+                g = [x for x in _group(res["runs"], method=method, lr=lr) if x["trajectory"]]
+                if g:
+                    pts = [(ref["forget_prob"], ref["retain_prob"])] + [
+                        tuple(_mean_std([x["trajectory"][j][k] for x in g])[0]
+                              for k in ("forget_prob", "retain_prob"))
+                        for j in range(len(g[0]["trajectory"]))]
+                    paths.append((f"{method} epochs, lr {lr:g}", pts,
+                                  "--" if lr == budget.lrs[0] else "-."))
+        for label, pts, style in paths:
+            color = colors.setdefault(label, f"C{len(colors) % 10}")
+            ax.plot(*zip(*pts, strict=True), style, marker=".", color=color, label=label)
+        ax.scatter([res["retain_only"]["forget_prob"]], [res["retain_only"]["retain_prob"]],
+                   marker="*", s=250, color="gold", edgecolor="k", zorder=5,
+                   label="retain-only model (target)")
+        ax.scatter([ref["forget_prob"]], [ref["retain_prob"]], marker="s", s=80, color="k",
+                   zorder=5, label="reference (start)")
+        ax.set_xlabel("forget-set answer probability (← forgotten)")
+        ax.set_ylabel("retain-set answer probability (kept ↑)")
+        ax.set_title(res["condition"]["name"])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Selectivity frontier (means of {len(budget.seeds)} seeds): ideal = left "
+                 "along the top, to the star", fontsize=10)
+    fig.tight_layout()
+    written.append(out / "unlearning_mini_frontier.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
     main = next(r for r in results if r["condition"]["full_methods"])
-    # 2. forget quality vs utility, main condition, per learning rate
+    # 3. forget quality vs utility, main condition, per learning rate
     fig, axes = plt.subplots(1, len(budget.lrs), figsize=(6.5 * len(budget.lrs), 5),
                              squeeze=False)
     for ax, lr in zip(axes[0], budget.lrs, strict=True):
         points = [("retain-only", [main["retain_only"]]), ("reference", [main["reference"]])]
         for method in ("mox", "mox-momentum", "mox-targeted", "task-vector", "ga",
                        "graddiff", "npo"):
-            alpha = MAIN_ALPHA if method in ("mox", "task-vector") else None
-            group = _group(main["runs"], method=method, lr=lr, alpha=alpha)
-            group = [g for g in group if g["kl_weight"] in (None, 1.0, 0.0)]
+            group = [g for g in _group(main["runs"], method=method, lr=lr)
+                     if g["alpha"] in (None, MAIN_ALPHA) and g["kl_weight"] in (None, 1.0, 0.0)]
             if group:
                 points.append((method, [g["summary"] for g in group]))
         for i, (name, ss) in enumerate(points):
             xm, xs = _mean_std([s.get("model_utility", math.nan) for s in ss])
             ym, ys = _mean_std([max(s.get("forget_quality", 1e-12), 1e-12) for s in ss])
             ax.errorbar([xm], [ym], xerr=[xs], yerr=[ys], fmt="o", color=f"C{i}", capsize=3)
-            ax.annotate(name, (xm, ym), textcoords="offset points", xytext=(6, 4), fontsize=9)
+            ax.annotate(name, (xm, ym), textcoords="offset points", fontsize=9,
+                        xytext=(6, 4 if i % 2 else -12))
         ax.set_yscale("log")
         ax.set_xlabel("model utility →")
         ax.set_ylabel("forget quality (KS p-value) →")
@@ -368,11 +421,11 @@ def plots(results: list[dict], budget: Budget, out: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    # 3. trajectories over training, main condition, main lr
+    # 4. trajectories over training, main condition, main lr
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, method in enumerate(("mox", "ga", "graddiff", "npo")):
         group = _group(main["runs"], method=method, lr=budget.lrs[0])
-        group = [g for g in group if g["trajectory"]]
+        group = [g for g in group if g["trajectory"] and g["kl_weight"] in (None, 1.0)]
         if not group:
             continue
         epochs = [p["epoch"] for p in group[0]["trajectory"]]
@@ -406,8 +459,14 @@ def machine() -> dict:
     import psutil
     import torch
 
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
     return {"platform": platform.platform(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cpu": cpu,
             "logical_cpus": os.cpu_count(), "memory_gib": round(
                 psutil.virtual_memory().total / 2**30, 1),
             "note": "CPU shared with other jobs while running; one thread per worker"}
@@ -431,6 +490,7 @@ def main() -> None:
         write(data, n_authors=budget.authors)
     t0 = time.time()
     jobs = [(c, budget, data, args.work) for c in conditions]
+    cached = [c.name for c in conditions if (args.work / c.name / "results.json").is_file()]
     ctx = mp.get_context("spawn")
     with ctx.Pool(min(args.jobs, len(jobs))) as pool:
         results = pool.map(_worker, jobs, chunksize=1)
@@ -438,7 +498,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"budget": asdict(budget), "alphas": ALPHAS, "main_alpha": MAIN_ALPHA,
-              "machine": machine(), "wall_seconds": seconds, "results": results}
+              "machine": machine(), "wall_seconds": seconds, "from_cache": cached,
+              "results": results}
     (args.out / f"{prefix}.json").write_text(json.dumps(record, indent=1) + "\n")
     text = tables(results, budget)
     (args.out / f"{prefix}_tables.md").write_text(
