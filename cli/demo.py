@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 
@@ -26,8 +24,8 @@ def command(out, quick, force, quiet) -> None:
 
     cfg = QUICK if quick else DemoConfig()
     out = out or ("moxkit-demo-quick" if quick else "moxkit-demo")
-    progress = not quiet and sys.stderr.isatty()
-    result = run_demo(out, cfg, force=force, progress=progress,
+    # the trainer draws a bar on a terminal and prints a few plain lines otherwise
+    result = run_demo(out, cfg, force=force, progress=not quiet,
                       log=lambda msg: click.echo(msg, err=True))
     click.echo(result.table)
     click.echo("\nFQ: forget quality, the KS p-value of forget-set truth ratios against the "
