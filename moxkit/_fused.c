@@ -113,6 +113,52 @@ MOX_INLINE uint32_t store_block(void *dst, int dtype, size_t start, const float 
     return bad;
 }
 
+/* All-bf16, the common case of real checkpoints: one straight loop, no staging blocks
+ * (about 1.5x the per-element rate of the general path here). Same operations, same bits. */
+MOX_INLINE uint32_t bf16_round(float v) {
+    uint32_t u = f32_bits(v);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return ((u & 0x7FFFFFFFu) > 0x7F800000u) ? 0x7FC0u : rounded;
+}
+
+MOX_INLINE uint32_t all_bf16_part(uint16_t *restrict out, const uint16_t *restrict ref,
+                                  const uint16_t *restrict mem, const uint16_t *restrict prev,
+                                  int64_t n, float a, float b, float e, float c) {
+    uint32_t bad = 0; /* n <= 2^20 per part: a 32-bit count keeps the loop at full width */
+    if (prev == 0) {
+        for (int64_t i = 0; i < n; i++) {
+            float x = a * bits_f32((uint32_t)ref[i] << 16);
+            float y = b * bits_f32((uint32_t)mem[i] << 16);
+            uint32_t r = bf16_round(x - y);
+            out[i] = (uint16_t)r;
+            bad += (uint32_t)((r & 0x7F80u) == 0x7F80u);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            float x = a * bits_f32((uint32_t)ref[i] << 16);
+            float y = b * bits_f32((uint32_t)mem[i] << 16);
+            float base = x - y;
+            float s = e * base;
+            float t = c * bits_f32((uint32_t)prev[i] << 16);
+            uint32_t r = bf16_round(s + t);
+            out[i] = (uint16_t)r;
+            bad += (uint32_t)((r & 0x7F80u) == 0x7F80u);
+        }
+    }
+    return bad;
+}
+
+MOX_INLINE int64_t all_bf16(uint16_t *out, const uint16_t *ref, const uint16_t *mem,
+                            const uint16_t *prev, int64_t n, float a, float b, float e, float c) {
+    int64_t bad = 0;
+    for (int64_t start = 0; start < n; start += (1 << 20)) {
+        int64_t k = n - start < (1 << 20) ? n - start : (1 << 20);
+        bad += all_bf16_part(out + start, ref + start, mem + start, prev ? prev + start : 0, k,
+                             a, b, e, c);
+    }
+    return bad;
+}
+
 /* An AVX2 clone of the whole loop nest (helpers inline into it), chosen at load time where
  * the CPU has AVX2: twice the throughput of the SSE2 baseline. Contraction stays off, so the
  * clones compute the same bits. */
@@ -122,6 +168,10 @@ __attribute__((target_clones("avx2", "default")))
 int64_t moxkit_extrapolate(void *out, int out_dtype, const void *ref, int ref_dtype,
                            const void *mem, int mem_dtype, const void *prev, int prev_dtype,
                            int64_t n, float a, float b, float e, float c) {
+    if (out_dtype == MOX_BF16 && ref_dtype == MOX_BF16 && mem_dtype == MOX_BF16 &&
+        (prev == 0 || prev_dtype == MOX_BF16))
+        return all_bf16((uint16_t *)out, (const uint16_t *)ref, (const uint16_t *)mem,
+                        (const uint16_t *)prev, n, a, b, e, c);
     float r[BLOCK], m[BLOCK];
     int64_t bad = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
