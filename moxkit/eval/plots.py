@@ -41,14 +41,24 @@ def plot_methods(rows: Sequence[dict], path: str | Path, title: str) -> Path:
     """Forget quality (log scale, higher = closer to the retain-only model) against model
     utility, one labelled point per row (keys: name, forget_quality, model_utility)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, r in enumerate(rows):
-        x, y = r.get("model_utility", math.nan), _fq(r.get("forget_quality"))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    points = [(r["name"], r.get("model_utility", math.nan), _fq(r.get("forget_quality")))
+              for r in rows]
+    for i, (_, x, y) in enumerate(points):
         ax.scatter([x], [y], s=70, color=f"C{i % 10}", zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(7, 4), fontsize=10)
     ax.set_yscale("log")
-    ax.text(0.98, 0.02, "better: up (forgotten) and right (kept)", transform=ax.transAxes,
-            ha="right", va="bottom", fontsize=9, color="gray")
+    ax.margins(x=0.15, y=0.15)
+    ax.autoscale_view()
+    placed: list[tuple[float, float]] = []  # label anchors in pixels, to step around overlaps
+    for name, x, y in points:
+        px, py = ax.transData.transform((x, y))
+        dy = 4.0
+        while any(abs(px - qx) < 110 and abs(py + dy - qy) < 12 for qx, qy in placed):
+            dy -= 13.0
+        placed.append((px, py + dy))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, dy), fontsize=10)
+    ax.text(0.02, 0.98, "better: up (forgotten) and right (kept)", transform=ax.transAxes,
+            ha="left", va="top", fontsize=9, color="gray")
     ax.set_xlabel("model utility (harmonic mean over retain + general sets) →")
     ax.set_ylabel("forget quality (KS p-value vs retain-only model) →")
     ax.set_title(title)
