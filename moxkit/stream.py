@@ -4,19 +4,18 @@ A fixed ring of slots is sized once from the memory budget. While the backend co
 i in one slot, a reader thread loads chunk i+1 into the next (a read-only mapping of the input
 bytes for the CPU backend, which computes on the page cache in place; a pread into pinned
 buffers for CUDA) and a writer thread drains chunk i-1 (pwrite into the output shards, whose
-headers were written first), then releases the slot. The output is assembled in a temporary directory beside OUT and renamed
-into place only when complete: an error, Ctrl-C or SIGTERM leaves no OUT and no temporary.
+headers were written first), then releases the slot. The output is assembled in a temporary
+directory beside OUT and renamed into place only when complete: an error, Ctrl-C or SIGTERM
+leaves no OUT and no temporary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -27,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from . import __version__
 from .atomic import move_into_place
 from .backends import Coefficients, get_backend
 from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
 from .errors import MoxError
+from .outdir import carry_files, model_card, provenance
 from .plan import (
-    CONFIG_DTYPE_NAMES,
     Chunk,
     TensorPlan,
     buffer_itemsizes,
@@ -51,19 +49,6 @@ N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
 RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
 DEFAULT_BUFFER_BYTES = 384 * 2**20  # buffer ring when the caller sets no process budget
-# files of a model directory that hold weights (not carried over: the output has its own)
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".onnx",
-)
-WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
 @dataclass
@@ -162,7 +147,7 @@ def extrapolate(
     plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype)
     coeffs = Coefficients(alpha, eta if prev_ckpt is not None else None)
     single_file = out.suffix == ".safetensors"
-    metadata = _provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
+    metadata = provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
     outputs = [p.output for p in plans]
     groups = [outputs] if single_file else split_shards(outputs, shard_limit)
     shards = layout(groups, metadata, [out.name] if single_file else None)
@@ -247,24 +232,6 @@ def _check_output_path(out: Path, inputs: list[Checkpoint], force: bool) -> None
         raise MoxError(f"{out}: already exists (use --force to replace it)")
 
 
-def _provenance(
-    ref: Checkpoint, mem: Checkpoint, prev: Checkpoint | None, coeffs: Coefficients
-) -> dict[str, str]:
-    meta = {
-        "format": "pt",
-        "moxkit_version": __version__,
-        "moxkit_alpha": repr(coeffs.alpha),
-        "moxkit_ref": str(ref.path.resolve()),
-        "moxkit_mem": str(mem.path.resolve()),
-        "moxkit_formula": "(1+alpha)*ref - alpha*mem",
-    }
-    if prev is not None:
-        meta["moxkit_prev"] = str(prev.path.resolve())
-        meta["moxkit_eta"] = repr(coeffs.eta)
-        meta["moxkit_formula"] = "eta*((1+alpha)*ref - alpha*mem) + (1-eta)*prev"
-    return meta
-
-
 @contextlib.contextmanager
 def _interrupt_on_sigterm():
     """Treat SIGTERM like Ctrl-C so the same cleanup runs (only possible in the main thread)."""
@@ -323,8 +290,8 @@ def _write_output(
             return
         write_index(tmp, shards)
         if ref.directory is not None:
-            report.carried_files = _carry_files(ref.directory, tmp, out_dtype)
-        (tmp / "README.md").write_text(_model_card(metadata))
+            report.carried_files = carry_files(ref.directory, tmp, out_dtype)
+        (tmp / "README.md").write_text(model_card(metadata))
         move_into_place(tmp, out, force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -455,68 +422,3 @@ def _run_pipeline(
         write_pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
         bar.close()
-
-
-def _carry_files(src: Path, dst: Path, out_dtype: str | None) -> list[str]:
-    """Copy REF's non-weight files (config, tokenizer, generation config, chat template);
-    config.json's dtype follows --dtype."""
-    carried = []
-    for path in sorted(src.iterdir()):
-        name = path.name
-        if (
-            not path.is_file()
-            or name.startswith(".")
-            or name == "README.md"
-            or name.endswith(WEIGHT_SUFFIXES)
-            or name.endswith(WEIGHT_INDEX_SUFFIXES)
-        ):
-            continue
-        shutil.copy2(path, dst / name)
-        carried.append(name)
-    config = dst / "config.json"
-    if out_dtype is not None and config.is_file():
-        try:
-            data = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MoxError(
-                f"{src / 'config.json'}: not valid JSON; cannot update its dtype"
-            ) from None
-        keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["dtype"]
-        for key in keys:
-            data[key] = CONFIG_DTYPE_NAMES[out_dtype]
-        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return carried
-
-
-def _model_card(meta: dict[str, str]) -> str:
-    lines = [
-        "---",
-        "tags:",
-        "- moxkit",
-        "- unlearning",
-        "- model-extrapolation",
-        "---",
-        "",
-        "# Forget model made by moxkit",
-        "",
-        "This model was produced by MOX unlearning (memorize to forget, by model extrapolation):",
-        "",
-        f"    {meta['moxkit_formula']}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| reference (ref) | `{meta['moxkit_ref']}` |",
-        f"| memorization model (mem) | `{meta['moxkit_mem']}` |",
-    ]
-    if "moxkit_prev" in meta:
-        lines.append(f"| previous forget model (prev) | `{meta['moxkit_prev']}` |")
-        lines.append(f"| eta | {meta['moxkit_eta']} |")
-    lines += [
-        f"| alpha | {meta['moxkit_alpha']} |",
-        f"| moxkit | {meta['moxkit_version']} |",
-        f"| command | `{' '.join(sys.argv) if sys.argv and sys.argv[0] else 'Python API'}` |",
-        "",
-        "The same provenance is stored in every shard's safetensors `__metadata__`.",
-        "",
-    ]
-    return "\n".join(lines)
