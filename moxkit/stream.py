@@ -156,7 +156,8 @@ def extrapolate(
     backend = get_backend(device, **backend_options)
     try:
         sizes = buffer_itemsizes(plans)
-        chunk_elems = _chunk_elems(budget, sum(sizes.values()))
+        largest = max(p.numel for p in plans)  # no buffer larger than the largest tensor
+        chunk_elems = min(_chunk_elems(budget, sum(sizes.values())), -(-largest // 1024) * 1024)
         report = ExtrapolationReport(
             out=out,
             alpha=alpha,
@@ -280,7 +281,9 @@ def _write_output(
                 chunk_elems,
                 allow_nonfinite,
                 report,
-                ByteProgress(report.bytes_read + report.bytes_written, enabled=progress),
+                ByteProgress(
+                    report.bytes_read + sum(p.out_nbytes for p in plans), enabled=progress
+                ),
             )
         finally:
             writer.close()
