@@ -49,6 +49,8 @@ def load_model(path: str | Path, device: str = "auto"):
     """(model, tokenizer) from a transformers model directory, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moxkit.train.models import no_transformers_bars
+
     p = Path(path)
     if not (p / "config.json").is_file():
         raise MoxError(f"{p}: not a model directory (no config.json)")
@@ -59,7 +61,8 @@ def load_model(path: str | Path, device: str = "auto"):
         raise MoxError(f"{p}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
     dtype = torch.float32 if dev.type == "cpu" else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+        with no_transformers_bars():  # one bar per model would flood the demo's log
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise MoxError(f"{p}: cannot load the model ({str(exc).splitlines()[0]})") from None
     return model.to(dev).eval(), tokenizer
