@@ -28,9 +28,8 @@ from moxkit.errors import MoxError
 @click.option(
     "--eta",
     type=float,
-    default=0.675,
-    show_default=True,
-    help="Weight of the newest extrapolation (with --momentum).",
+    default=None,
+    help="Weight of the newest extrapolation (with --momentum; default 0.675, the paper's).",
 )
 @click.option(
     "--dtype",
@@ -77,7 +76,7 @@ def command(
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
     from moxkit.stream import extrapolate
 
-    if prev is None and eta != 0.675:
+    if prev is None and eta is not None:
         raise MoxError("--eta only applies with --momentum PREV")
     report = extrapolate(
         ref,
@@ -85,7 +84,7 @@ def command(
         out,
         alpha,
         momentum=prev,
-        eta=eta,
+        eta=0.675 if eta is None else eta,
         dtype=dtype,
         max_memory=max_memory,
         max_shard_size=max_shard_size,
