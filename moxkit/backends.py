@@ -103,7 +103,7 @@ class CpuBackend:
         self._lib = _fused_library() if fused else None
         self._torch_path = None
         self.threads = max(1, threads or min(8, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._pool: ThreadPoolExecutor | None = None  # started by the first large chunk
 
     def allocate_host(self, nbytes: int) -> np.ndarray:
         return np.empty(nbytes, dtype=np.uint8)
@@ -137,6 +137,8 @@ class CpuBackend:
             return run(0, n) == 0
         step = -(-n // parts) + 1023 & ~1023  # 1024-aligned pieces keep vector loops aligned
         starts = range(0, n, step)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="moxkit-cpu")
         futures = [self._pool.submit(run, s, min(step, n - s)) for s in starts[1:]]
         bad = run(0, min(step, n))
         return bad + sum(f.result() for f in futures) == 0
