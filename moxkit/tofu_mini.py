@@ -253,6 +253,7 @@ def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = Fa
       training set);
     - `tokenizer/`: a word-level tokenizer over all of it; `tofu_mini.json`: the manifest.
     """
+    from .atomic import move_into_place
     from .tiny import build_word_tokenizer
 
     out = Path(out)
@@ -293,9 +294,7 @@ def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = Fa
                     "phrasings_trained": 2, "perturbed_per_item": N_PERTURBED,
                     "pretrain_rows": len(bench["pretrain"]), "splits": counts}
         (tmp / "tofu_mini.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
