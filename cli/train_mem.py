@@ -151,7 +151,7 @@ def config_from(kw: dict) -> TrainConfig:
 def target_from(kw: dict):
     """--target-answer TEXT or --target-file PATH (one replacement answer per forget row)."""
     from moxkit.errors import MoxError
-    from moxkit.train.data import load_answers
+    from moxkit.text import load_answers
 
     text, path = kw.pop("target_answer"), kw.pop("target_file")
     if text is not None and path is not None:

@@ -23,23 +23,34 @@ def read_records(path: Path, name: str) -> list[tuple[str, object]]:
             return [(f"row {i + 1}", rec) for i, rec in enumerate(table)]
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise MoxError(f"{name} {path}: cannot read: {exc}") from None
+        raise MoxError(f"{name} {path}: cannot read: {_one_line(exc)}") from None
     except Exception as exc:  # pyarrow raises its own types for corrupt files
-        raise MoxError(f"{name} {path}: not a readable Parquet file: {exc}") from None
+        raise MoxError(f"{name} {path}: not a readable Parquet file: {_one_line(exc)}") from None
     if suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MoxError(f"{name} {path}: invalid JSON: {exc}") from None
+        records = _parse(text, f"{name} {path}")
         if not isinstance(records, list):
             raise MoxError(f"{name} {path}: expected a JSON list of objects")
         return [(f"item {i + 1}", rec) for i, rec in enumerate(records)]
+    # JSON Lines: records end at "\n" only. str.splitlines would also split at U+2028, U+0085
+    # and friends, which JSON allows raw inside strings.
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise MoxError(f"{name} {path}: line {lineno}: invalid JSON: {exc.msg}") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            out.append((f"line {lineno}", _parse(line, f"{name} {path}: line {lineno}")))
     return out
+
+
+def _parse(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MoxError(f"{where}: invalid JSON: {exc.msg} at character {exc.pos}") from None
+    except RecursionError:
+        raise MoxError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise MoxError(f"{where}: invalid JSON: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from moxkit.text import IGNORE, encode, load_rows
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.train import TrainConfig, extrapolate_model, finetune, train_mem, unlearn
-from moxkit.train.data import IGNORE, encode, load_rows
 
 FORGET = tiny_facts(8, offset=0)
 RETAIN = tiny_facts(24, offset=8)

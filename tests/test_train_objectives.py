@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from moxkit.errors import MoxError
+from moxkit.text import IGNORE, encode, load_rows
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer
-from moxkit.train.data import IGNORE, Collator, PairDataset, PairSampler, encode, load_rows
+from moxkit.train.data import Collator, PairDataset, PairSampler
 from moxkit.train.objectives import (
     default_npo_floor,
     npo_loss,

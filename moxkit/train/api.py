@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moxkit.errors import MoxError
+from moxkit.hf import load_model
+from moxkit.text import Row, encode, load_rows
 
 from .config import TrainConfig
-from .data import PairDataset, Row, encode, load_rows
-from .models import load_model
+from .data import PairDataset
 from .momentum import InMemoryExtrapolator, cpu_fp32_state
 from .objectives import LossSpec
 from .session import Run
@@ -67,7 +68,7 @@ def finetune(
     train_rows = load_rows(rows, "ROWS")
     with Run(out, force, config, len(train_rows)) as run:
         run.write_args("finetune", arguments)
-        base = load_model(model, tokenizer, "MODEL")
+        base = load_model(model, "MODEL", tokenizer=tokenizer)
         examples = encode(train_rows, base.tokenizer, config.max_length, config.chat_template)
         spec = LossSpec(forget="nll", primary="train")
         trainer = run.train(base, PairDataset(examples, primary="train"), spec, None, callbacks)
@@ -190,10 +191,10 @@ def _run(
 
     with Run(out, force, config, len(forget_rows)) as run:
         run.write_args("train-mem" if method == "memorize" else "unlearn", arguments)
-        ref = load_model(model, tokenizer, "MODEL")
-        start = (
-            load_model(init_from, ref.tokenizer, "--init-from") if init_from is not None else ref
-        )
+        ref = load_model(model, "MODEL", tokenizer=tokenizer)
+        start = ref
+        if init_from is not None:
+            start = load_model(init_from, "--init-from", tokenizer=ref.tokenizer)
         _check_same_shapes(ref.model, start.model, "--init-from")
         tok = ref.tokenizer
         forget_ex = encode(forget_rows, tok, config.max_length, config.chat_template)
@@ -206,7 +207,7 @@ def _run(
         if spec.needs_reference and not config.lora:  # with LoRA: the adapters disabled
             # frozen, so it can stay in its stored dtype (half the memory of fp32 for bf16)
             reference = copy.deepcopy(ref.model) if start is ref else ref.model
-            reference.to(ref.dtype).eval().requires_grad_(False)
+            reference.to(ref.stored_dtype).eval().requires_grad_(False)
         dataset = PairDataset(forget_ex, retain_ex if spec.retain else None, targets)
 
         extra, extrapolator = [], None
@@ -225,7 +226,7 @@ def _run(
                 run.save_elsewhere(tok, Path(save_mem), force)
             run.log.event({"step": steps, "event": "extrapolate", "alpha": alpha,
                            "eta": momentum_eta, "tick": extrapolator.ticks + 1})  # fmt: skip
-            result_model = run.finish_extrapolation(extrapolator, tok, ref.dtype)
+            result_model = run.finish_extrapolation(extrapolator, tok, ref.stored_dtype)
             if result_model is not None:
                 result_model.eval()
     return UnlearnResult(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+from moxkit.text import IGNORE
 
 
 def _shifted(logits: torch.Tensor, labels: torch.Tensor):

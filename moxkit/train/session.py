@@ -17,10 +17,12 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 
 from moxkit.errors import MoxError
+from moxkit.hf import Loaded
+from moxkit.text import pad_id
 
 from .config import TrainConfig
 from .data import Collator, PairDataset, PairSampler
-from .models import ARGS_FILE, LOG_FILE, Loaded, OutputDir, ensure_pad_token, save_model
+from .models import ARGS_FILE, LOG_FILE, OutputDir, save_model
 from .momentum import DiskExtrapolator, InMemoryExtrapolator, MomentumCallback, cpu_fp32_state
 from .objectives import LossSpec
 from .trainer import MoxTrainer, StepLog, quiet_callbacks, training_arguments
@@ -75,7 +77,7 @@ class Run:
             model=model,
             args=self.args,
             train_dataset=dataset,
-            data_collator=Collator(ensure_pad_token(start.tokenizer)),
+            data_collator=Collator(pad_id(start.tokenizer)),
             spec=spec,
             sampler=PairSampler(len(dataset), len(dataset.retain), self.config.seed),
             reference=reference,

@@ -1,0 +1,134 @@
+"""One way to load a Hugging Face model and tokenizer, for training and evaluation alike.
+
+Every failure a user can cause (a folder that is not a model, a broken tokenizer, weights
+transformers refuses) becomes a MoxError naming the input; transformers raises many exception
+types for these, so loading catches them all and keeps the first line of the message. The
+device is resolved once, here, with the same rule for every command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import MoxError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class Loaded:
+    """A model and its tokenizer, where they came from and the dtype the weights were stored
+    in (outputs derived from the model, such as a forget model, are saved in it)."""
+
+    model: Any
+    tokenizer: Any
+    directory: Path | None  # None: the model was given in memory
+    stored_dtype: torch.dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" is the first CUDA device when there is one, else the CPU; asking for CUDA
+    without one is an error, not a silent fallback."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MoxError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoxError(f"--device {device}: no CUDA device is available")
+    return dev
+
+
+def check_model_dir(path: str | os.PathLike, name: str, need_tokenizer: bool = True) -> Path:
+    """The cheap checks of a model folder, without importing transformers (commands run
+    them before anything heavy so that a typo is reported at once)."""
+    p = Path(path)
+    if not p.is_dir():
+        what = "no such folder" if not p.exists() else "not a folder"
+        raise MoxError(f"{name} {p}: {what} (expected a transformers model folder)")
+    if not (p / "config.json").is_file():
+        raise MoxError(f"{name} {p}: no config.json (not a transformers model folder)")
+    if need_tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise MoxError(f"{name} {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike, name: str) -> Any:
+    p = check_model_dir(path, name)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(p)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise MoxError(f"{name} {p}: cannot load the tokenizer: {first_line(exc)}") from None
+
+
+def load_model(
+    model: Any,
+    name: str,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | Literal["auto"] = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Loaded:
+    """A model folder, or a transformers model given in memory (then pass tokenizer=; it is
+    deep-copied, so the caller's model is never modified), as `dtype` on `device`, in eval
+    mode. Training wants fp32 (updates at lr 1e-5 vanish in bf16 weights); "auto" keeps the
+    stored dtype."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if not isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            raise MoxError(f"{name}: a model given in memory needs tokenizer=")
+        stored = next(model.parameters()).dtype
+        copied = copy.deepcopy(model)
+        if dtype != "auto":
+            copied = copied.to(dtype)
+        return Loaded(copied.to(dev).eval(), tokenizer, None, stored)
+
+    path = check_model_dir(model, name, need_tokenizer=tokenizer is None)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, name)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with no_transformers_bars():
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as exc:  # OSError, ValueError, KeyError, safetensors errors, ...
+        raise MoxError(f"{name} {path}: cannot load the model: {first_line(exc)}") from None
+    return Loaded(loaded.to(dev).eval(), tokenizer, path, stored_dtype(config))
+
+
+def stored_dtype(config: Any) -> torch.dtype:
+    """The dtype a config says the weights are stored in (fp32 when it does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def no_transformers_bars():
+    """transformers' per-file load/save bars would interleave with moxkit's own progress."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()

@@ -1,0 +1,146 @@
+"""Text data shared by training and evaluation: rows in, token ids with masked prompts out.
+
+A row is question/answer (the question is the prompt, masked out of the loss), prompt/completion
+(the same), or text (every token counts). Training and evaluation both encode with `encode`, so
+what is scored is exactly what was trained. Deliberately light: no torch, Trainer or accelerate
+import, so `moxkit eval` never pays for the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MoxError
+from .records import read_records
+
+IGNORE = -100  # label of a token outside the loss (prompt, padding): PyTorch's ignore_index
+
+# A field is cut to this many characters per token of max_length before tokenising: far more
+# than any tokenizer's longest token, so the first max_length tokens are unchanged, while a
+# 100 MB row costs a tokenizer call on ~32 k characters instead of gigabytes of offsets.
+CHARS_PER_TOKEN_CAP = 64
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    completion: str
+    where: str  # "file:line" (or "rows[i]") for error messages
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+
+
+def load_rows(data: str | os.PathLike | Sequence[dict], name: str) -> list[Row]:
+    """Read JSONL, JSON (a list of objects) or Parquet, or take rows given directly.
+    `name` is the input the data came from (e.g. "--forget"), for error messages."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        rows = [_to_row(rec, f"{path}:{where}") for where, rec in read_records(path, name)]
+    else:
+        rows = [_to_row(rec, f"{name} rows[{i}]") for i, rec in enumerate(data)]
+    if not rows:
+        raise MoxError(f"{name} {data if isinstance(data, (str, os.PathLike)) else ''}: no rows")
+    return rows
+
+
+def load_answers(path: str | os.PathLike, name: str) -> list[str]:
+    """Replacement answers for targeted unlearning, one row per forget row, from the row's
+    answer, completion or text field."""
+    answers = []
+    for where, rec in read_records(Path(path), name):
+        text = next((rec.get(k) for k in ("answer", "completion", "text")
+                     if isinstance(rec, dict) and k in rec), None)  # fmt: skip
+        if not isinstance(text, str) or not text.strip():
+            raise MoxError(f"{path}:{where}: needs an answer, completion or text field")
+        answers.append(_valid_text(text, f"{path}:{where}"))
+    if not answers:
+        raise MoxError(f"{name} {path}: no rows")
+    return answers
+
+
+def _valid_text(text: str, where: str) -> str:
+    """Tokenizers cannot take lone surrogates (JSON's "\\ud800" escapes make them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MoxError(
+            f"{where}: not valid Unicode text (lone surrogate at character {exc.start})"
+        ) from None
+    return text
+
+
+def _to_row(rec: object, where: str) -> Row:
+    if not isinstance(rec, dict):
+        raise MoxError(f"{where}: expected an object, got {type(rec).__name__}")
+    for prompt_key, completion_key in (("question", "answer"), ("prompt", "completion")):
+        if prompt_key in rec or completion_key in rec:
+            prompt, completion = rec.get(prompt_key), rec.get(completion_key)
+            if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+                raise MoxError(
+                    f"{where}: needs both '{prompt_key}' and '{completion_key}' as non-empty text"
+                )
+            return Row(_valid_text(prompt, where), _valid_text(completion, where), where)
+    if isinstance(rec.get("text"), str) and rec["text"]:
+        return Row("", _valid_text(rec["text"], where), where)
+    found = ", ".join(repr(str(k)[:40]) for k in list(rec)[:10]) or "none"
+    raise MoxError(
+        f"{where}: missing fields: expected question/answer, prompt/completion or text"
+        f" (found {found})"
+    )
+
+
+def encode(rows: Sequence[Row], tokenizer, max_length: int, chat_template: bool) -> list[Example]:
+    """Tokenize prompt + completion in one pass and mask the prompt by character offsets, which
+    is exact for any fast tokenizer, merges at the boundary included. EOS ends each row; rows
+    are cut to max_length tokens (fields are cut to CHARS_PER_TOKEN_CAP characters per token
+    first, so the cost of a row is bounded whatever its size)."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise MoxError("--chat-template: the model's tokenizer has no chat template")
+    bos = tokenizer.bos_token
+    eos = tokenizer.eos_token_id
+    cap = CHARS_PER_TOKEN_CAP * max_length + 1024
+    examples = []
+    for row in rows:
+        prompt = row.prompt[:cap]
+        if chat_template and prompt:
+            messages = [{"role": "user", "content": prompt}]
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        sep = " " if prompt and not prompt[-1].isspace() else ""
+        text = prompt + sep + row.completion[:cap]
+        enc = tokenizer(
+            text,
+            add_special_tokens=not (bos and text.startswith(bos)),
+            return_offsets_mapping=True,
+        )
+        ids = list(enc["input_ids"])
+        boundary = len(prompt)
+        labels = [
+            tok if start >= boundary and end > start else IGNORE
+            for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        if eos is not None:
+            ids.append(eos)
+            labels.append(eos)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            raise MoxError(f"{row.where}: no answer tokens left within --max-length {max_length}")
+        examples.append(Example(ids, labels))
+    return examples
+
+
+def pad_id(tokenizer) -> int:
+    """Padding id for batches (masked out everywhere); EOS stands in when there is none."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise MoxError("the tokenizer has neither a pad nor an eos token to pad batches with")
+    return tokenizer.eos_token_id
