@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from moxkit.backends import Coefficients
 from moxkit.errors import MoxError
+from moxkit.formula import Coefficients
 from moxkit.units import parse_size
 
 from .extrapolate import BLOCK, NUM_WARPS, launch
@@ -29,6 +29,7 @@ class CudaBackend:
     """Triton kernel on one CUDA device. Not thread-safe: one engine thread calls it."""
 
     name = "cuda"
+    maps_inputs = False  # inputs are copied into pinned buffers
 
     def __init__(
         self,

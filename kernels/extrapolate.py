@@ -1,6 +1,6 @@
 """The fused MOX extrapolation kernel: every input read once, the output written once.
 
-It computes exactly the function fixed in moxkit.backends (the fp32 operations in a set order,
+It computes exactly the function fixed in moxkit.formula (the fp32 operations in a set order,
 no fused multiply-add, one round-to-nearest-even to the output dtype, NaN written as the
 canonical quiet NaN), so the GPU, the Triton interpreter and the CPU backend agree bit for bit.
 Two details make that hold:
@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moxkit.backends import FLOAT_DTYPES, Coefficients
 from moxkit.errors import MoxError
+from moxkit.formula import CANONICAL_NAN_BITS, Coefficients
+from moxkit.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
 
 # BLOCK elements and NUM_WARPS warps per program. A starting point (16 elements a thread, four
 # 16-byte fp32 loads), not yet a measurement: the GPU sweep of benchmarks/kernel_throughput.py
@@ -28,8 +29,6 @@ NUM_WARPS = 8
 
 # Output kinds, a compile-time constant of the kernel: how the result is rounded and stored.
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# The integer dtype the output is stored through (same width as the float dtype).
-_OUT_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 @triton.jit
@@ -46,6 +45,7 @@ def _extrapolate_kernel(
     c,  # fp32(1−η)
     HAS_PREV: tl.constexpr,
     OUT_KIND: tl.constexpr,
+    NAN_BITS: tl.constexpr,  # the output dtype's canonical NaN (moxkit.formula)
     BLOCK: tl.constexpr,
 ):
     # int64 offsets: tensors past 2**31 elements must not wrap.
@@ -59,18 +59,18 @@ def _extrapolate_kernel(
         x = x * e + p * c
     is_nan = x != x
     if OUT_KIND == 0:
-        bits = tl.where(is_nan, 0x7FC00000, x.to(tl.int32, bitcast=True))
+        bits = tl.where(is_nan, NAN_BITS, x.to(tl.int32, bitcast=True))
         bad = (bits & 0x7F800000) == 0x7F800000
     elif OUT_KIND == 1:
         # bf16: round to nearest even on the upper 16 bits (no overflow: NaN is handled apart)
         u = x.to(tl.uint32, bitcast=True)
         rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        bits = tl.where(is_nan, 0x7FC0, rounded.to(tl.int32)).to(tl.int16)
+        bits = tl.where(is_nan, NAN_BITS, rounded.to(tl.int32)).to(tl.int16)
         bad = (bits & 0x7F80) == 0x7F80
     else:
         # fp16: the cast rounds to nearest even on the GPU and in the interpreter alike
         h = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-        bits = tl.where(is_nan, 0x7E00, h).to(tl.int16)
+        bits = tl.where(is_nan, NAN_BITS, h).to(tl.int16)
         bad = (bits & 0x7C00) == 0x7C00
     tl.store(out_ptr + offs, bits, mask=mask)
     if tl.sum((bad & mask).to(tl.int32), axis=0) > 0:
@@ -112,7 +112,7 @@ def launch(
     has_prev = coeffs.momentum
     grid = (triton.cdiv(n, block),)
     _extrapolate_kernel[grid](
-        out.view(_OUT_BITS[out.dtype]),
+        out.view(BITS_DTYPES[out.dtype]),
         ref,
         mem,
         prev if has_prev else ref,
@@ -124,6 +124,7 @@ def launch(
         coeffs.prev_weight,
         HAS_PREV=has_prev,
         OUT_KIND=_OUT_KIND[out.dtype],
+        NAN_BITS=CANONICAL_NAN_BITS[DTYPE_NAMES[out.dtype]],
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,

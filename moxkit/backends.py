@@ -1,19 +1,7 @@
 """The arithmetic on one chunk of one tensor, swappable per device.
 
-Every backend computes the same function, bit for bit:
-
-    base = RN32( RN32(a·ref) − RN32(b·mem) )              a = fp32(1+α), b = fp32(α)
-    out  = RN_out( base )                                 without momentum
-    out  = RN_out( RN32( RN32(e·base) + RN32(c·prev) ) )  e = fp32(η), c = fp32(1−η)
-
-where every operation is an IEEE fp32 operation (no fused multiply-add) and RN_out is one
-round-to-nearest-even to the output dtype. Fixing the order of operations, rather than
-"computing in fp32" loosely, is what lets the CPU and CUDA paths agree exactly.
-
-A NaN result is written as the canonical quiet NaN of the output dtype (CANONICAL_NAN_BITS),
-whatever its sign and payload: CPUs and GPUs make different NaN bits (x86 gives 0xFFC00000 for
-inf − inf, torch's vectorised fp32 -> bf16 conversion gives 0xFFFF), so only a fixed pattern
-keeps outputs byte-identical across devices.
+Every backend computes the function fixed in moxkit.formula, bit for bit, and satisfies the
+Backend protocol below; the engine (moxkit.stream) knows backends only through it.
 
 Importing this module does not import torch: the CPU path of `moxkit extrapolate` runs on
 numpy buffers and a small C library (moxkit/_fused.c), so a run does not pay torch's import
@@ -27,11 +15,12 @@ import glob
 import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import MoxError
+from .formula import Coefficients
 
 # dtype codes of the C library; bf16 travels in numpy as its uint16 bit patterns
 _C_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}
@@ -40,45 +29,24 @@ _C_ITEMSIZE = {0: 4, 1: 2, 2: 2}
 MIN_ELEMS_PER_THREAD = 1 << 18  # below this, starting a thread costs more than it saves
 
 
-def __getattr__(name: str):
-    # torch-keyed tables live with the torch path; loaded on first use only
-    if name in ("FLOAT_DTYPES", "CANONICAL_NAN_BITS"):
-        from . import torch_path
+class Backend(Protocol):
+    """What the engine needs of a device: host buffers and the arithmetic on one chunk."""
 
-        return getattr(torch_path, name)
-    raise AttributeError(name)
+    name: str
+    maps_inputs: bool  # True: inputs may be read-only windows mapped from the page cache
 
+    def allocate_host(self, nbytes: int) -> Any:
+        """A 1-D uint8 host buffer of exactly `nbytes` that extrapolate accepts views of."""
+        ...
 
-def _fp32(x: float) -> float:
-    return float(np.float32(x))
+    def extrapolate(self, out, ref, mem, prev, coeffs: Coefficients) -> bool:
+        """Write the result into `out`; False if any output value is not finite. Returns only
+        when no thread or device still reads the operands or writes `out`."""
+        ...
 
-
-@dataclass(frozen=True)
-class Coefficients:
-    """α and (optionally) η, with the fp32 constants every backend must use."""
-
-    alpha: float
-    eta: float | None = None  # None: no momentum term
-
-    @property
-    def momentum(self) -> bool:
-        return self.eta is not None
-
-    @property
-    def ref_scale(self) -> float:
-        return _fp32(1.0 + self.alpha)
-
-    @property
-    def mem_scale(self) -> float:
-        return _fp32(self.alpha)
-
-    @property
-    def new_weight(self) -> float:
-        return _fp32(self.eta if self.eta is not None else 1.0)
-
-    @property
-    def prev_weight(self) -> float:
-        return _fp32(1.0 - self.eta if self.eta is not None else 0.0)
+    def close(self) -> None:
+        """Release threads, device memory and pinned buffers."""
+        ...
 
 
 class CpuBackend:

@@ -11,14 +11,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+from . import formula
+from .formula import Coefficients
 
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = tuple(TORCH_DTYPES.values())
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+# a float dtype -> the integer dtype of the same width, which its bit patterns are viewed as
+BITS_DTYPES = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # output dtype -> (integer dtype of the same width, the canonical quiet NaN's bits)
 CANONICAL_NAN_BITS = {
-    torch.float32: (torch.int32, 0x7FC00000),
-    torch.bfloat16: (torch.int16, 0x7FC0),
-    torch.float16: (torch.int16, 0x7E00),
+    dtype: (BITS_DTYPES[dtype], formula.CANONICAL_NAN_BITS[name])
+    for dtype, name in DTYPE_NAMES.items()
 }
 
 
@@ -36,7 +40,7 @@ class TorchBlockPath:
         self.block_elems = block_elems
         self._scratch = [torch.empty(block_elems, dtype=torch.float32) for _ in range(3)]
 
-    def extrapolate(self, out, ref, mem, prev, coeffs) -> bool:
+    def extrapolate(self, out, ref, mem, prev, coeffs: Coefficients) -> bool:
         out, ref, mem = as_tensor(out), as_tensor(ref), as_tensor(mem)
         prev = as_tensor(prev) if prev is not None else None
         n = out.numel()

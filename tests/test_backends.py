@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from moxkit.backends import CANONICAL_NAN_BITS, Coefficients, CpuBackend, get_backend
+from moxkit.backends import CpuBackend, get_backend
 from moxkit.errors import MoxError
+from moxkit.formula import FP32_TINY, Coefficients
+from moxkit.torch_path import CANONICAL_NAN_BITS
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -129,7 +131,8 @@ def test_cpu_backend_rounding_by_hand(dtype):
     values, want = zip(*ROUNDING_CASES[dtype], strict=True)
     ref = torch.tensor(values, dtype=torch.float32)
     out = torch.empty(len(values), dtype=dtype)
-    finite = CpuBackend().extrapolate(out, ref, torch.zeros_like(ref), None, Coefficients(0.0))
+    identity = Coefficients(FP32_TINY)  # a = 1, and mem = 0: out = RN(ref)
+    finite = CpuBackend().extrapolate(out, ref, torch.zeros_like(ref), None, identity)
     got = [int(v) & 0xFFFF for v in bits_of(out)]
     assert got == list(want)
     assert finite is False  # the overflows are reported

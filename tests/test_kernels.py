@@ -11,8 +11,10 @@ from moxkit.kernels import extrapolate
 from moxkit.kernels.extrapolate import BLOCK, launch
 from test_backends import ROUNDING_CASES, bits_of, random_operands
 
-from moxkit.backends import CANONICAL_NAN_BITS, Coefficients, CpuBackend
+from moxkit.backends import CpuBackend
 from moxkit.errors import MoxError
+from moxkit.formula import FP32_TINY, Coefficients
+from moxkit.torch_path import CANONICAL_NAN_BITS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +107,7 @@ def test_kernel_rounding_by_hand(dtype):
     values, want = zip(*ROUNDING_CASES[dtype], strict=True)
     ref = torch.tensor(values, dtype=torch.float32, device=DEVICE)
     out = torch.empty(len(values), dtype=dtype, device=DEVICE)
-    extrapolate(ref, torch.zeros_like(ref), 0.0, out=out)
+    extrapolate(ref, torch.zeros_like(ref), FP32_TINY, out=out)  # a = 1, mem = 0: out = RN(ref)
     assert [int(v) & 0xFFFF for v in bits_of(out.cpu())] == list(want)
 
 
