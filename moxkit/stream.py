@@ -11,13 +11,8 @@ leaves no OUT and no temporary.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .atomic import move_into_place
+from .atomic import check_output, staged_dir, staged_file
 from .backends import Coefficients, get_backend
 from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
 from .errors import MoxError
@@ -141,8 +136,7 @@ def extrapolate(
     mem_ckpt = open_checkpoint(mem)
     prev_ckpt = open_checkpoint(momentum) if momentum is not None else None
     inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
-    out = Path(out)
-    _check_output_path(out, inputs, force)
+    out = check_output(out, force=force, inputs=_input_paths(inputs))
 
     plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype)
     coeffs = Coefficients(alpha, eta if prev_ckpt is not None else None)
@@ -178,24 +172,23 @@ def extrapolate(
         if dry_run:
             return report
         started = time.perf_counter()
-        with _interrupt_on_sigterm():
-            _write_output(
-                out,
-                force,
-                single_file,
-                ref_ckpt,
-                shards,
-                metadata,
-                plans,
-                coeffs,
-                backend,
-                sizes,
-                chunk_elems,
-                out_dtype,
-                allow_nonfinite,
-                progress,
-                report,
-            )
+        _write_output(
+            out,
+            force,
+            single_file,
+            ref_ckpt,
+            shards,
+            metadata,
+            plans,
+            coeffs,
+            backend,
+            sizes,
+            chunk_elems,
+            out_dtype,
+            allow_nonfinite,
+            progress,
+            report,
+        )
         report.seconds = time.perf_counter() - started
         return report
     finally:
@@ -222,32 +215,12 @@ def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
     return elems
 
 
-def _check_output_path(out: Path, inputs: list[Checkpoint], force: bool) -> None:
-    target = out.resolve()
+def _input_paths(inputs: list[Checkpoint]) -> list[Path]:
+    """Every file and folder the output must not touch."""
+    paths = []
     for ckpt in inputs:
-        for p in [ckpt.path, *ckpt.files] + ([ckpt.directory] if ckpt.directory else []):
-            p = p.resolve()
-            if p == target or target in p.parents:
-                raise MoxError(f"{out}: the output would overwrite the input {ckpt.path}")
-    if out.exists() and not force:
-        raise MoxError(f"{out}: already exists (use --force to replace it)")
-
-
-@contextlib.contextmanager
-def _interrupt_on_sigterm():
-    """Treat SIGTERM like Ctrl-C so the same cleanup runs (only possible in the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        paths += [ckpt.path, *ckpt.files] + ([ckpt.directory] if ckpt.directory else [])
+    return paths
 
 
 def _write_output(
@@ -267,40 +240,25 @@ def _write_output(
     progress: bool,
     report: ExtrapolationReport,
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moxkit-tmp-", dir=out.parent))
+    bar = ByteProgress(report.bytes_read + sum(p.out_nbytes for p in plans), enabled=progress)
+    staged = staged_file(out, force=force) if single_file else staged_dir(out, force=force)
     try:
-        writer = ShardWriter(tmp, shards)
-        try:
-            _run_pipeline(
-                plans,
-                coeffs,
-                backend,
-                writer,
-                sizes,
-                chunk_elems,
-                allow_nonfinite,
-                report,
-                ByteProgress(
-                    report.bytes_read + sum(p.out_nbytes for p in plans), enabled=progress
-                ),
-            )
-        finally:
-            writer.close()
-        if single_file:
-            move_into_place(tmp / out.name, out, force)
-            shutil.rmtree(tmp)
-            return
-        write_index(tmp, shards)
-        if ref.directory is not None:
-            report.carried_files = carry_files(ref.directory, tmp, out_dtype)
-        (tmp / "README.md").write_text(model_card(metadata))
-        move_into_place(tmp, out, force)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise MoxError(f"{out}: cannot write output: {exc.strerror or exc}") from None
-        raise
+        with staged as tmp:
+            paths = [tmp] if single_file else [tmp / s.filename for s in shards]
+            writer = ShardWriter(shards, paths)
+            try:
+                _run_pipeline(
+                    plans, coeffs, backend, writer, sizes, chunk_elems, allow_nonfinite, report, bar
+                )
+            finally:
+                writer.close()
+            if not single_file:
+                write_index(tmp, shards)
+                if ref.directory is not None:
+                    report.carried_files = carry_files(ref.directory, tmp, out_dtype)
+                (tmp / "README.md").write_text(model_card(metadata))
+    except OSError as exc:
+        raise MoxError(f"{out}: cannot write output: {exc.strerror or exc}") from None
 
 
 class _Slot:

@@ -105,27 +105,30 @@ class ShardWriter:
     bytes at their offsets. pwrite carries no file position, so chunks may arrive from any
     thread in any order."""
 
-    def __init__(self, directory: Path, shards: list[Shard]):
-        self._fds: dict[str, int] = {}
+    def __init__(self, shards: list[Shard], paths: list[Path]):
+        self._fds: list[int] = []
         self._where: dict[str, tuple[int, int]] = {}
-        for shard in shards:
-            path = directory / shard.filename
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            self._fds[shard.filename] = fd
-            prefix = len(shard.header).to_bytes(8, "little") + shard.header
-            _pwrite_all(fd, memoryview(prefix), 0)
-            os.ftruncate(fd, shard.file_size)
-            for t in shard.tensors:
-                self._where[t.name] = (fd, shard.offsets[t.name])
+        try:
+            for shard, path in zip(shards, paths, strict=True):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                self._fds.append(fd)
+                prefix = len(shard.header).to_bytes(8, "little") + shard.header
+                _pwrite_all(fd, memoryview(prefix), 0)
+                os.ftruncate(fd, shard.file_size)
+                for t in shard.tensors:
+                    self._where[t.name] = (fd, shard.offsets[t.name])
+        except BaseException:
+            self.close()  # no descriptor outlives a failed start
+            raise
 
     def write(self, tensor: str, byte_offset: int, data: memoryview) -> None:
         fd, start = self._where[tensor]
         _pwrite_all(fd, data, start + byte_offset)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        fds, self._fds = self._fds, []
+        for fd in fds:
             os.close(fd)
-        self._fds.clear()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

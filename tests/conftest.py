@@ -2,6 +2,10 @@
 Triton kernels run (slowly, exactly) on the CPU when there is no GPU."""
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from subprocess import PIPE
 
 import pytest
 
@@ -26,3 +30,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """Runs `moxkit ...` for tests. Calling it runs in process through click (fast; stdout
+    and stderr captured by pytest); .run() and .popen() start a real process, for what needs
+    one: signals, resource limits, peak RSS, environment variables read at import."""
+
+    def __init__(self, capsys):
+        self._capsys = capsys
+
+    def __call__(self, *args) -> CliResult:
+        from moxkit.cli.main import main
+
+        self._capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = self._capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    @staticmethod
+    def argv(*args) -> list[str]:
+        return [sys.executable, "-m", "moxkit.cli.main", *map(str, args)]
+
+    def popen(self, *args, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.Popen(
+            self.argv(*args), env=full_env, stdout=PIPE, stderr=PIPE, text=True, **kwargs
+        )
+
+    def run(self, *args, env: dict | None = None, timeout: float = 120, **kwargs) -> CliResult:
+        proc = self.popen(*args, env=env, **kwargs)
+        out, err = proc.communicate(timeout=timeout)
+        return CliResult(proc.returncode, out, err)
+
+
+@pytest.fixture
+def cli(capsys) -> Cli:
+    return Cli(capsys)

@@ -290,7 +290,7 @@ def test_output_may_not_be_an_input(capsys, tmp_path):
             capsys,
             tmp_path,
             [tmp_path / "ref", tmp_path / "mem.safetensors", "-a", 4, "-o", out, "--force"],
-            "would overwrite the input",
+            "the output would",
         )
     assert (tmp_path / "ref" / "model.safetensors").is_file()
 
