@@ -14,18 +14,21 @@ import ctypes
 import glob
 import importlib.util
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import MoxError
-from .formula import Coefficients
+from .formula import CANONICAL_NAN_BITS, Coefficients
 
 # dtype codes of the C library; bf16 travels in numpy as its uint16 bit patterns
 _C_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}
 _TORCH_NAMES = {"float32": 0, "bfloat16": 1, "float16": 2}
 _C_ITEMSIZE = {0: 4, 1: 2, 2: 2}
+_C_NAMES = {0: "F32", 1: "BF16", 2: "F16"}
+_INPUT_CHANGED = -1  # the C loop's result when reading a mapped input faulted (SIGBUS)
+CPU_PATHS = ("generic", "avx2", "avx512")  # the C loop's paths, in its numbering
 MIN_ELEMS_PER_THREAD = 1 << 18  # below this, starting a thread costs more than it saves
 
 
@@ -78,7 +81,8 @@ class CpuBackend:
 
     def extrapolate(self, out, ref, mem, prev, coeffs: Coefficients) -> bool:
         """Write the result into `out`. Returns False if any output value is not finite
-        (NaN or ±inf, including overflow from rounding)."""
+        (NaN or ±inf, including overflow from rounding). Returns or raises (Ctrl-C included)
+        only once no pool thread reads the operands or writes `out` any more."""
         n = _length(out)
         if _length(ref) != n or _length(mem) != n or (prev is not None and _length(prev) != n):
             raise ValueError("extrapolate: operands differ in length")
@@ -93,29 +97,57 @@ class CpuBackend:
         operands = [_c_operand(x) for x in (out, ref, mem)]
         operands.append(_c_operand(prev) if coeffs.momentum else (None, 0))
         scales = (coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight)
+        nan_bits = CANONICAL_NAN_BITS[_C_NAMES[operands[0][1]]]
 
         def run(start: int, count: int) -> int:
             args = []
             for address, code in operands:
                 args += [address + start * _C_ITEMSIZE[code] if address else None, code]
-            return self._lib.moxkit_extrapolate(*args, count, *scales)
+            return self._lib.moxkit_extrapolate(*args, count, *scales, nan_bits)
 
         parts = min(self.threads, max(1, n // MIN_ELEMS_PER_THREAD))
         if parts == 1:
-            return run(0, n) == 0
-        step = -(-n // parts) + 1023 & ~1023  # 1024-aligned pieces keep vector loops aligned
-        starts = range(0, n, step)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="moxkit-cpu")
-        futures = [self._pool.submit(run, s, min(step, n - s)) for s in starts[1:]]
-        bad = run(0, min(step, n))
-        return bad + sum(f.result() for f in futures) == 0
+            counts = [run(0, n)]
+        else:
+            step = -(-n // parts) + 1023 & ~1023  # 1024-aligned pieces keep vector loops aligned
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="moxkit-cpu")
+            futures = [self._pool.submit(run, s, min(step, n - s)) for s in range(step, n, step)]
+            counts = _run_then_settle(lambda: run(0, step), futures)
+        if any(c == _INPUT_CHANGED for c in counts):
+            raise MoxError("an input file changed while being read (truncated or rewritten "
+                           "by another process?)")
+        return sum(counts) == 0
 
     def close(self) -> None:
         self._torch_path = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def _run_then_settle(first, futures: list[Future]) -> list[int]:
+    """first() here, then every future's result. An exception arriving meanwhile (a signal
+    handler's KeyboardInterrupt, a worker's own) is raised only once every future has
+    finished, or was cancelled before it started: then the caller may free the buffers."""
+    error: BaseException | None = None
+    counts: list[int] = []
+    try:
+        counts.append(first())
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the wait
+        error = exc
+    while True:
+        try:
+            if error is not None:
+                for f in futures:
+                    f.cancel()  # those not started never will; the running ones finish
+            wait(futures)
+            break
+        except BaseException as exc:  # noqa: BLE001 - a second interrupt: keep waiting
+            error = error or exc
+    if error is not None:
+        raise error
+    return counts + [f.result() for f in futures]
 
 
 def _length(x) -> int:
@@ -143,18 +175,50 @@ def _fused_library():
     """The C library built at install time (setup.py), or None where it was not built."""
     if not _LIBRARY:
         spec = importlib.util.find_spec("moxkit._fused")
-        lib = None
-        if spec is not None and spec.origin and os.path.exists(spec.origin):
-            lib = ctypes.CDLL(spec.origin)
-            fn = lib.moxkit_extrapolate
-            fn.restype = ctypes.c_int64
-            fn.argtypes = [
-                ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,
-            ]  # fmt: skip
-        _LIBRARY.append(lib)
+        ok = spec is not None and spec.origin and os.path.exists(spec.origin)
+        _LIBRARY.append(_load_library(spec.origin) if ok else None)
     return _LIBRARY[0]
+
+
+def _load_library(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    fn = lib.moxkit_extrapolate
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+        ctypes.c_uint32,
+    ]  # fmt: skip
+    for name in ("moxkit_cpu_paths", "moxkit_cpu_path"):
+        getattr(lib, name).restype = ctypes.c_int
+    lib.moxkit_set_cpu_path.argtypes = [ctypes.c_int]
+    return lib
+
+
+def cpu_paths() -> list[str]:
+    """The C loop's paths this CPU runs (generic, avx2, avx512), slowest first; [] where the
+    C library was not built."""
+    lib = _fused_library()
+    mask = lib.moxkit_cpu_paths() if lib else 0
+    return [name for i, name in enumerate(CPU_PATHS) if mask >> i & 1]
+
+
+def cpu_path() -> str | None:
+    """The path the C loop uses now (the best one, unless set_cpu_path chose another)."""
+    lib = _fused_library()
+    return CPU_PATHS[lib.moxkit_cpu_path()] if lib else None
+
+
+def set_cpu_path(name: str | None) -> None:
+    """Make every later call of the C loop in this process take path `name` (None: the best
+    this CPU runs). For tests and benchmarks; call it while no extrapolation runs."""
+    lib = _fused_library()
+    if lib is None:
+        raise MoxError("the C loop (moxkit/_fused.c) was not built")
+    if name is not None and name not in cpu_paths():
+        raise MoxError(f"CPU path {name!r}: this CPU runs {', '.join(cpu_paths())}")
+    lib.moxkit_set_cpu_path(-1 if name is None else CPU_PATHS.index(name))
 
 
 def get_backend(device: str = "auto", **options):
