@@ -13,11 +13,12 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import MoxError
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -36,6 +37,7 @@ class Loaded:
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto" is the first CUDA device when there is one, else the CPU; asking for CUDA
     without one is an error, not a silent fallback."""
+    import torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -76,14 +78,19 @@ def load_model(
     name: str,
     *,
     tokenizer: Any = None,
-    dtype: torch.dtype | Literal["auto"] = torch.float32,
+    dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
 ) -> Loaded:
     """A model folder, or a transformers model given in memory (then pass tokenizer=; it is
     deep-copied, so the caller's model is never modified), as `dtype` on `device`, in eval
     mode. Training wants fp32 (updates at lr 1e-5 vanish in bf16 weights); "auto" keeps the
-    stored dtype."""
+    stored dtype. Imports torch only when called: check_model_dir is all a command needs to
+    report a wrong folder at once."""
+    import torch
+
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     if not isinstance(model, (str, os.PathLike)):
         if tokenizer is None:
             raise MoxError(f"{name}: a model given in memory needs tokenizer=")
@@ -109,6 +116,7 @@ def load_model(
 
 def stored_dtype(config: Any) -> torch.dtype:
     """The dtype a config says the weights are stored in (fp32 when it does not say)."""
+    import torch
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)

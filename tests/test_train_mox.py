@@ -11,7 +11,15 @@ from transformers import TrainerCallback
 
 from moxkit.text import IGNORE, encode, load_rows
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
-from moxkit.train import TrainConfig, extrapolate_model, finetune, train_mem, unlearn
+from moxkit.train import (
+    ExtrapolationConfig,
+    LossConfig,
+    TrainConfig,
+    extrapolate_model,
+    finetune,
+    train_mem,
+    unlearn,
+)
 
 FORGET = tiny_facts(8, offset=0)
 RETAIN = tiny_facts(24, offset=8)
@@ -75,7 +83,8 @@ def test_memorize_then_extrapolate(ref, tok):
     assert kl_mem < 0.5 * (f_ref - f_mem)  # ... while staying close to θ_ref on retain
 
     # without the KL term (the task-vector run) retain drifts further
-    free = train_mem(ref, FORGET, None, config=MEM, tokenizer=tok, kl_weight=0).model
+    free = train_mem(ref, FORGET, None, config=MEM, tokenizer=tok,
+                     loss=LossConfig(kl_weight=0)).model
     assert retain_kl(ref, free, tok) > 1.3 * kl_mem
 
     forget_model = extrapolate_model(ref, mem, alpha=2.0)
@@ -84,7 +93,8 @@ def test_memorize_then_extrapolate(ref, tok):
     assert f_for - f_ref > 2 * (r_for - r_ref)
 
     # unlearn(method="mox") is the same pipeline: same θ_mem, same extrapolation
-    result = unlearn(ref, FORGET, RETAIN, method="mox", alpha=2.0, config=MEM, tokenizer=tok)
+    result = unlearn(ref, FORGET, RETAIN, method="mox", config=MEM, tokenizer=tok,
+                     extrapolation=ExtrapolationConfig(alpha=2.0))
     for (name, a), b in zip(
         result.model.named_parameters(), forget_model.parameters(), strict=True
     ):
@@ -93,12 +103,14 @@ def test_memorize_then_extrapolate(ref, tok):
 
 def test_targeted_answer_becomes_likelier(ref, tok):
     idk_rows = [{"question": r["question"], "answer": IDK} for r in FORGET]
-    result = unlearn(ref, FORGET, RETAIN, alpha=2.0, target_answer=IDK, config=MEM, tokenizer=tok)
-    plain = unlearn(ref, FORGET, RETAIN, alpha=2.0, config=MEM, tokenizer=tok)
+    two = ExtrapolationConfig(alpha=2.0)
+    result = unlearn(ref, FORGET, RETAIN, extrapolation=two, target_answer=IDK, config=MEM,
+                     tokenizer=tok)
+    plain = unlearn(ref, FORGET, RETAIN, extrapolation=two, config=MEM, tokenizer=tok)
     before, after = nll(ref, idk_rows, tok), nll(result.model, idk_rows, tok)
     assert after < before - 1.0
     assert after < nll(plain.model, idk_rows, tok) - 1.0  # the target term, not extrapolation
-    assert any("target_nll" in r for r in result.log)
+    assert any("target_nll_at_forget_model" in r for r in result.log)
 
 
 class Snapshots(TrainerCallback):
@@ -117,8 +129,9 @@ def test_momentum_matches_closed_form(ref, tok, tmp_path):
     alpha, eta, every = 2.0, 0.675, 3
     config = TrainConfig(max_steps=8, lr=2e-3, batch_size=4, warmup_epochs=0, progress=False)
     snaps = Snapshots()
-    result = unlearn(ref, FORGET, RETAIN, alpha=alpha, momentum_eta=eta, extrapolate_every=every,
-                     config=config, tokenizer=tok, callbacks=[snaps])  # fmt: skip
+    momentum = ExtrapolationConfig(alpha=alpha, eta=eta, extrapolate_every=every)
+    result = unlearn(ref, FORGET, RETAIN, extrapolation=momentum, config=config, tokenizer=tok,
+                     callbacks=[snaps])
     ticks = [r["step"] for r in result.log if r.get("event") in ("momentum", "extrapolate")]
     assert ticks == [3, 6, 8]  # every K steps, and the last step
     theta_ref = {n: p.detach().double() for n, p in ref.named_parameters()}
@@ -149,8 +162,9 @@ def test_disk_path_equals_memory_path(ref, tok, tmp_path, dtype):
     outs = {}
     for where in ("memory", "disk"):
         out = tmp_path / where
-        unlearn(tmp_path / "ref", FORGET, RETAIN, out, alpha=4.0, momentum_eta=0.5,
-                extrapolate_every=2, extrapolate_on=where, config=config)  # fmt: skip
+        momentum = ExtrapolationConfig(alpha=4.0, eta=0.5, extrapolate_every=2,
+                                       extrapolate_on=where)
+        unlearn(tmp_path / "ref", FORGET, RETAIN, out, extrapolation=momentum, config=config)
         outs[where] = load_file(out / "model.safetensors")
         assert {t.dtype for t in outs[where].values()} == {dtype}
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -165,7 +179,8 @@ def test_baselines_move_forget_nll_up(ref, tok):
     for method in ("ga", "graddiff", "npo"):
         model = unlearn(ref, FORGET, RETAIN, method=method, config=short, tokenizer=tok).model
         assert nll(model, FORGET, tok) > f_ref + 0.3, method
-    tv = unlearn(ref, FORGET, None, method="task-vector", alpha=2.0, config=MEM, tokenizer=tok)
+    tv = unlearn(ref, FORGET, None, method="task-vector", config=MEM, tokenizer=tok,
+                 extrapolation=ExtrapolationConfig(alpha=2.0))
     assert nll(tv.model, FORGET, tok) > f_ref + 0.2
     assert [r["step"] for r in tv.log if "retain_kl" in r] == []  # no KL term
 

@@ -16,10 +16,12 @@ from moxkit.tiny import build_tiny_llama, build_word_tokenizer
 from moxkit.train.data import Collator, PairDataset, PairSampler
 from moxkit.train.objectives import (
     default_npo_floor,
+    kl_mask,
     npo_loss,
     sequence_kl,
     sequence_logprob,
     sequence_nll,
+    simnpo_loss,
 )
 
 ROWS = [
@@ -153,21 +155,36 @@ def test_sequence_nll_matches_transformers_loss(tok):
     )
 
 
-def test_sequence_kl_matches_fp64(tok):
-    _, batch, logits, _ = _batch(tok, seed=0)
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_sequence_kl_matches_fp64(tok, positions):
+    """KL(p_ref ‖ p) per position in fp64, averaged over the chosen positions of each row:
+    every real token (TOFU / open-unlearning), or those predicting an answer token."""
+    _, batch, logits, examples = _batch(tok, seed=0)
     _, _, ref_logits, _ = _batch(tok, seed=1)
-    labels = batch["forget_labels"]
-    ours = sequence_kl(ref_logits, logits, labels).numpy()
+    labels, attention = batch["forget_labels"], batch["forget_attention_mask"]
+    mask = kl_mask(labels, attention, positions)
+    ours = sequence_kl(ref_logits, logits, mask).numpy()
     lp = torch.log_softmax(logits.double(), -1).numpy()
     lr = torch.log_softmax(ref_logits.double(), -1).numpy()
-    for row in range(labels.shape[0]):
-        kls = [
-            float(np.sum(np.exp(lr[row, t]) * (lr[row, t] - lp[row, t])))
-            for t in range(labels.shape[1] - 1)
-            if labels[row, t + 1] != IGNORE
-        ]
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        if positions == "all":
+            chosen = range(n)
+        else:
+            chosen = [t for t in range(n - 1) if example.labels[t + 1] != IGNORE]
+        kls = [float(np.sum(np.exp(lr[row, t]) * (lr[row, t] - lp[row, t]))) for t in chosen]
         assert ours[row] == pytest.approx(sum(kls) / len(kls), rel=1e-5)
-    assert (sequence_kl(logits, logits, labels).abs() < 1e-6).all()
+    assert (sequence_kl(logits, logits, mask).abs() < 1e-6).all()
+
+
+def test_simnpo_loss_matches_formula():
+    """SimNPO: −(2/β)·log σ(−(β/|y|)·log p(y|x) − γ) from the mean NLL, in fp64."""
+    mean_nll = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    for beta, gamma in ((4.5, 0.0), (2.5, 1.0)):
+        want = [(2 / beta) * math.log1p(math.exp(-(beta * x - gamma))) for x in mean_nll.tolist()]
+        np.testing.assert_allclose(simnpo_loss(mean_nll, beta, gamma).numpy(), want, rtol=1e-12)
+    # decreasing in the NLL: descending on it raises the forget NLL
+    assert (simnpo_loss(mean_nll, 4.5, 0.0).diff() < 0).all()
 
 
 def test_npo_loss_and_floor():

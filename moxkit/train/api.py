@@ -1,35 +1,32 @@
 """Public entry points: fine-tune, memorize (θ_mem), unlearn (MOX or a baseline).
 
-All of them share one data pipeline and one Trainer; they differ in the loss (a LossSpec)
-and in what happens after training (MOX and task vectors extrapolate). Every process of a
+All of them share one data pipeline and one Trainer; they differ in the loss and in what
+happens after training, both read from the METHODS table. A call is first turned into a
+Request and checked without loading anything (moxkit.train.request); every process of a
 distributed run calls the same function; only the main process writes files.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from moxkit.errors import MoxError
 from moxkit.hf import load_model
-from moxkit.text import Row, encode, load_rows
+from moxkit.text import encode, load_rows
 
-from .config import TrainConfig
+from .config import ExtrapolationConfig, LossConfig, TrainConfig
 from .data import PairDataset
-from .momentum import InMemoryExtrapolator, cpu_fp32_state
+from .methods import METHODS, get_method
+from .momentum import InMemoryExtrapolator, cpu_fp32_state, default_every
 from .objectives import LossSpec
+from .request import Checked, Data, ModelArg, Request
 from .session import Run
 from .trainer import steps_per_epoch
-
-Rows = Sequence[dict]  # rows given directly, as a JSONL file would hold them
-Data = str | os.PathLike | Rows
-ModelArg = Any  # a model directory, or a transformers PreTrainedModel (then pass tokenizer=)
-METHODS = ("mox", "ga", "graddiff", "npo", "task-vector")
 
 
 @dataclass
@@ -49,7 +46,7 @@ class TrainResult:
 class UnlearnResult(TrainResult):
     method: str = "mox"
     alpha: float | None = None
-    momentum_eta: float | None = None
+    eta: float | None = None
 
 
 def finetune(
@@ -57,18 +54,24 @@ def finetune(
     rows: Data,
     out: str | os.PathLike | None = None,
     *,
-    config: TrainConfig,
+    config: TrainConfig | None = None,
     tokenizer: Any = None,
     force: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Plain NLL fine-tuning on `rows` (e.g. the demo's reference and retain-only models).
     The output keeps the training precision (fp32)."""
-    arguments = _describe(locals())
-    train_rows = load_rows(rows, "ROWS")
+    config = config or TrainConfig()
+    config.validate()
+    train_rows = load_rows(rows, "rows")
+    if out is not None:
+        from moxkit.atomic import check_output
+
+        check_output(out, force=force, inputs=_paths(model, rows))
     with Run(out, force, config, len(train_rows)) as run:
-        run.write_args("finetune", arguments)
-        base = load_model(model, "MODEL", tokenizer=tokenizer)
+        run.write_args("finetune", {"model": _described(model), "rows": _described(rows)})
+        base = load_model(model, "model", tokenizer=tokenizer)
+        run.keep_names_of(base)
         examples = encode(train_rows, base.tokenizer, config.max_length, config.chat_template)
         spec = LossSpec(forget="nll", primary="train")
         trainer = run.train(base, PairDataset(examples, primary="train"), spec, None, callbacks)
@@ -84,23 +87,26 @@ def train_mem(
     retain: Data | None,
     out: str | os.PathLike | None = None,
     *,
-    config: TrainConfig,
-    tokenizer: Any = None,
-    objective: Literal["nll", "npo"] = "nll",
-    kl_weight: float = 1.0,
-    npo_beta: float = 0.1,
-    npo_floor: float | None = None,
+    config: TrainConfig | None = None,
+    loss: LossConfig | None = None,
     target_answer: str | Sequence[str] | None = None,
+    alpha: float = ExtrapolationConfig.alpha,
     init_from: ModelArg | None = None,
+    tokenizer: Any = None,
     force: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train the memorization model θ_mem (MOX step 1): NLL (or negated, floored NPO) on the
-    forget set plus kl_weight × KL(θ_ref ‖ θ) on retain answers; with target_answer, minus the
-    NLL of the replacement answers. Saved in fp32: the difference θ_mem − θ_ref is what MOX
-    amplifies, and bf16 rounding would drown it. With init_from (continual unlearning),
-    training starts from that model and θ_ref stays MODEL."""
-    return _run("memorize", _describe(locals()), **_kwargs(locals()))
+    forget set plus kl_weight × KL(θ_ref ‖ θ) on retain rows. With target_answer (targeted
+    MOX), also the NLL of the replacement answers at the forget model (1+α)·θ_ref − α·θ,
+    for the α θ_mem will be extrapolated with. Saved in fp32 under MODEL's tensor names: the
+    difference θ_mem − θ_ref is what MOX amplifies, and bf16 rounding would drown it. With
+    init_from (continual unlearning), training starts from that model and θ_ref stays MODEL."""
+    request = Request(METHODS["memorize"], model, forget, retain, out,
+                      config or TrainConfig(), loss or LossConfig(),
+                      ExtrapolationConfig(alpha=alpha), target_answer, init_from,
+                      force=force)  # fmt: skip
+    return run(request, tokenizer=tokenizer, callbacks=callbacks)
 
 
 def unlearn(
@@ -110,40 +116,33 @@ def unlearn(
     out: str | os.PathLike | None = None,
     *,
     method: str = "mox",
-    alpha: float = 4.0,
-    momentum_eta: float | None = None,
-    extrapolate_every: int | None = None,
-    config: TrainConfig,
-    tokenizer: Any = None,
-    objective: Literal["nll", "npo"] = "nll",
-    kl_weight: float = 1.0,
-    npo_beta: float = 0.1,
-    npo_floor: float | None = None,
+    config: TrainConfig | None = None,
+    loss: LossConfig | None = None,
+    extrapolation: ExtrapolationConfig | None = None,
     target_answer: str | Sequence[str] | None = None,
     init_from: ModelArg | None = None,
     save_mem: str | os.PathLike | None = None,
-    extrapolate_on: Literal["auto", "memory", "disk"] = "auto",
+    tokenizer: Any = None,
     force: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> UnlearnResult:
-    """Unlearn the forget set from MODEL.
+    """Unlearn the forget set from MODEL with a method of METHODS (moxkit.train.methods).
 
-    mox: train θ_mem (as train_mem), then θ_for = (1+α)·θ_ref − α·θ_mem; with momentum_eta,
-    θ_for is updated every `extrapolate_every` optimizer steps (default: once per epoch) and
-    at the last step. task-vector: the same without the KL term. ga: gradient ascent on the
-    forget NLL. graddiff: ascent on forget + NLL on retain. npo: NPO (β = npo_beta, reference
-    θ_ref) + NLL on retain. Extrapolated models are saved in MODEL's dtype, trained ones
-    (the baselines) in fp32. extrapolate_on="disk" streams θ_ref, θ_mem and θ_for through
+    mox: train θ_mem (as train_mem), then θ_for = (1+α)·θ_ref − α·θ_mem; with
+    extrapolation.eta (MOX-Mo), θ_for is updated every extrapolate_every optimizer steps and
+    at the last step. Extrapolated models are saved in MODEL's dtype, trained ones (the
+    baselines) in fp32; extrapolate_on="disk" streams θ_ref, θ_mem and θ_for through
     `moxkit.extrapolate` instead of holding two fp32 copies in RAM."""
-    if method not in METHODS:
-        raise MoxError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    return _run(method, _describe(locals()), **_kwargs(locals(), "method"))
+    request = Request(get_method(method), model, forget, retain, out, config or TrainConfig(),
+                      loss or LossConfig(), extrapolation or ExtrapolationConfig(),
+                      target_answer, init_from, save_mem, force)  # fmt: skip
+    return run(request, tokenizer=tokenizer, callbacks=callbacks)
 
 
 def extrapolate_model(ref: Any, mem: Any, alpha: float) -> Any:
     """θ_for = (1+α)·θ_ref − α·θ_mem for two in-memory models, with the streaming engine's
     arithmetic (fp32, one rounding); returns a new model, the inputs are untouched."""
-    _check_alpha(alpha)
+    ExtrapolationConfig(alpha=alpha).validate()
     _check_same_shapes(ref, mem, "mem")
     ext = InMemoryExtrapolator(cpu_fp32_state(ref.named_parameters()), alpha, None)
     ext.update(mem.named_parameters())
@@ -152,175 +151,98 @@ def extrapolate_model(ref: Any, mem: Any, alpha: float) -> Any:
     return forget_model
 
 
-def _run(
-    method: str,
-    arguments: dict,
-    *,
-    model,
-    forget,
-    retain,
-    out,
-    config: TrainConfig,
-    tokenizer,
-    objective: str,
-    kl_weight: float,
-    npo_beta: float,
-    npo_floor: float | None,
-    target_answer,
-    init_from,
-    force: bool,
-    callbacks,
-    alpha: float = 4.0,
-    momentum_eta: float | None = None,
-    extrapolate_every: int | None = None,
-    save_mem=None,
-    extrapolate_on: str = "auto",
-) -> UnlearnResult:
-    """train_mem (method "memorize") and unlearn: validate cheap things first (options, data
-    files), then load the model, train, and extrapolate if the method does."""
-    extrapolates = method in ("mox", "task-vector")
-    _check_options(method, alpha, momentum_eta, extrapolate_every, objective, kl_weight, npo_beta)
-    if not extrapolates and method != "memorize" and target_answer is not None:
-        raise MoxError(f"--target-answer: only for MOX, not --method {method}")
-    uses_kl = method in ("mox", "memorize") and kl_weight > 0
-    forget_rows = load_rows(forget, "--forget")
-    if retain is None and (uses_kl or method in ("graddiff", "npo")):
-        hint = " (or set --kl-weight 0)" if uses_kl else ""
-        raise MoxError(f"--retain: needed by --method {method}{hint}")
-    retain_rows = load_rows(retain, "--retain") if retain is not None else None
-
-    with Run(out, force, config, len(forget_rows)) as run:
-        run.write_args("train-mem" if method == "memorize" else "unlearn", arguments)
-        ref = load_model(model, "MODEL", tokenizer=tokenizer)
+def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = None,
+        callbacks: Sequence[Any] = ()) -> UnlearnResult:  # fmt: skip
+    """Carry out a request: check it (unless `checked`, its check() result, is given), then
+    load, train, and extrapolate if the method does."""
+    rows = checked or request.check()
+    method, config, ext = request.method, request.config, request.extrapolation
+    spec = method.loss_spec(request.loss, ext.alpha, request.targeted)
+    with Run(request.out, request.force, config, len(rows.forget)) as run:
+        run.write_args("train-mem" if method.name == "memorize" else "unlearn",
+                       _arguments(request))  # fmt: skip
+        ref = load_model(request.model, "model", tokenizer=tokenizer)
+        run.keep_names_of(ref)
         start = ref
-        if init_from is not None:
-            start = load_model(init_from, "--init-from", tokenizer=ref.tokenizer)
-        _check_same_shapes(ref.model, start.model, "--init-from")
+        if request.init_from is not None:
+            start = load_model(request.init_from, "init_from", tokenizer=ref.tokenizer)
+            _check_same_shapes(ref.model, start.model, "init_from")
         tok = ref.tokenizer
-        forget_ex = encode(forget_rows, tok, config.max_length, config.chat_template)
+        forget_ex = encode(rows.forget, tok, config.max_length, config.chat_template)
         retain_ex = None
-        if retain_rows is not None:
-            retain_ex = encode(retain_rows, tok, config.max_length, config.chat_template)
-        targets = _target_examples(target_answer, forget_rows, tok, config)
-        spec = _loss_spec(method, objective, kl_weight, npo_beta, npo_floor, targets is not None)
+        if rows.retain is not None and spec.retain is not None:
+            retain_ex = encode(rows.retain, tok, config.max_length, config.chat_template)
+        targets = None
+        if rows.targets is not None:
+            targets = encode(rows.targets, tok, config.max_length, config.chat_template)
         reference = None
         if spec.needs_reference and not config.lora:  # with LoRA: the adapters disabled
             # frozen, so it can stay in its stored dtype (half the memory of fp32 for bf16)
             reference = copy.deepcopy(ref.model) if start is ref else ref.model
             reference.to(ref.stored_dtype).eval().requires_grad_(False)
-        dataset = PairDataset(forget_ex, retain_ex if spec.retain else None, targets)
+        dataset = PairDataset(forget_ex, retain_ex, targets)
 
         extra, extrapolator = [], None
-        if extrapolates:
-            extrapolator = run.extrapolator(ref, alpha, momentum_eta, extrapolate_on)
-            if momentum_eta is not None:
-                every = extrapolate_every or steps_per_epoch(len(forget_ex), config)
-                extra.append(run.momentum_callback(extrapolator, every))
+        if method.extrapolates:
+            extrapolator = run.extrapolator(ref, ext.alpha, ext.eta, ext.extrapolate_on)
+            if ext.eta is not None:
+                total = _total_steps(len(forget_ex), config)
+                extra.append(run.momentum_callback(
+                    extrapolator, ext.extrapolate_every or default_every(total)))  # fmt: skip
         trainer = run.train(start, dataset, spec, reference, [*extra, *callbacks])
         steps = trainer.state.global_step
-        if not extrapolates:
+        if not method.extrapolates:
             run.save_trained(tok)
             result_model = run.model.eval()
         else:
-            if save_mem is not None:
-                run.save_elsewhere(tok, Path(save_mem), force)
-            run.log.event({"step": steps, "event": "extrapolate", "alpha": alpha,
-                           "eta": momentum_eta, "tick": extrapolator.ticks + 1})  # fmt: skip
+            if request.save_mem is not None:
+                run.save_elsewhere(tok, Path(request.save_mem))
+            run.log.event({"step": steps, "event": "extrapolate", "alpha": ext.alpha,
+                           "eta": ext.eta, "tick": extrapolator.ticks + 1})  # fmt: skip
             result_model = run.finish_extrapolation(extrapolator, tok, ref.stored_dtype)
             if result_model is not None:
                 result_model.eval()
     return UnlearnResult(
-        result_model, tok, run.result_path, steps, run.log.records, method=method,
-        alpha=alpha if extrapolates else None,
-        momentum_eta=momentum_eta if extrapolates else None,
+        result_model, tok, run.result_path, steps, run.log.records, method=method.name,
+        alpha=ext.alpha if method.extrapolates else None,
+        eta=ext.eta if method.extrapolates else None,
     )  # fmt: skip
 
 
-# --- checks and small helpers ----------------------------------------------------------------
+def _total_steps(n_forget: int, config: TrainConfig) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return max(1, round(config.epochs * steps_per_epoch(n_forget, config)))
 
 
-def _kwargs(local_vars: dict, *drop: str) -> dict:
-    return {k: v for k, v in local_vars.items() if k not in drop}
+# --- small helpers ----------------------------------------------------------------------------
 
 
-def _describe(arguments: dict) -> dict:
+def _arguments(request: Request) -> dict:
     """The run's arguments as JSON-friendly values (rows and models given in memory are
-    summarised, not dumped)."""
-    out = {}
-    for key, value in arguments.items():
-        if key == "callbacks":
-            continue
-        if isinstance(value, TrainConfig):
-            continue
-        if isinstance(value, (str, int, float, bool, type(None))):
-            out[key] = value
-        elif isinstance(value, os.PathLike):
-            out[key] = str(value)
-        elif isinstance(value, Sequence):
-            out[key] = f"<{len(value)} rows given in memory>"
-        else:
-            out[key] = f"<{type(value).__name__} given in memory>"
+    summarised, not dumped), for moxkit_args.json."""
+    out = {"method": request.method.name, "model": _described(request.model),
+           "forget": _described(request.forget), "retain": _described(request.retain),
+           "init_from": _described(request.init_from), "save_mem": _described(request.save_mem),
+           "target_answer": _described(request.target_answer),
+           "loss": asdict(request.loss)}  # fmt: skip
+    if request.method.extrapolates or request.targeted:
+        out["extrapolation"] = asdict(request.extrapolation)
     return out
 
 
-def _check_alpha(alpha: float) -> None:
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise MoxError(f"--alpha {alpha}: must be a positive number")
+def _described(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, Sequence):
+        return f"<{len(value)} rows given in memory>"
+    return f"<{type(value).__name__} given in memory>"
 
 
-def _check_options(method, alpha, eta, every, objective, kl_weight, npo_beta) -> None:
-    if method in ("mox", "task-vector"):
-        _check_alpha(alpha)
-    if eta is not None:
-        if method not in ("mox", "task-vector"):
-            raise MoxError(f"--momentum: only for --method mox or task-vector, not {method}")
-        if not (math.isfinite(eta) and 0 < eta <= 1):
-            raise MoxError(f"--momentum {eta}: must be in (0, 1]")
-    if every is not None and every < 1:
-        raise MoxError(f"--extrapolate-every {every}: must be at least 1")
-    if objective not in ("nll", "npo"):
-        raise MoxError(f"--objective {objective!r}: expected nll or npo")
-    if not (math.isfinite(kl_weight) and kl_weight >= 0):
-        raise MoxError(f"--kl-weight {kl_weight}: must be non-negative")
-    if not (math.isfinite(npo_beta) and npo_beta > 0):
-        raise MoxError(f"--npo-beta {npo_beta}: must be positive")
-
-
-def _loss_spec(method, objective, kl_weight, npo_beta, npo_floor, targeted) -> LossSpec:
-    common = {"npo_beta": npo_beta, "npo_floor": npo_floor}
-    if method in ("mox", "memorize"):
-        forget = "nll" if objective == "nll" else "npo_mem"
-        retain = "kl" if kl_weight > 0 else None
-        return LossSpec(forget, retain, kl_weight, 1.0 if targeted else 0.0, **common)
-    if method == "task-vector":
-        return LossSpec("nll", None, 0.0, 1.0 if targeted else 0.0, **common)
-    if method == "ga":
-        return LossSpec("neg_nll", None, **common)
-    if method == "graddiff":
-        return LossSpec("neg_nll", "nll", **common)
-    return LossSpec("npo", "nll", **common)  # npo
-
-
-def _target_examples(target_answer, forget_rows: list[Row], tokenizer, config: TrainConfig):
-    """Replacement answers: one for all forget rows, or one per row, in order."""
-    if target_answer is None:
-        return None
-    answers = (
-        [target_answer] * len(forget_rows)
-        if isinstance(target_answer, str)
-        else list(target_answer)
-    )
-    if len(answers) != len(forget_rows):
-        raise MoxError(
-            f"--target-answer/--target-file: {len(answers)} replacement answers"
-            f" for {len(forget_rows)} forget rows"
-        )
-    if not all(isinstance(a, str) and a.strip() for a in answers):
-        raise MoxError("--target-answer: replacement answers must be non-empty text")
-    rows = [
-        Row(r.prompt, a, f"{r.where} (target)") for r, a in zip(forget_rows, answers, strict=True)
-    ]
-    return encode(rows, tokenizer, config.max_length, config.chat_template)
+def _paths(*values: Any) -> list[Path]:
+    return [Path(v) for v in values if isinstance(v, (str, os.PathLike))]
 
 
 def _check_same_shapes(ref, other, what: str) -> None:
@@ -330,4 +252,4 @@ def _check_same_shapes(ref, other, what: str) -> None:
     b = {n: p.shape for n, p in other.named_parameters()}
     if a != b:
         diff = sorted(set(a) ^ set(b)) or [n for n in a if a[n] != b[n]]
-        raise MoxError(f"{what}: not the same architecture as MODEL (e.g. {diff[0]})")
+        raise MoxError(f"{what}: not the same architecture as the model (e.g. {diff[0]})")

@@ -1,12 +1,15 @@
-"""Training hyperparameters, with the paper's defaults, shared by every method so that MOX and
-the baselines are compared under the same settings."""
+"""What a training run is told, as three dataclasses with the paper's defaults, shared by every
+method so that MOX and the baselines are compared under the same settings. Each field carries
+its help and bounds (moxkit.fields): the library checks values by these names and the CLI
+generates its options from them, so no setting is declared twice."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
-from moxkit.errors import MoxError
+from moxkit.fields import check, setting
+from moxkit.formula import PAPER_ETA, check_alpha, check_eta
 
 
 @dataclass
@@ -16,40 +19,100 @@ class TrainConfig:
     batch_size / (world_size × grad_accum) rows per forward pass, so the same command gives the
     same run on one device or eight."""
 
-    epochs: float = 10.0
-    lr: float = 1e-5
-    batch_size: int = 32
-    grad_accum: int = 1
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    max_length: int = 512
-    seed: int = 0
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    chat_template: bool = False  # format prompts with the tokenizer's chat template
-    bf16: bool | None = None  # None: bf16 autocast where the device supports it
-    gradient_checkpointing: bool = False
-    lora: int | None = None  # LoRA rank (PEFT); None trains all weights
-    progress: bool = True
+    epochs: float = setting(10.0, "Training epochs over the forget set.", above=0)
+    lr: float = setting(1e-5, "Peak learning rate (AdamW).", above=0)
+    batch_size: int = setting(
+        32, "Effective (global) batch, whatever the number of processes.", minimum=1
+    )
+    grad_accum: int = setting(1, "Gradient accumulation steps per optimizer step.", minimum=1)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", minimum=0)
+    warmup_epochs: float = setting(1.0, "Linear warm-up, then linear decay.", minimum=0)
+    max_length: int = setting(512, "Rows are cut to this many tokens.", minimum=2)
+    seed: int = setting(0, "Seed of the data order (and of LoRA's initialisation).")
+    max_steps: int | None = setting(
+        None, "Stop after this many optimizer steps (overrides --epochs).", minimum=1
+    )
+    chat_template: bool = setting(False, "Format prompts with the tokenizer's chat template.")
+    bf16: bool | None = setting(None, "bf16 autocast (default: where the device supports it).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations to save memory.")
+    lora: int | None = setting(
+        None,
+        "Train LoRA adapters of this rank (needs peft); the reference is the base model "
+        "with adapters disabled.",
+        minimum=1,
+    )
+    progress: bool = setting(True, "Show progress.", cli=False)
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs > 0 and math.isfinite(self.epochs), "--epochs", "a positive number"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr", "a positive number"),
-            (self.batch_size >= 1, "--batch-size", "at least 1"),
-            (self.grad_accum >= 1, "--grad-accum", "at least 1"),
-            (self.weight_decay >= 0, "--weight-decay", "non-negative"),
-            (self.warmup_epochs >= 0, "--warmup-epochs", "non-negative"),
-            (self.max_length >= 2, "--max-length", "at least 2"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps", "at least 1"),
-            (self.lora is None or self.lora >= 1, "--lora", "a rank of at least 1"),
-        ]
-        for ok, flag, want in checks:
-            if not ok:
-                raise MoxError(f"{flag} {getattr(self, _attr(flag))}: must be {want}")
+        check(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _attr(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+@dataclass
+class LossConfig:
+    """The loss terms' knobs. Which terms a method uses is the METHODS table's business
+    (moxkit.train.methods); a knob a method does not use is refused there."""
+
+    objective: Literal["nll", "npo"] = setting(
+        "nll", "Memorization loss on the forget set: NLL, or the negated (floored) NPO loss."
+    )
+    kl_weight: float = setting(
+        1.0, "λ: weight of KL(θ_ref ‖ θ) on retain rows (MOX's memorization).", minimum=0
+    )
+    kl_positions: Literal["all", "answer"] = setting(
+        "all",
+        "Retain positions the KL averages over: every token of the row, as TOFU and "
+        "open-unlearning do (the question's names are protected too), or the answer only.",
+    )
+    retain_weight: float = setting(
+        1.0, "Weight of the retain NLL of graddiff, npo and simnpo.", minimum=0
+    )
+    npo_beta: float = setting(0.1, "NPO β.", above=0)
+    npo_floor: float | None = setting(
+        None,
+        "Floor of the per-row negated NPO loss (default: where the log likelihood ratio "
+        "reaches 20).",
+    )
+    simnpo_beta: float = setting(4.5, "SimNPO β.", above=0)
+    simnpo_gamma: float = setting(0.0, "SimNPO margin γ.", minimum=0)
+    target_weight: float = setting(
+        1.0,
+        "Targeted MOX: weight of the replacement answers' NLL at the extrapolated model.",
+        above=0,
+    )
+
+    def validate(self) -> None:
+        check(self)
+
+
+@dataclass
+class ExtrapolationConfig:
+    """θ_for = (1+α)·θ_ref − α·θ_mem, and its momentum form (MOX-Mo)."""
+
+    alpha: float = setting(4.0, "Extrapolation strength α.", above=0)
+    eta: float | None = setting(
+        None,
+        f"MOX-Mo: weight η of the newest extrapolation, in (0, 1] (paper: {PAPER_ETA}); "
+        "none: plain MOX.",
+        above=0,
+        maximum=1,
+    )
+    extrapolate_every: int | None = setting(
+        None,
+        "MOX-Mo: extrapolate every K optimizer steps (default: a quarter of the run, "
+        "so four ticks).",
+        minimum=1,
+    )
+    extrapolate_on: Literal["auto", "memory", "disk"] = setting(
+        "auto",
+        "Hold θ_ref/θ_for in RAM, or stream them through `moxkit extrapolate` on disk "
+        "(auto: disk when two fp32 copies do not fit, or under FSDP/DeepSpeed).",
+    )
+
+    def validate(self) -> None:
+        check(self)
+        check_alpha(self.alpha, "alpha")
+        if self.eta is not None:
+            check_eta(self.eta, "eta")

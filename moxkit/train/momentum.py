@@ -4,7 +4,7 @@ form θ_for ← η·[(1+α)·θ_ref − α·θ_mem] + (1−η)·θ_for, with θ_
 Two places to hold the tensors. In memory: θ_ref and θ_for as CPU fp32 copies, updated
 tensor by tensor with the CPU backend, which is the exact arithmetic of the streaming engine,
 so both paths give the same bits. On disk, for models that do not fit: θ_mem is saved and
-`moxkit.extrapolate(..., momentum=prev)` streams the update out of core; intermediate θ_for are
+`moxkit.extrapolate(..., prev=θ_for)` streams the update out of core; intermediate θ_for are
 kept in fp32 and only the final one is rounded to the reference's dtype.
 """
 
@@ -17,8 +17,22 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from moxkit.backends import Coefficients, CpuBackend
+from moxkit.backends import CpuBackend
 from moxkit.errors import MoxError
+from moxkit.formula import Coefficients
+
+# The momentum schedule's default: this many ticks over a run. The paper leaves the tick
+# unspecified. With n ticks θ_for = Σ_k η(1−η)^(n−k)·[(1+α)θ_ref − α·θ_mem^k] + (1−η)^n·θ_ref,
+# so η only matters if the θ_mem^k it averages differ: ticks every step (or one per epoch of
+# a ten-epoch run, whose last epochs barely move under a decaying learning rate) weigh almost
+# only the final θ_mem, and the result is plain MOX whatever η. A few ticks spread over the
+# run make η the weight it is meant to be (measured in README's MOX-Mo section).
+DEFAULT_TICKS = 4
+
+
+def default_every(total_steps: int) -> int:
+    """Optimizer steps between momentum ticks when the user does not say."""
+    return max(1, -(-total_steps // DEFAULT_TICKS))
 
 
 def cpu_fp32_state(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -69,9 +83,10 @@ class InMemoryExtrapolator:
 
 
 class DiskExtrapolator:
-    """The same ticks through the streaming engine; `work` is a scratch directory."""
+    """The same ticks through the streaming engine; `work` is a scratch directory (None on
+    processes other than the main one, which never write)."""
 
-    def __init__(self, ref_dir: Path, alpha: float, eta: float | None, work: Path):
+    def __init__(self, ref_dir: Path, alpha: float, eta: float | None, work: Path | None):
         self.ref_dir, self.alpha, self.eta, self.work = Path(ref_dir), alpha, eta, work
         self.prev: Path | None = None  # None: θ_for⁰ = θ_ref
         self.ticks = 0
@@ -82,26 +97,9 @@ class DiskExtrapolator:
         from moxkit import extrapolate
 
         target = out if final else self.work / f"forget-{self.ticks + 1}"
-        if self.eta is None:
-            extrapolate(
-                self.ref_dir,
-                mem_dir,
-                target,
-                self.alpha,
-                progress=False,
-                dtype=None if final else "fp32",
-            )
-        else:
-            extrapolate(
-                self.ref_dir,
-                mem_dir,
-                target,
-                self.alpha,
-                eta=self.eta,
-                momentum=self.prev or self.ref_dir,
-                progress=False,
-                dtype=None if final else "fp32",
-            )
+        momentum = {} if self.eta is None else {"eta": self.eta, "prev": self.prev or self.ref_dir}
+        extrapolate(self.ref_dir, mem_dir, target, self.alpha, progress=False,
+                    dtype=None if final else "fp32", **momentum)  # fmt: skip
         if not final:
             if self.prev is not None:
                 shutil.rmtree(self.prev)

@@ -1,12 +1,18 @@
-"""One training run from start to finish: training arguments, the atomic output directory,
-the Trainer and its step log, the momentum ticks and the final extrapolation.
+"""One training run from start to finish: training arguments, the staged output, the Trainer
+and its step log, the momentum ticks and the final extrapolation.
 
+The output is built in a staged folder beside OUT (moxkit.atomic: locked, random name, so two
+runs with the same OUT never touch each other's files) and published only when complete.
+Scratch (the Trainer's folder, θ_mem snapshots for on-disk extrapolation) lives in a work
+folder inside it, removed before publishing; an error, Ctrl-C or SIGTERM removes all of it.
 Every process of a distributed run executes the same calls; state dicts are gathered
 collectively (FSDP/DeepSpeed need that) and only the main process writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,56 +22,73 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
+from moxkit.atomic import shielded, staged_dir
 from moxkit.errors import MoxError
 from moxkit.hf import Loaded
 from moxkit.text import pad_id
 
 from .config import TrainConfig
 from .data import Collator, PairDataset, PairSampler
-from .models import ARGS_FILE, LOG_FILE, OutputDir, save_model
+from .models import ARGS_FILE, LOG_FILE, CheckpointNames, save_model
 from .momentum import DiskExtrapolator, InMemoryExtrapolator, MomentumCallback, cpu_fp32_state
 from .objectives import LossSpec
 from .trainer import MoxTrainer, StepLog, quiet_callbacks, training_arguments
 
+WORK = ".moxkit-work"  # scratch inside the staged output, removed before it is published
+
 
 class Run:
-    """Use as a context manager: on any error the partial output is removed."""
+    """Use as a context manager; `publish()` puts the finished output in place."""
 
     def __init__(self, out, force: bool, config: TrainConfig, n_rows: int):
-        config.validate()
-        self.config = config
-        self._scratch = tempfile.TemporaryDirectory(prefix="moxkit-trainer-")
-        self.args = training_arguments(config, n_rows, Path(self._scratch.name))
-        self.is_main = self.args.process_index == 0
-        self.output = OutputDir(Path(out), force, self.is_main) if out is not None else None
+        self.config, self.force, self.n_rows = config, force, n_rows
+        self.out = Path(out) if out is not None else None
+        self.is_main = PartialState().is_main_process
+        self.staged: Path | None = None  # the folder being built (main process only)
+        self.names: CheckpointNames | None = None  # MODEL's tensor names, for every save
         self.trainer: MoxTrainer | None = None
         self.log: StepLog | None = None
         self.result_path: Path | None = None
 
     def __enter__(self) -> Run:
+        self._stack = contextlib.ExitStack()
         try:
-            if self.output is not None:
-                self.output.check()
-                self.output.start()
-                self.barrier()
+            if self.out is not None and self.is_main:
+                self.staged = self._stack.enter_context(staged_dir(self.out, force=self.force))
+                scratch = self.work / "trainer"
+                scratch.mkdir(parents=True)
+            else:
+                scratch = Path(self._stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="moxkit-trainer-")))  # fmt: skip
+            self.args = training_arguments(self.config, self.n_rows, scratch)
+            self.barrier()
         except BaseException:
-            self._scratch.cleanup()
+            self._stack.close()
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and self.output is not None:
-            self.output.abort()
-        self._scratch.cleanup()
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        return self._stack.__exit__(exc_type, exc, tb)
+
+    @property
+    def work(self) -> Path:
+        assert self.staged is not None
+        return self.staged / WORK
 
     def barrier(self) -> None:
         PartialState().wait_for_everyone()
 
     def write_args(self, command: str, arguments: dict) -> None:
-        if self.output is not None:
+        if self.staged is not None:
             data = {"command": command, **arguments, "config": self.config.to_dict()}
             data["world_size"] = self.args.world_size
-            self.output.write_json(ARGS_FILE, data)
+            text = json.dumps(data, indent=2, default=str) + "\n"
+            (self.staged / ARGS_FILE).write_text(text, encoding="utf-8")
+
+    def keep_names_of(self, ref: Loaded) -> None:
+        """Save every output under MODEL's own tensor names (see moxkit.train.models)."""
+        if ref.directory is not None:
+            self.names = CheckpointNames(ref.directory, ref.model.base_model_prefix)
 
     # --- training ---
 
@@ -83,7 +106,7 @@ class Run:
             reference=reference,
         )
         quiet_callbacks(trainer)
-        log_path = self.output.partial / LOG_FILE if self.output is not None else None
+        log_path = self.staged / LOG_FILE if self.staged is not None else None
         self.trainer = trainer
         self.log = StepLog(trainer, log_path, self.config.progress)
         for cb in (self.log, *callbacks):
@@ -99,17 +122,14 @@ class Run:
         """The trained model, unwrapped from DDP and friends."""
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
-    def _state_dict(self):
-        return self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)
-
-    def _save_to(self, directory: Path, tokenizer) -> None:
-        state = self._state_dict()  # collective under FSDP / DeepSpeed
+    def _save_to(self, directory: Path | None, tokenizer) -> None:
+        state = self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)  # collective
         if self.is_main:
-            save_model(self.model, tokenizer, directory, state)
+            save_model(self.model, tokenizer, directory, state, self.names)
 
-    def _save_mem_scratch(self) -> Path:
+    def _save_mem_scratch(self) -> Path | None:
         """θ_mem for the engine, replacing the previous tick's."""
-        mem_dir = self.output.work / "mem"
+        mem_dir = self.work / "mem" if self.is_main else None
         if self.is_main:
             shutil.rmtree(mem_dir, ignore_errors=True)
         self._save_to(mem_dir, None)
@@ -117,24 +137,28 @@ class Run:
 
     def save_trained(self, tokenizer) -> None:
         """The trained model (fp32) is the output."""
-        if self.output is not None:
-            self._save_to(self.output.partial, tokenizer)
-            self.commit()
+        if self.out is not None:
+            self._save_to(self.staged, tokenizer)
+            self.publish()
 
-    def save_elsewhere(self, tokenizer, path: Path, force: bool) -> None:
-        """θ_mem next to the forget model (--save-mem), atomically like any output."""
-        other = OutputDir(path, force, self.is_main)
-        other.check()
-        other.start()
-        self.barrier()
-        self._save_to(other.partial, tokenizer)
-        other.commit()
+    def save_elsewhere(self, tokenizer, path: Path) -> None:
+        """θ_mem next to the forget model (save_mem), staged and published like any output."""
+        with contextlib.ExitStack() as stack:
+            folder = None
+            if self.is_main:
+                folder = stack.enter_context(staged_dir(path, force=self.force))
+            self._save_to(folder, tokenizer)
         self.barrier()
 
-    def commit(self) -> None:
-        if self.output is not None:
-            self.output.commit()
-            self.result_path = self.output.out
+    def publish(self) -> None:
+        """Drop the work folder and put the staged output in place (staged_dir's exit)."""
+        if self.staged is not None:
+            with shielded():
+                shutil.rmtree(self.work, ignore_errors=True)
+            self._stack.close()
+            self.staged = None
+        if self.out is not None:
+            self.result_path = self.out
         self.barrier()
 
     # --- extrapolation ---
@@ -142,14 +166,12 @@ class Run:
     def extrapolator(self, ref: Loaded, alpha: float, eta: float | None, where: str):
         """In memory (θ_ref and θ_for as CPU fp32 copies, main process only) or on disk."""
         if self._where(ref, where) == "disk":
-            return DiskExtrapolator(ref.directory, alpha, eta, self.output.work)
+            return DiskExtrapolator(ref.directory, alpha, eta, self.work if self.is_main else None)
         state = cpu_fp32_state(ref.model.named_parameters()) if self.is_main else {}
         return InMemoryExtrapolator(state, alpha, eta)
 
     def _where(self, ref: Loaded, where: str) -> str:
-        if where not in ("auto", "memory", "disk"):
-            raise MoxError(f"--extrapolate-on {where!r}: expected auto, memory or disk")
-        possible = ref.directory is not None and self.output is not None
+        possible = ref.directory is not None and self.out is not None
         if where == "auto":
             sharded = PartialState().distributed_type in (
                 DistributedType.FSDP,
@@ -159,7 +181,7 @@ class Run:
             too_big = 2 * fp32_bytes > psutil.virtual_memory().available // 2
             return "disk" if (sharded or too_big) and possible else "memory"
         if where == "disk" and not possible:
-            raise MoxError("--extrapolate-on disk: needs MODEL as a directory and an output")
+            raise MoxError("extrapolate_on='disk': needs the model as a folder and an output")
         return where
 
     def momentum_callback(self, extrapolator, every: int) -> MomentumCallback:
@@ -179,23 +201,24 @@ class Run:
         """The final tick, into the trained model in memory (returned, in MODEL's dtype; None
         on processes other than the main one) or through the engine on disk (None)."""
         if isinstance(extrapolator, DiskExtrapolator):
-            mem_dir, built = self._save_mem_scratch(), self.output.work / "forget"
+            mem_dir = self._save_mem_scratch()
             if self.is_main:
+                built = self.work / "forget"
                 extrapolator.update(mem_dir, out=built, final=True)
-                self.output.commit(built)
-            self.barrier()
-            self.result_path = self.output.out
+                for item in built.iterdir():  # the run's own log and arguments win
+                    if not (self.staged / item.name).exists():
+                        item.rename(self.staged / item.name)
+            self.publish()
             return None
-        if not self.is_main:
-            self.barrier()
-            return None
-        model = self.model
-        extrapolator.update(model.named_parameters())
-        extrapolator.load_into(model)
-        model.to(dtype)
-        if self.output is not None:
-            save_model(model, tokenizer, self.output.partial)
-        self.commit()
+        model = None
+        if self.is_main:
+            model = self.model
+            extrapolator.update(model.named_parameters())
+            extrapolator.load_into(model)
+            model.to(dtype)
+            if self.staged is not None:
+                save_model(model, tokenizer, self.staged, names=self.names)
+        self.publish()
         return model
 
 
@@ -203,6 +226,6 @@ def _with_lora(model, rank: int):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise MoxError("--lora needs PEFT: pip install 'moxkit[lora]'") from None
+        raise MoxError("lora: needs PEFT: pip install 'moxkit[lora]'") from None
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
     return get_peft_model(model, config)

@@ -19,7 +19,15 @@ from moxkit.errors import MoxError
 
 from .config import TrainConfig
 from .data import PairSampler
-from .objectives import LossSpec, npo_loss, sequence_kl, sequence_logprob, sequence_nll
+from .objectives import (
+    LossSpec,
+    kl_mask,
+    npo_loss,
+    sequence_kl,
+    sequence_logprob,
+    sequence_nll,
+    simnpo_loss,
+)
 
 
 class MoxTrainer(Trainer):
@@ -61,10 +69,15 @@ class MoxTrainer(Trainer):
         labels = inputs[f"{primary}_labels"]
         logits = self._forward(model, inputs, primary)
         terms: dict[str, torch.Tensor] = {}
-        if spec.forget in ("nll", "neg_nll"):
+        if spec.forget in ("nll", "neg_nll", "simnpo"):
             nll = sequence_nll(logits, labels)
             terms[f"{primary}_nll"] = nll.mean()
-            loss = nll.mean() if spec.forget == "nll" else -nll.mean()
+            if spec.forget == "simnpo":
+                terms[f"{primary}_simnpo"] = loss = simnpo_loss(
+                    nll, spec.simnpo_beta, spec.simnpo_gamma
+                ).mean()
+            else:
+                loss = nll.mean() if spec.forget == "nll" else -nll.mean()
         else:
             logprob = sequence_logprob(logits, labels)
             ref_logprob = sequence_logprob(self._reference_logits(model, inputs, primary), labels)
@@ -81,21 +94,51 @@ class MoxTrainer(Trainer):
             retain_logits = self._forward(model, inputs, "retain")
             if spec.retain == "kl":
                 ref_logits = self._reference_logits(model, inputs, "retain")
-                term = sequence_kl(ref_logits, retain_logits, inputs["retain_labels"]).mean()
+                mask = kl_mask(inputs["retain_labels"], inputs["retain_attention_mask"],
+                               spec.kl_positions)  # fmt: skip
+                term = sequence_kl(ref_logits, retain_logits, mask).mean()
                 terms["retain_kl"] = term
             else:
                 term = sequence_nll(retain_logits, inputs["retain_labels"]).mean()
                 terms["retain_nll"] = term
             loss = loss + spec.retain_weight * term
         if spec.target_weight and "target_input_ids" in inputs:
-            target_logits = self._forward(model, inputs, "target")
+            target_logits = self._forget_model_logits(model, inputs, "target")
             target_nll = sequence_nll(target_logits, inputs["target_labels"]).mean()
-            terms["target_nll"] = target_nll
-            loss = loss - spec.target_weight * target_nll
+            terms["target_nll_at_forget_model"] = target_nll
+            loss = loss + spec.target_weight * target_nll
         terms["loss"] = loss
         for name, value in terms.items():  # kept on the device: no sync per micro-batch
             self.running[name].append(value.detach().float())
         return loss
+
+    def _forget_model_logits(self, model, inputs, group: str) -> torch.Tensor:
+        """Logits of the extrapolated model θ_for = (1+α)·θ_ref − α·θ, differentiable in θ
+        (targeted MOX): descending on a loss here is ordinary descent in forget-model space,
+        with the gradient reaching θ_mem as −α times the gradient at θ_for. With LoRA,
+        θ = θ_ref + s·B·A, so θ_for is the same model with every B scaled by −α."""
+        core = self.accelerator.unwrap_model(model)
+        a = self.spec.target_alpha
+        trained = dict(core.named_parameters())
+        if self.reference is None:
+            params = {n: -a * p for n, p in trained.items() if ".lora_B." in n}
+        else:
+            device = next(iter(trained.values())).device
+            if next(self.reference.parameters()).device != device:
+                self.reference.to(device)
+            ref = dict(self.reference.named_parameters())
+            params = {n: (1 + a) * ref[n].to(p.dtype) - a * p for n, p in trained.items()}
+        return torch.func.functional_call(
+            core,
+            params,
+            args=(),
+            kwargs={
+                "input_ids": inputs[f"{group}_input_ids"],
+                "attention_mask": inputs[f"{group}_attention_mask"],
+                "use_cache": False,
+            },
+            strict=False,
+        ).logits
 
     def pop_step_terms(self) -> dict[str, float]:
         """Means since the last optimizer step, averaged over processes."""

@@ -1,0 +1,132 @@
+"""One train-mem / unlearn call as a value, checked before anything heavy is imported.
+
+Every check that needs no model (settings, which settings the method reads, data files, the
+output path, model folders, what `extrapolate_on="disk"` will need later) runs here, in well
+under a second, so a typo never costs a torch import or, worse, a training run. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moxkit.errors import MoxError
+from moxkit.text import Row, load_rows
+
+from .config import ExtrapolationConfig, LossConfig, TrainConfig
+from .methods import Method
+
+Rows = Sequence[dict]  # rows given directly, as a JSONL file would hold them
+Data = str | os.PathLike | Rows
+ModelArg = Any  # a model folder, or a transformers PreTrainedModel (then pass tokenizer=)
+
+
+@dataclass
+class Request:
+    method: Method
+    model: ModelArg
+    forget: Data
+    retain: Data | None
+    out: str | os.PathLike | None
+    config: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    extrapolation: ExtrapolationConfig = field(default_factory=ExtrapolationConfig)
+    target_answer: str | Sequence[str] | None = None
+    init_from: ModelArg | None = None
+    save_mem: str | os.PathLike | None = None
+    force: bool = False
+    cli: bool = False  # name inputs in errors by their command-line flags
+
+    def label(self, name: str) -> str:
+        """How errors name an input or setting: its API name, or its flag for the CLI."""
+        if not self.cli:
+            return name
+        return "MODEL" if name == "model" else "--" + name.replace("_", "-")
+
+    @property
+    def targeted(self) -> bool:
+        return self.target_answer is not None
+
+    @property
+    def uses_reference_dir(self) -> bool:
+        return isinstance(self.model, (str, os.PathLike))
+
+    def check(self) -> Checked:
+        """Everything that can be known wrong before loading a model; returns the rows."""
+        self.config.validate()
+        self.loss.validate()
+        self.extrapolation.validate()
+        self.method.check(self.loss, self.extrapolation, targeted=self.targeted,
+                          label=self.label)
+        from moxkit.hf import check_model_dir
+
+        inputs: list[Path] = []
+        for value, name in ((self.model, "model"), (self.init_from, "init_from")):
+            if isinstance(value, (str, os.PathLike)):
+                need_tokenizer = name == "model"
+                inputs.append(check_model_dir(value, self.label(name), need_tokenizer))
+        if self.retain is None and self.method.needs_retain(self.loss):
+            raise MoxError(f"{self.label('retain')}: needed by {self._retain_user()}")
+        forget_rows = load_rows(self.forget, self.label("forget"))
+        retain_rows = None
+        if self.retain is not None:
+            retain_rows = load_rows(self.retain, self.label("retain"))
+        for data in (self.forget, self.retain):
+            if isinstance(data, (str, os.PathLike)):
+                inputs.append(Path(data))
+        targets = self._target_rows(forget_rows)
+        self._check_outputs(inputs)
+        if self.method.extrapolates and self.extrapolation.extrapolate_on == "disk":
+            self._check_disk_extrapolation()
+        return Checked(forget_rows, retain_rows, targets)
+
+    def _retain_user(self) -> str:
+        if self.method.retain_loss == "kl":
+            return f"the KL term of {self.method.title} (or set {self.label('kl_weight')} to 0)"
+        return f"{self.method.title} (its retain NLL term)"
+
+    def _target_rows(self, forget_rows: list[Row]) -> list[Row] | None:
+        """Replacement answers: one for all forget rows, or one per row, in order."""
+        if self.target_answer is None:
+            return None
+        given = self.target_answer
+        answers = [given] * len(forget_rows) if isinstance(given, str) else list(given)
+        if len(answers) != len(forget_rows):
+            raise MoxError(f"{self.label('target_answer')}: {len(answers)} replacement answers for "
+                           f"{len(forget_rows)} forget rows")  # fmt: skip
+        if not all(isinstance(a, str) and a.strip() for a in answers):
+            raise MoxError(f"{self.label('target_answer')}: replacement answers must be "
+                           "non-empty text")
+        rows = [{"prompt": r.prompt, "completion": a} for r, a in zip(forget_rows, answers,
+                                                                          strict=True)]
+        return [Row(r.prompt, new.completion, f"{r.where} (target)")
+                for r, new in zip(forget_rows, load_rows(rows, "target_answer"), strict=True)]
+
+    def _check_outputs(self, inputs: list[Path]) -> None:
+        from moxkit.atomic import check_output
+
+        outs = [p for p in (self.out, self.save_mem) if p is not None]
+        for out in outs:
+            check_output(out, force=self.force, inputs=inputs)
+        if len(outs) == 2 and Path(os.path.abspath(outs[0])) == Path(os.path.abspath(outs[1])):
+            raise MoxError(f"{self.label('save_mem')} {outs[1]}: the same path as the output")
+
+    def _check_disk_extrapolation(self) -> None:
+        """What extrapolating on disk will need after training: MODEL as a folder of
+        safetensors that the streaming engine can open, and an output to write."""
+        if not self.uses_reference_dir or self.out is None:
+            raise MoxError(f"{self.label('extrapolate_on')} disk: needs the model as a folder "
+                           "and an output")
+        from moxkit.checkpoint import open_checkpoint
+
+        open_checkpoint(self.model)
+
+
+@dataclass
+class Checked:
+    forget: list[Row]
+    retain: list[Row] | None
+    targets: list[Row] | None
