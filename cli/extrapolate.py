@@ -19,17 +19,23 @@ from moxkit.errors import MoxError
     help="Output model directory (or a .safetensors file).",
 )
 @click.option(
-    "--momentum",
-    "prev",
+    "--prev",
     type=click.Path(path_type=str),
     default=None,
     help="Previous forget model PREV: OUT = η·[(1+α)·REF − α·MEM] + (1−η)·PREV.",
 )
 @click.option(
+    "--momentum",
+    type=click.Path(path_type=str),
+    default=None,
+    hidden=True,
+    help="Deprecated name of --prev.",
+)
+@click.option(
     "--eta",
     type=float,
     default=None,
-    help="Weight of the newest extrapolation (with --momentum; default 0.675, the paper's).",
+    help="Weight η of the newest extrapolation (with --prev; default: the paper's).",
 )
 @click.option(
     "--dtype",
@@ -50,57 +56,46 @@ from moxkit.errors import MoxError
 )
 @click.option("--max-gpu-memory", default=None, help="GPU memory budget for --device cuda.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--fsync",
+    is_flag=True,
+    help="Flush OUT to disk before reporting it written (survives a power loss; slower).",
+)
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/inf results instead of failing.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
-def command(
-    ref,
-    mem,
-    alpha,
-    out,
-    prev,
-    eta,
-    dtype,
-    max_memory,
-    max_shard_size,
-    device,
-    max_gpu_memory,
-    force,
-    allow_nonfinite,
-    dry_run,
-    quiet,
-) -> None:
+def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options) -> None:
     """Forget model OUT = (1+α)·REF − α·MEM, streamed out of core.
 
     REF and MEM (and PREV) are .safetensors files or Hugging Face model directories, sharded
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
+    from moxkit.formula import PAPER_ETA
     from moxkit.stream import extrapolate
 
+    if momentum is not None:
+        if prev is not None:
+            raise MoxError("--momentum is the old name of --prev: pass only --prev")
+        click.echo("moxkit: note: --momentum is deprecated; use --prev", err=True)
+        prev = momentum
     if prev is None and eta is not None:
-        raise MoxError("--eta only applies with --momentum PREV")
+        raise MoxError("--eta only applies with --prev PREV")
     report = extrapolate(
         ref,
         mem,
         out,
         alpha,
-        momentum=prev,
-        eta=0.675 if eta is None else eta,
-        dtype=dtype,
-        max_memory=max_memory,
-        max_shard_size=max_shard_size,
-        device=device,
-        max_gpu_memory=max_gpu_memory,
-        force=force,
-        allow_nonfinite=allow_nonfinite,
+        prev=prev,
+        eta=PAPER_ETA if eta is None else eta,
         dry_run=dry_run,
         progress=not quiet,
+        **options,
     )
     if dry_run:
         click.echo(report.plan_text())
     if report.nonfinite_tensors:
         click.echo(
             f"warning: non-finite values kept in {len(report.nonfinite_tensors)} tensors "
-            f"(first: {report.nonfinite_tensors[0]})",
+            f"(first: {report.nonfinite_tensors[0]!r})",
             err=True,
         )
     if not quiet or dry_run:

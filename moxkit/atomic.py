@@ -279,6 +279,7 @@ def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
         except BaseException:
             _state.held += _main_thread()
             try:
+                reached("cleanup")
                 if tmp is not None:
                     _remove(tmp)
                 for folder in reversed(created):
@@ -481,5 +482,6 @@ def _replace(src: Path, dst: Path) -> None:
     # could leave it, and then it is the user's previous output
     old = dst.with_name(f".{dst.name}.moxkit-old-{secrets.token_hex(8)}")
     os.rename(dst, old)
+    reached("renamed-aside")
     os.rename(src, dst)
     _remove(old)

@@ -6,14 +6,20 @@ bytes for the CPU backend, which computes on the page cache in place; a pread in
 buffers for CUDA) and a writer thread drains chunk i-1 (pwrite into the output shards, whose
 headers were written first), then releases the slot. The output is assembled in a temporary
 directory beside OUT and renamed into place only when complete: an error, Ctrl-C or SIGTERM
-leaves no OUT and no temporary.
+leaves no OUT and no temporary (moxkit.atomic).
+
+Nothing a worker can still touch is released early: on any exit the backend is closed first
+(it waits for its threads and device), then the reader and writer threads are joined, and
+only then are the input windows unmapped and the buffers dropped.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import errno
 import os
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .atomic import check_output, staged_dir, staged_file
-from .backends import Coefficients, get_backend
+from .atomic import check_output, reached, shielded, staged_dir, staged_file
+from .backends import Backend, get_backend
 from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
 from .errors import MoxError
-from .outdir import carry_files, model_card, provenance
+from .formula import PAPER_ETA, Coefficients
+from .provenance import carry_files, model_card, provenance
 from .plan import (
     Chunk,
     TensorPlan,
@@ -96,75 +103,167 @@ class ExtrapolationReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ExtrapolationJob:
+    """One run, decided and checked before any output byte is written: the inputs paired
+    tensor by tensor, the output's shard layout and headers, the coefficients."""
+
+    out: Path  # where OUT goes (a link already followed)
+    single_file: bool  # OUT is one .safetensors file, not a model folder
+    ref: Checkpoint
+    plans: list[TensorPlan]
+    shards: list[Shard]
+    metadata: dict[str, str]
+    coeffs: Coefficients
+    out_dtype: str | None  # None: each tensor keeps REF's dtype
+    force: bool = False
+    fsync: bool = False
+    allow_nonfinite: bool = False
+    progress: bool = True
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(
+            p.ref.nbytes + (p.mem.nbytes if p.mem else 0) + (p.prev.nbytes if p.prev else 0)
+            for p in self.plans
+        )
+
+
 def extrapolate(
     ref: str | os.PathLike,
     mem: str | os.PathLike,
     out: str | os.PathLike,
     alpha: float,
     *,
-    momentum: str | os.PathLike | None = None,
-    eta: float = 0.675,
-    dtype: str | None = None,
+    prev: str | os.PathLike | None = None,
+    eta: float = PAPER_ETA,
+    dtype: str | object | None = None,
     max_memory: str | int | None = None,
     max_shard_size: str | int = "5GB",
     device: str = "auto",
     max_gpu_memory: str | int | None = None,
     force: bool = False,
+    fsync: bool = False,
     allow_nonfinite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    momentum: str | os.PathLike | None = None,
 ) -> ExtrapolationReport:
-    """OUT = (1+α)·REF − α·MEM, or with momentum=PREV: η·[(1+α)·REF − α·MEM] + (1−η)·PREV.
+    """OUT = (1+α)·REF − α·MEM, or with prev=PREV: η·[(1+α)·REF − α·MEM] + (1−η)·PREV.
 
     Inputs are .safetensors files or Hugging Face model directories (sharded or not); OUT is a
     model directory as save_pretrained writes it, or a single file if it ends in .safetensors.
-    Arithmetic is fp32 with one round-to-nearest-even to the output dtype (REF's, or `dtype`).
-    Peak resident memory of the whole process stays under `max_memory` whatever the model
-    size; max_memory=None, for callers embedding the engine in a process that holds other
-    things (a trainer, an evaluation), bounds only the engine's own buffers
-    (DEFAULT_BUFFER_BYTES) and leaves the rest of the process alone."""
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise MoxError(f"--alpha {alpha}: must be a positive number")
-    if momentum is not None and not (math.isfinite(eta) and 0 < eta <= 1):
-        raise MoxError(f"--eta {eta}: must be in (0, 1]")
-    out_dtype = parse_dtype(dtype)
-    budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
-    shard_limit = parse_size(max_shard_size, "--max-shard-size")
-    gpu_budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
+    Arithmetic is fp32 with one round-to-nearest-even to the output dtype (REF's, or `dtype`:
+    a name such as "bf16" or a torch dtype). Peak resident memory of the whole process stays
+    under `max_memory` whatever the model size; max_memory=None, for callers embedding the
+    engine in a process that holds other things (a trainer, an evaluation), bounds only the
+    engine's own buffers (DEFAULT_BUFFER_BYTES) and leaves the rest of the process alone.
+    fsync=True makes OUT durable before it is reported written (it survives a power loss).
+    `momentum=` is the old name of `prev=`. Bad arguments raise MoxError naming them."""
+    if momentum is not None:
+        warnings.warn(
+            "extrapolate(momentum=...) is deprecated: pass prev=...", DeprecationWarning, 2
+        )
+        if prev is not None:
+            raise MoxError("prev and momentum name the same checkpoint: pass only prev")
+        prev = momentum
+    job = prepare(
+        ref,
+        mem,
+        out,
+        alpha,
+        prev=prev,
+        eta=eta,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        fsync=fsync,
+        allow_nonfinite=allow_nonfinite,
+        progress=progress,
+    )
+    return run(
+        job,
+        max_memory=max_memory,
+        device=device,
+        max_gpu_memory=max_gpu_memory,
+        dry_run=dry_run,
+    )
 
+
+def prepare(
+    ref: str | os.PathLike,
+    mem: str | os.PathLike,
+    out: str | os.PathLike,
+    alpha: float,
+    *,
+    prev: str | os.PathLike | None = None,
+    eta: float = PAPER_ETA,
+    dtype: str | object | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    fsync: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+) -> ExtrapolationJob:
+    """Open and validate the inputs against each other and OUT, and fix the output layout:
+    everything that can be refused is refused here, before any work."""
+    coeffs = Coefficients(alpha, eta if prev is not None else None)
+    out_dtype = parse_dtype(_dtype_name(dtype))
+    shard_limit = parse_size(max_shard_size, "max_shard_size")
     ref_ckpt = open_checkpoint(ref)
     mem_ckpt = open_checkpoint(mem)
-    prev_ckpt = open_checkpoint(momentum) if momentum is not None else None
+    prev_ckpt = open_checkpoint(prev) if prev is not None else None
     inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
-    out = check_output(out, force=force, inputs=_input_paths(inputs))
-
+    out_path = check_output(out, force=force, inputs=_input_paths(inputs))
     plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype)
-    coeffs = Coefficients(alpha, eta if prev_ckpt is not None else None)
-    single_file = out.suffix == ".safetensors"
+    single_file = out_path.suffix == ".safetensors"
     metadata = provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
     outputs = [p.output for p in plans]
     groups = [outputs] if single_file else split_shards(outputs, shard_limit)
-    shards = layout(groups, metadata, [out.name] if single_file else None)
+    shards = layout(groups, metadata, [out_path.name] if single_file else None)
+    return ExtrapolationJob(
+        out_path,
+        single_file,
+        ref_ckpt,
+        plans,
+        shards,
+        metadata,
+        coeffs,
+        out_dtype,
+        force=force,
+        fsync=fsync,
+        allow_nonfinite=allow_nonfinite,
+        progress=progress,
+    )
 
+
+def run(
+    job: ExtrapolationJob,
+    *,
+    max_memory: str | int | None = None,
+    device: str = "auto",
+    max_gpu_memory: str | int | None = None,
+    dry_run: bool = False,
+) -> ExtrapolationReport:
+    """Run a prepared job (or, with dry_run, report what it would do)."""
+    budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
+    gpu_budget = parse_size(max_gpu_memory, "max_gpu_memory") if max_gpu_memory else None
     backend_options = {"max_gpu_memory": gpu_budget} if gpu_budget else {}
     backend = get_backend(device, **backend_options)
     try:
-        sizes = buffer_itemsizes(plans)
-        largest = max(p.numel for p in plans)  # no buffer larger than the largest tensor
+        sizes = buffer_itemsizes(job.plans)
+        largest = max(p.numel for p in job.plans)  # no buffer larger than the largest tensor
         chunk_elems = min(_chunk_elems(budget, sum(sizes.values())), -(-largest // 1024) * 1024)
         report = ExtrapolationReport(
-            out=out,
-            alpha=alpha,
-            eta=coeffs.eta,
+            out=job.out,
+            alpha=job.coeffs.alpha,
+            eta=job.coeffs.eta,
             device=backend.name,
-            n_extrapolated=sum(not p.is_copy for p in plans),
-            n_copied=sum(p.is_copy for p in plans),
-            shards=[(s.filename, s.file_size) for s in shards],
-            bytes_read=sum(
-                p.ref.nbytes + (p.mem.nbytes if p.mem else 0) + (p.prev.nbytes if p.prev else 0)
-                for p in plans
-            ),
-            bytes_written=sum(s.file_size for s in shards),
+            n_extrapolated=sum(not p.is_copy for p in job.plans),
+            n_copied=sum(p.is_copy for p in job.plans),
+            shards=[(s.filename, s.file_size) for s in job.shards],
+            bytes_read=job.bytes_read,
+            bytes_written=sum(s.file_size for s in job.shards),
             chunk_elems=chunk_elems,
             buffer_bytes=N_SLOTS * chunk_elems * sum(sizes.values()),
             dry_run=dry_run,
@@ -172,27 +271,18 @@ def extrapolate(
         if dry_run:
             return report
         started = time.perf_counter()
-        _write_output(
-            out,
-            force,
-            single_file,
-            ref_ckpt,
-            shards,
-            metadata,
-            plans,
-            coeffs,
-            backend,
-            sizes,
-            chunk_elems,
-            out_dtype,
-            allow_nonfinite,
-            progress,
-            report,
-        )
+        _write_output(job, backend, chunk_elems, report)
         report.seconds = time.perf_counter() - started
         return report
     finally:
         backend.close()
+
+
+def _dtype_name(dtype) -> str | None:
+    """A dtype name from a string or a torch dtype (torch.bfloat16 -> "bfloat16")."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    return str(dtype).removeprefix("torch.")
 
 
 def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
@@ -208,7 +298,7 @@ def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
     elems -= elems % 1024
     if elems < 64 * 1024:
         raise MoxError(
-            f"--max-memory {format_bytes(budget)} is too small: this process already holds "
+            f"max_memory {format_bytes(budget)} is too small: this process already holds "
             f"{format_bytes(resident)}; allow at least "
             f"{format_bytes(resident + RESERVED_BYTES + N_SLOTS * bytes_per_elem * 64 * 1024)}"
         )
@@ -224,41 +314,26 @@ def _input_paths(inputs: list[Checkpoint]) -> list[Path]:
 
 
 def _write_output(
-    out: Path,
-    force: bool,
-    single_file: bool,
-    ref: Checkpoint,
-    shards: list[Shard],
-    metadata: dict[str, str],
-    plans: list[TensorPlan],
-    coeffs: Coefficients,
-    backend,
-    sizes: dict[str, int],
-    chunk_elems: int,
-    out_dtype: str | None,
-    allow_nonfinite: bool,
-    progress: bool,
-    report: ExtrapolationReport,
+    job: ExtrapolationJob, backend: Backend, chunk_elems: int, report: ExtrapolationReport
 ) -> None:
-    bar = ByteProgress(report.bytes_read + sum(p.out_nbytes for p in plans), enabled=progress)
-    staged = staged_file(out, force=force) if single_file else staged_dir(out, force=force)
+    total = report.bytes_read + sum(p.out_nbytes for p in job.plans)
+    bar = ByteProgress(total, enabled=job.progress)
+    stage = staged_file if job.single_file else staged_dir
     try:
-        with staged as tmp:
-            paths = [tmp] if single_file else [tmp / s.filename for s in shards]
-            writer = ShardWriter(shards, paths)
+        with stage(job.out, force=job.force, fsync=job.fsync) as tmp:
+            paths = [tmp] if job.single_file else [tmp / s.filename for s in job.shards]
+            writer = ShardWriter(job.shards, paths)
             try:
-                _run_pipeline(
-                    plans, coeffs, backend, writer, sizes, chunk_elems, allow_nonfinite, report, bar
-                )
+                _run_pipeline(job, backend, writer, chunk_elems, report, bar)
             finally:
                 writer.close()
-            if not single_file:
-                write_index(tmp, shards)
-                if ref.directory is not None:
-                    report.carried_files = carry_files(ref.directory, tmp, out_dtype)
-                (tmp / "README.md").write_text(model_card(metadata))
+            if not job.single_file:
+                write_index(tmp, job.shards)
+                if job.ref.directory is not None:
+                    report.carried_files = carry_files(job.ref.directory, tmp, job.out_dtype)
+                (tmp / "README.md").write_text(model_card(job.metadata))
     except OSError as exc:
-        raise MoxError(f"{out}: cannot write output: {exc.strerror or exc}") from None
+        raise MoxError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
 
 
 class _Slot:
@@ -301,27 +376,28 @@ class _Slot:
         return self.raw[role][:nbytes].view(TORCH_DTYPES[dtype])
 
     def release(self) -> None:
-        """Unmap this chunk's inputs (they count towards resident memory while mapped)."""
+        """Unmap this chunk's inputs (they count towards resident memory while mapped). A
+        window still viewed (an interrupted call's frame holds an array of it) stays mapped
+        until the last view goes: Python refuses to unmap memory that is referenced."""
         maps, self._maps = self._maps, {}
         for mapping, window in maps.values():
             window.release()
-            mapping.close()
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
 
 def _run_pipeline(
-    plans: list[TensorPlan],
-    coeffs: Coefficients,
-    backend,
+    job: ExtrapolationJob,
+    backend: Backend,
     writer: ShardWriter,
-    sizes: dict[str, int],
     chunk_elems: int,
-    allow_nonfinite: bool,
     report: ExtrapolationReport,
     bar: ByteProgress,
 ) -> None:
-    chunks = cut_chunks(plans, chunk_elems)
+    chunks = cut_chunks(job.plans, chunk_elems)
+    sizes = buffer_itemsizes(job.plans)
     reader = FileReader()
-    slots = [_Slot(backend, chunk_elems, sizes, reader) for _ in range(N_SLOTS)]
+    slots: list[_Slot] = []
     read_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-read")
     write_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-write")
     reads: dict[int, Future] = {}
@@ -332,15 +408,25 @@ def _run_pipeline(
         for role, info in (("ref", t.ref), ("mem", t.mem), ("prev", t.prev)):
             if info is not None:
                 size = info.itemsize
-                slot.load(role, info.file, info.start + chunk.start * size, chunk.count * size)
+                try:
+                    slot.load(role, info.file, info.start + chunk.start * size, chunk.count * size)
+                except (OSError, ValueError) as exc:
+                    raise _changed_input(info.file, exc) from None
+        reached("read")
 
     def write(chunk: Chunk, slot: _Slot) -> None:
         t = chunk.tensor
         size = DTYPE_SIZES[t.out_dtype]
         data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
-        writer.write(t.name, chunk.start * size, data)
+        try:
+            writer.write(t.name, chunk.start * size, data)
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:  # the mapped input shrank under us
+                raise _changed_input(t.ref.file, exc) from None
+            raise
         del data
         slot.release()
+        reached("write")
         in_bytes = chunk.count * sum(i.itemsize for i in (t.ref, t.mem, t.prev) if i is not None)
         bar.update(in_bytes + chunk.count * size)
 
@@ -352,6 +438,7 @@ def _run_pipeline(
             reads[i] = read_pool.submit(read, chunks[i], slots[i % N_SLOTS])
 
     try:
+        slots += [_Slot(backend, chunk_elems, sizes, reader) for _ in range(N_SLOTS)]
         schedule_read(0)
         for i, chunk in enumerate(chunks):
             reads.pop(i).result()
@@ -359,15 +446,17 @@ def _run_pipeline(
             slot = slots[i % N_SLOTS]
             t = chunk.tensor
             if not t.is_copy:
+                reached("compute")
                 finite = backend.extrapolate(
                     slot.view("out", t.out_dtype, chunk.count),
                     slot.view("ref", t.ref.dtype, chunk.count),
                     slot.view("mem", t.mem.dtype, chunk.count),
                     slot.view("prev", t.prev.dtype, chunk.count) if t.prev else None,
-                    coeffs,
+                    job.coeffs,
                 )
+                reached("computed")
                 if not finite and t.name not in report.nonfinite_tensors:
-                    if not allow_nonfinite:
+                    if not job.allow_nonfinite:
                         raise MoxError(
                             f"tensor {t.name!r}: the result has non-finite values (NaN or inf); "
                             "check the inputs, or pass --allow-nonfinite to keep them"
@@ -377,9 +466,21 @@ def _run_pipeline(
         for i in sorted(writes):
             writes.pop(i).result()
     finally:
-        for fut in list(reads.values()) + list(writes.values()):
-            fut.cancel()
-        read_pool.shutdown(wait=True, cancel_futures=True)
-        write_pool.shutdown(wait=True, cancel_futures=True)
-        reader.close()
-        bar.close()
+        # In this order, whatever happens (a second signal is held): nothing is unmapped or
+        # freed while the backend's threads or device, or our own threads, may still use it.
+        with shielded():
+            reached("cleanup")
+            for fut in [*reads.values(), *writes.values()]:
+                fut.cancel()
+            backend.close()
+            read_pool.shutdown(wait=True, cancel_futures=True)
+            write_pool.shutdown(wait=True, cancel_futures=True)
+            for slot in slots:
+                slot.release()
+            reader.close()
+            bar.close()
+
+
+def _changed_input(file: Path, exc: Exception) -> MoxError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return MoxError(f"{file}: cannot read ({reason}); was it changed or truncated meanwhile?")

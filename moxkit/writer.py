@@ -8,12 +8,19 @@ than one chunk is ever held in memory, and a shard is never assembled as a dict 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import DTYPE_SIZES, INDEX_NAME, SINGLE_NAME
+from .checkpoint import DTYPE_SIZES, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
+from .errors import MoxError
+
+MAX_OPEN_SHARDS = 16  # output descriptors held at once, however many shards (ulimit -n)
 
 
 @dataclass(frozen=True)
@@ -64,28 +71,42 @@ def layout(
 ) -> list[Shard]:
     """Fix headers and byte offsets. Within a shard, tensors are ordered by element size
     (largest first), then name, as the safetensors library does, so that every tensor is
-    aligned to its element size; the header is padded with spaces to a multiple of 8."""
+    aligned to its element size; the header is padded with spaces to a multiple of 8.
+
+    Every output must load: a header past safetensors' limit loses moxkit's provenance (only
+    "format" is kept), and one still too large is refused before anything is written."""
     n = len(groups)
     shards = []
     for i, group in enumerate(groups):
         name = filenames[i] if filenames else shard_filename(i, n)
         ordered = sorted(group, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
-        entries: dict[str, object] = {"__metadata__": metadata}
-        pos = 0
-        rel = {}
-        for t in ordered:
-            entries[t.name] = {
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "data_offsets": [pos, pos + t.nbytes],
-            }
-            rel[t.name] = pos
-            pos += t.nbytes
-        header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
-        header += b" " * (-len(header) % 8)
+        header, rel = _header(ordered, metadata)
+        if len(header) > MAX_HEADER_BYTES:
+            header, rel = _header(ordered, {"format": metadata.get("format", "pt")})
+        if len(header) > MAX_HEADER_BYTES:
+            raise MoxError(
+                f"{name}: its header would be {len(header):,} bytes, over the {MAX_HEADER_BYTES:,} "
+                "that safetensors loads; use a smaller max_shard_size"
+            )
         base = 8 + len(header)
         shards.append(Shard(name, ordered, header, {k: base + v for k, v in rel.items()}))
     return shards
+
+
+def _header(ordered: list[OutputTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    entries: dict[str, object] = {"__metadata__": metadata}
+    pos = 0
+    rel = {}
+    for t in ordered:
+        entries[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
+        rel[t.name] = pos
+        pos += t.nbytes
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    return header + b" " * (-len(header) % 8), rel
 
 
 def index_json(shards: list[Shard]) -> str:
@@ -103,32 +124,47 @@ def index_json(shards: list[Shard]) -> str:
 class ShardWriter:
     """Creates the shard files (header written, data region sized) and writes chunks of tensor
     bytes at their offsets. pwrite carries no file position, so chunks may arrive from any
-    thread in any order."""
+    thread in any order. At most MAX_OPEN_SHARDS descriptors are open at once (the least
+    recently written shard is closed first): chunks arrive shard after shard, so a model of
+    thousands of shards runs under a small `ulimit -n`."""
 
     def __init__(self, shards: list[Shard], paths: list[Path]):
-        self._fds: list[int] = []
-        self._where: dict[str, tuple[int, int]] = {}
+        self._open: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._where: dict[str, tuple[Path, int]] = {}
         try:
             for shard, path in zip(shards, paths, strict=True):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-                self._fds.append(fd)
-                prefix = len(shard.header).to_bytes(8, "little") + shard.header
-                _pwrite_all(fd, memoryview(prefix), 0)
-                os.ftruncate(fd, shard.file_size)
+                with self._fd(path, create=True) as fd:
+                    prefix = len(shard.header).to_bytes(8, "little") + shard.header
+                    _pwrite_all(fd, memoryview(prefix), 0)
+                    os.ftruncate(fd, shard.file_size)
                 for t in shard.tensors:
-                    self._where[t.name] = (fd, shard.offsets[t.name])
+                    self._where[t.name] = (path, shard.offsets[t.name])
         except BaseException:
             self.close()  # no descriptor outlives a failed start
             raise
 
     def write(self, tensor: str, byte_offset: int, data: memoryview) -> None:
-        fd, start = self._where[tensor]
-        _pwrite_all(fd, data, start + byte_offset)
+        path, start = self._where[tensor]
+        with self._fd(path) as fd:
+            _pwrite_all(fd, data, start + byte_offset)
+
+    @contextlib.contextmanager
+    def _fd(self, path: Path, create: bool = False) -> Iterator[int]:
+        with self._lock:
+            fd = self._open.pop(path, None)
+            if fd is None:
+                if len(self._open) >= MAX_OPEN_SHARDS:
+                    os.close(self._open.popitem(last=False)[1])
+                flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
+                fd = os.open(path, flags, 0o666)
+            self._open[path] = fd  # most recently used last
+            yield fd
 
     def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            os.close(fd)
+        with self._lock:
+            while self._open:
+                os.close(self._open.popitem()[1])
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import moxkit
 import moxkit.backends
 import moxkit.stream
+from moxkit.formula import PAPER_ETA
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SHAPES = {"a.weight": (37, 53), "b.bias": (1,), "c.weight": (3, 5, 7), "d.big": (70001,)}
@@ -49,7 +50,7 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("momentum", [False, True], ids=["plain", "momentum"])
 def test_matches_oracles(tmp_path, tiny_chunks, dtype, momentum):
-    alpha, eta = 4.0, 0.675
+    alpha, eta = 4.0, PAPER_ETA
     ref, mem, prev = _tensors(dtype, 0), _tensors(dtype, 100, 1.1), _tensors(dtype, 200)
     save_sharded(ref, tmp_path / "ref", per_shard=2)
     save_sharded(mem, tmp_path / "mem", per_shard=3)  # a different shard layout
@@ -59,7 +60,7 @@ def test_matches_oracles(tmp_path, tiny_chunks, dtype, momentum):
         tmp_path / "mem",
         tmp_path / "out",
         alpha,
-        momentum=tmp_path / "prev.safetensors" if momentum else None,
+        prev=tmp_path / "prev.safetensors" if momentum else None,
         eta=eta,
         progress=False,
     )

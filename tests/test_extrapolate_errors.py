@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import astuple
 
 import pytest
 import torch
 from ckpt_factory import random_tensor, save_sharded, write_raw_safetensors
-from moxkit.cli.main import main
 from safetensors.torch import save_file
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(["extrapolate", *map(str, args)])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def run_ok(capsys, *args) -> str:
-    main(["extrapolate", *map(str, args)])
-    return capsys.readouterr().out
+def run_ok(cli, *args) -> str:
+    result = cli("extrapolate", *args)
+    assert result.code == 0, result.err
+    return result.out
 
 
 @pytest.fixture
@@ -36,9 +30,9 @@ def pair(tmp_path):
     return tmp_path / "ref.safetensors", tmp_path / "mem.safetensors"
 
 
-def assert_clean_failure(capsys, tmp_path, args, pattern: str, code: int = 1):
+def assert_clean_failure(cli, tmp_path, args, pattern: str, code: int = 1):
     before = sorted(p.name for p in tmp_path.iterdir())
-    rc, _, err = run_cli(capsys, *args)
+    rc, _, err = astuple(cli("extrapolate", *args))
     assert rc == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -89,24 +83,24 @@ W = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     ],
     ids=["dtype", "size", "truncated", "shape", "offsets", "overlap", "metadata"],
 )
-def test_corrupt_headers(capsys, tmp_path, pair, header, data, message):
+def test_corrupt_headers(cli, tmp_path, pair, header, data, message):
     bad = corrupt(tmp_path, header, data)
     assert_clean_failure(
-        capsys, tmp_path, [pair[0], bad, "--alpha", 4, "-o", tmp_path / "out"], message
+        cli, tmp_path, [pair[0], bad, "--alpha", 4, "-o", tmp_path / "out"], message
     )
 
 
-def test_not_safetensors_and_header_length(capsys, tmp_path, pair):
+def test_not_safetensors_and_header_length(cli, tmp_path, pair):
     (tmp_path / "junk.safetensors").write_bytes(b"hello world, this is not a model")
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [tmp_path / "junk.safetensors", pair[1], "-a", 4, "-o", tmp_path / "o"],
         "does not fit",
     )
     (tmp_path / "tiny.safetensors").write_bytes(b"abc")
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [pair[0], tmp_path / "tiny.safetensors", "-a", 4, "-o", tmp_path / "o"],
         "too small",
@@ -114,30 +108,30 @@ def test_not_safetensors_and_header_length(capsys, tmp_path, pair):
     raw = b"{not json}     "
     (tmp_path / "nj.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [tmp_path / "nj.safetensors", pair[1], "-a", 4, "-o", tmp_path / "o"],
         "not valid JSON",
     )
 
 
-def test_missing_paths_and_empty_directory(capsys, tmp_path, pair):
+def test_missing_paths_and_empty_directory(cli, tmp_path, pair):
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [tmp_path / "nope", pair[1], "-a", 4, "-o", tmp_path / "o"],
         "no such file",
     )
     (tmp_path / "empty").mkdir()
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [tmp_path / "empty", pair[1], "-a", 4, "-o", tmp_path / "o"],
         "no model.safetensors",
     )
 
 
-def test_bad_index_files(capsys, tmp_path, pair):
+def test_bad_index_files(cli, tmp_path, pair):
     t = {f"model.l{i}": random_tensor((4,), torch.float32, i) for i in range(4)}
     save_sharded(t, tmp_path / "sharded", per_shard=2)
     index_path = tmp_path / "sharded" / "model.safetensors.index.json"
@@ -145,32 +139,30 @@ def test_bad_index_files(capsys, tmp_path, pair):
     args = [tmp_path / "sharded", tmp_path / "sharded", "-a", 4, "-o", tmp_path / "o"]
 
     index_path.write_text("{oops")
-    assert_clean_failure(capsys, tmp_path, args, "index is not valid JSON")
+    assert_clean_failure(cli, tmp_path, args, "index is not valid JSON")
     index_path.write_text(json.dumps({"metadata": {}}))
-    assert_clean_failure(capsys, tmp_path, args, "no 'weight_map'")
+    assert_clean_failure(cli, tmp_path, args, "no 'weight_map'")
     index_path.write_text(
         json.dumps(
             {"weight_map": dict(index["weight_map"], extra="model-00009-of-00009.safetensors")}
         )
     )
-    assert_clean_failure(
-        capsys, tmp_path, args, "shard model-00009-of-00009.safetensors is missing"
-    )
+    assert_clean_failure(cli, tmp_path, args, "shard model-00009-of-00009.safetensors is missing")
     index_path.write_text(
         json.dumps(
             {"weight_map": dict(index["weight_map"], ghost="model-00001-of-00002.safetensors")}
         )
     )
-    assert_clean_failure(capsys, tmp_path, args, "tensor 'ghost' named by the index is not in it")
+    assert_clean_failure(cli, tmp_path, args, "tensor 'ghost' named by the index is not in it")
     index_path.write_text(json.dumps({"weight_map": {"model.l0": "../../etc/passwd"}}))
-    assert_clean_failure(capsys, tmp_path, args, "outside the model directory")
+    assert_clean_failure(cli, tmp_path, args, "outside the model directory")
 
 
-def test_mismatched_checkpoints(capsys, tmp_path, pair):
+def test_mismatched_checkpoints(cli, tmp_path, pair):
     ref = pair[0]
     save_file({"model.w": random_tensor((8, 4), torch.bfloat16, 0)}, tmp_path / "fewer.safetensors")
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [ref, tmp_path / "fewer.safetensors", "-a", 4, "-o", tmp_path / "o"],
         "lacks tensor 'model.b'",
@@ -184,7 +176,7 @@ def test_mismatched_checkpoints(capsys, tmp_path, pair):
         tmp_path / "more.safetensors",
     )
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [ref, tmp_path / "more.safetensors", "-a", 4, "-o", tmp_path / "o"],
         "tied embeddings",
@@ -197,7 +189,7 @@ def test_mismatched_checkpoints(capsys, tmp_path, pair):
         tmp_path / "shape.safetensors",
     )
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [ref, tmp_path / "shape.safetensors", "-a", 4, "-o", tmp_path / "o"],
         "'model.w' has shape [4, 8] in MEM but [8, 4] in REF",
@@ -210,7 +202,7 @@ def test_mismatched_checkpoints(capsys, tmp_path, pair):
         tmp_path / "int.safetensors",
     )
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [ref, tmp_path / "int.safetensors", "-a", 4, "-o", tmp_path / "o"],
         "'model.w' in MEM is I32",
@@ -223,15 +215,15 @@ def test_mismatched_checkpoints(capsys, tmp_path, pair):
         tmp_path / "f64.safetensors",
     )
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
         [ref, tmp_path / "f64.safetensors", "-a", 4, "-o", tmp_path / "o"],
         "is F64",
     )
     assert_clean_failure(
-        capsys,
+        cli,
         tmp_path,
-        [ref, pair[1], "-a", 4, "--momentum", tmp_path / "fewer.safetensors", "-o", tmp_path / "o"],
+        [ref, pair[1], "-a", 4, "--prev", tmp_path / "fewer.safetensors", "-o", tmp_path / "o"],
         "PREV lacks tensor",
     )
 
@@ -239,41 +231,43 @@ def test_mismatched_checkpoints(capsys, tmp_path, pair):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["-a", "0"], "--alpha 0.0: must be a positive number"),
+        (["-a", "0"], "--alpha 0.0: must be between"),
+        (["-a", "1e30"], "--alpha 1e+30: must be between"),
+        (["-a", "1e-50"], "--alpha 1e-50: must be between"),
         (["-a", "nan"], "--alpha nan"),
         (["-a", "4", "--dtype", "int8"], "--dtype 'int8'"),
         (["-a", "4", "--max-memory", "lots"], "--max-memory 'lots'"),
         (["-a", "4", "--max-memory", "10MB"], "--max-memory 10.00 MB is too small"),
         (["-a", "4", "--max-shard-size", "-5GB"], "--max-shard-size"),
-        (["-a", "4", "--eta", "0.3"], "--eta only applies with --momentum"),
+        (["-a", "4", "--eta", "0.3"], "--eta only applies with --prev"),
         (["-a", "4", "--device", "tpu"], "unknown device 'tpu'"),
         (["-a", "4", "--device", "cuda"], "no CUDA device"),
     ],
 )
-def test_bad_options(capsys, tmp_path, pair, extra, message):
+def test_bad_options(cli, tmp_path, pair, extra, message):
     if "cuda" in extra and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert_clean_failure(capsys, tmp_path, [*pair, *extra, "-o", tmp_path / "out"], message)
+    assert_clean_failure(cli, tmp_path, [*pair, *extra, "-o", tmp_path / "out"], message)
 
 
-def test_eta_range_with_momentum(capsys, tmp_path, pair):
-    args = [*pair, "-a", 4, "--momentum", pair[0], "--eta", "1.5", "-o", tmp_path / "out"]
-    assert_clean_failure(capsys, tmp_path, args, "--eta 1.5: must be in (0, 1]")
+def test_eta_range_with_momentum(cli, tmp_path, pair):
+    args = [*pair, "-a", 4, "--prev", pair[0], "--eta", "1.5", "-o", tmp_path / "out"]
+    assert_clean_failure(cli, tmp_path, args, "--eta 1.5: must be in (0, 1]")
 
 
-def test_missing_required_option_is_a_usage_error(capsys, tmp_path, pair):
-    rc, _, err = run_cli(capsys, *pair, "-o", tmp_path / "out")
+def test_missing_required_option_is_a_usage_error(cli, tmp_path, pair):
+    rc, _, err = astuple(cli("extrapolate", *pair, "-o", tmp_path / "out"))
     assert rc == 2 and "Missing option '--alpha'" in err and "Traceback" not in err
 
 
-def test_existing_output_and_force(capsys, tmp_path, pair):
+def test_existing_output_and_force(cli, tmp_path, pair):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")
     assert_clean_failure(
-        capsys, tmp_path, [*pair, "-a", 4, "-o", tmp_path / "out"], "already exists (use --force"
+        cli, tmp_path, [*pair, "-a", 4, "-o", tmp_path / "out"], "already exists (use --force"
     )
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out", "--force", "--quiet")
+    run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "out", "--force", "--quiet")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "README.md",
         "model.safetensors",
@@ -281,13 +275,13 @@ def test_existing_output_and_force(capsys, tmp_path, pair):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_output_may_not_be_an_input(capsys, tmp_path):
+def test_output_may_not_be_an_input(cli, tmp_path):
     t = {"w": random_tensor((4,), torch.float32, 0)}
     save_sharded(t, tmp_path / "ref", per_shard=1)
     save_file(t, tmp_path / "mem.safetensors")
     for out in (tmp_path / "ref", tmp_path / "mem.safetensors", tmp_path):
         assert_clean_failure(
-            capsys,
+            cli,
             tmp_path,
             [tmp_path / "ref", tmp_path / "mem.safetensors", "-a", 4, "-o", out, "--force"],
             "the output would",
@@ -295,7 +289,7 @@ def test_output_may_not_be_an_input(capsys, tmp_path):
     assert (tmp_path / "ref" / "model.safetensors").is_file()
 
 
-def test_nonfinite_via_cli(capsys, tmp_path):
+def test_nonfinite_via_cli(cli, tmp_path):
     save_file({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "ref.safetensors")
     save_file({"w": torch.tensor([1.0, 2.0])}, tmp_path / "mem.safetensors")
     args = [
@@ -306,16 +300,16 @@ def test_nonfinite_via_cli(capsys, tmp_path):
         "-o",
         tmp_path / "out",
     ]
-    assert_clean_failure(capsys, tmp_path, args, "tensor 'w': the result has non-finite values")
-    out = run_ok(capsys, *args, "--allow-nonfinite")
+    assert_clean_failure(cli, tmp_path, args, "tensor 'w': the result has non-finite values")
+    out = run_ok(cli, *args, "--allow-nonfinite")
     assert "wrote" in out and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_dry_run_and_summary_lines(capsys, tmp_path, pair):
-    out = run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out", "--dry-run")
+def test_dry_run_and_summary_lines(cli, tmp_path, pair):
+    out = run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "out", "--dry-run")
     assert "OUT = (1+4)·REF − 4·MEM" in out and "nothing written" in out
     assert not (tmp_path / "out").exists()
-    out = run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out")
+    out = run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "out")
     assert out.startswith(f"wrote {tmp_path / 'out'} (2 tensors extrapolated, 0 copied, 1 shard)")
     shutil.rmtree(tmp_path / "out")
-    assert run_ok(capsys, *pair, "-a", 4, "-o", tmp_path / "out", "-q") == ""
+    assert run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "out", "-q") == ""

@@ -62,7 +62,7 @@ def test_dtype_change_updates_config_and_momentum_loads(tmp_path):
         tmp_path / "mem",
         tmp_path / "out",
         2.0,
-        momentum=tmp_path / "prev",
+        prev=tmp_path / "prev",
         eta=0.5,
         dtype="fp32",
         progress=False,

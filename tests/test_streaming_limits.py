@@ -1,16 +1,14 @@
 """The hard limits of the streaming engine, measured on real processes: peak resident memory
 under the budget for a checkpoint several times larger than it (a single tensor larger than
-the budget included), and no output or temporary left behind when a run is interrupted."""
+the budget included), output descriptors bounded, and a failed write leaving nothing
+(interruptions: test_interrupts.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from ckpt_factory import (
     write_random_bf16_file,
 )
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import moxkit
 import moxkit.writer
@@ -40,11 +38,7 @@ def big_pair(tmp_path_factory):
     return root
 
 
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "moxkit.cli.main", "extrapolate", *map(str, args)]
-
-
-def test_peak_rss_stays_under_budget(big_pair, tmp_path):
+def test_peak_rss_stays_under_budget(cli, big_pair, tmp_path):
     out = tmp_path / "out"
     # A fresh parent process whose only child is the run, so ru_maxrss is the run's own peak.
     probe = (
@@ -53,7 +47,8 @@ def test_peak_rss_stays_under_budget(big_pair, tmp_path):
         "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(json.dumps({'rc': rc, 'maxrss_kb': peak}))\n"
     )
-    cmd = _cli(
+    cmd = cli.argv(
+        "extrapolate",
         big_pair / "ref.safetensors",
         big_pair / "mem.safetensors",
         "-a",
@@ -83,39 +78,6 @@ def test_peak_rss_stays_under_budget(big_pair, tmp_path):
             assert torch.equal(got, want)
 
 
-def _wait_for_tmp(parent: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.name.startswith(".out.moxkit-tmp-") for p in parent.iterdir()):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before it could be interrupted: {proc.stderr.read()}")
-        time.sleep(0.001)
-    pytest.fail("no temporary output appeared")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_interruption_mid_write_leaves_nothing(big_pair, tmp_path, sig):
-    cmd = _cli(
-        big_pair / "ref.safetensors",
-        big_pair / "mem.safetensors",
-        "-a",
-        4,
-        "-o",
-        tmp_path / "out",
-        "--max-memory",
-        "400MiB",
-    )
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    _wait_for_tmp(tmp_path, proc)
-    time.sleep(0.05)  # let it get into the data
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "interrupted" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_write_failure_cleans_up(tmp_path, monkeypatch):
     t = {f"w{i}": random_tensor((1000,), torch.float32, i) for i in range(5)}
     save_file(t, tmp_path / "ref.safetensors")
@@ -139,3 +101,44 @@ def test_write_failure_cleans_up(tmp_path, monkeypatch):
             progress=False,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors", "ref.safetensors"]
+
+
+def test_many_output_shards_under_a_small_descriptor_limit(cli, tmp_path):
+    """200 output shards under `ulimit -n 64`: output descriptors are bounded."""
+    t = {f"w{i:03d}": random_tensor((64,), torch.float32, i) for i in range(200)}
+    save_file(t, tmp_path / "ref.safetensors")
+    save_file({k: v * 2 for k, v in t.items()}, tmp_path / "mem.safetensors")
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))"
+    run = [sys.executable, "-c", f"{limit}; import runpy; runpy.run_module('moxkit.cli.main', "
+           "run_name='__main__')"]  # fmt: skip
+    args = ["extrapolate", tmp_path / "ref.safetensors", tmp_path / "mem.safetensors", "-a", 4,
+            "-o", tmp_path / "out", "--max-shard-size", "256B", "-q"]  # fmt: skip
+    result = subprocess.run([*run, *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 200
+    got = load_file(tmp_path / "out" / "model-00200-of-00200.safetensors")
+    assert torch.equal(got["w199"], emulate(t["w199"], 2 * t["w199"], 4.0, out_dtype=torch.float32))
+
+
+def test_provenance_never_pushes_a_header_past_the_loadable_limit(tmp_path, monkeypatch):
+    """With the limit lowered to just above the tensors' own header, the output keeps only
+    "format" in its metadata, and safetensors loads it; below it, the run is refused."""
+    t = {f"w{i}": random_tensor((4,), torch.float32, i) for i in range(3)}
+    save_file(t, tmp_path / "ref.safetensors")
+    save_file(t, tmp_path / "mem.safetensors")
+    bare = moxkit.writer.layout([[moxkit.writer.OutputTensor(k, "F32", (4,), 16) for k in t]],
+                                {"format": "pt"})[0].header  # fmt: skip
+    monkeypatch.setattr(moxkit.writer, "MAX_HEADER_BYTES", len(bare))
+    moxkit.extrapolate(tmp_path / "ref.safetensors", tmp_path / "mem.safetensors",
+                       tmp_path / "out.safetensors", 4.0, progress=False)  # fmt: skip
+    with safe_open(tmp_path / "out.safetensors", "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
+        assert torch.equal(
+            fh.get_tensor("w2"), emulate(t["w2"], t["w2"], 4.0, out_dtype=torch.float32)
+        )
+    monkeypatch.setattr(moxkit.writer, "MAX_HEADER_BYTES", len(bare) - 8)
+    with pytest.raises(moxkit.MoxError, match="over the .* that safetensors loads"):
+        moxkit.extrapolate(tmp_path / "ref.safetensors", tmp_path / "mem.safetensors",
+                           tmp_path / "o2.safetensors", 4.0, progress=False)  # fmt: skip
+    assert not (tmp_path / "o2.safetensors").exists()
