@@ -8,142 +8,96 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bits import (
+    CPU_PATHS,
+    DTYPES,
+    IDENTITY,
+    NAN_PAYLOADS,
+    ROUNDING_CASES,
+    bits_of,
+    check_fp64,
+    edge_operand,
+    expected_bits,
+    forced_cpu_path,
+    fp32_oracle,
+    random_operands,
+)
 
 from moxkit.backends import CpuBackend, get_backend
 from moxkit.errors import MoxError
-from moxkit.formula import FP32_TINY, Coefficients
+from moxkit.formula import Coefficients
 from moxkit.torch_path import CANONICAL_NAN_BITS
 
 HAS_CUDA = torch.cuda.is_available()
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (mantissa bits, minimum normal exponent, largest finite value) of each output grid
-GRID = {torch.bfloat16: (7, -126, 3.3895313892515355e38), torch.float16: (10, -14, 65504.0)}
 
 
-def rne_fp64(v: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """Round fp64 values (exact fp32 values here) to the dtype's grid, ties to even, computed
-    from the grid spacing in fp64 (exact: every quantity is a power of two times a small int)."""
-    if dtype == torch.float32:
-        return v.astype(np.float32).astype(np.float64)
-    mant, emin, top = GRID[dtype]
-    out = np.array(v, dtype=np.float64)
-    finite = np.isfinite(v) & (v != 0)
-    a = np.abs(v[finite])
-    exp = np.maximum(np.floor(np.log2(a)), emin)
-    spacing = np.exp2(exp - mant)
-    q = a / spacing
-    lo = np.floor(q)
-    frac = q - lo
-    up = (frac > 0.5) | ((frac == 0.5) & (lo % 2 == 1))
-    r = (lo + up) * spacing
-    half_ulp_above_top = top + np.exp2(np.floor(np.log2(top)) - mant) / 2
-    r[a >= half_ulp_above_top] = np.inf
-    out[finite] = np.sign(v[finite]) * r
-    return out
-
-
-def fp32_oracle(ref, mem, prev, coeffs: Coefficients) -> np.ndarray:
-    """The fixed fp32 operation order, in numpy (separate IEEE fp32 ops, never fused)."""
-    f = np.float32
-    r, m = ref.float().numpy(), mem.float().numpy()
-    with np.errstate(all="ignore"):
-        x = f(coeffs.ref_scale) * r - f(coeffs.mem_scale) * m
-        if coeffs.momentum:
-            x = f(coeffs.new_weight) * x + f(coeffs.prev_weight) * prev.float().numpy()
-    return x
-
-
-def expected_bits(x32: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The output bits the contract asks for, from the fp32 result: RNE, canonical NaN."""
-    int_dtype, nan_bits = CANONICAL_NAN_BITS[dtype]
-    rounded = torch.from_numpy(rne_fp64(x32.astype(np.float64), dtype)).to(dtype)
-    bits = rounded.view(int_dtype).clone()
-    bits[torch.from_numpy(np.isnan(x32))] = nan_bits
-    return bits
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.view(CANONICAL_NAN_BITS[t.dtype][0])
-
-
-def random_operands(n: int, dtypes, seed: int, specials: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, dt in enumerate(dtypes):
-        scale = torch.exp2(torch.randint(-20, 12, (n,), generator=g).float())
-        t = torch.randn(n, generator=g) * scale
-        if specials and n > 8:
-            t[i] = float("nan")
-            t[3 + i] = float("inf") * (-1) ** i
-            t[6] = float("inf")  # inf − inf in (1+α)·ref − α·mem: NaN
-        out.append(t.to(dt))
-    return out
-
-
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [False, True])
-@pytest.mark.parametrize("n", [1, 7, 65537])
-def test_cpu_backend_matches_oracle(dtype, momentum, n):
+@pytest.mark.parametrize("n", [1, 7, 4099])
+def test_cpu_backend_matches_oracle(path, dtype, momentum, n):
     ref, mem, prev = random_operands(n, [dtype] * 3, seed=n)
     coeffs = Coefficients(4.0, 0.675 if momentum else None)
     out = torch.empty(n, dtype=dtype)
-    finite = CpuBackend(block_elems=4096).extrapolate(out, ref, mem, prev, coeffs)
+    with forced_cpu_path(path):
+        finite = CpuBackend(block_elems=4096).extrapolate(out, ref, mem, prev, coeffs)
     x32 = fp32_oracle(ref, mem, prev, coeffs)
     assert torch.equal(bits_of(out), expected_bits(x32, dtype))
     assert finite == bool(torch.isfinite(out).all())
 
 
-def test_cpu_backend_mixed_dtypes():
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [False, True])
+def test_cpu_paths_on_edge_values(path, in_dtype, out_dtype, momentum):
+    """Subnormals, NaN payloads, inf, overflow at rounding, ties: bit for bit against the
+    numpy fp32 oracle and within the fp64 error bound, on each path of the C loop."""
+    ref, mem, prev = (edge_operand(in_dtype, seed) for seed in (1, 2, 3))
+    coeffs = Coefficients(4.0, 0.675 if momentum else None)
+    prev = prev if momentum else None
+    out = torch.empty(len(ref), dtype=out_dtype)
+    with forced_cpu_path(path):
+        finite = CpuBackend().extrapolate(out, ref, mem, prev, coeffs)
+    assert torch.equal(bits_of(out), expected_bits(fp32_oracle(ref, mem, prev, coeffs), out_dtype))
+    check_fp64(out, ref, mem, prev, coeffs)
+    assert finite is False
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_cpu_backend_mixed_dtypes(path):
     ref, mem, prev = random_operands(5000, [torch.bfloat16, torch.float32, torch.float16], seed=3)
     coeffs = Coefficients(2.5, 0.3)
     for out_dtype in DTYPES:
         out = torch.empty(5000, dtype=out_dtype)
-        CpuBackend().extrapolate(out, ref, mem, prev, coeffs)
+        with forced_cpu_path(path):
+            CpuBackend().extrapolate(out, ref, mem, prev, coeffs)
         assert torch.equal(bits_of(out), expected_bits(fp32_oracle(ref, mem, prev, coeffs),
                                                        out_dtype))
 
 
-# α = 0 gives out = RN_out(ref): the rounding alone, on hand-made values (hex = output bits).
-ROUNDING_CASES = {
-    torch.bfloat16: [
-        (1 + 2**-8, 0x3F80),  # tie, even below
-        (1 + 3 * 2**-8, 0x3F82),  # tie, even above
-        (1 + 2**-8 + 2**-20, 0x3F81),  # just above the tie
-        (3.4028234663852886e38, 0x7F80),  # fp32 max overflows bf16 to inf
-        (-3.4028234663852886e38, 0xFF80),
-        (2**-134, 0x0000),  # tie between 0 and the smallest bf16 subnormal, 2**-133
-        (3 * 2**-134, 0x0002),
-    ],
-    torch.float16: [
-        (1 + 2**-11, 0x3C00),
-        (1 + 3 * 2**-11, 0x3C02),
-        (65519.0, 0x7BFF),  # below the overflow tie: max finite
-        (65520.0, 0x7C00),  # the tie rounds to even: inf
-        (2**-25, 0x0000),
-        (3 * 2**-25, 0x0002),
-        (-(2**-14) * (1 - 2**-11), 0x8400),  # rounds up into the normal range
-    ],
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_backend_rounding_by_hand(dtype):
-    values, want = zip(*ROUNDING_CASES[dtype], strict=True)
-    ref = torch.tensor(values, dtype=torch.float32)
-    out = torch.empty(len(values), dtype=dtype)
-    identity = Coefficients(FP32_TINY)  # a = 1, and mem = 0: out = RN(ref)
-    finite = CpuBackend().extrapolate(out, ref, torch.zeros_like(ref), None, identity)
-    got = [int(v) & 0xFFFF for v in bits_of(out)]
-    assert got == list(want)
-    assert finite is False  # the overflows are reported
-
-
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_backend_nan_is_canonical(dtype):
-    nan_payloads = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFC12345], dtype=np.uint32)
-    ref = torch.from_numpy(nan_payloads.view(np.float32).copy())
-    out = torch.empty(4, dtype=dtype)
-    finite = CpuBackend().extrapolate(out, ref, torch.ones(4), None, Coefficients(1.0))
+@pytest.mark.parametrize("repeat", [1, 40], ids=["scalar", "vector"])
+def test_cpu_backend_rounding_by_hand(path, dtype, repeat):
+    """Each case alone (the scalar tail) and repeated past a vector width (the vector body)."""
+    values, want = zip(*ROUNDING_CASES[dtype], strict=True)
+    ref = torch.tensor(values * repeat, dtype=torch.float32)
+    out = torch.empty(len(ref), dtype=dtype)
+    with forced_cpu_path(path):
+        finite = CpuBackend().extrapolate(out, ref, torch.zeros_like(ref), None, IDENTITY)
+    mask = 0xFFFFFFFF if dtype == torch.float32 else 0xFFFF
+    assert [int(v) & mask for v in bits_of(out)] == list(want) * repeat
+    assert finite == (dtype == torch.float32)  # bf16 and fp16 cases include overflows
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backend_nan_is_canonical(path, dtype):
+    ref = torch.from_numpy(np.tile(NAN_PAYLOADS, 10).view(np.float32).copy())
+    out = torch.empty(len(ref), dtype=dtype)
+    with forced_cpu_path(path):
+        finite = CpuBackend().extrapolate(out, ref, torch.ones(len(ref)), None, Coefficients(1.0))
     assert not finite
     assert (bits_of(out) == CANONICAL_NAN_BITS[dtype][1]).all()
 

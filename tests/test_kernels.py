@@ -7,27 +7,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bits import (
+    DTYPES,
+    IDENTITY,
+    NAN_PAYLOADS,
+    ROUNDING_CASES,
+    bits_of,
+    check_fp64,
+    random_operands,
+)
 from moxkit.kernels import extrapolate
 from moxkit.kernels.extrapolate import BLOCK, launch
-from test_backends import ROUNDING_CASES, bits_of, random_operands
 
 from moxkit.backends import CpuBackend
 from moxkit.errors import MoxError
-from moxkit.formula import FP32_TINY, Coefficients
+from moxkit.formula import Coefficients
 from moxkit.torch_path import CANONICAL_NAN_BITS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (mantissa bits, minimum normal exponent, largest finite value)
-FORMAT = {
-    torch.float32: (23, -126, float(np.finfo(np.float32).max)),
-    torch.bfloat16: (7, -126, 3.3895313892515355e38),
-    torch.float16: (10, -14, 65504.0),
-}
-U32 = 2.0**-24  # unit roundoff of fp32
-
-
 def on_device(*ts):
     return [None if t is None else t.to(DEVICE) for t in ts]
 
@@ -36,32 +34,6 @@ def cpu_backend(ref, mem, prev, coeffs, out_dtype):
     out = torch.empty(ref.numel(), dtype=out_dtype)
     finite = CpuBackend().extrapolate(out, ref, mem, prev, coeffs)
     return out, finite
-
-
-def check_fp64(out: torch.Tensor, ref, mem, prev, coeffs: Coefficients) -> None:
-    """|out − y| ≤ 1 ulp(y) + 3·u32·Σ|terms|, y the exact result of the formula in fp64."""
-    a, b, e, c = coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight
-    r, m = ref.double().numpy(), mem.double().numpy()
-    with np.errstate(all="ignore"):
-        y = a * r - b * m
-        terms = np.abs(a * r) + np.abs(b * m)
-        if coeffs.momentum:
-            p = prev.double().numpy()
-            y, terms = e * y + c * p, e * terms + np.abs(c * p)
-    got = out.double().numpy()
-    mant, emin, top = FORMAT[out.dtype]
-    finite = np.isfinite(y) & np.isfinite(terms)
-    ulp = np.exp2(np.maximum(np.floor(np.log2(np.abs(y[finite]) + 1e-300)), emin) - mant)
-    tol = ulp + 3 * U32 * terms[finite]
-    fits = np.abs(y[finite]) + tol < top  # beyond: the rounding may overflow to inf
-    err = np.abs(got[finite] - y[finite])
-    assert (err[fits] <= tol[fits]).all(), f"max error {err[fits].max()} ulps {(err / ulp).max()}"
-    beyond = ~fits & (np.abs(y[finite]) > top * (1 + 2.0 ** -(mant + 1)))
-    assert (got[finite][beyond] == np.sign(y[finite][beyond]) * np.inf).all()
-    # NaN and inf go through: a NaN input or inf − inf gives NaN, an inf alone keeps its sign
-    assert np.array_equal(np.isnan(got), np.isnan(y))
-    inf = np.isinf(y)
-    assert np.array_equal(got[inf], y[inf])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -102,19 +74,19 @@ def test_kernel_configs_agree(block, num_warps):
     assert torch.equal(bits_of(got.cpu()), bits_of(want))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_rounding_by_hand(dtype):
     values, want = zip(*ROUNDING_CASES[dtype], strict=True)
     ref = torch.tensor(values, dtype=torch.float32, device=DEVICE)
     out = torch.empty(len(values), dtype=dtype, device=DEVICE)
-    extrapolate(ref, torch.zeros_like(ref), FP32_TINY, out=out)  # a = 1, mem = 0: out = RN(ref)
-    assert [int(v) & 0xFFFF for v in bits_of(out.cpu())] == list(want)
+    extrapolate(ref, torch.zeros_like(ref), IDENTITY.alpha, out=out)  # out = RN(ref)
+    mask = 0xFFFFFFFF if dtype == torch.float32 else 0xFFFF
+    assert [int(v) & mask for v in bits_of(out.cpu())] == list(want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_nonfinite_flag_and_canonical_nan(dtype):
-    payloads = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFC12345], dtype=np.uint32)
-    nans = torch.from_numpy(payloads.view(np.float32).copy())
+    nans = torch.from_numpy(NAN_PAYLOADS.view(np.float32).copy())
     cases = {
         "finite": (torch.tensor([1.0, -2.0, 3.0, 0.5]), False),
         "nan": (nans, True),
