@@ -1,29 +1,66 @@
 """Open safetensors checkpoints without reading their data.
 
-A checkpoint is a single .safetensors file or a Hugging Face model directory (one
-model.safetensors, or shards named by model.safetensors.index.json). Opening one parses and
-validates every header strictly, so a corrupt or truncated input is refused before a single
-output byte is written, and yields per-tensor metadata (name, dtype, shape, file, byte range).
-Tensor bytes are then read on demand, a chunk at a time: copied with pread into caller-owned
-buffers, or mapped in windows that are released as soon as the chunk is done, so resident
-memory never grows with the model.
+A checkpoint is a single .safetensors file or a Hugging Face model folder (one
+model.safetensors, or shards named by model.safetensors.index.json), named by a path or a hub
+id (see sources). Opening one parses and validates every header as strictly as safetensors
+itself (header limit, UTF-8, no duplicate names, offsets that tile the data exactly, shapes
+whose size fits in 64 bits), and checks the index against the shards, so a corrupt, truncated
+or hostile input is refused before a single output byte is written. Parsing is incremental and
+checks the memory budget as it goes: a 1.3 M-tensor header validates in seconds, and a header
+too large for the budget stops the run early.
+
+Tensor bytes are then read on demand, a chunk at a time, by a FileReader: copied with pread
+into caller-owned buffers, or mapped in windows that are released as soon as the chunk is
+done, so resident memory never grows with the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-import math
+import logging
 import mmap
 import os
+import re
 import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import MoxError
+from .sources import (
+    MAX_JSON_DEPTH,
+    ModelFile,
+    check_file_name,
+    check_size,
+    json_depth,
+    member,
+    open_checked,
+    read_exactly,
+    read_json,
+    resolve_model,
+    shown,
+    tree_root,
+    user_file,
+)
+from .units import check_headroom
+
+log = logging.getLogger("moxkit")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 100_000_000  # exactly the limit safetensors enforces (not 100 MiB)
+MAX_OPEN_FILES = 64  # input descriptors a FileReader keeps open at once
+# resident bytes per header byte while a header is parsed: measured on a 92 MB header of
+# 1.3 M tensors (benchmarks/header_validation.py); checked before reading a header
+HEADER_PARSE_FACTOR = 4
+BUDGET_CHECK_EVERY = 1 << 16  # header entries between two looks at the resident size
+_U64 = 2**64
 
 # safetensors dtype code -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
@@ -46,22 +83,23 @@ DTYPE_SIZES: dict[str, int] = {
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 # the floating dtypes moxkit does arithmetic on (fp32 arithmetic, exact for all three inputs)
 ARITHMETIC_CODES = frozenset({"F32", "F16", "BF16"})
+_DTYPE_CODES = {code: code for code in DTYPE_SIZES}  # one shared str object per code
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class TensorInfo:
     """Where one tensor's bytes are, and what they are."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    file: Path
+    file: ModelFile
     start: int  # absolute byte offset of the first element in `file`
     nbytes: int
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return self.nbytes // DTYPE_SIZES[self.dtype]
 
     @property
     def itemsize(self) -> int:
@@ -87,187 +125,454 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Resolve `path` to its safetensors files and validate every header."""
-    path = Path(path)
-    if not path.exists():
-        raise MoxError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.name.endswith(".json"):
-            return _open_index(path, path.parent)
-        tensors, metadata = read_header(path)
-        return Checkpoint(path, tensors, [path], None, metadata)
-    if not path.is_dir():
-        raise MoxError(f"{path}: not a file or directory")
-    if (path / INDEX_NAME).is_file():
-        return _open_index(path / INDEX_NAME, path)
-    if (path / SINGLE_NAME).is_file():
-        tensors, metadata = read_header(path / SINGLE_NAME)
-        return Checkpoint(path, tensors, [path / SINGLE_NAME], path, metadata)
-    candidates = sorted(path.glob("*.safetensors"))
+def open_checkpoint(path: str | os.PathLike, *, budget: int | None = None) -> Checkpoint:
+    """Find `path`'s safetensors files (a file, a folder, an index, or a hub id: see
+    sources.resolve_model) and validate every header, within the memory `budget` (bytes of
+    resident memory for the whole process; None: unchecked)."""
+    path = resolve_model(path)
+    if path.is_dir():
+        return _open_folder(path, budget)
+    file = user_file(path)
+    if path.name.endswith(".json"):
+        return _open_index(file, path.parent, tree_root(path.parent), budget)
+    tensors, metadata = read_header(file, budget)
+    return Checkpoint(path, tensors, [path], None, metadata)
+
+
+def _open_folder(folder: Path, budget: int | None) -> Checkpoint:
+    root = tree_root(folder)
+    has_index = os.path.lexists(folder / INDEX_NAME)
+    if os.path.lexists(folder / SINGLE_NAME):
+        if has_index:
+            log.warning(
+                "moxkit: warning: %s holds both %s and %s; reading %s, as transformers does",
+                shown(folder),
+                SINGLE_NAME,
+                INDEX_NAME,
+                SINGLE_NAME,
+            )
+        file = member(folder, SINGLE_NAME, root)
+        tensors, metadata = read_header(file, budget)
+        return Checkpoint(folder, tensors, [file.path], folder, metadata)
+    if has_index:
+        return _open_index(member(folder, INDEX_NAME, root), folder, root, budget)
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:
+        raise MoxError(f"{shown(folder)}: cannot list: {exc.strerror or exc}") from None
+    candidates = sorted(n for n in names if n.endswith(".safetensors"))
     if len(candidates) == 1:
-        tensors, metadata = read_header(candidates[0])
-        return Checkpoint(path, tensors, candidates, path, metadata)
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        file = member(folder, candidates[0], root)
+        tensors, metadata = read_header(file, budget)
+        return Checkpoint(folder, tensors, [file.path], folder, metadata)
+    if len(candidates) > 1:
         raise MoxError(
-            f"{path}: only PyTorch pickle weights (.bin/.pt); save the model with "
+            f"{shown(folder)}: {len(candidates)} .safetensors files and no {INDEX_NAME} "
+            "to say which tensors each holds"
+        )
+    if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        raise MoxError(
+            f"{shown(folder)}: only PyTorch pickle weights (.bin/.pt); save the model with "
             "save_pretrained(..., safe_serialization=True) to get safetensors"
         )
-    raise MoxError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
+    raise MoxError(f"{shown(folder)}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
 
 
-def _open_index(index_path: Path, directory: Path) -> Checkpoint:
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MoxError(f"{index_path}: cannot read index: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise MoxError(
-            f"{index_path}: index is not valid JSON ({exc.msg}, line {exc.lineno})"
-        ) from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) -> Checkpoint:
+    """A sharded checkpoint: the index's weight_map and the shards' headers must agree
+    exactly (every tensor named once, in the shard the index says)."""
+    data = read_json(index, "index", budget=budget)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise MoxError(f"{index_path}: index has no 'weight_map' object")
-    shard_names = []
+        raise MoxError(f"{index}: index has no 'weight_map' object")
+    shard_files: dict[str, ModelFile] = {}
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise MoxError(f"{index_path}: tensor {name!r} maps to {shard!r}, not a file name")
-        if shard not in shard_names:
-            shard_names.append(shard)
+        if shard in shard_files:
+            continue
+        check_file_name(shard, f"{index}: tensor {name!r} maps to")
+        if not os.path.lexists(folder / shard):
+            raise MoxError(f"{index}: shard {shown(shard)} is missing")
+        shard_files[shard] = member(folder, shard, root)
     headers: dict[str, dict[str, TensorInfo]] = {}
     metadata: dict[str, str] = {}
-    files = []
-    root = directory.resolve()
-    for shard in shard_names:
-        shard_path = directory / shard
-        if root not in shard_path.resolve().parents:
-            raise MoxError(f"{index_path}: shard {shard!r} lies outside the model directory")
-        if not shard_path.is_file():
-            raise MoxError(f"{index_path}: shard {shard} is missing")
-        headers[shard], shard_meta = read_header(shard_path)
+    for shard, file in shard_files.items():
+        headers[shard], shard_meta = read_header(file, budget)
         metadata = metadata or shard_meta
-        files.append(shard_path)
+        for name in headers[shard]:
+            named = weight_map.get(name)
+            if named is None:
+                raise MoxError(
+                    f"{file}: holds tensor {name!r} that {INDEX_NAME} does not name "
+                    "(transformers would ignore it): the index and the shards disagree"
+                )
+            if named != shard:
+                raise MoxError(
+                    f"{file}: holds tensor {name!r} that {INDEX_NAME} places in "
+                    f"{shown(named)}: the index and the shards disagree"
+                )
     tensors: dict[str, TensorInfo] = {}
     for name, shard in weight_map.items():
         info = headers[shard].get(name)
         if info is None:
-            raise MoxError(f"{directory / shard}: tensor {name!r} named by the index is not in it")
+            raise MoxError(f"{shard_files[shard]}: tensor {name!r} named by the index is not in it")
         tensors[name] = info
-    return Checkpoint(directory, tensors, files, directory, metadata)
+    return Checkpoint(folder, tensors, [f.path for f in shard_files.values()], folder, metadata)
 
 
-def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+# ------------------------------------------------------------------------------ headers
+
+
+def read_header(
+    file: ModelFile | str | os.PathLike, budget: int | None = None
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one .safetensors header; tensors are returned in file order."""
+    if not isinstance(file, ModelFile):
+        file = user_file(Path(file))
+    if file.size < 8:
+        raise MoxError(f"{file}: too small to be a safetensors file ({file.size} bytes)")
+    fd = open_checked(file)
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise MoxError(f"{file}: too small to be a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise MoxError(
-                    f"{file}: header length {header_len} does not fit in the file "
-                    f"({size} bytes): not a safetensors file, or truncated"
-                )
-            raw = fh.read(header_len)
-    except OSError as exc:
-        raise MoxError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MoxError(f"{file}: header is not valid JSON: not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise MoxError(f"{file}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise MoxError(f"{file}: __metadata__ must map strings to strings")
-    data_start = 8 + header_len
-    data_size = size - data_start
-    tensors = [
-        _parse_entry(file, name, entry, data_start, data_size) for name, entry in header.items()
-    ]
-    tensors.sort(key=lambda t: t.start)
-    end = data_start
-    for t in tensors:
-        if t.start < end:
-            raise MoxError(f"{file}: tensor {t.name!r} overlaps the tensor before it")
-        end = t.start + t.nbytes
-    return {t.name: t for t in tensors}, metadata
+        (header_len,) = struct.unpack("<Q", read_exactly(fd, 0, 8, file))
+        if 8 + header_len > file.size:
+            raise MoxError(
+                f"{file}: header length {header_len} does not fit in the file "
+                f"({file.size} bytes): not a safetensors file, or truncated"
+            )
+        if header_len > MAX_HEADER_BYTES:
+            raise MoxError(
+                f"{file}: header of {header_len:,} bytes is over safetensors' limit of "
+                f"{MAX_HEADER_BYTES:,}: not a safetensors file, or not one anything can load"
+            )
+        check_headroom(budget, header_len * HEADER_PARSE_FACTOR, f"{file}: reading its header")
+        text = _header_text(read_exactly(fd, 8, header_len, file), file)
+    finally:
+        os.close(fd)
+    return parse_header(text, file, budget)
 
 
-def _parse_entry(
-    file: Path, name: str, entry: object, data_start: int, data_size: int
-) -> TensorInfo:
-    where = f"{file}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise MoxError(f"{where}: header entry is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise MoxError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise MoxError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise MoxError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
-    begin, end = offsets
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
-    if end - begin != expected:
-        raise MoxError(
-            f"{where}: {end - begin} bytes for shape {shape} of {dtype} (expected {expected})"
+# a header entry exactly as safetensors writes it: parsed by one regex match instead of the
+# general JSON scanner (same result; anything else takes the general path)
+_NUMBER = r"(?:0|[1-9][0-9]*)"
+_CANONICAL_ITEM = re.compile(
+    r'"([^"\\\x00-\x1f]*)":'  # a name without escapes
+    rf'\{{"dtype":"([A-Z0-9_]{{1,16}})","shape":\[((?:{_NUMBER}(?:,{_NUMBER})*)?)\],'
+    rf'"data_offsets":\[({_NUMBER}),({_NUMBER})\]\}}(,?)'
+)
+_WS = re.compile(r"[ \t\n\r]*")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_scanstring = json.decoder.scanstring
+
+
+def _header_text(raw: bytes, file: ModelFile) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MoxError(f"{file}: header is not UTF-8 text: not a safetensors file") from None
+
+
+def parse_header(
+    text: str, file: ModelFile, budget: int | None = None
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate the header `text` of `file` (its bytes decoded as UTF-8); see read_header."""
+    if not text.startswith("{"):
+        raise MoxError(f"{file}: header does not start with '{{': not a safetensors file")
+    data_start = 8 + (len(text) if text.isascii() else len(text.encode("utf-8")))
+    parser = _HeaderParser(text, file, data_start, budget)
+    with gc_paused():
+        try:
+            return parser.run()
+        except RecursionError:
+            raise MoxError(f"{file}: header is nested too deeply") from None
+        except (json.JSONDecodeError, StopIteration):
+            raise MoxError(
+                f"{file}: header is not valid JSON near character {parser.pos}: "
+                "not a safetensors file"
+            ) from None
+        except ValueError as exc:  # an integer past Python's digit limit
+            raise MoxError(f"{file}: header holds {str(exc).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while millions of small objects are made (a
+    header's tensors, the plan): otherwise it rescans all of them again and again, which
+    took 4-5x the parse time. None of them form cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _HeaderParser:
+    """One pass over the header text, entry by entry: each entry becomes a TensorInfo
+    straight away, so the parse never holds the whole JSON tree (which costs 8x the header's
+    size in Python objects)."""
+
+    def __init__(self, text: str, file: ModelFile, data_start: int, budget: int | None):
+        self.text, self.file, self.budget = text, file, budget
+        self.data_start = data_start
+        self.data_size = file.size - data_start
+        self.pos = 0
+        self.scan_value = json.JSONDecoder(object_pairs_hook=_entry_pairs).scan_once
+        self.shapes: dict[str, tuple[tuple[int, ...], int]] = {}  # canonical text -> (shape, numel)
+        self.check_names = _ESCAPED_SURROGATE.search(text) is not None
+
+    def run(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        text, shapes = self.text, self.shapes
+        infos: list[TensorInfo] = []
+        metadata: dict[str, str] | None = None
+        countdown = BUDGET_CHECK_EVERY
+        pos = _WS.match(text, 1).end()
+        done = text.startswith("}", pos)
+        pos += done
+        while not done:
+            item = _CANONICAL_ITEM.match(text, pos)
+            if item is not None and item[1] != "__metadata__":
+                name, dtype, shape_text, begin, end, comma = item.groups()
+                shape, numel = shapes.get(shape_text) or self._shape(shape_text, name)
+                infos.append(self._info(name, dtype, shape, numel, int(begin), int(end)))
+                pos = item.end()
+                if not comma:
+                    pos, done = self._after_item(pos)
+            else:
+                name, value, pos = self._general_item(pos)
+                if name == "__metadata__":
+                    if metadata is not None:
+                        raise MoxError(f"{self.file}: header names '__metadata__' twice")
+                    metadata = self._metadata(value)
+                else:
+                    infos.append(self._general(name, value))
+                pos, done = self._after_item(pos)
+            countdown -= 1
+            if not countdown:
+                countdown = BUDGET_CHECK_EVERY
+                check_headroom(self.budget, 0, f"{self.file}: validating {len(infos):,} tensors")
+        self.pos = pos
+        if _WS.match(text, pos).end() != len(text):
+            raise json.JSONDecodeError("extra data after the header object", text, pos)
+        tensors = self._in_file_order(infos)
+        check_headroom(self.budget, 0, f"{self.file}: validating {len(infos):,} tensors")
+        return tensors, metadata or {}
+
+    def _after_item(self, pos: int) -> tuple[int, bool]:
+        """Past the ',' after an item (False), or the closing '}' (True)."""
+        text = self.text
+        pos = self.pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            return pos + 1, False
+        if text.startswith("}", pos):
+            return pos + 1, True
+        raise json.JSONDecodeError("expected ',' or '}'", text, pos)
+
+    def _general_item(self, pos: int) -> tuple[str, object, int]:
+        """Any `"name": value` the canonical pattern did not match, by the JSON scanner."""
+        text = self.text
+        pos = self.pos = _WS.match(text, pos).end()
+        if not text.startswith('"', pos):
+            raise json.JSONDecodeError("expected a tensor name", text, pos)
+        name, pos = _scanstring(text, pos + 1, True)
+        pos = self.pos = _WS.match(text, pos).end()
+        if not text.startswith(":", pos):
+            raise json.JSONDecodeError("expected ':'", text, pos)
+        pos = self.pos = _WS.match(text, pos + 1).end()
+        if self.check_names:
+            _check_text(name, str(self.file))
+        value, pos = self.scan_value(text, pos)
+        return name, value, pos
+
+    def _shape(self, shape_text: str, name: str) -> tuple[tuple[int, ...], int]:
+        shape = tuple(int(d) for d in shape_text.split(",")) if shape_text else ()
+        known = self.shapes[shape_text] = (shape, _numel(shape, self.file, name))
+        return known
+
+    def _general(self, name: str, entry: object) -> TensorInfo:
+        where = f"{self.file}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise MoxError(f"{where}: header entry is not an object")
+        if json_depth(entry) > MAX_JSON_DEPTH:
+            raise MoxError(f"{where}: header entry is nested too deeply")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _U64 for d in shape):
+            raise MoxError(f"{where}: shape {shape!r:.80} is not a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+        ):
+            raise MoxError(f"{where}: data_offsets {offsets!r:.80} are not [begin, end]")
+        shape = tuple(shape)
+        return self._info(name, dtype, shape, _numel(shape, self.file, name), *offsets)
+
+    def _info(
+        self, name: str, dtype: object, shape: tuple, numel: int, begin: int, end: int
+    ) -> TensorInfo:
+        code = _DTYPE_CODES.get(dtype) if isinstance(dtype, str) else None
+        if code is None:
+            raise MoxError(f"{self.file}: tensor {name!r}: unknown dtype {dtype!r:.40}")
+        if not 0 <= begin <= end < _U64:
+            raise MoxError(
+                f"{self.file}: tensor {name!r}: data_offsets {[begin, end]} are not [begin, end]"
+            )
+        expected = numel * DTYPE_SIZES[code]
+        if expected >= _U64:
+            raise MoxError(f"{self.file}: tensor {name!r}: shape {list(shape)} is too large")
+        if end - begin != expected:
+            raise MoxError(
+                f"{self.file}: tensor {name!r}: {end - begin} bytes for shape {list(shape)} "
+                f"of {code} (expected {expected})"
+            )
+        if end > self.data_size:
+            raise MoxError(
+                f"{self.file}: tensor {name!r}: data ends at byte {end} but the file holds "
+                f"{self.data_size} data bytes (truncated file?)"
+            )
+        return TensorInfo(name, code, shape, self.file, self.data_start + begin, expected)
+
+    def _metadata(self, value: object) -> dict[str, str]:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise MoxError(f"{self.file}: __metadata__ must map strings to strings")
+        for text in (*value.keys(), *value.values()):
+            _check_text(text, f"{self.file}: __metadata__")
+        return value
+
+    def _in_file_order(self, infos: list[TensorInfo]) -> dict[str, TensorInfo]:
+        """The tensors by name, sorted by offset; as in safetensors, they must tile the data
+        exactly: no overlap, no gap, nothing after the last one, no name twice."""
+        starts = np.fromiter((t.start for t in infos), dtype=np.int64, count=len(infos))
+        order = np.argsort(starts, kind="stable")
+        ends = starts[order] + np.fromiter(
+            (infos[i].nbytes for i in order), dtype=np.int64, count=len(infos)
         )
-    if end > data_size:
-        raise MoxError(
-            f"{where}: data ends at byte {end} but the file holds {data_size} data bytes "
-            "(truncated file?)"
-        )
-    return TensorInfo(name, dtype, tuple(shape), file, data_start + begin, expected)
+        expected = np.concatenate(([self.data_start], ends[:-1])) if len(infos) else ends
+        wrong = np.flatnonzero(starts[order] != expected)
+        if len(wrong):
+            i = int(wrong[0])
+            t = infos[order[i]]
+            what = "overlaps the tensor before it" if t.start < expected[i] else "leaves a gap"
+            raise MoxError(
+                f"{self.file}: tensor {t.name!r} {what} (starts at data byte "
+                f"{t.start - self.data_start}, previous one ends at "
+                f"{int(expected[i]) - self.data_start})"
+            )
+        data_end = int(ends[-1]) if len(infos) else self.data_start
+        if data_end != self.file.size:
+            raise MoxError(
+                f"{self.file}: {self.file.size - data_end} bytes after the last tensor "
+                "(safetensors refuses such a file)"
+            )
+        tensors = {infos[i].name: infos[i] for i in order.tolist()}
+        if len(tensors) != len(infos):
+            seen: set[str] = set()
+            for t in infos:
+                if t.name in seen:
+                    raise MoxError(f"{self.file}: header names tensor {t.name!r} twice")
+                seen.add(t.name)
+        return tensors
+
+
+def _entry_pairs(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"the key {twice!r} twice in one object")
+    return obj
+
+
+def _numel(shape: tuple[int, ...], file: ModelFile, name: str) -> int:
+    """The element count, refusing shapes whose running product overflows 64 bits (as
+    safetensors' checked multiplication does)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= _U64:
+            raise MoxError(f"{file}: tensor {name!r}: shape {list(shape)} overflows 64 bits")
+    return n
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MoxError(f"{where}: {ascii(text)} holds a lone surrogate (not valid UTF-8)") from None
+
+
+# ------------------------------------------------------------------------------ reading
 
 
 class FileReader:
     """Reads byte ranges of input files: copied into caller-owned buffers with pread, or
     mapped read-only for the caller to compute on in place.
 
-    File descriptors are opened read-only once and shared; neither pread nor mmap uses the
-    file position, so one reader is safe to use from several threads."""
+    Files are opened when first needed and at most `max_open` stay open (least recently
+    used closed first), so 600+600 input shards run under `ulimit -n 1024`. Every open
+    checks the file is the one validated (device, inode, size) and every read or mapping
+    first checks its size with fstat, so a file truncated or replaced since validation gives
+    a MoxError naming it rather than a SIGBUS or wrong bytes (a truncation racing the mapping
+    itself is left to the backend's SIGBUS guard). Thread-safe; one lock serialises opens
+    and reads (the engine reads from one thread)."""
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+    def __init__(self, max_open: int = MAX_OPEN_FILES) -> None:
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._max_open = max_open
+        self._lock = threading.Lock()
 
-    def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
+    def _fd(self, file: ModelFile | Path, end: int) -> int:
+        key = os.fspath(file)
+        fd = self._fds.get(key)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            while len(self._fds) >= self._max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[key] = _open_input(file)
+        else:
+            self._fds.move_to_end(key)
+        size = os.fstat(fd).st_size
+        if isinstance(file, ModelFile):
+            check_size(file, size)
+        if end > size:
+            raise MoxError(f"{shown(file)}: ends at byte {size}, before byte {end} (truncated?)")
         return fd
 
-    def map_range(self, file: Path, offset: int, nbytes: int) -> tuple[mmap.mmap, memoryview]:
+    def map_range(
+        self, file: ModelFile | Path, offset: int, nbytes: int
+    ) -> tuple[mmap.mmap, memoryview]:
         """A read-only mapping of [offset, offset+nbytes), populated up front (one pass of
         readahead instead of a page fault per page); close it to release the pages."""
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(
-            self._fd(file), offset - base + nbytes, flags=flags, prot=mmap.PROT_READ, offset=base
-        )
+        with self._lock:
+            fd = self._fd(file, offset + nbytes)
+            mapping = mmap.mmap(
+                fd, offset - base + nbytes, flags=flags, prot=mmap.PROT_READ, offset=base
+            )
         return mapping, memoryview(mapping)[offset - base : offset - base + nbytes]
 
-    def read_into(self, file: Path, offset: int, buffer: memoryview) -> None:
-        fd = self._fd(file)
+    def read_into(self, file: ModelFile | Path, offset: int, buffer: memoryview) -> None:
         done, total = 0, len(buffer)
-        while done < total:
-            n = os.preadv(fd, [buffer[done:]], offset + done)
-            if n <= 0:
-                raise MoxError(f"{file}: unexpected end of file at byte {offset + done}")
-            done += n
+        with self._lock:
+            fd = self._fd(file, offset + total)
+            while done < total:
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n <= 0:
+                    raise MoxError(f"{shown(file)}: unexpected end of file at byte {offset + done}")
+                done += n
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _open_input(file: ModelFile | Path) -> int:
+    if isinstance(file, ModelFile):
+        return open_checked(file)
+    try:
+        return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MoxError(f"{shown(file)}: cannot open: {exc.strerror or exc}") from None

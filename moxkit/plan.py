@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import ARITHMETIC_CODES, DTYPE_SIZES, Checkpoint, TensorInfo
+from .checkpoint import (
+    ARITHMETIC_CODES,
+    DTYPE_SIZES,
+    FLOAT_CODES,
+    Checkpoint,
+    TensorInfo,
+    gc_paused,
+)
 from .errors import MoxError
+from .sources import shown
 from .writer import OutputTensor
 
 DTYPE_ALIASES = {
@@ -27,7 +35,7 @@ DTYPE_ALIASES = {
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class TensorPlan:
     """One output tensor: extrapolated from ref/mem(/prev), or copied from ref."""
 
@@ -78,52 +86,101 @@ def pair_tensors(
 ) -> list[TensorPlan]:
     """Validate the inputs against each other; the output has REF's tensors in REF's order."""
     if not ref.tensors:
-        raise MoxError(f"{ref.path}: holds no tensors")
+        raise MoxError(f"{shown(ref.path)}: holds no tensors")
     others = [("MEM", mem)] + ([("PREV", prev)] if prev is not None else [])
     for label, other in others:
-        missing = [n for n in ref.tensors if n not in other.tensors]
-        extra = [n for n in other.tensors if n not in ref.tensors]
-        if missing:
-            raise MoxError(
-                f"{other.path}: {label} lacks tensor {missing[0]!r} that REF has"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-        if extra:
-            raise MoxError(
-                f"{other.path}: {label} has tensor {extra[0]!r} that REF lacks"
-                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                + (
-                    "; tied embeddings in one model but not the other?"
-                    if "lm_head" in extra[0]
-                    else ""
-                )
-            )
+        _check_same_names(ref, label, other)
+    mem_tensors = mem.tensors
+    prev_tensors = prev.tensors if prev is not None else None
     plans = []
-    for name, r in ref.tensors.items():
-        m = mem.tensors[name]
-        p = prev.tensors[name] if prev is not None else None
-        for label, t in (("MEM", m), ("PREV", p)):
-            if t is not None and t.shape != r.shape:
-                raise MoxError(
-                    f"{t.file}: tensor {name!r} has shape {list(t.shape)} in {label} "
-                    f"but {list(r.shape)} in REF"
-                )
-        if not r.is_float:
-            for label, t in (("MEM", m), ("PREV", p)):
-                if t is not None and t.dtype != r.dtype:
-                    raise MoxError(
-                        f"{t.file}: tensor {name!r} is {t.dtype} in {label} but {r.dtype} in REF"
-                    )
-            plans.append(TensorPlan(name, r.shape, r.dtype, r, None, None))
-            continue
-        for label, t in (("REF", r), ("MEM", m), ("PREV", p)):
-            if t is not None and t.dtype not in ARITHMETIC_CODES:
-                raise MoxError(
-                    f"{t.file}: tensor {name!r} in {label} is {t.dtype}; moxkit computes on "
-                    "F32, F16 and BF16 tensors"
-                )
-        plans.append(TensorPlan(name, r.shape, out_dtype or r.dtype, r, m, p))
+    append = plans.append
+    with gc_paused():
+        for name, r in ref.tensors.items():
+            m = mem_tensors[name]
+            p = prev_tensors[name] if prev_tensors is not None else None
+            if m.shape != r.shape or (p is not None and p.shape != r.shape):
+                _refuse_shapes(name, r, m, p)
+            if r.dtype not in FLOAT_CODES:
+                if m.dtype != r.dtype or (p is not None and p.dtype != r.dtype):
+                    _refuse_integer_dtypes(name, r, m, p)
+                append(TensorPlan(name, r.shape, r.dtype, r, None, None))
+            elif (
+                r.dtype in ARITHMETIC_CODES
+                and m.dtype in ARITHMETIC_CODES
+                and (p is None or p.dtype in ARITHMETIC_CODES)
+            ):
+                append(TensorPlan(name, r.shape, out_dtype or r.dtype, r, m, p))
+            else:
+                _refuse_float_dtypes(name, r, m, p)
     return plans
+
+
+def _check_same_names(ref: Checkpoint, label: str, other: Checkpoint) -> None:
+    if len(other.tensors) == len(ref.tensors) and all(n in other.tensors for n in ref.tensors):
+        return
+    missing = [n for n in ref.tensors if n not in other.tensors]
+    extra = [n for n in other.tensors if n not in ref.tensors]
+    hint = _prefix_hint(label, missing, extra)
+    if missing:
+        raise MoxError(
+            f"{shown(other.path)}: {label} lacks tensor {missing[0]!r} that REF has"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + hint
+        )
+    raise MoxError(
+        f"{shown(other.path)}: {label} has tensor {extra[0]!r} that REF lacks"
+        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        + (hint or ("; tied embeddings in one model but not the other?" * ("lm_head" in extra[0])))
+    )
+
+
+def _prefix_hint(label: str, missing: list[str], extra: list[str]) -> str:
+    """When every name one side has and the other lacks is the other's name with a prefix
+    added (GPT-2's legacy `h.0...` against `transformer.h.0...`), say so: the same model
+    saved in two key layouts, not two different models."""
+    if not missing or not extra:
+        return ""
+    for longer, shorter, who in ((extra, missing, label), (missing, extra, "REF")):
+        shorter_set = set(shorter)
+        probe = longer[0]
+        cut = probe.find(".")
+        while cut != -1:
+            prefix = probe[: cut + 1]
+            if all(n.startswith(prefix) and n[len(prefix) :] in shorter_set for n in longer):
+                other = "REF" if who == label else label
+                return (
+                    f"; {who}'s names carry the prefix {prefix!r} that {other}'s lack "
+                    f"({longer[0][len(prefix) :]!r} vs {longer[0]!r}): the same model saved "
+                    "in two key layouts?"
+                )
+            cut = probe.find(".", cut + 1)
+    return ""
+
+
+def _refuse_shapes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None) -> None:
+    for label, t in (("MEM", m), ("PREV", p)):
+        if t is not None and t.shape != r.shape:
+            raise MoxError(
+                f"{t.file}: tensor {name!r} has shape {list(t.shape)} in {label} "
+                f"but {list(r.shape)} in REF"
+            )
+
+
+def _refuse_integer_dtypes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None) -> None:
+    for label, t in (("MEM", m), ("PREV", p)):
+        if t is not None and t.dtype != r.dtype:
+            raise MoxError(
+                f"{t.file}: tensor {name!r} is {t.dtype} in {label} but {r.dtype} in REF"
+            )
+
+
+def _refuse_float_dtypes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None) -> None:
+    for label, t in (("REF", r), ("MEM", m), ("PREV", p)):
+        if t is not None and t.dtype not in ARITHMETIC_CODES:
+            raise MoxError(
+                f"{t.file}: tensor {name!r} in {label} is {t.dtype}; moxkit computes on "
+                "F32, F16 and BF16 tensors"
+            )
 
 
 def cut_chunks(plans: list[TensorPlan], chunk_elems: int) -> list[Chunk]:

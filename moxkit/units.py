@@ -1,8 +1,11 @@
-"""Human sizes for options: "5GB" is decimal (as transformers' max_shard_size), "1GiB" binary."""
+"""Sizes: options like "5GB" (decimal, as transformers' max_shard_size) or "1GiB" (binary),
+printed sizes, and the memory-budget check every stage that grows the process makes first."""
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal
 
 from .errors import MoxError
 
@@ -18,20 +21,30 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+MAX_SIZE = 2**60  # an exbibyte: larger sizes are typos, and would overflow C sizes downstream
+_SIZE = re.compile(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([A-Za-z]{0,3})\s*")
 
 
-def parse_size(value: str | int, option: str) -> int:
+def parse_size(value: str | int | float, option: str) -> int:
     """Bytes from an int or a string like '500MB', '1GiB', '1.5GB', '1048576'."""
-    if isinstance(value, int):
-        size = value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise MoxError(f"{option} {value!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MoxError(f"{option} {value!r}: not a finite size")
+    if isinstance(value, (int, float)):
+        size = int(value)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        match = _SIZE.fullmatch(value)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _UNITS:
-            raise MoxError(f"{option} {value!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)")
-        size = int(float(match.group(1)) * _UNITS[unit])
+            raise MoxError(
+                f"{option} {value[:40]!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)"
+            )
+        size = int(Decimal(match.group(1)) * _UNITS[unit])
     if size <= 0:
         raise MoxError(f"{option} {value!r}: must be positive")
+    if size > MAX_SIZE:
+        raise MoxError(f"{option} {value!r}: larger than {format_bytes(MAX_SIZE)}")
     return size
 
 
@@ -41,3 +54,25 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def check_headroom(budget: int | None, extra: int, what: str) -> None:
+    """MoxError unless `extra` more bytes fit under the memory budget (None: no budget).
+    Called before a stage allocates and while it grows, so a run stops early and inside its
+    budget rather than late and past it."""
+    if budget is None:
+        return
+    resident = resident_bytes()
+    if resident + extra > budget:
+        raise MoxError(
+            f"{what}: needs about {format_bytes(extra)} more memory; the process holds "
+            f"{format_bytes(resident)} and the memory budget (max-memory) is "
+            f"{format_bytes(budget)}"
+        )
