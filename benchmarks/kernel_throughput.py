@@ -10,7 +10,8 @@ same run, as a percentage of it.
     --device cpu    moxkit.backends.CpuBackend; the Triton interpreter only as a correctness
                     smoke check (bit-exact against the CPU backend), never timed
 
-Writes benchmarks/results/kernel_throughput_<device>.{csv,json,png} with the machine described.
+Writes benchmarks/results/kernel_throughput_<device>.{json,csv,png,md}: the machine described
+and the load average recorded (the machine may be shared; ratios from one run are what count).
 
     .venv/bin/python benchmarks/kernel_throughput.py --device cpu
     python3 benchmarks/kernel_throughput.py --device cuda
@@ -22,19 +23,20 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, load_text, result_head, write_json
+
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GPU_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8)]
 SWEEP_MB = 256
 # the code whose speed this measures: a change elsewhere does not make the figures stale
-MEASURED_PATHS = ("kernels", "moxkit/backends.py", "moxkit/_fused.c", "moxkit/torch_path.py")
+MEASURED_PATHS = ("kernels", "moxkit/backends.py", "moxkit/_fused.c", "moxkit/torch_path.py",
+                  "moxkit/formula.py")
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,51 +45,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default=None, help="MB per operand, comma-separated "
                    "(default: cpu 4,64,256; cuda 4,64,256,1024)")
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
+    p.add_argument("--cpu-paths", default=None, help="paths of the C loop to time, comma-"
+                   "separated (default: every vector path this CPU runs; 'generic' is slow)")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per figure on the CPU")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args()
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    """The commit measured, marked '+dirty' when the working tree differs from it."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *MEASURED_PATHS],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def machine(device: str) -> dict:
-    import psutil
+def device_info(device: str) -> dict:
     import torch
 
-    info = {
-        "cpu": cpu_model(),
-        "cpu_cores_logical": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg(),
-        "git_commit": git_commit(),
-    }
+    info = {"torch_threads": torch.get_num_threads()}
     if device == "cuda":
         import triton
 
@@ -144,10 +112,22 @@ def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
     import torch
 
-    from moxkit.backends import Coefficients, CpuBackend
+    from moxkit import backends
+    from moxkit.formula import PAPER_ETA, Coefficients
 
-    backend = CpuBackend()
-    plain, momentum = Coefficients(4.0), Coefficients(4.0, 0.675)
+    threaded, single = backends.CpuBackend(), backends.CpuBackend(threads=1)
+    plain, momentum = Coefficients(4.0), Coefficients(4.0, PAPER_ETA)
+    available = backends.cpu_paths()
+    paths = args.cpu_paths.split(",") if args.cpu_paths else available[1:] or available
+    for path in paths:
+        if path not in available:
+            sys.exit(f"kernel_throughput: this CPU runs the paths {available}, not {path!r}")
+
+    def on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def timed() -> None:
+            backends.set_cpu_path(path)
+            fn()
+        return timed
 
     def measure(name: str, mb: int) -> list[dict]:
         dtype = getattr(torch, DTYPE_NAMES[name])
@@ -161,31 +141,38 @@ def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
             out.copy_(ref)
             torch.set_num_threads(threads)
 
-        times = time_rounds({
-            "copy": lambda: out.copy_(ref),
-            "copy 1 thread": copy_one_thread,
-            "plain": lambda: backend.extrapolate(out, ref, mem, None, plain),
-            "momentum": lambda: backend.extrapolate(out, ref, mem, prev, momentum),
-        }, args.repeats)  # fmt: skip
+        fns = {"copy": lambda: out.copy_(ref), "copy 1 thread": copy_one_thread}
+        for path in paths:
+            for be, x in ((threaded, f"x{threaded.threads}"), (single, "x1")):
+                fns[f"plain {path} {x}"] = on_path(path, lambda be=be: be.extrapolate(
+                    out, ref, mem, None, plain))  # fmt: skip
+                fns[f"momentum {path} {x}"] = on_path(path, lambda be=be: be.extrapolate(
+                    out, ref, mem, prev, momentum))  # fmt: skip
+        times = time_rounds(fns, args.repeats)
+        backends.set_cpu_path(None)
         # the reference copy of each round: the faster of torch's threaded and 1-thread copy_
         # (on a loaded machine waking torch's thread pool can cost more than it gains)
         copies = [min(pair) for pair in zip(times["copy"], times["copy 1 thread"], strict=True)]
-        nbytes = {"copy": 2 * b, "copy 1 thread": 2 * b, "plain": 3 * b, "momentum": 4 * b}
         rows = []
-        for form, ts in times.items():
-            config = f"torch copy_ x{threads}" if form == "copy" else (
-                "torch copy_ x1" if form == "copy 1 thread" else "CpuBackend")
-            r = row("cpu", name, form, mb, n, config, (statistics.median(ts), min(ts)),
-                    nbytes[form])
+        for label, ts in times.items():
+            if label.startswith("copy"):
+                form, k = label, 2
+                config = f"torch copy_ x{threads if label == 'copy' else 1}"
+            else:
+                form, path, x = label.split()
+                k, config = (3 if form == "plain" else 4), f"CpuBackend {path} {x}"
+            r = row("cpu", name, form, mb, n, config, (statistics.median(ts), min(ts)), k * b)
             if not form.startswith("copy"):  # the median over rounds of the ratio to the copy
                 r["pct_of_copy"] = 100 * statistics.median(
-                    (nbytes[form] / t) / (2 * b / tc) for t, tc in zip(ts, copies, strict=True))
+                    (k * b / t) / (2 * b / tc) for t, tc in zip(ts, copies, strict=True))
             rows.append(r)
         print_rows(rows)
         return rows
 
     rows = [r for name in dtypes for mb in sizes for r in measure(name, mb)]
-    return rows, {"interpreter_check": interpreter_check(dtypes)}
+    extra = {"cpu_paths_available": available, "cpu_path_default": backends.cpu_path(),
+             "interpreter_check": interpreter_check(dtypes)}
+    return rows, extra
 
 
 def interpreter_check(dtypes) -> dict:
@@ -193,14 +180,15 @@ def interpreter_check(dtypes) -> dict:
     import torch
     from moxkit.kernels import extrapolate
 
-    from moxkit.backends import Coefficients, CpuBackend
+    from moxkit.backends import CpuBackend
+    from moxkit.formula import PAPER_ETA, Coefficients
 
     n = (1 << 16) + 3
     results = {}
     for name in dtypes:
         dtype = getattr(torch, DTYPE_NAMES[name])
         ref, mem, prev = operands(n, dtype, "cpu", 3)
-        for form, p, eta in (("plain", None, None), ("momentum", prev, 0.675)):
+        for form, p, eta in (("plain", None, None), ("momentum", prev, PAPER_ETA)):
             got = extrapolate(ref, mem, 4.0, prev=p, eta=eta if eta else 1.0)
             want = torch.empty_like(got)
             CpuBackend().extrapolate(want, ref, mem, p, Coefficients(4.0, eta))
@@ -215,11 +203,11 @@ def bench_cuda(args, sizes, dtypes) -> tuple[list[dict], dict]:
     import torch
     from moxkit.kernels.extrapolate import BLOCK, NUM_WARPS, launch
 
-    from moxkit.backends import Coefficients
+    from moxkit.formula import PAPER_ETA, Coefficients
 
     rows, chosen = [], {}
     bad = torch.zeros(1, dtype=torch.int32, device="cuda")
-    forms = (("plain", Coefficients(4.0), 3), ("momentum", Coefficients(4.0, 0.675), 4))
+    forms = (("plain", Coefficients(4.0), 3), ("momentum", Coefficients(4.0, PAPER_ETA), 4))
 
     def measure(name, mb, configs) -> None:
         dtype = getattr(torch, DTYPE_NAMES[name])
@@ -269,7 +257,7 @@ def bench_cuda_backend(dtypes) -> list[dict]:
     import torch
     from moxkit.kernels.backend import CudaBackend
 
-    from moxkit.backends import Coefficients
+    from moxkit.formula import PAPER_ETA, Coefficients
 
     rows = []
     n = 8 * 2**20  # the engine's largest chunk
@@ -286,7 +274,7 @@ def bench_cuda_backend(dtypes) -> list[dict]:
                 secs = time_cpu(lambda: (dst.copy_(src), torch.cuda.synchronize()), 5)  # noqa: B023
                 rows.append(row("cuda", name, form, b >> 20, n, "pinned", secs, k * b))
             for form, coeffs, k in (("backend plain", Coefficients(4.0), 3),
-                                    ("backend momentum", Coefficients(4.0, 0.675), 4)):
+                                    ("backend momentum", Coefficients(4.0, PAPER_ETA), 4)):
                 p = host[2] if coeffs.momentum else None
                 secs = time_cpu(lambda: be.extrapolate(host[3], host[0], host[1], p, coeffs), 5)  # noqa: B023
                 rows.append(row("cuda", name, form, b >> 20, n, "CudaBackend", secs, k * b))
@@ -348,22 +336,38 @@ def main() -> None:
     sizes = [int(s) for s in (args.sizes or ("4,64,256" if device == "cpu" else
                                              "4,64,256,1024")).split(",")]
     dtypes = args.dtypes.split(",")
-    info = machine(device)
-    print(json.dumps(info))
+    report = result_head(f"kernel throughput, {device}", MEASURED_PATHS)
+    report["machine"].update(device_info(device))
+    print(json.dumps(report["machine"]))
     rows, extra = (bench_cpu if device == "cpu" else bench_cuda)(args, sizes, dtypes)
-    info["load_average_at_end"] = os.getloadavg()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"kernel_throughput_{device}"
+    write_json({**report, **extra, "rows": rows}, stem)
     with open(f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["sweep"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    Path(f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-         **extra, "rows": rows}, indent=1))
-    title = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores_usable']} cores"
-    plot(rows, device, Path(f"{stem}.png"), f"moxkit extrapolate vs copy_: {title}")
-    print(f"wrote {stem}.csv, .json, .png")
+    render(stem)
+
+
+def render(stem: Path) -> None:
+    """The plot and a markdown table, from the JSON alone."""
+    report = json.loads(stem.with_suffix(".json").read_text())
+    m, rows = report["machine"], report["rows"]
+    device = rows[0]["device"]
+    title = m.get("gpu") or f"{m['cpu']}, {m['cores_usable']} cores"
+    plot(rows, device, stem.with_suffix(".png"), f"moxkit extrapolate vs copy_: {title}")
+    lines = [f"`{report['command']}`, {report['date_utc']} UTC, commit {report['git_commit']}, "
+             f"{title}, {load_text(m)}.", "",
+             "| dtype | MB/operand | form | config | GB/s (median) | % of copy |",
+             "|---|---:|---|---|---:|---:|"]
+    for r in rows:
+        if r.get("sweep"):
+            continue
+        pct = f"{r['pct_of_copy']:.0f}%" if r.get("pct_of_copy") else ""
+        lines.append(f"| {r['dtype']} | {r['size_mb']} | {r['form']} | {r['config']} | "
+                     f"{r['gbps_median']:.1f} | {pct} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json, .csv, .png, .md")
 
 
 if __name__ == "__main__":
