@@ -63,6 +63,11 @@ from moxkit.errors import MoxError
 )
 @click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/inf results instead of failing.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
+@click.option(
+    "--revision",
+    default=None,
+    help="Branch, tag or commit for REF/MEM/PREV given as hub ids (org/name[@rev] also works).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options) -> None:
     """Forget model OUT = (1+α)·REF − α·MEM, streamed out of core.
@@ -70,6 +75,7 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     REF and MEM (and PREV) are .safetensors files or Hugging Face model directories, sharded
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
     from moxkit.formula import PAPER_ETA
+    from moxkit.sources import resolve_model
     from moxkit.stream import extrapolate
 
     if momentum is not None:
@@ -79,6 +85,9 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
         prev = momentum
     if prev is None and eta is not None:
         raise MoxError("--eta only applies with --prev PREV")
+    revision = options.pop("revision")
+    ref, mem = resolve_model(ref, revision), resolve_model(mem, revision)
+    prev = resolve_model(prev, revision) if prev is not None else None
     report = extrapolate(
         ref,
         mem,
