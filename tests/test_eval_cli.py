@@ -35,13 +35,21 @@ def test_eval_report_against_itself_and_another(setup, capsys):
     # PrivLeak is relative to the retain model's AUC: undefined (left out) when that is 0
     assert s["privleak"] == 0.0 if s["mia_auc"] > 0 else "privleak" not in s
     forget = rep["sets"]["forget"]
-    assert forget["summary"]["items"] == 32 and len(forget["items"]) == 32
-    assert rep["sets"]["retain"]["summary"]["items"] == 8
+    n_forget = len((data / "forget.jsonl").read_text().splitlines())
+    assert forget["summary"]["items"] == n_forget and len(forget["items"]) == n_forget
+    assert rep["sets"]["retain"]["summary"]["items"] == 8  # the first 8 rows (TOFU's ds_size)
+    retain_rows = [json.loads(x) for x in (data / "retain.jsonl").read_text().splitlines()[:8]]
+    assert [i["question"] for i in rep["sets"]["retain"]["items"]] == [
+        r["question"] for r in retain_rows]
     # the summary is the mean of the per-item numbers and the utility their harmonic mean
-    assert s["forget_prob"] == pytest.approx(sum(i["prob"] for i in forget["items"]) / 32)
+    assert s["forget_prob"] == pytest.approx(sum(i["prob"] for i in forget["items"]) / n_forget)
     parts = [s[f"{n}_{k}"] for n in ("retain", "general")
              for k in ("prob", "rouge_recall", "truth_ratio")]
     assert s["model_utility"] == pytest.approx(M.harmonic_mean(parts))
+    # moxkit's own layout departs from TOFU's MU and MUSE's KnowMem/VerbMem: said beside them
+    assert "TOFU's: retain, real_authors, world_facts (9)" in rep["notes"]["model_utility"]
+    assert "zero-shot" in rep["notes"]["knowmem_forget"] and "verbmem_forget" in rep["notes"]
+    assert "(moxkit layout)" in out and "forget.jsonl" in out
 
     # another model, compared with the saved report of the first: the p-value is what scipy
     # gives for the two samples of truth ratios
@@ -64,9 +72,11 @@ def test_eval_bad_inputs_one_line(setup, tmp_path, capsys):
     bad.mkdir()
     (bad / "forget.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     for args, needle in [
-        (["eval", str(model), "--data", str(bad)], "forget.jsonl: line 1: missing field(s)"),
+        (["eval", str(model), "--data", str(bad)], "forget.jsonl: row 1: missing field(s)"),
         (["eval", str(model), "--data", str(tmp_path / "none")], "not a directory"),
-        (["eval", str(tmp_path), "--data", str(data)], "not a model directory"),
+        (["eval", str(tmp_path), "--data", str(data)], "no config.json"),
+        (["eval", str(model), "--data", str(data), "--split", "forget10"],
+         "only TOFU's released layout has several forget sets"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(args + ["-q"])

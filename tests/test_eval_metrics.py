@@ -23,6 +23,10 @@ def test_rouge_l_hand_case():
     assert r.f1 == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
     assert rouge_l("", "anything") == (0.0, 0.0, 0.0)
     assert tokenize("Hello, World! x-y 42") == ["hello", "world", "x", "y", "42"]
+    # TOFU stems (Porter): "writing"/"writes" match once stemmed, "was"/"is" never do
+    assert rouge_l("writing novels", "writes novel").recall == 0.0
+    assert rouge_l("writing novels", "writes novel", stem=True).recall == 1.0
+    assert tokenize("Running was fast", stem=True) == ["run", "was", "fast"]
 
 
 PAIRS = [
@@ -36,11 +40,21 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("target,prediction", PAIRS)
-def test_rouge_l_matches_rouge_score(target, prediction):
+STEMMED_PAIRS = [  # words that only match once stemmed, and short ones the stemmer skips
+    ("She was writing novels about the authors.", "she writes a novel about an author"),
+    ("He was awarded for generously donating", "awards given generously, donated"),
+    ("The cats ran; cat runs", "cats running ran"),
+    ("flies dies ties lying", "fly die tie lie"),
+    ("Nari Obsasa was born in Mirlenti.", "Nari Obsasa is born in Mirlenti"),
+]
+
+
+@pytest.mark.parametrize("stem", [False, True])
+@pytest.mark.parametrize("target,prediction", PAIRS + STEMMED_PAIRS)
+def test_rouge_l_matches_rouge_score(target, prediction, stem):
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(target, prediction)
-    got = rouge_l(target, prediction)
+    want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem).score(target, prediction)
+    got = rouge_l(target, prediction, stem=stem)
     assert got.precision == pytest.approx(want["rougeL"].precision, abs=1e-12)
     assert got.recall == pytest.approx(want["rougeL"].recall, abs=1e-12)
     assert got.f1 == pytest.approx(want["rougeL"].fmeasure, abs=1e-12)
@@ -85,6 +99,7 @@ def test_min_k_and_min_k_pp_hand_computed():
     lp = [-1.0, -5.0, -2.0, -4.0, -3.0]
     assert M.min_k(lp, 0.4) == pytest.approx(-4.5)  # two lowest: -5, -4
     assert M.min_k(lp, 0.01) == pytest.approx(-5.0)  # at least one token
+    assert M.min_k(lp) == M.min_k(lp, 0.4)  # MUSE's Min-40% by default
     mu, sigma = [-1.0, -1.0, -1.0, -1.0, -1.0], [1.0, 2.0, 1.0, 1.0, 0.5]
     # z = [0, -2, -1, -3, -4]; two lowest -4, -3
     assert M.min_k_plus_plus(lp, mu, sigma, 0.4) == pytest.approx(-3.5)

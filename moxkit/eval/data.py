@@ -1,68 +1,305 @@
-"""Reading an evaluation directory: TOFU-style QA sets and MUSE-style text sets as JSONL.
+"""Reading an evaluation directory in any of the three layouts moxkit knows, as it lies on disk.
 
-Layout (what `moxkit data tofu-mini` writes per split): forget.jsonl (required), retain.jsonl,
-general.jsonl (secondary utility sets: any of these present are used) with rows
-{question, answer, paraphrased_answer, perturbed_answer: [..]}; forget_text.jsonl and
-holdout_text.jsonl with rows {text} for VerbMem and PrivLeak.
+- TOFU's released files (locuslab/TOFU), one object per line in `.json` (or `.jsonl` /
+  `.parquet`): forget01/05/10_perturbed, retain_perturbed, real_authors_perturbed,
+  world_facts_perturbed, with TOFU's fields question, answer, paraphrased_answer,
+  perturbed_answer (a list), paraphrased_question. TOFU's own evaluation reads exactly these
+  (the plain forget10 / retain90 files are training data and are not read here).
+- MUSE's released layout (swj0419/muse_bench `data/<corpus>/`): knowmem/{forget_qa,
+  retain_qa, forget_qa_icl, retain_qa_icl}.json ([{question, answer}]), verbmem/forget.json
+  ([{prompt, gt}]), privleak/{forget, retain, holdout}.json (lists of texts). raw/*.txt is
+  training text and is not read.
+- moxkit's own (what `moxkit data tofu-mini` writes): forget.jsonl (required), retain.jsonl,
+  general.jsonl / real_authors.jsonl / world_facts.jsonl with TOFU's QA fields;
+  forget_text.jsonl and holdout_text.jsonl with {text} rows for VerbMem and PrivLeak;
+  optionally knowmem_icl.jsonl ({question, answer}) for MUSE-style few-shot KnowMem.
+
+Every set but the forget QA set is cut to its first `max_items` rows (TOFU's ds_size = 300).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from .. import hf
 from ..errors import MoxError
+from ..fields import check
 from ..records import read_records
 
-QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
-SECONDARY_SETS = ("general",)
+TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+SECONDARY_SETS = ("real_authors", "world_facts", "general")  # scored against the answer
+ROW_SUFFIXES = (".json", ".jsonl", ".parquet")
+MUSE_KNOWMEM = ("forget", "retain")
+MUSE_PRIVLEAK = ("forget", "holdout")
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a row file, each checked for `fields`; errors name the file and line."""
+@dataclass
+class QASet:
+    """A TOFU-style QA set: answer probability, truth ratio, ROUGE-L of the greedy answer.
+    `base_key` is the field on the true side of the truth ratio: TOFU compares the paraphrased
+    answer with the perturbed ones on forget and retain sets, the answer itself on real authors
+    and world facts (which have no paraphrase)."""
+
+    rows: list[dict]
+    kind: str  # forget | retain | secondary
+    base_key: str
+    source: str
+
+
+@dataclass
+class KnowMemSet:
+    """MUSE's KnowMem: greedy answers to questions, few-shot when `icl` rows are given."""
+
+    rows: list[dict]
+    icl: list[dict] | None
+    source: str
+    qa_set: str | None = None  # zero-shot on a QA set's questions: reuse that set's answers
+
+
+@dataclass
+class EvalData:
+    directory: str
+    layout: str  # tofu | muse | moxkit
+    qa: dict[str, QASet] = field(default_factory=dict)
+    knowmem: dict[str, KnowMemSet] = field(default_factory=dict)
+    verbmem: list[dict] | None = None  # {prompt, gt} rows, or {text} rows split by tokens
+    verbmem_source: str = ""
+    texts: dict[str, list[str]] = field(default_factory=dict)  # membership: forget, holdout
+    files: list[str] = field(default_factory=list)  # what was read, for the report
+
+    def used(self, path: Path, rows: int, total: int) -> str:
+        note = f"{path} ({rows} rows" + (f" of {total})" if rows < total else ")")
+        self.files.append(note)
+        return note
+
+
+def read_rows(path: Path, name: str) -> list[object]:
+    """The records of a row file: JSON Lines (also TOFU's `.json` files, which hold one
+    object per line), a JSON list, or Parquet."""
+    if path.suffix.lower() == ".json":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MoxError(f"{name} {path}: cannot read: {exc}") from None
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # several documents: JSON Lines under a .json name
+        except (RecursionError, ValueError):
+            raise MoxError(f"{name} {path}: invalid JSON") from None
+        if isinstance(whole, list):
+            return whole
+        if whole is not None and not isinstance(whole, dict):
+            raise MoxError(f"{name} {path}: expected a JSON list or one object per line")
+        out = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+                    raise MoxError(f"{path}: line {lineno}: invalid JSON ({exc})") from None
+        return out
+    return [rec for _, rec in read_records(path, name)]
+
+
+def _checked(path: Path, records: list[object], fields: tuple[str, ...]) -> list[dict]:
+    """Records that are objects with `fields`; perturbed_answer normalised to a list."""
     rows = []
-    for where, row in read_records(path, f"{path.stem} set"):
+    for i, row in enumerate(records, 1):
         if not isinstance(row, dict):
-            raise MoxError(f"{path}: {where}: expected a JSON object")
+            raise MoxError(f"{path}: row {i}: expected a JSON object")
         missing = [f for f in fields if f not in row]
         if missing:
-            raise MoxError(f"{path}: {where}: missing field(s) {', '.join(missing)}")
+            raise MoxError(f"{path}: row {i}: missing field(s) {', '.join(missing)}")
+        bad = [f for f in fields if f != "perturbed_answer" and not isinstance(row[f], str)]
+        if bad:
+            raise MoxError(f"{path}: row {i}: {', '.join(bad)} must be text")
         if "perturbed_answer" in fields:
             pert = row["perturbed_answer"]
             if isinstance(pert, str):
-                row["perturbed_answer"] = [pert]
-            elif not (isinstance(pert, list) and pert and all(isinstance(p, str) for p in pert)):
-                raise MoxError(
-                    f"{path}: {where}: perturbed_answer must be a string or a list of them"
-                )
+                pert = [pert]
+            if not (isinstance(pert, list) and pert and all(isinstance(p, str) for p in pert)):
+                raise MoxError(f"{path}: row {i}: perturbed_answer must be a string or a "
+                               "non-empty list of them")
+            row = {**row, "perturbed_answer": pert}
         rows.append(row)
     if not rows:
         raise MoxError(f"{path} has no rows")
     return rows
 
 
-def subsample(rows: list, limit: int | None) -> list:
-    """At most `limit` rows, evenly spaced, so a subsample still covers every subject."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    idx = np.unique(np.linspace(0, len(rows) - 1, limit).round().astype(int))
-    return [rows[i] for i in idx]
+def _texts(path: Path, records: list[object]) -> list[str]:
+    """MUSE's privleak files are lists of strings; {text} objects are taken too."""
+    out = []
+    for i, rec in enumerate(records, 1):
+        text = rec.get("text") if isinstance(rec, dict) else rec
+        if not isinstance(text, str):
+            raise MoxError(f"{path}: row {i}: expected a text or a {{\"text\": ...}} object")
+        out.append(text)
+    if not out:
+        raise MoxError(f"{path} has no rows")
+    return out
 
 
-def load_eval_data(data_dir: str | Path, max_items: int | None = None) -> dict[str, list[dict]]:
-    """The sets present in `data_dir`, by name (forget, retain, general, forget_text,
-    holdout_text). The forget set is always kept whole: forget quality needs every item."""
-    d = Path(data_dir)
+def _find(d: Path, stem: str) -> Path | None:
+    """`stem` with the first row-file suffix present in `d`."""
+    return next((d / f"{stem}{s}" for s in ROW_SUFFIXES if (d / f"{stem}{s}").is_file()), None)
+
+
+def detect_layout(d: Path) -> str:
+    """tofu, muse or moxkit, from the files present; a clear error when none fits."""
     if not d.is_dir():
         raise MoxError(f"--data {d}: not a directory")
-    if not (d / "forget.jsonl").is_file():
-        raise MoxError(f"{d / 'forget.jsonl'}: missing (an evaluation directory needs one)")
-    sets: dict[str, list[dict]] = {"forget": read_jsonl(d / "forget.jsonl", QA_FIELDS)}
+    if _find(d, "forget"):
+        return "moxkit"
+    if any(_find(d, f"{s}_perturbed") for s in TOFU_FORGET_SPLITS):
+        return "tofu"
+    if (d / "knowmem").is_dir() or (d / "verbmem").is_dir() or (d / "privleak").is_dir():
+        return "muse"
+    raise MoxError(f"--data {d}: no evaluation set found (expected forget.jsonl, TOFU's "
+                   "forget*_perturbed.json, or MUSE's knowmem/verbmem/privleak folders)")
+
+
+QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+SECONDARY_FIELDS = ("question", "answer", "perturbed_answer")
+
+
+def _load_tofu(d: Path, data: EvalData, split: str | None, max_items: int | None) -> None:
+    present = [s for s in TOFU_FORGET_SPLITS if _find(d, f"{s}_perturbed")]
+    if split is None:
+        if len(present) > 1:
+            raise MoxError(f"--data {d}: TOFU's {', '.join(present)} are all here; choose the "
+                           "forget set with --split")
+        split = present[0]
+    if split not in present:
+        raise MoxError(f"--split {split}: {d} has no {split}_perturbed file (has: "
+                       f"{', '.join(present)})")
+    path = _find(d, f"{split}_perturbed")
+    rows = _checked(path, read_rows(path, "--data"), QA_FIELDS)
+    data.qa["forget"] = QASet(rows, "forget", "paraphrased_answer",
+                              data.used(path, len(rows), len(rows)))
+    for name, stem, fields, kind, base in (
+        ("retain", "retain_perturbed", QA_FIELDS, "retain", "paraphrased_answer"),
+        ("real_authors", "real_authors_perturbed", SECONDARY_FIELDS, "secondary", "answer"),
+        ("world_facts", "world_facts_perturbed", SECONDARY_FIELDS, "secondary", "answer"),
+    ):
+        path = _find(d, stem)
+        if path is not None:
+            every = _checked(path, read_rows(path, "--data"), fields)
+            kept = every[:max_items]
+            data.qa[name] = QASet(kept, kind, base, data.used(path, len(kept), len(every)))
+
+
+def _load_muse(d: Path, data: EvalData, max_items: int | None) -> None:
+    for name in MUSE_KNOWMEM:
+        qa, icl = d / "knowmem" / f"{name}_qa.json", d / "knowmem" / f"{name}_qa_icl.json"
+        if qa.is_file():
+            every = _checked(qa, read_rows(qa, "--data"), ("question", "answer"))
+            kept = every[:max_items]
+            source = data.used(qa, len(kept), len(every))
+            shots = None
+            if icl.is_file():
+                shots = _checked(icl, read_rows(icl, "--data"), ("question", "answer"))
+                data.used(icl, len(shots), len(shots))
+            data.knowmem[name] = KnowMemSet(kept, shots, source)
+    verb = d / "verbmem" / "forget.json"
+    if verb.is_file():
+        every = _checked(verb, read_rows(verb, "--data"), ("prompt", "gt"))
+        data.verbmem = every[:max_items]
+        data.verbmem_source = data.used(verb, len(data.verbmem), len(every))
+    for name in MUSE_PRIVLEAK:
+        path = d / "privleak" / f"{name}.json"
+        if path.is_file():
+            every = _texts(path, read_rows(path, "--data"))
+            data.texts[name] = every[:max_items]
+            data.used(path, len(data.texts[name]), len(every))
+    if not (data.knowmem or data.verbmem or data.texts):
+        raise MoxError(f"--data {d}: MUSE layout without knowmem/*_qa.json, verbmem/forget.json "
+                       "or privleak/*.json")
+
+
+def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
+    path = _find(d, "forget")
+    rows = _checked(path, read_rows(path, "--data"), QA_FIELDS)
+    data.qa["forget"] = QASet(rows, "forget", "paraphrased_answer",
+                              data.used(path, len(rows), len(rows)))
     for name in ("retain", *SECONDARY_SETS):
-        if (d / f"{name}.jsonl").is_file():
-            sets[name] = subsample(read_jsonl(d / f"{name}.jsonl", QA_FIELDS), max_items)
-    for name in ("forget_text", "holdout_text"):
-        if (d / f"{name}.jsonl").is_file():
-            sets[name] = subsample(read_jsonl(d / f"{name}.jsonl", ("text",)), max_items)
-    return sets
+        path = _find(d, name)
+        if path is not None:
+            secondary = name != "retain"
+            every = _checked(path, read_rows(path, "--data"),
+                             SECONDARY_FIELDS if secondary else QA_FIELDS)
+            kept = every[:max_items]
+            data.qa[name] = QASet(kept, "secondary" if secondary else "retain",
+                                  "answer" if secondary else "paraphrased_answer",
+                                  data.used(path, len(kept), len(every)))
+    icl_path = _find(d, "knowmem_icl")
+    icl = None
+    if icl_path is not None:
+        icl = _checked(icl_path, read_rows(icl_path, "--data"), ("question", "answer"))
+        data.used(icl_path, len(icl), len(icl))
+    for name in ("forget", "retain"):
+        if name in data.qa:
+            qa = data.qa[name]
+            data.knowmem[name] = KnowMemSet(qa.rows, icl, qa.source,
+                                            qa_set=None if icl else name)
+    for name in ("forget", "holdout"):
+        path = _find(d, f"{name}_text")
+        if path is not None:
+            every = _texts(path, read_rows(path, "--data"))
+            data.texts[name] = every[:max_items]
+            data.used(path, len(data.texts[name]), len(every))
+    if "forget" in data.texts:
+        data.verbmem = [{"text": t} for t in data.texts["forget"]]
+        data.verbmem_source = f"{_find(d, 'forget_text')} (each text split by tokens)"
+
+
+def load_eval_data(data_dir: str | Path, *, split: str | None = None,
+                   max_items: int | None = None) -> EvalData:
+    """The evaluation sets of `data_dir`, whichever layout it is in (see the module docstring);
+    `split` picks TOFU's forget set when several are present."""
+    d = Path(data_dir)
+    layout = detect_layout(d)
+    data = EvalData(str(d), layout)
+    if split is not None and layout != "tofu":
+        raise MoxError(f"--split {split}: only TOFU's released layout has several forget sets "
+                       f"({d} is in the {layout} layout)")
+    if layout == "tofu":
+        _load_tofu(d, data, split, max_items)
+    elif layout == "muse":
+        _load_muse(d, data, max_items)
+    else:
+        _load_moxkit(d, data, max_items)
+    return data
+
+
+def check_retain_source(retain: str | Path) -> dict | None:
+    """A saved `moxkit eval` report (returned, parsed), or None for a model folder (checked,
+    not loaded); otherwise one clear line."""
+    path = Path(retain)
+    if path.is_file():
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(report["summary"], dict) or not isinstance(report["sets"], dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise MoxError(f"--retain-model {path}: not a `moxkit eval` report") from None
+        return report
+    if path.suffix.lower() == ".json" or not path.exists():
+        raise MoxError(f"--retain-model {path}: no such file or directory")
+    hf.check_model_dir(path, "--retain-model")
+    return None
+
+
+def preflight(model_dir: str | Path, data_dir: str | Path, retain_model: str | Path | None,
+              cfg) -> EvalData:
+    """Every check that needs no model, before anything heavy is imported or loaded: the
+    settings, the evaluation sets (returned), MODEL and --retain-model."""
+    check(cfg)
+    data = load_eval_data(data_dir, split=cfg.split, max_items=cfg.max_items)
+    hf.check_model_dir(model_dir, "MODEL")
+    if retain_model is not None:
+        check_retain_source(retain_model)
+    return data

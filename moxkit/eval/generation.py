@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .scoring import batched, pad_token_id, prompt_ids
+from ..text import pad_id
+from .scoring import batched, prompt_ids
 
 
 @torch.inference_mode()
@@ -17,7 +18,7 @@ def greedy_generate_ids(
     model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 32
 ) -> list[list[int]]:
     """Greedy continuations (token ids, cut at the first EOS) of tokenised prompts."""
-    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for batch in batched(len(prompts), batch_size):
@@ -42,3 +43,27 @@ def greedy_answers(
     prompts = [prompt_ids(tokenizer, q, chat_template) for q in questions]
     ids = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
+def few_shot_prompt(examples: Sequence[dict], question: str) -> str:
+    """MUSE's KnowMem prompt: each in-context example as "Question: q\\nAnswer: a\\n\\n", then
+    the question in the same form, the answer left open."""
+    shots = "".join(f"Question: {ex['question']}\nAnswer: {ex['answer']}\n\n" for ex in examples)
+    return shots + f"Question: {question}\nAnswer: "
+
+
+def cut_at_next_question(text: str) -> str:
+    """A few-shot answer up to where the model starts the next example (MUSE's stop words)."""
+    for stop in ("\n\n", "\nQuestion", "Question:"):
+        text = text.split(stop)[0]
+    return text
+
+
+def greedy_text_continuations(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
+    """Greedy continuations of raw-text prompts (special tokens added as the tokenizer does),
+    decoded without special tokens."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    out = greedy_generate_ids(model, tokenizer, ids, max_new_tokens, batch_size)
+    return [tokenizer.decode(x, skip_special_tokens=True) for x in out]

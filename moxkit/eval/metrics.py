@@ -32,9 +32,8 @@ def truth_ratio_stat(ratios: Sequence[float], *, forget: bool) -> float:
 
 
 def option_prob(true: tuple[float, int], wrong: Sequence[tuple[float, int]]) -> float:
-    """TOFU's probability on secondary sets: the true answer's normalised probability over the
-    sum of it and the wrong answers'. We take the paraphrased answer as the true option, so that
-    true and wrong options share one phrasing and only the fact differs."""
+    """TOFU's probability on secondary sets (real authors, world facts): the true answer's
+    normalised probability over the sum of it and the wrong answers'."""
     p_true = normalized_prob(*true)
     return p_true / (p_true + sum(normalized_prob(*w) for w in wrong))
 
@@ -56,16 +55,17 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return float(stats.hmean(v))
 
 
-def min_k(token_logprobs: Sequence[float], k: float = 0.2) -> float:
-    """Min-K% Prob: the mean of the lowest k-fraction of token log-probabilities (at least one
-    token). Members of the training set score high."""
+def min_k(token_logprobs: Sequence[float], k: float = 0.4) -> float:
+    """Min-K% Prob: the mean of the lowest k-fraction of token log-probabilities (MUSE's PrivLeak
+    uses k = 0.4). Members of the training set score high. MUSE takes int(n·k) tokens, which is
+    none (a NaN score) for texts under 1/k tokens; here at least one token counts."""
     lp = np.sort(np.asarray(token_logprobs, dtype=np.float64))
     n = max(1, int(len(lp) * k))
     return float(lp[:n].mean())
 
 
 def min_k_plus_plus(
-    token_logprobs: Sequence[float], mu: Sequence[float], sigma: Sequence[float], k: float = 0.2
+    token_logprobs: Sequence[float], mu: Sequence[float], sigma: Sequence[float], k: float = 0.4
 ) -> float:
     """Min-K%++: each token's log-probability standardised by the mean and standard deviation
     of log p under the model's own next-token distribution at that position, then Min-K%."""

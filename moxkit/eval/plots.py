@@ -4,10 +4,10 @@ against α (a sweep). matplotlib with the Agg backend, so they render without a 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from ..atomic import staged_file
 
 
 def _pyplot():
@@ -20,15 +20,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Render through a staged file (moxkit.atomic), replacing an existing picture."""
+    with staged_file(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
     return path
 
 

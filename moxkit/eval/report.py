@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from ..atomic import staged_file
 
 # summary key -> column header, in the order tables show them
 HEADLINE = {
@@ -52,23 +52,25 @@ def format_table(rows: Sequence[dict], columns: dict[str, str], first: str) -> s
 
 
 def summary_table(report: dict) -> str:
-    """One model's summary as metric / value lines."""
-    s = report["summary"]
-    rows = [{"metric": k, "value": s[k]} for k in s]
-    return format_table(rows, {"value": "value"}, "metric")
+    """One model's summary as metric / value lines, each departure from the benchmark's
+    definition noted beside its number, then the files the numbers come from."""
+    s, notes = report["summary"], report.get("notes", {})
+    table = format_table([{"metric": k, "value": s[k]} for k in s], {"value": "value"}, "metric")
+    lines = table.splitlines()
+    lines[2:] = [line + (f"  ({notes[k]})" if k in notes else "")
+                 for line, k in zip(lines[2:], s, strict=True)]
+    layout = report.get("layout")
+    if layout:
+        lines.append(f"data: {report.get('data')} ({layout} layout)")
+    lines += [f"  read {f}" for f in report.get("files", [])]
+    return "\n".join(lines)
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write JSON next to its destination and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write JSON through a staged file (moxkit.atomic): a reader never sees half a report,
+    an interrupted run leaves nothing, and an existing report is replaced."""
+    with staged_file(path, force=True) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, ensure_ascii=False)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

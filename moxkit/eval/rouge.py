@@ -1,12 +1,14 @@
-"""ROUGE-L, written here so that evaluation needs no extra package.
+"""ROUGE-L as the benchmarks compute it (rouge-score's conventions), with or without stemming.
 
-Tokenisation follows rouge-score's (lower-case, runs of non-alphanumerics are separators) so
-the numbers agree with what TOFU and MUSE report; there is no stemming: tofu-mini's vocabulary
-is made up, and a Porter stemmer would only conflate its invented words arbitrarily.
+Tokenisation is rouge-score's: lower-case, every run of characters outside [a-z0-9] separates
+tokens, and with stemming each token longer than three characters goes through NLTK's Porter
+stemmer (the one rouge-score uses). TOFU scores answers with `use_stemmer=True`; MUSE's KnowMem
+and VerbMem with `use_stemmer=False`. The LCS is written here; rouge-score is the test oracle.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -19,9 +21,20 @@ class RougeL(NamedTuple):
     f1: float
 
 
-def tokenize(text: str) -> list[str]:
-    """rouge-score's tokens without a stemmer."""
-    return [t for t in _SEPARATORS.split(text.lower()) if t]
+@functools.cache
+def _stem_word():
+    from nltk.stem.porter import PorterStemmer  # NLTK_EXTENSIONS mode, rouge-score's default
+
+    return functools.lru_cache(maxsize=1 << 16)(PorterStemmer().stem)
+
+
+def tokenize(text: str, stem: bool = False) -> list[str]:
+    """rouge-score's tokens; `stem` = its use_stemmer (only tokens of 4+ characters)."""
+    tokens = [t for t in _SEPARATORS.split(text.lower()) if t]
+    if stem:
+        stemmer = _stem_word()
+        tokens = [stemmer(t) if len(t) > 3 else t for t in tokens]
+    return [t for t in tokens if t]
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -38,9 +51,9 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def rouge_l(target: str, prediction: str) -> RougeL:
+def rouge_l(target: str, prediction: str, stem: bool = False) -> RougeL:
     """ROUGE-L of `prediction` against the reference `target` (recall is over the target)."""
-    ref, hyp = tokenize(target), tokenize(prediction)
+    ref, hyp = tokenize(target, stem), tokenize(prediction, stem)
     if not ref or not hyp:
         return RougeL(0.0, 0.0, 0.0)
     lcs = lcs_length(ref, hyp)

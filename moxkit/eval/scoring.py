@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..train.data import IGNORE, Example, Row, encode
+from ..text import IGNORE, Example, Row, encode, pad_id
 
 
 def prompt_ids(tokenizer, question: str, chat_template: bool = False) -> list[int]:
     """The tokens a question is presented as for generation, formatted as the trainer formats
-    prompts (moxkit.train.data.encode)."""
+    prompts (moxkit.text.encode)."""
     if chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                              tokenize=True, add_generation_prompt=True)
@@ -39,19 +39,14 @@ def batched(n: int, size: int):
         yield range(start, min(n, start + size))
 
 
-def _padded(seqs: Sequence[Sequence[int]], pad_id: int, device):
+def _padded(seqs: Sequence[Sequence[int]], pad: int, device):
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
-
-
-def pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else tokenizer.eos_token_id
 
 
 @torch.inference_mode()
@@ -78,7 +73,7 @@ def answer_logprobs(
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     for batch in batched(len(examples), batch_size):
-        ids, mask = _padded([examples[i].input_ids for i in batch], pad_token_id(tokenizer), device)
+        ids, mask = _padded([examples[i].input_ids for i in batch], pad_id(tokenizer), device)
         chosen, _, _ = _token_logprobs(model, ids, mask, with_moments=False)
         for row, i in enumerate(batch):
             scored = torch.tensor(examples[i].labels[1:]) != IGNORE
@@ -104,7 +99,7 @@ def text_token_stats(
     device = next(model.parameters()).device
     out: list[TokenStats] = []
     for batch in batched(len(encoded), batch_size):
-        ids, mask = _padded([encoded[i] for i in batch], pad_token_id(tokenizer), device)
+        ids, mask = _padded([encoded[i] for i in batch], pad_id(tokenizer), device)
         chosen, mu, sigma = _token_logprobs(model, ids, mask, with_moments=True)
         for row, i in enumerate(batch):
             n = len(encoded[i]) - 1
