@@ -445,6 +445,13 @@ class _HeaderParser:
         exactly: no overlap, no gap, nothing after the last one, no name twice."""
         starts = np.fromiter((t.start for t in infos), dtype=np.int64, count=len(infos))
         order = np.argsort(starts, kind="stable")
+        tensors = {infos[i].name: infos[i] for i in order.tolist()}
+        if len(tensors) != len(infos):
+            seen: set[str] = set()
+            for t in infos:
+                if t.name in seen:
+                    raise MoxError(f"{self.file}: header names tensor {t.name!r} twice")
+                seen.add(t.name)
         ends = starts[order] + np.fromiter(
             (infos[i].nbytes for i in order), dtype=np.int64, count=len(infos)
         )
@@ -465,13 +472,6 @@ class _HeaderParser:
                 f"{self.file}: {self.file.size - data_end} bytes after the last tensor "
                 "(safetensors refuses such a file)"
             )
-        tensors = {infos[i].name: infos[i] for i in order.tolist()}
-        if len(tensors) != len(infos):
-            seen: set[str] = set()
-            for t in infos:
-                if t.name in seen:
-                    raise MoxError(f"{self.file}: header names tensor {t.name!r} twice")
-                seen.add(t.name)
         return tensors
 
 
@@ -490,7 +490,7 @@ def _numel(shape: tuple[int, ...], file: ModelFile, name: str) -> int:
     n = 1
     for d in shape:
         n *= d
-        if n >= _U64:
+        if n >= _U64 or d >= _U64:
             raise MoxError(f"{file}: tensor {name!r}: shape {list(shape)} overflows 64 bits")
     return n
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_factory import random_tensor, save_sharded
+from safetensors.torch import load_file
+
 from moxkit.checkpoint import open_checkpoint
 from moxkit.errors import MoxError
 from moxkit.provenance import carried_files
@@ -27,7 +29,6 @@ from moxkit.sources import (
     tree_root,
     user_file,
 )
-from safetensors.torch import load_file
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
