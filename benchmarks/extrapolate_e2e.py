@@ -1,9 +1,9 @@
 """End-to-end benchmark of `moxkit extrapolate` against the I/O floor and the baselines.
 
-Builds (once, cached under benchmarks/.cache/) a random Llama-architecture bf16 checkpoint pair
-written in the exact layout transformers writes, then measures in one run, side by side, each
-tool as a subprocess: wall time, GB/s over the job's bytes (read REF + MEM, write OUT) and peak
-resident memory of its process tree.
+On a random Llama-architecture checkpoint pair (bf16, or fp16 with --dtypes; benchmarks/_pairs.py
+builds and caches it), measures in one run, side by side, each tool as a subprocess
+(benchmarks/_process.py): wall time, GB/s over the job's bytes (read REF + MEM, write OUT) and
+peak resident memory of its process tree. benchmarks/_e2e_render.py makes the tables.
 
     floor      cat REF and MEM to /dev/null, then cp REF's shards (sequential, and overlapped)
     moxkit     moxkit extrapolate REF MEM --alpha 4 -o OUT --quiet
@@ -24,6 +24,7 @@ mergekit comes from PyPI into its own venv (its pins are not moxkit's):
     benchmarks/.cache/mergekit-venv/bin/pip install torch==2.13.0 mergekit
 
     .venv/bin/python benchmarks/extrapolate_e2e.py                 # 0.9B pair, all tools
+    .venv/bin/python benchmarks/extrapolate_e2e.py --dtypes bf16,fp16 --tools floor,moxkit
     .venv/bin/python benchmarks/extrapolate_e2e.py --params 50M --tools floor,plain,mergekit
     .venv/bin/python benchmarks/extrapolate_e2e.py --big7b
 """
@@ -31,297 +32,39 @@ mergekit comes from PyPI into its own venv (its pins are not moxkit's):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import re
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
+from _common import GIB, RESULTS, result_head, write_json
+from _e2e_render import GB, render
+from _pairs import (
+    CACHE,
+    ensure_pair,
+    llama2_7b_config,
+    llama_config,
+    pair_dir,
+    parse_count,
+    state_shapes,
+    weight_bytes,
+    weight_files,
+)
+from _process import Run, drop_page_cache, measure, warm
 from safetensors import safe_open
-from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
-CACHE = HERE / ".cache"
-RESULTS = HERE / "results"
 MERGEKIT_VENV = CACHE / "mergekit-venv"
-INDEX = "model.safetensors.index.json"
-VOCAB = 32000
 ALPHA = 4.0
-GB = 1e9
-GIB = 2**30
 TOOLS = ("floor", "startup", "moxkit", "plain", "mergekit")
 WARM_PROGRAMS = "import torch, safetensors.torch, moxkit.stream, moxkit.cli.extrapolate"
-
-# ---------------------------------------------------------------------------------------------
-# The checkpoint pair: random bf16 weights, MEM = REF + small noise, written shard by shard.
-
-
-def parse_count(text: str) -> int:
-    """'0.9B', '50M', '1.8e9' -> a parameter count."""
-    match = re.fullmatch(r"([0-9.eE+]+)\s*([KMB]?)", text.strip(), re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"--params {text!r}: expected e.g. 0.9B, 50M, 1.8e9")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
-
-
-def llama_config(params: int):
-    """A Llama config of about `params` parameters: the widest of a few TinyLlama-like widths
-    whose embeddings stay under a third of the model, then as many layers as fit."""
-    from transformers import LlamaConfig
-
-    widths = ((2048, 5632), (1024, 2816), (512, 1408), (256, 704))
-    hidden, inter = next((w for w in widths if 2 * VOCAB * w[0] <= params / 3), widths[-1])
-    embed = 2 * VOCAB * hidden
-    heads = hidden // 64
-    kv_heads = max(1, heads // 8)
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * 64 + 3 * hidden * inter + 2 * hidden
-    layers = max(1, round((params - embed - hidden) / per_layer))
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"], dtype="bfloat16",
-    )  # fmt: skip
-
-
-def llama2_7b_config():
-    """Llama-2-7B's shapes (its config.json, by the numbers)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-        dtype="bfloat16",
-    )  # fmt: skip
-
-
-def state_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of the model's state dict, in transformers' order (meta device: free)."""
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
-
-
-def split_shards(tensors: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str, tuple]]]:
-    """State-dict order cut into consecutive shards of about equal bytes: at least 2, and no
-    more than 5 GB each (transformers' default max_shard_size)."""
-    total = sum(2 * math.prod(shape) for _, shape in tensors)
-    count = max(2, math.ceil(total / 5e9))
-    shards: list[list[tuple[str, tuple]]] = [[] for _ in range(count)]
-    position = 0
-    for name, shape in tensors:
-        shards[min(count - 1, int(position * count // total))].append((name, shape))
-        position += 2 * math.prod(shape)
-    return shards
-
-
-def shard_header(entries: list[tuple[str, tuple]]) -> bytes:
-    """A safetensors header exactly as safetensors writes it for bf16 tensors: names sorted,
-    data in that order, compact JSON padded with spaces to a multiple of 8."""
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in sorted(entries):
-        nbytes = 2 * math.prod(shape)
-        span = [offset, offset + nbytes]
-        meta[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": span}
-        offset += nbytes
-    raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def pair_dir(config) -> Path:
-    c = config
-    name = (
-        f"llama-h{c.hidden_size}-i{c.intermediate_size}-l{c.num_hidden_layers}"
-        f"-kv{c.num_key_value_heads}-v{c.vocab_size}"
-    )
-    return CACHE / "pairs" / name
-
-
-def write_pair(config, dest: Path, seed: int = 0, chunk: int = 1 << 22) -> None:
-    """REF ~ N(0, 0.02) (norms ~ 1), MEM = REF + N(0, 0.002), both bf16, generated chunk by
-    chunk and written straight into shards whose headers go first: never the whole model in
-    memory. Noise comes from a fixed random pool at random offsets (half the generation cost)."""
-    from transformers import GenerationConfig
-
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tensors = state_shapes(config)
-    shards = split_shards(tensors)
-    total = sum(2 * math.prod(shape) for _, shape in tensors)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    index = {
-        "metadata": {"total_parameters": total // 2, "total_size": total},
-        "weight_map": {n: names[i] for i, shard in enumerate(shards) for n, _ in shard},
-    }
-    for side in ("ref", "mem"):
-        (tmp / side).mkdir(parents=True)
-        config.save_pretrained(tmp / side)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp / side)
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (tmp / side / INDEX).write_text(text)
-
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.randn(4 * chunk, generator=gen).mul_(0.002)
-    bar = tqdm(total=2 * total, unit="B", unit_scale=True, desc=f"generating {dest.name}")
-    for name, shard in zip(names, shards, strict=True):
-        with open(tmp / "ref" / name, "wb") as fr, open(tmp / "mem" / name, "wb") as fm:
-            header = shard_header(shard)
-            fr.write(header)
-            fm.write(header)
-            for tensor_name, shape in sorted(shard):
-                numel = math.prod(shape)
-                center = 1.0 if tensor_name.endswith("norm.weight") else 0.0
-                for start in range(0, numel, chunk):
-                    n = min(chunk, numel - start)
-                    ref = torch.randn(n, generator=gen).mul_(0.02).add_(center)
-                    at = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=gen))
-                    mem = ref + pool[at : at + n]
-                    fr.write(ref.to(torch.bfloat16).view(torch.int16).numpy())
-                    fm.write(mem.to(torch.bfloat16).view(torch.int16).numpy())
-                    bar.update(4 * n)
-    bar.close()
-    tmp.rename(dest)
-
-
-def ensure_pair(config) -> Path:
-    """The cached pair for this config, generated if missing."""
-    dest = pair_dir(config)
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        write_pair(config, dest)
-    return dest
-
-
-def weight_files(model: Path) -> list[Path]:
-    return sorted(model.glob("*.safetensors"))
-
-
-def weight_bytes(model: Path) -> int:
-    return sum(f.stat().st_size for f in weight_files(model))
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring one run: wall time, then sync time, peak RSS of the process tree.
-
-
-@dataclass
-class Run:
-    tool: str
-    seconds: float  # the command, start to exit
-    sync_seconds: float  # flushing its dirty pages afterwards (os.sync)
-    peak_rss: int  # bytes: max of the sampled tree's summed RSS and the kernel's maxrss
-    peak_rss_anon: int  # bytes: sampled, anonymous memory only (no mapped file pages)
-    kernel_maxrss: int  # bytes: ru_maxrss of the largest single process (from /usr/bin/time)
-    returncode: int
-    load_before: float  # 1-minute load average when it started
-    cold: bool
-    output_tail: str = ""
-    killed_by_guard: bool = False  # stopped because the machine ran short of memory
-
-
-def _status_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) of one process in bytes; zeros if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0, 0
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-
-    def kb(key: str) -> int:
-        return int(fields.get(key, "0 kB").split()[0]) * 1024
-
-    return kb("VmRSS"), kb("RssAnon")
-
-
-def drop_page_cache() -> bool:
-    """Flush and drop the page cache; False if this container may not."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def warm(paths: list[Path]) -> None:
-    files = [str(f) for p in paths for f in weight_files(p)]
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-
-
-def measure(
-    tool: str, cmd: list[str] | str, cold: bool, env: dict | None = None, guard: int = 0
-) -> Run:
-    """Run `cmd` (a list, or a shell line) under /usr/bin/time and poll the memory of the
-    processes below it every 10 ms (re-listed every 100 ms). Only what runs below the small
-    `time` process is counted: a child forked straight from this (torch-sized) process shows
-    our own RSS until it execs, in the samples and in its kernel high-water mark alike.
-    With `guard`, the run is killed when the machine's available memory falls below that many
-    bytes: the machine is shared, and the OOM killer would not pick only our processes."""
-    load = os.getloadavg()[0]
-    log, maxrss_file = CACHE / "last-run.log", CACHE / "last-run.maxrss"
-    argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            ["/usr/bin/time", "-f", "%M", "-o", str(maxrss_file), *argv],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        peak = peak_anon = 0
-        below: list[int] = []
-        tick = 0
-        killed = False
-        while True:
-            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if tick % 10 == 0:
-                try:
-                    below = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-                except psutil.NoSuchProcess:
-                    below = []
-            samples = [_status_kb(p) for p in below]
-            peak = max(peak, sum(s[0] for s in samples))
-            peak_anon = max(peak_anon, sum(s[1] for s in samples))
-            if guard and not killed and psutil.virtual_memory().available < guard:
-                killed = True
-                for child in below:
-                    try:
-                        os.kill(child, 9)
-                    except ProcessLookupError:
-                        pass
-            tick += 1
-            time.sleep(0.01)
-        seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    start = time.perf_counter()
-    os.sync()
-    sync_seconds = time.perf_counter() - start
-    tail = log.read_text(errors="replace")[-2000:]
-    if proc.returncode != 0:
-        print(f"  {tool}: exit {proc.returncode}\n{tail}", file=sys.stderr)
-    found = re.findall(r"^(\d+)$", maxrss_file.read_text(), re.MULTILINE)
-    kernel_peak = int(found[-1]) * 1024 if found else 0
-    return Run(
-        tool, seconds, sync_seconds, max(peak, kernel_peak), peak_anon, kernel_peak,
-        proc.returncode, load, cold, tail, killed,
-    )  # fmt: skip
-
+NOTE = ("KVM guest; the cores are shared with other engineers running tests, so the figures "
+        "are noisy: medians of the repeats, load average recorded per run and per file.")
 
 # ---------------------------------------------------------------------------------------------
 # The tools.
@@ -474,7 +217,8 @@ def open_tensors(model: Path) -> dict[str, Path]:
 def compare_outputs(tools: list[str]) -> dict:
     """Every tensor of each baseline's output against moxkit's (the plain script's when
     moxkit is not run): how many are bit-identical, how many values differ, and the largest
-    difference in bf16 units in the last place (as bit patterns of same-sign values)."""
+    difference in units in the last place of the 2-byte dtype (as bit patterns of same-sign
+    values)."""
     outs = {t: CACHE / "runs" / t for t in tools if t in ("moxkit", "plain", "mergekit")}
     if len(outs) < 2:
         return {}
@@ -501,7 +245,7 @@ def compare_outputs(tools: list[str]) -> dict:
             "tensors": len(mox),
             "tensors_bit_identical": identical,
             "values_differing": differing_values,
-            "max_ulps_bf16": worst_ulps,
+            "max_ulps": worst_ulps,
             "same_names": sorted(mox) == sorted(other),
         }
         report[tool]["against"] = reference
@@ -538,237 +282,26 @@ def summarize(case: Case, with_sync: bool) -> dict[str, dict]:
     return rows
 
 
-def describe_machine() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor(),
-    )  # fmt: skip
-    df = subprocess.run(["df", "-hT", str(CACHE)], capture_output=True, text=True).stdout
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
-        "disk": df.strip().splitlines()[-1] if df else "unknown",
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "note": "KVM guest; the 2 cores are shared with other engineers running tests, so the "
-        "figures are noisy: medians of the repeats, load average recorded per run.",
-    }
+def mergekit_version() -> str:
+    try:
+        return subprocess.run(
+            [str(MERGEKIT_VENV / "bin" / "python"), "-c", "import importlib.metadata as m;"
+             "print(m.version('mergekit'), 'torch', m.version('torch'))"],
+            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except OSError:
+        return "not installed"
 
 
-def versions() -> dict:
-    def run(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return "not installed"
-
-    mergekit_py = MERGEKIT_VENV / "bin" / "python"
-    return {
-        "moxkit_commit": run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"]),
-        "mergekit": run([str(mergekit_py), "-c", "import importlib.metadata as m;"
-                         "print(m.version('mergekit'), 'torch', m.version('torch'))"]),
-    }  # fmt: skip
-
-
-def fmt_gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
-
-
-def num(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
-
-
-def is_reference(label: str) -> bool:
-    """The start-up row is there to read the others by; it does not do the job."""
-    return label.startswith("python start-up")
-
-
-def table(case: dict, title: str) -> list[str]:
-    """One case as a markdown table, from its JSON summary."""
-    rows = case["summary"]
-    repeats = max(row["repeats"] for row in rows.values())
-    lines = [
-        f"### {title}",
-        "",
-        f"{case['params'] / 1e9:.2f}B parameters, {case['checkpoint_bytes'] / GB:.2f} GB per "
-        f"checkpoint; {3 * case['checkpoint_bytes'] / GB:.2f} GB moved per run (read REF + MEM, "
-        f"write OUT); up to {repeats} runs of each, interleaved.",
-        "",
-        "| tool | time (s, median) | best (s) | all runs (s) | GB/s | × floor | peak RSS "
-        "| peak anon RSS |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for label, row in rows.items():
-        runs = ", ".join(f"{t:.1f}" for t in row["seconds_all"])
-        if row.get("killed_by_guard"):
-            runs += f" ({row['killed_by_guard']} killed: machine out of memory)"
-        best = row.get("seconds_best", min(row["seconds_all"]))
-        rate, ratio = (None, None) if is_reference(label) else (row["gb_per_s"], row.get("x_floor"))
-        lines.append(
-            f"| {label} | {num(row['seconds_median'])} | {num(best)} | {runs} | {num(rate)} | "
-            f"{num(ratio)} | {fmt_gib(row['peak_rss_bytes'])} | "
-            f"{fmt_gib(row['peak_rss_anon_bytes'])} |"
-        )
-    return lines + [""]
-
-
-def agreement_lines(case: dict) -> list[str]:
-    lines = []
-    for tool, a in case.get("agreement", {}).items():
-        lines.append(
-            f"- {tool} against {a['against']}: "
-            f"{a['tensors_bit_identical']}/{a['tensors']} tensors bit-identical, "
-            f"{a['values_differing']} values differ, at most {a['max_ulps_bf16']} bf16 ulp"
-        )
-    return lines
-
-
-def preamble(report: dict, title: str) -> list[str]:
-    m = report["machine"]
-    return [
-        f"# {title}",
-        "",
-        f"`{report['command']}`, {report['date_utc']} UTC, α = {report['alpha']}, device "
-        f"{report['device']}, moxkit at commit {report['versions']['moxkit_commit']}, mergekit "
-        f"{report['versions']['mergekit']}.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; disk `{m['disk']}`. "
-        + m["note"],
-        "",
-        "Time is the whole subprocess (Python start-up and imports included). GB/s = bytes "
-        "moved / median time. × floor: median against the fastest floor form's median. Peak "
-        "RSS: summed over the process tree, polled every 10 ms, and never below the kernel's "
-        "ru_maxrss (from /usr/bin/time); anon RSS leaves out mapped file pages.",
-        "",
-    ]
-
-
-def render_main(report: dict) -> list[str]:
-    cases = report["cases"]
-    lines = preamble(report, "moxkit extrapolate, end to end (warm page cache)")
-    lines += table(cases[0], cases[0]["name"])
-    if len(cases) > 1:
-        lines += table(cases[1], cases[1]["name"] + " (twice the model)")
-    lines += headline(cases[0]["summary"], cases[1]["summary"] if len(cases) > 1 else None)
-    if cases[0].get("agreement"):
-        lines += ["", "Outputs compared (every tensor, bf16 bit patterns):", ""]
-        lines += agreement_lines(cases[0])
-    return lines
-
-
-def headline(rows: dict[str, dict], doubled: dict[str, dict] | None) -> list[str]:
-    """The issue's goals, checked against what was measured (reported, not asserted)."""
-    if "moxkit" not in rows:
-        return []
-    mox = rows["moxkit"]
-    lines = ["", "Against the goals (warm cache):", ""]
-    lines.append(f"- moxkit at {mox['x_floor']:.2f}× the I/O floor (goal: within 2×)")
-    if "mergekit" in rows:
-        speedup = rows["mergekit"]["seconds_median"] / mox["seconds_median"]
-        lines.append(f"- moxkit {speedup:.1f}× faster than mergekit (goal: at least 5×)")
-    if "plain script" in rows:
-        speedup = rows["plain script"]["seconds_median"] / mox["seconds_median"]
-        lines.append(f"- the plain script takes {speedup:.1f}× moxkit's time")
-    lines.append(f"- moxkit peak RSS {fmt_gib(mox['peak_rss_bytes'])} (goal: under 1 GiB)")
-    if doubled and "moxkit" in doubled:
-        lines.append(
-            f"- twice the model: moxkit peak RSS {fmt_gib(doubled['moxkit']['peak_rss_bytes'])} "
-            f"(vs {fmt_gib(mox['peak_rss_bytes'])})"
-            + (f"; the plain script's went from {fmt_gib(rows['plain script']['peak_rss_bytes'])}"
-               f" to {fmt_gib(doubled['plain script']['peak_rss_bytes'])}"
-               if "plain script" in doubled and "plain script" in rows else "")
-        )  # fmt: skip
-    return lines
-
-
-def render_7b(report: dict) -> list[str]:
-    case = report["case"]
-    rows = case["summary"]
-    lines = preamble(report, "moxkit extrapolate, Llama-2-7B shapes, cold page cache")
-    lines += [
-        "Page cache dropped before every run, then the Python programs' own files read back "
-        "(`import torch, safetensors, moxkit`, not timed): the checkpoints are cold, not the "
-        "interpreter. Time includes syncing the output to disk. The floor reads MEM with cat "
-        "while cp copies REF (each input byte read once; reading both first and then copying "
-        "REF would read REF from disk twice, since the inputs do not fit in the page cache). "
-        "moxkit runs under --max-memory 1GiB. The plain script runs once, under a guard that "
-        f"kills it if the machine's available memory falls under {report['memory_guard_gib']} "
-        "GiB.",
-        "",
-    ]
-    lines += table(case, case["name"])
-    mox = rows.get("moxkit", {})
-    if mox.get("x_floor"):
-        lines.append(
-            f"- moxkit at {mox['x_floor']:.2f}× the cold-cache I/O floor (goal: within 1.5×), "
-            f"peak RSS {fmt_gib(mox['peak_rss_bytes'])} (budget 1 GiB)"
-        )
-    plain = rows.get("plain script")
-    if plain and plain.get("killed_by_guard"):
-        lines.append(
-            f"- the plain script could not run: killed when the machine ran out of memory, "
-            f"at {fmt_gib(plain['peak_rss_bytes'])} RSS"
-        )
-    elif plain and mox.get("seconds_median"):
-        lines.append(
-            f"- the plain script did run: {plain['seconds_median'] / mox['seconds_median']:.1f}× "
-            f"moxkit's time, peak RSS {fmt_gib(plain['peak_rss_bytes'])} of the machine's "
-            f"{report['machine']['ram_gib']} GiB ({fmt_gib(plain['peak_rss_anon_bytes'])} "
-            "anonymous: safetensors' load_file maps the inputs, so only OUT must fit in RAM)"
-        )
-    return lines + agreement_lines(case)
-
-
-def bar_chart(report: dict, path: Path) -> None:
-    """Median time and peak RSS per tool for the main case (and the 2x-model runs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, times, rss = [], [], []
-    for i, case in enumerate(report["cases"]):
-        for label, row in case["summary"].items():
-            if is_reference(label) or (i > 0 and label.startswith("floor")):
-                continue
-            labels.append(label if i == 0 else f"{label}, 2× model")
-            times.append(row["seconds_median"])
-            rss.append(row["peak_rss_bytes"] / GIB)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 0.55 * len(labels) + 1.8))
-    ax_t.barh(labels, times, color="tab:blue")
-    ax_t.set_xlabel("wall time, s (median)")
-    ax_m.barh(labels, rss, color="tab:orange")
-    ax_m.set_xlabel("peak RSS, GiB")
-    ax_m.set_yticklabels([])
-    ax_m.axvline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax_m.text(1.0, -0.6, " 1 GiB", color="gray")
-    for ax, values in ((ax_t, times), (ax_m, rss)):
-        ax.invert_yaxis()
-        for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.2f}", va="center")
-        ax.margins(x=0.2)
-    first = report["cases"][0]["name"]
-    fig.suptitle(f"moxkit extrapolate, {first}: time and peak memory ({report['date_utc']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def report_head(args, benchmark: str, timing: str) -> dict:
+    head = result_head(benchmark, disk_of=CACHE, packages=("torch", "safetensors"))
+    return {**head, "note": NOTE, "versions": {"mergekit": mergekit_version()},
+            "alpha": ALPHA, "device": args.device, "timing": timing}
 
 
 def write_report(report: dict, stem: Path) -> None:
     """JSON, then the markdown (and for the main case the chart) made from it alone."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, stem)
     render(stem)
-
-
-def render(stem: Path) -> None:
-    report = json.loads(stem.with_suffix(".json").read_text())
-    lines = render_7b(report) if "case" in report else render_main(report)
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    if "cases" in report:
-        bar_chart(report, stem.with_suffix(".png"))
-    print("\n".join(lines))
 
 
 def case_json(case: Case, rows: dict) -> dict:
@@ -779,40 +312,32 @@ def case_json(case: Case, rows: dict) -> dict:
     }
 
 
-def report_head(args, benchmark: str, timing: str) -> dict:
-    return {
-        "benchmark": benchmark,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": describe_machine(),
-        "versions": versions(),
-        "alpha": ALPHA,
-        "device": args.device,
-        "timing": timing,
-    }
-
-
 def main_case(args) -> None:
     tools = [t for t in args.tools.split(",") if t]
     if args.skip_mergekit and "mergekit" in tools:
         tools.remove("mergekit")
     check_tools(tools)
-    config = llama_config(args.params)
-    pair = ensure_pair(config)
-    params = sum(math.prod(s) for _, s in state_shapes(config))
-    case = Case(f"{params / 1e9:.2f}B warm", params, weight_bytes(pair / "ref"), cold=False)
-    run_case(case, pair, tools, args.repeats, args)
-    cases = [case_json(case, summarize(case, with_sync=False))]
+    cases = []
+    for dtype in args.dtypes.split(","):
+        config = llama_config(args.params, dtype)
+        pair = ensure_pair(config, dtype)
+        params = sum(math.prod(s) for _, s in state_shapes(config))
+        case = Case(f"{params / 1e9:.2f}B {dtype} warm", params, weight_bytes(pair / "ref"),
+                    cold=False)
+        run_case(case, pair, tools, args.repeats, args)
+        cases.append(case_json(case, summarize(case, with_sync=False)))
 
     if args.double and "moxkit" in tools:
-        config2 = llama_config(2 * args.params)
-        pair2 = ensure_pair(config2)
+        dtype = args.dtypes.split(",")[0]
+        config2 = llama_config(2 * args.params, dtype)
+        pair2 = ensure_pair(config2, dtype)
         params2 = sum(math.prod(s) for _, s in state_shapes(config2))
         size2 = weight_bytes(pair2 / "ref")
-        doubled = Case(f"{params2 / 1e9:.2f}B warm", params2, size2, cold=False)
+        doubled = Case(f"{params2 / 1e9:.2f}B {dtype} warm", params2, size2, cold=False)
         tools2 = [t for t in ("floor", "moxkit", "plain") if t in tools]
         run_case(doubled, pair2, tools2, args.repeats, args)
-        cases.append(case_json(doubled, summarize(doubled, with_sync=False)))
+        cases.append({**case_json(doubled, summarize(doubled, with_sync=False)),
+                      "doubles": cases[0]["name"]})
 
     report = report_head(
         args,
@@ -831,7 +356,7 @@ def big7b(args) -> None:
     config = llama2_7b_config()
     params = sum(math.prod(s) for _, s in state_shapes(config))
     need = 3 * 2 * params + GIB
-    pair = pair_dir(config)
+    pair = pair_dir(config, "bf16")
     free = shutil.disk_usage(CACHE).free
     have = weight_bytes(pair / "ref") + weight_bytes(pair / "mem") if pair.exists() else 0
     if free + have < need:
@@ -870,6 +395,8 @@ def main() -> None:
                         help="passed to moxkit")  # fmt: skip
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help=f"comma-separated subset of {','.join(TOOLS)}")  # fmt: skip
+    parser.add_argument("--dtypes", default="bf16",
+                        help="storage dtypes of the main pair: bf16, fp16 or both")  # fmt: skip
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--no-double", dest="double", action="store_false",
                         help="skip the twice-the-model run")  # fmt: skip
