@@ -25,7 +25,7 @@ from bits import (
 
 from moxkit.backends import CpuBackend, get_backend
 from moxkit.errors import MoxError
-from moxkit.formula import Coefficients
+from moxkit.formula import PAPER_ETA, Coefficients
 from moxkit.torch_path import CANONICAL_NAN_BITS
 
 HAS_CUDA = torch.cuda.is_available()
@@ -37,7 +37,7 @@ HAS_CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("n", [1, 7, 4099])
 def test_cpu_backend_matches_oracle(path, dtype, momentum, n):
     ref, mem, prev = random_operands(n, [dtype] * 3, seed=n)
-    coeffs = Coefficients(4.0, 0.675 if momentum else None)
+    coeffs = Coefficients(4.0, PAPER_ETA if momentum else None)
     out = torch.empty(n, dtype=dtype)
     with forced_cpu_path(path):
         finite = CpuBackend(block_elems=4096).extrapolate(out, ref, mem, prev, coeffs)
@@ -54,7 +54,7 @@ def test_cpu_paths_on_edge_values(path, in_dtype, out_dtype, momentum):
     """Subnormals, NaN payloads, inf, overflow at rounding, ties: bit for bit against the
     numpy fp32 oracle and within the fp64 error bound, on each path of the C loop."""
     ref, mem, prev = (edge_operand(in_dtype, seed) for seed in (1, 2, 3))
-    coeffs = Coefficients(4.0, 0.675 if momentum else None)
+    coeffs = Coefficients(4.0, PAPER_ETA if momentum else None)
     prev = prev if momentum else None
     out = torch.empty(len(ref), dtype=out_dtype)
     with forced_cpu_path(path):
@@ -147,7 +147,7 @@ def test_cuda_backend_equals_cpu_backend(dtypes, momentum):
 
     n = 3 * MIN_PIECE + MIN_PIECE // 2 + 17  # more pieces than slots: the ring wraps around
     ref, mem, prev = random_operands(n, dtypes[:3], seed=11)
-    coeffs = Coefficients(4.0, 0.675 if momentum else None)
+    coeffs = Coefficients(4.0, PAPER_ETA if momentum else None)
     want = torch.empty(n, dtype=dtypes[3])
     want_finite = CpuBackend().extrapolate(want, ref, mem, prev, coeffs)
     be = CudaBackend(max_gpu_memory=SLOTS * 16 * MIN_PIECE)  # the smallest: one piece a slot
@@ -213,7 +213,7 @@ def test_engine_cuda_equals_cpu(tmp_path, momentum):
     for i, name in enumerate(["ref", "mem", "prev"]):
         paths[name] = tmp_path / f"{name}.safetensors"
         _write_checkpoint(paths[name], seed=i, dtype=torch.bfloat16)
-    extra = {"momentum": str(paths["prev"]), "eta": 0.675} if momentum else {}
+    extra = {"prev": str(paths["prev"]), "eta": PAPER_ETA} if momentum else {}
     outs = {}
     for device in ("cpu", "cuda"):
         outs[device] = tmp_path / f"out-{device}"

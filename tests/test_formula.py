@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moxkit.errors import MoxError
-from moxkit.formula import ALPHA_MAX, FP32_TINY, Coefficients, check_alpha, check_eta
+from moxkit.formula import ALPHA_MAX, FP32_TINY, PAPER_ETA, Coefficients, check_alpha, check_eta
 
 
 @pytest.mark.parametrize("alpha", [2.0**24, 3e7, 1e-50, 1e-45, 0.0, -1.0, float("inf"),
@@ -49,11 +49,11 @@ def test_eta_outside_a_weight_is_refused_by_name(eta):
 
 
 def test_coefficients_are_the_fp32_constants():
-    c = Coefficients(0.1, 0.675)
+    c = Coefficients(0.1, PAPER_ETA)
     assert c.ref_scale == float(np.float32(1.1))
     assert c.mem_scale == float(np.float32(0.1))
-    assert c.new_weight == float(np.float32(0.675))
-    assert c.prev_weight == float(np.float32(1 - 0.675))
+    assert c.new_weight == float(np.float32(PAPER_ETA))
+    assert c.prev_weight == float(np.float32(1 - PAPER_ETA))
     plain = Coefficients(np.float32(2.0))
     assert (plain.momentum, plain.new_weight, plain.prev_weight) == (False, 1.0, 0.0)
     assert type(plain.alpha) is float

@@ -29,7 +29,7 @@ from bits import (
 from moxkit.backends import CPU_PATHS as ALL_PATHS
 from moxkit.backends import CpuBackend, _fused_library, _run_then_settle, cpu_path, set_cpu_path
 from moxkit.errors import MoxError
-from moxkit.formula import Coefficients
+from moxkit.formula import PAPER_ETA, Coefficients
 
 
 def test_the_c_library_is_built_and_dispatches():
@@ -53,7 +53,7 @@ def test_the_c_library_is_built_and_dispatches():
 def test_fused_matches_torch_path(path, out_dtype, ref_dtype, mem_dtype, momentum):
     ref, mem = edge_operand(ref_dtype, 1), edge_operand(mem_dtype, 2)
     prev = edge_operand(out_dtype, 3) if momentum else None
-    coeffs = Coefficients(4.0, 0.675 if momentum else None)
+    coeffs = Coefficients(4.0, PAPER_ETA if momentum else None)
     torch_out = torch.empty(len(ref), dtype=out_dtype)
     torch_ok = CpuBackend(fused=False).extrapolate(torch_out, ref, mem, prev, coeffs)
     assert torch_ok is False  # the specials make some outputs non-finite

@@ -21,7 +21,7 @@ from moxkit.kernels.extrapolate import BLOCK, launch
 
 from moxkit.backends import CpuBackend
 from moxkit.errors import MoxError
-from moxkit.formula import Coefficients
+from moxkit.formula import PAPER_ETA, Coefficients
 from moxkit.torch_path import CANONICAL_NAN_BITS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -41,9 +41,9 @@ def cpu_backend(ref, mem, prev, coeffs, out_dtype):
 @pytest.mark.parametrize("n", [1, 7, BLOCK - 1, BLOCK + 1, 3 * BLOCK + 5])
 def test_kernel_equals_cpu_backend_and_fp64(dtype, momentum, n):
     ref, mem, prev = random_operands(n, [dtype] * 3, seed=n + momentum)
-    coeffs = Coefficients(4.0, 0.675 if momentum else None)
+    coeffs = Coefficients(4.0, PAPER_ETA if momentum else None)
     got = extrapolate(*on_device(ref, mem), 4.0, prev=on_device(prev)[0] if momentum else None,
-                      eta=0.675).cpu()
+                      eta=PAPER_ETA).cpu()
     want, _ = cpu_backend(ref, mem, prev, coeffs, dtype)
     assert got.dtype == dtype
     assert torch.equal(bits_of(got), bits_of(want))
@@ -68,9 +68,9 @@ def test_kernel_configs_agree(block, num_warps):
     """Every block size the benchmark may pick computes the same bits."""
     n = 3 * block + 77
     ref, mem, prev = random_operands(n, [torch.bfloat16] * 3, seed=block)
-    got = extrapolate(*on_device(ref, mem), 4.0, prev=on_device(prev)[0], eta=0.675,
+    got = extrapolate(*on_device(ref, mem), 4.0, prev=on_device(prev)[0], eta=PAPER_ETA,
                       block=block, num_warps=num_warps)
-    want, _ = cpu_backend(ref, mem, prev, Coefficients(4.0, 0.675), torch.bfloat16)
+    want, _ = cpu_backend(ref, mem, prev, Coefficients(4.0, PAPER_ETA), torch.bfloat16)
     assert torch.equal(bits_of(got.cpu()), bits_of(want))
 
 
