@@ -5,13 +5,15 @@ __version__ = "0.1.0"
 
 from .errors import MoxError  # noqa: E402
 
-__all__ = ["MoxError", "__version__", "extrapolate", "ExtrapolationReport"]
+__all__ = ["MoxError", "PAPER_ETA", "__version__", "extrapolate", "ExtrapolationReport"]
+
+_LAZY = {"extrapolate": "stream", "ExtrapolationReport": "stream", "PAPER_ETA": "formula"}
 
 
 def __getattr__(name: str):
-    # Lazy: importing moxkit must not import torch until the engine is used.
-    if name in ("extrapolate", "ExtrapolationReport"):
-        from . import stream
+    # Lazy: importing moxkit must not import numpy or torch until the engine is used.
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(stream, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

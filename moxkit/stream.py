@@ -32,7 +32,6 @@ from .backends import Backend, get_backend
 from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
 from .errors import MoxError
 from .formula import PAPER_ETA, Coefficients
-from .provenance import carry_files, model_card, provenance
 from .plan import (
     Chunk,
     TensorPlan,
@@ -42,6 +41,8 @@ from .plan import (
     parse_dtype,
 )
 from .progress import ByteProgress
+from .provenance import carried_files, carry_files, model_card, provenance
+from .sources import ModelFile
 from .units import format_bytes, parse_size
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
 
@@ -116,6 +117,8 @@ class ExtrapolationJob:
     metadata: dict[str, str]
     coeffs: Coefficients
     out_dtype: str | None  # None: each tensor keeps REF's dtype
+    carried: list[ModelFile] = field(default_factory=list)  # REF's files OUT carries, checked
+    budget: int | None = None  # peak resident bytes of the whole process (None: unchecked)
     force: bool = False
     fsync: bool = False
     allow_nonfinite: bool = False
@@ -175,6 +178,7 @@ def extrapolate(
         prev=prev,
         eta=eta,
         dtype=dtype,
+        max_memory=max_memory,
         max_shard_size=max_shard_size,
         force=force,
         fsync=fsync,
@@ -183,7 +187,6 @@ def extrapolate(
     )
     return run(
         job,
-        max_memory=max_memory,
         device=device,
         max_gpu_memory=max_gpu_memory,
         dry_run=dry_run,
@@ -199,6 +202,7 @@ def prepare(
     prev: str | os.PathLike | None = None,
     eta: float = PAPER_ETA,
     dtype: str | object | None = None,
+    max_memory: str | int | None = None,
     max_shard_size: str | int = "5GB",
     force: bool = False,
     fsync: bool = False,
@@ -210,9 +214,10 @@ def prepare(
     coeffs = Coefficients(alpha, eta if prev is not None else None)
     out_dtype = parse_dtype(_dtype_name(dtype))
     shard_limit = parse_size(max_shard_size, "max_shard_size")
-    ref_ckpt = open_checkpoint(ref)
-    mem_ckpt = open_checkpoint(mem)
-    prev_ckpt = open_checkpoint(prev) if prev is not None else None
+    budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
+    ref_ckpt = open_checkpoint(ref, budget=budget)
+    mem_ckpt = open_checkpoint(mem, budget=budget)
+    prev_ckpt = open_checkpoint(prev, budget=budget) if prev is not None else None
     inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
     out_path = check_output(out, force=force, inputs=_input_paths(inputs))
     plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype)
@@ -221,6 +226,7 @@ def prepare(
     outputs = [p.output for p in plans]
     groups = [outputs] if single_file else split_shards(outputs, shard_limit)
     shards = layout(groups, metadata, [out_path.name] if single_file else None)
+    carried = carried_files(ref_ckpt.directory) if ref_ckpt.directory and not single_file else []
     return ExtrapolationJob(
         out_path,
         single_file,
@@ -230,6 +236,8 @@ def prepare(
         metadata,
         coeffs,
         out_dtype,
+        carried,
+        budget,
         force=force,
         fsync=fsync,
         allow_nonfinite=allow_nonfinite,
@@ -240,20 +248,18 @@ def prepare(
 def run(
     job: ExtrapolationJob,
     *,
-    max_memory: str | int | None = None,
     device: str = "auto",
     max_gpu_memory: str | int | None = None,
     dry_run: bool = False,
 ) -> ExtrapolationReport:
     """Run a prepared job (or, with dry_run, report what it would do)."""
-    budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
     gpu_budget = parse_size(max_gpu_memory, "max_gpu_memory") if max_gpu_memory else None
     backend_options = {"max_gpu_memory": gpu_budget} if gpu_budget else {}
     backend = get_backend(device, **backend_options)
     try:
         sizes = buffer_itemsizes(job.plans)
         largest = max(p.numel for p in job.plans)  # no buffer larger than the largest tensor
-        chunk_elems = min(_chunk_elems(budget, sum(sizes.values())), -(-largest // 1024) * 1024)
+        chunk_elems = min(_chunk_elems(job.budget, sum(sizes.values())), -(-largest // 1024) * 1024)
         report = ExtrapolationReport(
             out=job.out,
             alpha=job.coeffs.alpha,
@@ -314,7 +320,10 @@ def _input_paths(inputs: list[Checkpoint]) -> list[Path]:
 
 
 def _write_output(
-    job: ExtrapolationJob, backend: Backend, chunk_elems: int, report: ExtrapolationReport
+    job: ExtrapolationJob,
+    backend: Backend,
+    chunk_elems: int,
+    report: ExtrapolationReport,
 ) -> None:
     total = report.bytes_read + sum(p.out_nbytes for p in job.plans)
     bar = ByteProgress(total, enabled=job.progress)
@@ -330,7 +339,9 @@ def _write_output(
             if not job.single_file:
                 write_index(tmp, job.shards)
                 if job.ref.directory is not None:
-                    report.carried_files = carry_files(job.ref.directory, tmp, job.out_dtype)
+                    report.carried_files = carry_files(
+                        job.ref.directory, tmp, job.out_dtype, job.carried, job.budget
+                    )
                 (tmp / "README.md").write_text(model_card(job.metadata))
     except OSError as exc:
         raise MoxError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
@@ -447,13 +458,17 @@ def _run_pipeline(
             t = chunk.tensor
             if not t.is_copy:
                 reached("compute")
-                finite = backend.extrapolate(
-                    slot.view("out", t.out_dtype, chunk.count),
-                    slot.view("ref", t.ref.dtype, chunk.count),
-                    slot.view("mem", t.mem.dtype, chunk.count),
-                    slot.view("prev", t.prev.dtype, chunk.count) if t.prev else None,
-                    job.coeffs,
-                )
+                try:
+                    finite = backend.extrapolate(
+                        slot.view("out", t.out_dtype, chunk.count),
+                        slot.view("ref", t.ref.dtype, chunk.count),
+                        slot.view("mem", t.mem.dtype, chunk.count),
+                        slot.view("prev", t.prev.dtype, chunk.count) if t.prev else None,
+                        job.coeffs,
+                    )
+                except MoxError as exc:  # the backend knows no names: say which tensor, files
+                    files = ", ".join(sorted({str(i.file) for i in (t.ref, t.mem, t.prev) if i}))
+                    raise MoxError(f"tensor {t.name!r} ({files}): {exc}") from None
                 reached("computed")
                 if not finite and t.name not in report.nonfinite_tensors:
                     if not job.allow_nonfinite:

@@ -4,13 +4,16 @@ non-zero exit, no traceback, and nothing left where the output would be."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import astuple
 
 import pytest
 import torch
 from ckpt_factory import random_tensor, save_sharded, write_raw_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+import moxkit
 
 
 def run_ok(cli, *args) -> str:
@@ -237,7 +240,7 @@ def test_mismatched_checkpoints(cli, tmp_path, pair):
         (["-a", "nan"], "--alpha nan"),
         (["-a", "4", "--dtype", "int8"], "--dtype 'int8'"),
         (["-a", "4", "--max-memory", "lots"], "--max-memory 'lots'"),
-        (["-a", "4", "--max-memory", "10MB"], "--max-memory 10.00 MB is too small"),
+        (["-a", "4", "--max-memory", "10MB"], "memory budget (max-memory) is 10.00 MB"),
         (["-a", "4", "--max-shard-size", "-5GB"], "--max-shard-size"),
         (["-a", "4", "--eta", "0.3"], "--eta only applies with --prev"),
         (["-a", "4", "--device", "tpu"], "unknown device 'tpu'"),
@@ -313,3 +316,99 @@ def test_dry_run_and_summary_lines(cli, tmp_path, pair):
     assert out.startswith(f"wrote {tmp_path / 'out'} (2 tensors extrapolated, 0 copied, 1 shard)")
     shutil.rmtree(tmp_path / "out")
     assert run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "out", "-q") == ""
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [
+        (lambda t: ".", "not a name for a new output"),
+        (lambda t: (t / "file").write_text("x") and t / "file" / "out", "is not a folder"),
+        (lambda t: t / ("n" * 240), "name too long"),
+        (lambda t: (t / "link").symlink_to(t / "gone") or t / "link", "which does not exist"),
+    ],
+    ids=["dot", "under-a-file", "too-long", "dangling-link"],
+)
+def test_unusable_outputs_in_one_line(cli, tmp_path, pair, monkeypatch, make_out, message):
+    monkeypatch.chdir(tmp_path)
+    out = make_out(tmp_path)
+    assert_clean_failure(cli, tmp_path, [*pair, "-a", 4, "-o", out, "--force"], message)
+
+
+def test_force_through_a_link_to_a_folder_replaces_the_target(cli, tmp_path, pair):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "link", "--force", "-q")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == [
+        "README.md",
+        "model.safetensors",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_mode_follows_the_umask_and_failed_runs_remove_their_parents(
+    cli, tmp_path, pair, monkeypatch
+):
+    monkeypatch.setattr(os, "umask", os.umask)  # restored below whatever happens
+    old = os.umask(0o022)
+    try:
+        run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "new" / "out", "-q")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "new" / "out").st_mode & 0o777 == 0o755
+    save_file({"model.w": torch.full((8, 4), float("nan")), "model.b": torch.zeros(4)},
+              tmp_path / "nan.safetensors")  # fmt: skip
+    args = [tmp_path / "nan.safetensors", pair[1], "-a", 4, "-o", tmp_path / "a" / "b" / "out"]
+    assert_clean_failure(cli, tmp_path, args, "non-finite")  # a/ and a/b/ are gone too
+
+
+def test_a_newline_in_a_name_cannot_forge_a_second_line(cli, tmp_path, pair):
+    ref = tmp_path / "ref\nmoxkit: error: forged"
+    ref.mkdir()  # an empty model folder: the message names it
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("extrapolate", ref, pair[1], "-a", 4, "-o", tmp_path / "out")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "ref\\nmoxkit" in result.err and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_momentum_is_the_deprecated_name_of_prev(cli, tmp_path, pair):
+    result = cli("extrapolate", *pair, "-a", 4, "--momentum", pair[0], "-o", tmp_path / "o", "-q")
+    assert result.code == 0 and result.err.strip() == (
+        "moxkit: note: --momentum is deprecated; use --prev"
+    )
+    with pytest.warns(DeprecationWarning, match="prev="):
+        moxkit.extrapolate(*pair, tmp_path / "o2", 4.0, momentum=pair[0], progress=False)
+    a = load_file(tmp_path / "o" / "model.safetensors")
+    b = load_file(tmp_path / "o2" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 0.0}, "alpha 0.0: must be between"),
+        ({"alpha": 4.0, "max_memory": "lots"}, "max_memory 'lots'"),
+        ({"alpha": 4.0, "max_shard_size": "-1GB"}, "max_shard_size"),
+        ({"alpha": 4.0, "prev": "p", "momentum": "m"}, "prev and momentum name the same"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_python_api_names_its_own_arguments(tmp_path, pair, kwargs, message):
+    with pytest.raises(moxkit.MoxError) as exc:
+        moxkit.extrapolate(*pair, tmp_path / "out", progress=False, **kwargs)
+    assert str(exc.value).startswith(message) and "--" not in str(exc.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors", "ref.safetensors"]
+
+
+def test_python_api_accepts_torch_dtypes(tmp_path, pair):
+    moxkit.extrapolate(*pair, tmp_path / "out", 4.0, dtype=torch.float16, progress=False)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in got.values()} == {torch.float16}
+
+
+def test_fsync_writes_the_same_output(cli, tmp_path, pair):
+    run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "a", "-q")
+    run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "b", "-q", "--fsync")
+    a, b = (tmp_path / d / "model.safetensors" for d in "ab")
+    assert a.read_bytes() == b.read_bytes()

@@ -232,3 +232,35 @@ def test_output_reaching_an_input_through_a_bind_mount_is_refused(cli, models, t
         assert load_file(root / "ref.safetensors")
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+TRUNCATE_AT = textwrap.dedent(
+    """
+    # Another process truncates REF while a run reads it: at `point`, REF is cut to its
+    # header, so mapped windows and reads reach past its end.
+    import os, sys
+    from moxkit import atomic
+    from moxkit.cli.main import main
+
+    point, ref = sys.argv[1], sys.argv[3]
+    def truncate(reached):
+        if reached == point:
+            atomic.HOOK = None
+            with open(ref, "rb") as f:
+                size = 8 + int.from_bytes(f.read(8), "little")
+            os.truncate(ref, size)
+    atomic.HOOK = truncate
+    main(sys.argv[2:])
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["staging", "read", "computed"])
+def test_input_truncated_mid_run_ends_in_one_line(models, point):
+    root, _, _ = models
+    cmd = [sys.executable, "-c", TRUNCATE_AT, point, *map(str, args(root, root / "out"))]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    line = one_line(result.stderr)
+    assert line.startswith("moxkit: error: ") and "ref.safetensors" in line, line
+    assert beside(root) == ["mem.safetensors", "ref.safetensors"]
