@@ -69,11 +69,25 @@ from moxkit.errors import MoxError
     help="Branch, tag or commit for REF/MEM/PREV given as hub ids (org/name[@rev] also works).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+# -- LoRA forget adapters (moxkit.adapters): options for MEM a PEFT adapter folder --
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="MEM a LoRA adapter: write the full forget model (merged into REF), not an adapter.",
+)
+@click.option(
+    "--rank",
+    type=int,
+    default=None,
+    help="MEM a LoRA adapter: re-compress the forget adapter to this rank (truncated SVD).",
+)
+# -- end LoRA options --
 def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options) -> None:
     """Forget model OUT = (1+α)·REF − α·MEM, streamed out of core.
 
     REF and MEM (and PREV) are .safetensors files or Hugging Face model directories, sharded
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
+    from moxkit.adapters import is_adapter_dir
     from moxkit.formula import PAPER_ETA
     from moxkit.sources import resolve_model
     from moxkit.stream import extrapolate
@@ -88,6 +102,15 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     revision = options.pop("revision")
     ref, mem = resolve_model(ref, revision), resolve_model(mem, revision)
     prev = resolve_model(prev, revision) if prev is not None else None
+    # -- LoRA forget adapters: MEM a PEFT adapter folder -> moxkit.adapters --
+    lora = {"merge": options.pop("merge"), "rank": options.pop("rank")}
+    if is_adapter_dir(mem):
+        from moxkit.adapters import extrapolate_adapter as extrapolate
+
+        options.update(lora)
+    elif lora["merge"] or lora["rank"] is not None:
+        raise MoxError("--merge and --rank apply when MEM is a LoRA adapter folder")
+    # -- end LoRA --
     report = extrapolate(
         ref,
         mem,
