@@ -1,19 +1,29 @@
-"""Does MOX beat gradient ascent on tofu-mini, and what makes it selective at small scale?
+"""Is MOX's unlearning as good as the paper says? A pre-registered comparison on tofu-mini.
 
-Every method unlearns the same forget split (tofu-mini forget10) from the same reference model
-with the same trainer, data pipeline, epochs and learning rate; only the loss differs. Several
-model conditions are compared (trained from scratch or pretrained on general text first, and
-two widths), each with its own reference and retain-only models; unlearning runs repeat over
-seeds (the seed sets the order of forget and retain batches). Per run we record the final
-TOFU/MUSE metrics and a trajectory over training epochs (likelihood metrics only, no
-generation, to keep it cheap).
+The protocol (also written in results/unlearning_mini.md before the run; moxkit.study holds the
+rule):
+- Data: tofu-mini (BPE tokenizer, names in pieces), split Budget.split: validation forget
+  authors and disjoint test (reported) forget authors are unlearned together; evaluation scores
+  one row per fact on retain authors that no method trains on.
+- Pipelines: for each init seed, a base Llama is built, pretrained on general text, fine-tuned on
+  all authors (the reference θ_ref) and on the retain authors only (the retain-only model), all
+  with that seed. Each pipeline is unlearned with every method under each unlearning seed
+  (the order of forget and retain batches).
+- Strength swept for every method: MOX α ∈ {1, 1.5, ..., 8} from one θ_mem (lr MOX_LR); the
+  task vector (λ = 0) and MOX-momentum (every η in ETAS, a tick every step) over the coarse α
+  grid; targeted MOX trained at each α in TARGETED_ALPHAS; GA, GradDiff, NPO, SimNPO at each lr
+  in LRS, evaluated after every epoch.
+- Operating point per method and run: moxkit.study.choose on the validation sets only.
+- Reported: test metrics at the chosen points, mean over pipelines × seeds with a 95 %
+  t-interval over the pipeline means (the pipelines are the independent units), and paired
+  differences MOX − baseline likewise; name-token and value-token probabilities apart.
 
-    .venv/bin/python benchmarks/unlearning_mini.py                # the committed results
-    .venv/bin/python benchmarks/unlearning_mini.py --quick         # a smoke run (~1-2 min)
+    .venv/bin/python benchmarks/unlearning_mini.py            # the committed results
+    .venv/bin/python benchmarks/unlearning_mini.py --quick    # the CI form (seconds)
 
-Writes unlearning_mini.json (everything), unlearning_mini_tables.md and three plots into
---out (default benchmarks/results). Trained models are cached under --work, so an interrupted
-run resumes. Conditions run in parallel worker processes (--jobs), one thread each.
+Writes unlearning_mini.json (every point of every run), unlearning_mini_tables.md and plots
+into --out. Models and per-pipeline results are cached under --work, so an interrupted run
+resumes; pipelines run in parallel worker processes (--jobs), one thread each.
 """
 
 from __future__ import annotations
@@ -27,436 +37,567 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
-MAIN_ALPHA = 4.0  # the paper's default; MOX rows in the method table use it, untuned
-TRAJ_KEYS = ("forget_prob", "retain_prob", "general_prob", "forget_truth_ratio",
-             "forget_quality")
+from moxkit.study import ALPHAS, KEEP, choose, rule_utility
 
-
-@dataclass(frozen=True)
-class Condition:
-    name: str
-    hidden: int
-    layers: int
-    pretrain_epochs: float  # 0: trained from scratch on the authors
-    full_methods: bool = False  # run every baseline here (the main condition)
+MOX_LR = 3e-4
+LRS = (1e-4, 3e-4, 1e-3)
+COARSE_ALPHAS = (2.0, 4.0, 6.0, 8.0)
+ETAS = (0.1, 0.3, 0.675)
+TARGETED_ALPHAS = (2.0, 4.0)
+BASELINES = ("ga", "graddiff", "npo", "simnpo")
+# what the tables show, in order (test set, at the chosen points)
+COLUMNS = ("forget_quality", "ks_statistic", "model_utility", "forget_prob", "forget_value_prob",
+           "forget_name_prob", "forget_rouge_recall", "forget_truth_ratio", "retain_prob",
+           "retain_value_prob", "retain_name_prob", "retain_rouge_recall", "retain_truth_ratio",
+           "general_prob", "general_rouge_recall", "general_truth_ratio", "verbmem_forget")
 
 
 @dataclass(frozen=True)
 class Budget:
     authors: int = 40
     split: str = "forget10"
+    hidden: int = 64
+    layers: int = 3
+    pretrain_epochs: float = 5.0
+    pretrain_lr: float = 3e-3
     finetune_epochs: float = 15.0
     finetune_lr: float = 1e-3
-    pretrain_lr: float = 3e-3
-    unlearn_epochs: float = 10.0
-    lrs: tuple[float, ...] = (1e-3, 3e-4)  # unlearning learning rates (the first is the main)
+    unlearn_epochs: int = 5
+    mox_lr: float = MOX_LR
+    lrs: tuple[float, ...] = LRS
+    alphas: tuple[float, ...] = ALPHAS
+    coarse_alphas: tuple[float, ...] = COARSE_ALPHAS
+    etas: tuple[float, ...] = ETAS
+    targeted_alphas: tuple[float, ...] = TARGETED_ALPHAS
+    baselines: tuple[str, ...] = BASELINES
+    task_vector: bool = True
+    pipelines: tuple[int, ...] = (0, 1, 2)
     seeds: tuple[int, ...] = (0, 1, 2)
-    traj_epochs: tuple[float, ...] = (2.0, 5.0)  # plus the end of training
-    max_items: int = 40
-    kl_ablation: tuple[float, ...] = (0.0, 10.0)  # besides the default λ = 1 (0 = task vector)
+    max_new_tokens: int = 48
 
 
-CONDITIONS = (
-    Condition("pretrained-h128", 128, 4, 10.0, full_methods=True),
-    Condition("scratch-h128", 128, 4, 0.0),
-    Condition("pretrained-h256", 256, 4, 10.0),
-)
-QUICK_CONDITIONS = (Condition("pretrained-h32", 32, 2, 1.0, full_methods=True),
-                    Condition("scratch-h32", 32, 2, 0.0))
-QUICK = Budget(authors=10, finetune_epochs=3.0, unlearn_epochs=2.0, lrs=(1e-3,), seeds=(0, 1),
-               traj_epochs=(1.0,), max_items=8, kl_ablation=(0.0,))
-
-
-@dataclass
-class Run:
-    condition: str
-    method: str
-    seed: int
-    lr: float
-    kl_weight: float | None = None
-    alpha: float | None = None
-    summary: dict = field(default_factory=dict)
-    trajectory: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+QUICK = Budget(authors=10, hidden=16, layers=1, pretrain_epochs=0.0, finetune_epochs=2.0,
+               unlearn_epochs=2, lrs=(1e-3,), alphas=(1.0, 2.0), coarse_alphas=(2.0,),
+               etas=(0.5,), targeted_alphas=(), baselines=("ga",), task_vector=False,
+               pipelines=(0, 1), seeds=(0,), max_new_tokens=4)
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _keep(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+def _numbers(summary: dict) -> dict:
+    return {k: v for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_condition(cond: Condition, budget: Budget, data: Path, work: Path) -> dict:
-    """Train (or reuse) one condition's models, then every unlearning run on it."""
+def run_pipeline(pipeline: int, budget: Budget, data: Path, work: Path) -> dict:
+    """Train (or reuse) one pipeline's models, then every unlearning run on them."""
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
-    from moxkit.eval.evaluate import (
-        EvalConfig,
-        compare_with_retain,
-        evaluate_model,
-        load_model,
-        retain_reference,
-    )
+    from moxkit.eval.evaluate import EvalConfig, evaluate_model, load_model, retain_reference
+    from moxkit.study import momentum_average, name_value_probs, on_epoch_end
     from moxkit.tiny import build_tiny_llama, save_tiny_model
     from moxkit.tofu_mini import REFUSAL
-    from moxkit.train import TrainConfig, extrapolate_model, finetune, train_mem, unlearn
+    from moxkit.train import (
+        UNLEARN_METHODS,
+        ExtrapolationConfig,
+        LossConfig,
+        TrainConfig,
+        extrapolate_model,
+        finetune,
+        train_mem,
+        unlearn,
+    )
 
     torch.set_num_threads(1)
     t_start = time.time()
-    log = lambda msg: print(f"[{cond.name} {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    name = f"pipeline-{pipeline}"
+
+    def log(msg: str) -> None:
+        print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
     split = data / budget.split
-    wd = work / cond.name
+    wd = work / name
     timings: dict[str, float] = {}
 
-    def cfg(epochs: float, lr: float, seed: int = 0) -> TrainConfig:
+    def cfg(epochs: float, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=lr, seed=seed, warmup_epochs=1.0, bf16=False,
                            progress=False)
 
-    def cached(name: str, fn) -> Path:
-        path = wd / name
+    def cached(what: str, fn) -> Path:
+        path = wd / what
         if not path.is_dir():
             t = time.time()
-            log(f"training {name}")
+            log(f"training {what}")
             fn(path)
-            timings[name] = round(time.time() - t, 1)
+            timings[what] = round(time.time() - t, 1)
         return path
 
     tok = AutoTokenizer.from_pretrained(data / "tokenizer")
     start = wd / "base"
     if not start.is_dir():
-        save_tiny_model(build_tiny_llama(len(tok), hidden_size=cond.hidden,
-                                         num_layers=cond.layers,
-                                         intermediate_size=2 * cond.hidden), tok, start)
-    n_params = sum(p.numel() for p in load_model(start, "cpu")[0].parameters())
-    if cond.pretrain_epochs:
+        save_tiny_model(build_tiny_llama(len(tok), hidden_size=budget.hidden,
+                                         num_layers=budget.layers,
+                                         intermediate_size=2 * budget.hidden, seed=pipeline),
+                        tok, start)
+    if budget.pretrain_epochs:
         base = start
         start = cached("pretrained", lambda p: finetune(
             base, str(data / "pretrain.jsonl"), p,
-            config=cfg(cond.pretrain_epochs, budget.pretrain_lr)))
-    ft = cfg(budget.finetune_epochs, budget.finetune_lr)
-    ref_dir = cached("reference", lambda p: finetune(
-        start, _rows(data / "full.jsonl") + _rows(data / "full_text.jsonl"), p, config=ft))
-    retain_dir = cached("retain", lambda p: finetune(
-        start, _rows(split / "retain_train.jsonl") + _rows(split / "retain_text.jsonl"), p,
-        config=ft))
+            config=cfg(budget.pretrain_epochs, budget.pretrain_lr, pipeline)))
+    ft = cfg(budget.finetune_epochs, budget.finetune_lr, pipeline)
+    ref_dir = cached("reference", lambda p: finetune(start, str(data / "full.jsonl"), p,
+                                                     config=ft))
+    retain_dir = cached("retain-only", lambda p: finetune(
+        start, str(split / "train_retain_only.jsonl"), p, config=ft))
 
-    full = EvalConfig(max_items=budget.max_items, max_new_tokens=20)
-    light = replace(full, generate=False)
-    retain_rep = evaluate_model(*load_model(retain_dir, "cpu"), split, cfg=full)
-    retain_ref = retain_reference(retain_rep, split, full)
-    retain_summary = {**_keep(retain_rep["summary"]), **compare_with_retain(retain_rep,
-                                                                             retain_ref)}
-    ref_model, _ = load_model(ref_dir, "cpu")
-    ref_summary = _keep(evaluate_model(ref_model, tok, split, retain=retain_ref,
-                                       cfg=full)["summary"])
-    forget, retain = str(split / "forget.jsonl"), str(split / "retain.jsonl")
+    ecfg = EvalConfig(max_new_tokens=budget.max_new_tokens,
+                      verbmem_max_new_tokens=budget.max_new_tokens)
+    light = replace(ecfg, generate=False)
+    dirs = {"val": split / "val", "test": split}
+    qa = {k: {s: _rows(d / f"{s}.jsonl") for s in ("forget", "retain")} for k, d in dirs.items()}
 
-    def evaluate(model, light_eval: bool = False) -> dict:
+    def measure(model, sets=("val",), full=False) -> dict:
+        """Summary metrics on the validation (and test) sets, with name/value-token
+        probabilities of the forget and retain rows; likelihood only unless `full`."""
         model.eval()
+        out = {}
         with torch.no_grad():
-            rep = evaluate_model(model, tok, split, retain=retain_ref,
-                                 cfg=light if light_eval else full)
-        return _keep(rep["summary"])
+            for k in sets:
+                rep = evaluate_model(model, tok, dirs[k], cfg=ecfg if full else light,
+                                     retain=refs[k])
+                s = _numbers(rep["summary"])
+                for which, rows in qa[k].items():
+                    s.update({f"{which}_{key}": v for key, v in
+                              name_value_probs(model, tok, rows).items()})
+                out[k] = s
+        return out
 
-    class Trajectory(TrainerCallback):
-        """Light metrics at chosen epochs; for MOX runs, of the model extrapolated from the
-        current θ_mem at MAIN_ALPHA (what MOX would return if training stopped there)."""
+    retain_model, _ = load_model(retain_dir, "cpu")
+    refs = {k: retain_reference(evaluate_model(retain_model, tok, d, cfg=ecfg), d, ecfg)
+            for k, d in dirs.items()}
+    retain_only = measure(retain_model, ("val", "test"), full=True)
+    del retain_model
+    ref_model, _ = load_model(ref_dir, "cpu")
+    reference = measure(ref_model, ("val", "test"), full=True)
+    ref_u = rule_utility(reference["val"])
+    log(f"reference FQ val {reference['val']['forget_quality']:.3g} test "
+        f"{reference['test']['forget_quality']:.3g}; U val {ref_u:.3f}")
+    forget, retain = str(split / "unlearn_forget.jsonl"), str(split / "unlearn_retain.jsonl")
 
-        def __init__(self, extrapolate: bool):
-            self.extrapolate, self.points = extrapolate, []
+    def run_seed(seed: int) -> dict:
+        """Every method's sweep on the validation sets, the rule's choice per method, and the
+        chosen models measured in full on validation and test."""
+        t_seed = time.time()
+        points: list[dict] = []
+        makers: list = []  # rebuilds the model of each point (the chosen ones are measured)
 
-        def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            if not any(abs(state.epoch - e) < 1e-6 for e in budget.traj_epochs):
-                return
-            with torch.no_grad():
-                m = extrapolate_model(ref_model, model, MAIN_ALPHA) if self.extrapolate \
-                    else model
-                point = evaluate(m, light_eval=True)
-            model.train()
-            self.points.append({"epoch": state.epoch, "step": state.global_step,
-                                **{k: point.get(k) for k in TRAJ_KEYS}})
+        def add(point: dict, model, maker) -> None:
+            points.append({**point, **measure(model)})
+            makers.append(maker)
 
-    runs: list[Run] = []
+        ul = cfg(budget.unlearn_epochs, budget.mox_lr, seed)
+        snaps: list[dict] = []  # θ_mem after each epoch, for MOX's trajectory
+        mem = train_mem(ref_dir, forget, retain, None, config=ul, callbacks=[on_epoch_end(
+            lambda m, e: snaps.append({k: v.clone() for k, v in m.state_dict().items()}))]
+        ).model
+        for alpha in budget.alphas:
+            def mox(alpha=alpha, mem=mem):
+                return extrapolate_model(ref_model, mem, alpha)
+            add({"method": "mox", "alpha": alpha, "lr": budget.mox_lr}, mox(), mox)
+        if budget.task_vector:
+            tv = train_mem(ref_dir, forget, None, None, config=ul,
+                           loss=LossConfig(kl_weight=0.0)).model
+            for alpha in budget.coarse_alphas:
+                def task_vector(alpha=alpha, tv=tv):
+                    return extrapolate_model(ref_model, tv, alpha)
+                add({"method": "task-vector", "alpha": alpha, "lr": budget.mox_lr},
+                    task_vector(), task_vector)
+        for eta in budget.etas:
+            one = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
+                          extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta)).model
+            average = momentum_average(ref_model, one)
+            for alpha in budget.coarse_alphas:
+                def momentum(alpha=alpha, average=average):
+                    return extrapolate_model(ref_model, average, alpha)
+                add({"method": "mox-momentum", "eta": eta, "alpha": alpha,
+                     "lr": budget.mox_lr}, momentum(), momentum)
+        for alpha in budget.targeted_alphas:
+            targeted = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
+                               extrapolation=ExtrapolationConfig(alpha=alpha),
+                               target_answer=REFUSAL).model
+            add({"method": "mox-targeted", "alpha": alpha, "lr": budget.mox_lr}, targeted,
+                lambda targeted=targeted: targeted)
+        log(f"seed {seed}: MOX and its variants swept")
+        for method in [m for m in budget.baselines if m in UNLEARN_METHODS]:
+            for lr in budget.lrs:
+                def keep(model, epoch, method=method, lr=lr):
+                    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def record(run: Run, t0: float) -> None:
-        run.seconds = round(time.time() - t0, 1)
-        runs.append(run)
+                    def checkpoint(state=state):
+                        m = load_model(ref_dir, "cpu")[0]
+                        m.load_state_dict(state)
+                        return m
+                    add({"method": method, "lr": lr, "epoch": epoch}, model, checkpoint)
 
-    for seed in budget.seeds:
-        for li, lr in enumerate(budget.lrs):
-            ul = cfg(budget.unlearn_epochs, lr, seed)
-            kls = [1.0] + (list(budget.kl_ablation) if li == 0 else [])
-            for kl in kls:  # MOX (λ = 1), task vector (λ = 0), strong KL; all α from one θ_mem
-                t0 = time.time()
-                traj = Trajectory(extrapolate=True)
-                mem = train_mem(ref_dir, forget, retain if kl else None, None, config=ul,
-                                kl_weight=kl, callbacks=[traj]).model
-                method = "task-vector" if kl == 0 else "mox"
-                for alpha in ALPHAS:
-                    run = Run(cond.name, method, seed, lr, kl, alpha,
-                              evaluate(extrapolate_model(ref_model, mem, alpha)))
-                    if alpha == MAIN_ALPHA:
-                        run.trajectory = traj.points + [
-                            {"epoch": budget.unlearn_epochs, "step": None,
-                             **{k: run.summary.get(k) for k in TRAJ_KEYS}}]
-                    record(run, t0)
-                del mem
-                log(f"seed {seed} lr {lr:g} λ {kl:g}: α grid done")
-            if not cond.full_methods:
-                continue
-            variants = [("mox-momentum", {"method": "mox", "momentum_eta": 0.675}),
-                        ("mox-targeted", {"method": "mox", "target_answer": REFUSAL}),
-                        ("ga", {"method": "ga"}), ("graddiff", {"method": "graddiff"}),
-                        ("npo", {"method": "npo"})]
-            for name, kw in variants:
-                t0 = time.time()
-                traj = Trajectory(extrapolate=False)
-                extrapolates = kw["method"] == "mox"
-                res = unlearn(ref_dir, forget, retain, None, config=ul,
-                              alpha=MAIN_ALPHA, callbacks=[] if extrapolates else [traj], **kw)
-                run = Run(cond.name, name, seed, lr, 1.0 if extrapolates else None,
-                          MAIN_ALPHA if extrapolates else None, evaluate(res.model))
-                if not extrapolates:
-                    run.trajectory = traj.points + [
-                        {"epoch": budget.unlearn_epochs, "step": res.steps,
-                         **{k: run.summary.get(k) for k in TRAJ_KEYS}}]
-                record(run, t0)
-            log(f"seed {seed} lr {lr:g}: baselines done")
-    return {"condition": asdict(cond), "parameters": n_params, "train_seconds": timings,
-            "seconds": round(time.time() - t_start, 1),
-            "retain_only": retain_summary, "reference": ref_summary,
-            "runs": [asdict(r) for r in runs]}
+                unlearn(ref_dir, forget, retain, None, method=method,
+                        config=cfg(budget.unlearn_epochs, lr, seed),
+                        callbacks=[on_epoch_end(keep)])
+            log(f"seed {seed}: {method} swept")
+
+        chosen = {}
+        for method, idx in families(points).items():
+            i, ok = choose([points[j] for j in idx], ref_u)
+            chosen[method] = {"point": idx[i], "qualified": ok,
+                              **measure(makers[idx[i]](), ("val", "test"), full=True)}
+        alpha = points[chosen["mox"]["point"]]["alpha"]
+        trajectory = []
+        for epoch, state in enumerate(snaps[:-1], 1):
+            mem.load_state_dict(state)
+            trajectory.append({"epoch": epoch, "alpha": alpha,
+                               **measure(extrapolate_model(ref_model, mem, alpha))})
+        log(f"seed {seed}: done in {time.time() - t_seed:.0f} s; rule's MOX α = {alpha:g}")
+        return {"pipeline": pipeline, "seed": seed, "points": points, "chosen": chosen,
+                "mox_trajectory": trajectory, "seconds": round(time.time() - t_seed, 1)}
+
+    runs = []
+    for seed in budget.seeds:  # each run cached, so an interrupted pipeline resumes
+        cache = wd / f"run-seed{seed}.json"
+        if not cache.is_file():
+            cache.write_text(json.dumps(run_seed(seed)) + "\n")
+        runs.append(json.loads(cache.read_text()))
+    return {"pipeline": pipeline, "train_seconds": timings,
+            "parameters": sum(p.numel() for p in ref_model.parameters()),
+            "seconds": round(time.time() - t_start, 1), "reference": reference,
+            "retain_only": retain_only, "reference_utility": ref_u, "runs": runs}
 
 
 def _worker(args: tuple) -> dict:
-    """One condition, its result cached as JSON beside its models (reruns only re-plot)."""
-    cond, budget, data, work = args
-    cache = work / cond.name / "results.json"
+    """One pipeline, its result cached as JSON beside its models (a rerun only re-reports)."""
+    pipeline, budget, data, work = args
+    cache = work / f"pipeline-{pipeline}" / "results.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    result = run_condition(*args)
+    result = run_pipeline(*args)
     cache.write_text(json.dumps(result) + "\n")
     return result
 
 
-# --- aggregation, tables and plots -----------------------------------------------------------
+def families(points: list[dict]) -> dict[str, list[int]]:
+    """Indices of a run's operating points by method (momentum: one family per η, and one
+    over every η, where the rule also picks η)."""
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(points):
+        out.setdefault(p["method"], []).append(i)
+        if p["method"] == "mox-momentum":
+            out.setdefault(f"mox-momentum η={p['eta']:g}", []).append(i)
+    return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+# --- the rule applied, statistics, tables and plots ------------------------------------------
 
 
-def _group(runs: list[dict], **match) -> list[dict]:
-    return [r for r in runs if all(r.get(k) == v for k, v in match.items())]
+def chosen_points(results: list[dict]) -> dict[str, list[dict]]:
+    """method -> the chosen point of every run (pipeline-major), with its knobs and its full
+    validation and test measurements."""
+    out: dict[str, list[dict]] = {}
+    for res in results:
+        for run in res["runs"]:
+            for method, c in run["chosen"].items():
+                knobs = {k: v for k, v in run["points"][c["point"]].items()
+                         if k not in ("val", "test")}
+                out.setdefault(method, []).append({**knobs, **c, "pipeline": run["pipeline"],
+                                                   "seed": run["seed"]})
+    return out
 
 
-def selectivity(ref: dict, s: dict) -> float:
-    """How many times more the forget set's per-token NLL rose than the retain set's:
-    log(p_f,ref / p_f) / log(p_r,ref / p_r). Above 1 = selective."""
-    df = math.log(ref["forget_prob"] / s["forget_prob"])
-    dr = math.log(ref["retain_prob"] / s["retain_prob"])
-    return df / dr if dr > 1e-9 else math.inf  # retain untouched or improved
+def t_interval(values_by_pipeline: dict[int, list[float]]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over pipelines of per-pipeline means and its 95 %
+    t-interval (pipelines are the independent units; seeds within one are not)."""
+    from scipy import stats
+
+    means = [statistics.fmean(v) for v in values_by_pipeline.values()
+             if v and all(math.isfinite(x) for x in v)]
+    if not means:
+        return math.nan, math.nan, math.nan
+    m = statistics.fmean(means)
+    if len(means) < 2:
+        return m, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(means) - 1) * statistics.stdev(means) / math.sqrt(len(means))
+    return m, m - half, m + half
 
 
-def _fmt(m: float, s: float, digits: int = 3) -> str:
+def _by_pipeline(points: list[dict], key: str, split: str = "test") -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for p in points:
+        v = p[split].get(key)
+        out.setdefault(p["pipeline"], []).append(math.nan if v is None else v)
+    return out
+
+
+def _fmt(m: float, lo: float = math.nan, hi: float = math.nan) -> str:
     if math.isnan(m):
         return "-"
-    if abs(m) < 1e-3 and m != 0:
-        return f"{m:.1e} ± {s:.0e}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    digits = ".1e" if m != 0 and abs(m) < 1e-2 else ".3f"
+    if math.isnan(lo):
+        return format(m, digits)
+    return f"{m:{digits}} [{lo:{digits}}, {hi:{digits}}]"
 
 
-def tables(results: list[dict], budget: Budget) -> str:
-    cols = ("forget_quality", "model_utility", "forget_prob", "retain_prob", "general_prob",
-            "forget_rouge_recall", "verbmem_forget", "privleak")
-    lines = []
-    for res in results:
-        cond, runs = res["condition"]["name"], res["runs"]
-        lines += [f"### {cond} ({res['parameters'] / 1e6:.2f} M parameters)", "",
-                  "| model | lr | " + " | ".join(cols) + " | selectivity |",
-                  "|" + "---|" * (len(cols) + 3)]
-        for label, s in (("retain-only (target)", res["retain_only"]),
-                         ("reference (before)", res["reference"])):
-            lines.append(f"| {label} | | " + " | ".join(
-                _fmt(s.get(c, math.nan), 0.0) for c in cols) + " | |")
-        keys = sorted({(r["method"], r["lr"], r["kl_weight"], r["alpha"]) for r in runs},
-                      key=lambda k: (k[1] != budget.lrs[0], k[0], k[2] or 0, k[3] or 0))
-        for method, lr, kl, alpha in keys:
-            group = _group(runs, method=method, lr=lr, kl_weight=kl, alpha=alpha)
-            label = method + (f" λ={kl:g}" if method == "mox" and kl != 1.0 else "") + (
-                f" α={alpha:g}" if alpha is not None else "")
-            cells = [_fmt(*_mean_std([g["summary"].get(c, math.nan) for g in group]))
-                     for c in cols]
-            means = {k: _mean_std([g["summary"][k] for g in group])[0]
-                     for k in ("forget_prob", "retain_prob")}
-            sel = f"{selectivity(res['reference'], means):.2f}"
-            lines.append(f"| {label} (n={len(group)}) | {lr:g} | " + " | ".join(cells)
-                         + f" | {sel} |")
+def _knob(p: dict) -> str:
+    if "epoch" in p:
+        return f"lr {p['lr']:g} ep {p['epoch']}"
+    return (f"η {p['eta']:g} " if "eta" in p else "") + f"α {p['alpha']:g}"
+
+
+def summarise(results: list[dict], budget: Budget) -> dict:
+    """Everything the tables and the results page quote."""
+    chosen = chosen_points(results)
+    summary: dict = {"methods": {}, "paired": {}, "anchors": {}}
+    for label, key in (("reference (before)", "reference"), ("retain-only (target)",
+                                                             "retain_only")):
+        summary["anchors"][label] = {
+            c: t_interval({r["pipeline"]: [r[key]["test"].get(c, math.nan)] for r in results})
+            for c in COLUMNS}
+    for method, pts in chosen.items():
+        summary["methods"][method] = {
+            "n": len(pts), "qualified": sum(p["qualified"] for p in pts),
+            "knobs": [_knob(p) for p in pts],
+            "test": {c: t_interval(_by_pipeline(pts, c)) for c in COLUMNS},
+            "val": {c: t_interval(_by_pipeline(pts, c, "val"))
+                    for c in ("forget_quality", "model_utility", "retain_prob",
+                              "general_prob")}}
+    mox = {(p["pipeline"], p["seed"]): p for p in chosen.get("mox", [])}
+    for method, pts in chosen.items():
+        if method == "mox" or not mox:
+            continue
+        diffs = {}
+        for c in ("forget_quality", "model_utility", "forget_value_prob", "retain_prob"):
+            by: dict[int, list[float]] = {}
+            for p in pts:
+                a, b = mox[(p["pipeline"], p["seed"])]["test"].get(c), p["test"].get(c)
+                by.setdefault(p["pipeline"], []).append(
+                    a - b if a is not None and b is not None else math.nan)
+            diffs[c] = t_interval(by)
+        summary["paired"][method] = diffs
+    return summary
+
+
+HEAD = {"forget_quality": "FQ", "ks_statistic": "KS D", "model_utility": "MU",
+        "forget_prob": "forget P", "forget_value_prob": "forget value P",
+        "forget_name_prob": "forget name P", "forget_rouge_recall": "forget R-L",
+        "forget_truth_ratio": "forget TR", "retain_prob": "retain P",
+        "retain_value_prob": "retain value P", "retain_name_prob": "retain name P",
+        "retain_rouge_recall": "retain R-L", "retain_truth_ratio": "retain TR",
+        "general_prob": "general P", "general_rouge_recall": "general R-L",
+        "general_truth_ratio": "general TR", "verbmem_forget": "VerbMem"}
+ORDER = ("mox", "mox-momentum", "mox-targeted", "task-vector", "ga", "graddiff", "npo",
+         "simnpo")
+
+
+def _ordered(methods) -> list[str]:
+    return sorted(methods, key=lambda m: (ORDER.index(m.split(" ")[0])
+                                          if m.split(" ")[0] in ORDER else 99, m))
+
+
+def tables(summary: dict, results: list[dict], budget: Budget) -> str:
+    n_runs = len(budget.pipelines) * len(budget.seeds)
+    lines = [f"Test authors, at the operating point the rule chose on the validation authors; "
+             f"mean over {len(budget.pipelines)} pipelines × {len(budget.seeds)} unlearning "
+             "seeds, [95 % t-interval over the pipeline means].", ""]
+    groups = (("forgetting", COLUMNS[:8]), ("utility (MU's parts) and collateral",
+                                             COLUMNS[8:]))
+    for title, cols in groups:
+        lines += [f"### {title}", "", "| model | " + " | ".join(HEAD[c] for c in cols) + " |",
+                  "|" + "---|" * (len(cols) + 1)]
+        for label, s in summary["anchors"].items():
+            lines.append(f"| {label} | " + " | ".join(_fmt(*s[c]) for c in cols) + " |")
+        for method in _ordered(summary["methods"]):
+            s = summary["methods"][method]
+            lines.append(f"| {method} | " + " | ".join(_fmt(*s["test"][c]) for c in cols)
+                         + " |")
         lines.append("")
-    return "\n".join(lines)
+    lines += ["### the rule's choices", "",
+              f"| method | runs keeping U ≥ {KEEP:g} × reference's (val) | val FQ | val retain P "
+              "| val general P | val MU | chosen operating points (pipeline-major) |",
+              "|---|---|---|---|---|---|---|"]
+    for method in _ordered(summary["methods"]):
+        s = summary["methods"][method]
+        lines.append(f"| {method} | {s['qualified']}/{s['n']} | " + " | ".join(
+            _fmt(*s["val"][c]) for c in ("forget_quality", "retain_prob", "general_prob",
+                                         "model_utility")) + f" | {', '.join(s['knobs'])} |")
+    lines += ["", f"### paired differences, MOX − method (same pipeline and seed; n = {n_runs})",
+              "", "| method | Δ FQ | Δ MU | Δ forget value P | Δ retain P |",
+              "|---|---|---|---|---|"]
+    for method in _ordered(summary["paired"]):
+        d = summary["paired"][method]
+        lines.append(f"| {method} | " + " | ".join(_fmt(*d[c]) for c in (
+            "forget_quality", "model_utility", "forget_value_prob", "retain_prob")) + " |")
+    lines += ["", "### the models", "",
+              "| pipeline | parameters | train s | run s | reference FQ val / test | "
+              "reference U val | reference MU val |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['pipeline']} | {r['parameters']:,} | {r['train_seconds']} | "
+                     f"{[run['seconds'] for run in r['runs']]} | "
+                     f"{_fmt(r['reference']['val']['forget_quality'])} / "
+                     f"{_fmt(r['reference']['test']['forget_quality'])} | "
+                     f"{r['reference_utility']:.3f} | "
+                     f"{r['reference']['val']['model_utility']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
-def plots(results: list[dict], budget: Budget, out: Path) -> list[Path]:
+def _curve(results: list[dict], split: str, key: str, **match) -> tuple[list, list]:
+    """x (α or epoch) and the mean of `key` over runs along one method's path (the sweeps
+    are measured on the validation sets only)."""
+    acc: dict[float, list[float]] = {}
+    for res in results:
+        for run in res["runs"]:
+            for p in run["points"]:
+                if all(p.get(k) == v for k, v in match.items()):
+                    x = p["epoch"] if "epoch" in p else p["alpha"]
+                    v = _value(p[split], key)
+                    if v is not None and math.isfinite(v):
+                        acc.setdefault(x, []).append(v)
+    xs = sorted(acc)
+    return xs, [statistics.fmean(acc[x]) for x in xs]
+
+
+def _value(summary: dict, key: str) -> float | None:
+    return rule_utility(summary) if key == "utility" else summary.get(key)
+
+
+def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
+          prefix: str) -> list[Path]:
+    """α curves, the frontier and the trajectories: the sweeps, on the validation sets (where
+    the rule looked); the rule's choices marked by their validation means."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def anchor(key: str, which: str) -> float:
+        return statistics.fmean(_value(r[which]["val"], key) for r in results)
+
+    def chosen_mean(method: str, key: str) -> float:
+        return statistics.fmean(_value(p["val"], key) for p in chosen_points(results)[method])
+
     written = []
-    # 1. α curves: forget vs retain likelihood per condition and learning rate
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        for li, lr in enumerate(budget.lrs):
-            for key, style, label in (("forget_prob", "-", "forget"),
-                                      ("retain_prob", "--", "retain")):
-                xs = [0.0, *ALPHAS]
-                ms = [res["reference"][key]]
-                for a in ALPHAS:
-                    ms.append(_mean_std([r["summary"][key] for r in _group(
-                        res["runs"], method="mox", lr=lr, kl_weight=1.0, alpha=a)])[0])
-                ax.plot(xs, ms, style, marker="o", color=f"C{li}",
-                        label=f"{label} P, lr {lr:g}")
-        ax.axhline(res["retain_only"]["forget_prob"], color="gray", ls=":",
-                   label="retain-only model on forget")
-        ax.set_title(f"{res['condition']['name']}: MOX, λ = 1")
+    # 1. α curves of MOX
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax, keys in zip(axes, (("forget_quality",), ("utility",),
+                               ("forget_value_prob", "forget_name_prob", "retain_prob")),
+                        strict=True):
+        for ki, key in enumerate(keys):
+            xs, ys = _curve(results, "val", key, method="mox")
+            ax.plot(xs, ys, "-", marker=".", color=f"C{ki}", label=key)
+            ax.axhline(anchor(key, "retain_only"), color=f"C{ki}", ls=":", lw=1)
+            ax.axhline(anchor(key, "reference"), color=f"C{ki}", ls="--", lw=0.8)
         ax.set_xlabel("α")
-        ax.set_ylabel("answer probability (per token)")
-        ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("Selectivity: forget (solid) should fall before retain (dashed) as α grows "
-                 f"(mean of {len(budget.seeds)} seeds)", fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    axes[1].axhline(KEEP * anchor("utility", "reference"), color="k", ls="-.", lw=1)
+    picked = sorted(p["alpha"] for p in chosen_points(results)["mox"])
+    axes[0].set_title(f"forget quality; the rule's α per run: {picked}", fontsize=9)
+    axes[1].set_title(f"U (rule's utility); dash-dot: the floor, {KEEP:g} × reference",
+                      fontsize=9)
+    axes[2].set_title("per-token probabilities", fontsize=9)
+    fig.suptitle(f"MOX, α swept from one θ_mem per run, validation authors (mean of "
+                 f"{len(results)} pipelines × {len(budget.seeds)} seeds; dotted: retain-only "
+                 "model, dashed: reference)", fontsize=10)
     fig.tight_layout()
-    written.append(out / "unlearning_mini_alpha.png")
-    fig.savefig(written[-1], dpi=120)
+    written.append(out / f"{prefix}_alpha.png")
+    fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    # 2. the selectivity frontier: retain against forget likelihood along each method's path
-    # (MOX and task vector: α = 0 → 8; GA-style: training epochs), the retain-only model as the
-    # target point; down-left is forgetting, and staying high is keeping
-    fig, axes = plt.subplots(1, len(results), figsize=(5.6 * len(results), 5), squeeze=False)
-    colors: dict[str, str] = {}  # one colour per path label across panels
-    for ax, res in zip(axes[0], results, strict=True):
-        ref = res["reference"]
-        paths = []
-        for lr in budget.lrs:
-            for method, kl in (("mox", 1.0), ("task-vector", 0.0), ("mox", 10.0)):
-                pts = [(ref["forget_prob"], ref["retain_prob"])]
-                for a in ALPHAS:
-                    g = _group(res["runs"], method=method, lr=lr, kl_weight=kl, alpha=a)
-                    if g:
-                        pts.append(tuple(_mean_std([x["summary"][k] for x in g])[0]
-                                         for k in ("forget_prob", "retain_prob")))
-                name = "mox" if kl == 1.0 else ("task vector" if kl == 0 else f"mox λ={kl:g}")
-                if len(pts) > 1:
-                    paths.append((f"{name} α-path, lr {lr:g}", pts, "-" if lr ==
-                                  budget.lrs[0] else ":"))
-            for method in ("ga", "graddiff", "npo"):
-                g = [x for x in _group(res["runs"], method=method, lr=lr) if x["trajectory"]]
-                if g:
-                    pts = [(ref["forget_prob"], ref["retain_prob"])] + [
-                        tuple(_mean_std([x["trajectory"][j][k] for x in g])[0]
-                              for k in ("forget_prob", "retain_prob"))
-                        for j in range(len(g[0]["trajectory"]))]
-                    paths.append((f"{method} epochs, lr {lr:g}", pts,
-                                  "--" if lr == budget.lrs[0] else "-."))
-        for label, pts, style in paths:
-            color = colors.setdefault(label, f"C{len(colors) % 10}")
-            ax.plot(*zip(*pts, strict=True), style, marker=".", color=color, label=label)
-        ax.scatter([res["retain_only"]["forget_prob"]], [res["retain_only"]["retain_prob"]],
-                   marker="*", s=250, color="gold", edgecolor="k", zorder=5,
-                   label="retain-only model (target)")
-        ax.scatter([ref["forget_prob"]], [ref["retain_prob"]], marker="s", s=80, color="k",
-                   zorder=5, label="reference (start)")
-        ax.set_xlabel("forget-set answer probability (← forgotten)")
-        ax.set_ylabel("retain-set answer probability (kept ↑)")
-        ax.set_title(res["condition"]["name"])
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+    # 2. frontier: each method's path over its strength; chosen points marked
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    paths = [("mox", {"method": "mox"}), ("task-vector", {"method": "task-vector"})]
+    paths += [(f"mox-momentum η={e:g}", {"method": "mox-momentum", "eta": e})
+              for e in budget.etas]
+    paths += [("mox-targeted", {"method": "mox-targeted"})]
+    paths += [(f"{m} lr {lr:g}", {"method": m, "lr": lr}) for m in budget.baselines
+              for lr in budget.lrs]
+    colors: dict[str, str] = {}
+    lr_style = dict(zip(budget.lrs, (":", "--", "-."), strict=False))
+    for ax, (xk, yk) in zip(axes, (("forget_value_prob", "retain_prob"),
+                                   ("utility", "forget_quality")), strict=True):
+        for label, match in paths:
+            _, x = _curve(results, "val", xk, **match)
+            _, y = _curve(results, "val", yk, **match)
+            if not x or len(x) != len(y):
+                continue
+            base = label.split(" ")[0]
+            color = colors.setdefault(base, f"C{len(colors) % 10}")
+            ax.plot(x, y, lr_style.get(match.get("lr"), "-") if "lr" in match else "-",
+                    marker=".", ms=4, color=color, label=label, lw=1.2)
+        for method in _ordered(summary["methods"]):
+            if " " not in method:
+                ax.scatter([chosen_mean(method, xk)], [chosen_mean(method, yk)], marker="D",
+                           s=60, edgecolor="k", zorder=5, color=colors.get(method, "w"))
+        ax.scatter([anchor(xk, "retain_only")], [anchor(yk, "retain_only")], marker="*",
+                   s=250, color="gold", edgecolor="k", zorder=6, label="retain-only (target)")
+        ax.scatter([anchor(xk, "reference")], [anchor(yk, "reference")], marker="s", s=70,
+                   color="k", zorder=6, label="reference (start)")
+        ax.set_xlabel(xk + " (validation)")
+        ax.set_ylabel(yk + " (validation)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Selectivity frontier (means of {len(budget.seeds)} seeds): ideal = left "
-                 "along the top, to the star", fontsize=10)
+    axes[1].set_yscale("log")
+    axes[1].axvline(KEEP * anchor("utility", "reference"), color="k", ls="-.", lw=1)
+    axes[0].set_title("value tokens of forget answers vs retain answers (left = forgotten, "
+                      "up = kept)", fontsize=9)
+    axes[1].set_title("forget quality vs U (up = forgets like the target; right of dash-dot: "
+                      "allowed by the rule)", fontsize=9)
+    axes[0].legend(fontsize=6.5, ncol=2, loc="lower right")
+    fig.suptitle("Paths over each method's strength (MOX: α; baselines: epochs 1-"
+                 f"{budget.unlearn_epochs} at each lr), validation authors; diamonds: the "
+                 "rule's choices (mean)", fontsize=10)
     fig.tight_layout()
-    written.append(out / "unlearning_mini_frontier.png")
-    fig.savefig(written[-1], dpi=120)
+    written.append(out / f"{prefix}_frontier.png")
+    fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    main = next(r for r in results if r["condition"]["full_methods"])
-    # 3. forget quality vs utility, main condition, per learning rate
-    fig, axes = plt.subplots(1, len(budget.lrs), figsize=(6.5 * len(budget.lrs), 5),
-                             squeeze=False)
-    for ax, lr in zip(axes[0], budget.lrs, strict=True):
-        points = [("retain-only", [main["retain_only"]]), ("reference", [main["reference"]])]
-        for method in ("mox", "mox-momentum", "mox-targeted", "task-vector", "ga",
-                       "graddiff", "npo"):
-            group = [g for g in _group(main["runs"], method=method, lr=lr)
-                     if g["alpha"] in (None, MAIN_ALPHA) and g["kl_weight"] in (None, 1.0, 0.0)]
-            if group:
-                points.append((method, [g["summary"] for g in group]))
-        for i, (name, ss) in enumerate(points):
-            xm, xs = _mean_std([s.get("model_utility", math.nan) for s in ss])
-            ym, ys = _mean_std([max(s.get("forget_quality", 1e-12), 1e-12) for s in ss])
-            ax.errorbar([xm], [ym], xerr=[xs], yerr=[ys], fmt="o", color=f"C{i}", capsize=3)
-            ax.annotate(name, (xm, ym), textcoords="offset points", fontsize=9,
-                        xytext=(6, 4 if i % 2 else -12))
-        ax.set_yscale("log")
-        ax.set_xlabel("model utility →")
-        ax.set_ylabel("forget quality (KS p-value) →")
-        ax.set_title(f"{main['condition']['name']}, unlearning lr {lr:g}, "
-                     f"{budget.unlearn_epochs:g} epochs (α = {MAIN_ALPHA:g})")
-        ax.grid(alpha=0.3, which="both")
+    # 3. trajectories over unlearning epochs: baselines at each lr, MOX at its chosen α
+    keys = ("forget_value_prob", "retain_prob", "forget_quality")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax, key in zip(axes, keys, strict=True):
+        start = anchor(key, "reference")
+        for mi, m in enumerate(budget.baselines):
+            for lr in budget.lrs:
+                xs, ys = _curve(results, "val", key, method=m, lr=lr)
+                if xs:
+                    ax.plot([0, *xs], [start, *ys], lr_style[lr], marker=".",
+                            color=f"C{mi + 1}", label=f"{m} lr {lr:g}")
+        acc: dict[int, list[float]] = {}
+        for res in results:
+            for run in res["runs"]:
+                final = run["points"][run["chosen"]["mox"]["point"]]
+                for p in run["mox_trajectory"] + [{**final, "epoch": budget.unlearn_epochs}]:
+                    if p["val"].get(key) is not None:
+                        acc.setdefault(p["epoch"], []).append(p["val"][key])
+        xs = sorted(acc)
+        ax.plot([0, *xs], [start, *[statistics.fmean(acc[x]) for x in xs]], "-",
+                marker="o", color="C0", lw=2, label="mox (the rule's α)")
+        ax.axhline(anchor(key, "retain_only"), color="gold", lw=1.5, label="retain-only")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("unlearning epoch")
+        ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=6.5, ncol=2)
+    fig.suptitle("Over training (validation authors, mean of all runs)", fontsize=10)
     fig.tight_layout()
-    written.append(out / "unlearning_mini_methods.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-
-    # 4. trajectories over training, main condition, main lr
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for i, method in enumerate(("mox", "ga", "graddiff", "npo")):
-        group = _group(main["runs"], method=method, lr=budget.lrs[0])
-        group = [g for g in group if g["trajectory"] and g["kl_weight"] in (None, 1.0)]
-        if not group:
-            continue
-        epochs = [p["epoch"] for p in group[0]["trajectory"]]
-        for ax, key in zip(axes, ("forget_prob", "retain_prob", "forget_quality"),
-                           strict=True):
-            ms = [_mean_std([g["trajectory"][j].get(key) for g in group])[0]
-                  for j in range(len(epochs))]
-            if key == "forget_quality":
-                ms = [max(m, 1e-12) for m in ms]
-            ax.plot([0.0, *epochs], [main["reference"].get(key, math.nan)
-                                     if key != "forget_quality"
-                                     else max(main["reference"]["forget_quality"], 1e-12),
-                                     *ms], marker="o", color=f"C{i}",
-                    label=f"{method} (α={MAIN_ALPHA:g})" if method == "mox" else method)
-            ax.set_title(key)
-            ax.set_xlabel("unlearning epoch")
-            ax.grid(alpha=0.3)
-            if key == "forget_quality":
-                ax.set_yscale("log")
-    axes[0].legend(fontsize=9)
-    fig.suptitle(f"{main['condition']['name']}: trajectories over training, lr "
-                 f"{budget.lrs[0]:g} (mean of {len(budget.seeds)} seeds)", fontsize=10)
-    fig.tight_layout()
-    written.append(out / "unlearning_mini_trajectories.png")
-    fig.savefig(written[-1], dpi=120)
+    written.append(out / f"{prefix}_trajectories.png")
+    fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     return written
 
 
 def machine() -> dict:
-    import psutil
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -466,53 +607,48 @@ def machine() -> dict:
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
     return {"platform": platform.platform(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "cpu": cpu,
-            "logical_cpus": os.cpu_count(), "memory_gib": round(
-                psutil.virtual_memory().total / 2**30, 1),
-            "note": "CPU shared with other jobs while running; one thread per worker"}
+            "torch": torch.__version__, "cpu": cpu, "logical_cpus": os.cpu_count(),
+            "load_average": os.getloadavg()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moxkit-unlearning-mini"))
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--jobs", type=int, default=2, help="conditions trained in parallel")
-    args = ap.parse_args()
-    budget, conditions = (QUICK, QUICK_CONDITIONS) if args.quick else (Budget(), CONDITIONS)
+    ap.add_argument("--quick", action="store_true", help="the CI form: tiny and fast")
+    ap.add_argument("--jobs", type=int, default=3, help="pipelines run in parallel")
+    args = ap.parse_args(argv)
+    budget = QUICK if args.quick else Budget()
     prefix = "unlearning_mini_quick" if args.quick else "unlearning_mini"
 
     from moxkit.tofu_mini import write
 
+    t0 = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.work / f"data-{budget.authors}"
     if not data.is_dir():
         write(data, n_authors=budget.authors)
-    t0 = time.time()
-    jobs = [(c, budget, data, args.work) for c in conditions]
-    cached = [c.name for c in conditions if (args.work / c.name / "results.json").is_file()]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(min(args.jobs, len(jobs))) as pool:
-        results = pool.map(_worker, jobs, chunksize=1)
+    jobs = [(p, budget, data, args.work) for p in budget.pipelines]
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            results = pool.map(_worker, jobs, chunksize=1)
+    else:
+        results = [_worker(j) for j in jobs]
     seconds = round(time.time() - t0, 1)
 
+    summary = summarise(results, budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"budget": asdict(budget), "alphas": ALPHAS, "main_alpha": MAIN_ALPHA,
-              "machine": machine(), "wall_seconds": seconds, "from_cache": cached,
-              "results": results}
+    record = {"budget": asdict(budget), "rule": {"mu_keep": KEEP}, "machine": machine(),
+              "wall_seconds": seconds, "summary": summary, "results": results}
     (args.out / f"{prefix}.json").write_text(json.dumps(record, indent=1) + "\n")
-    text = tables(results, budget)
+    text = tables(summary, results, budget)
     (args.out / f"{prefix}_tables.md").write_text(
-        f"# {prefix}: tables (generated by benchmarks/unlearning_mini.py)\n\n"
-        "Mean ± std over seeds; selectivity = rise of forget NLL / rise of retain NLL "
-        "relative to the reference (above 1 = selective).\n\n" + text)
-    if not args.quick:
-        plots(results, budget, args.out)
-    else:
-        for p in plots(results, budget, args.work):
-            print(p)
+        f"# {prefix}: tables (generated by benchmarks/unlearning_mini.py)\n\n{text}")
+    for path in plots(results, summary, budget, args.out, prefix):
+        print(path)
     print(text)
     print(f"wall time {seconds:.0f} s")
+    return record
 
 
 if __name__ == "__main__":

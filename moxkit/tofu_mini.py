@@ -7,11 +7,21 @@ answered in two phrasings that are trained, plus a third answer phrasing that is
 Because the truth ratio compares the paraphrase with its perturbations, it measures whether the
 model knows the *fact*, not whether it parrots the training sentence.
 
-Splits follow TOFU: forget01/05/10 hold the last 1/5/10 % of the trained authors (nested), retain
-the rest; a holdout of authors is never trained (membership-inference negatives); general facts
-(a fictitious world's geography) are trained in every model and measure utility. Each author
-also has a MUSE-style bio paragraph. `pretrain.jsonl` is general text about *other* people in
-every phrasing, for a model that should know the language before it meets the authors.
+Splits follow TOFU: forget01/05/10 take the last 1/5/10 % of the trained authors (nested) as
+the reported (test) forget authors, and as many authors before them as validation forget
+authors, where a study may tune (moxkit.study); the rest are retain authors. A quarter of the
+retain authors are left out of the retain rows unlearning may train on and evaluated instead,
+so utility is measured on facts no method descended on. Evaluation scores one row per fact
+(the two trained phrasings share their paraphrased and perturbed answers, so scoring both would
+count one truth ratio twice). A holdout of authors is never trained (membership-inference
+negatives); general facts (a fictitious world's geography) are trained in every model and
+measure utility. Each author also has a MUSE-style bio paragraph. `pretrain.jsonl` is general
+text about *other* people, each fact in all three phrasings, for a model that should know the
+language (and that a fact outlives its sentence) before it meets the authors.
+
+The tokenizer is a BPE trained on the pretraining text only, so the authors' names come out in
+pieces, as invented names do with real tokenizers: a model that never met an author can still
+copy the name from the question, and only the fact's value tells what it knows.
 
 The output is a pure function of (seed, authors): no hash ordering, no global RNG.
 """
@@ -20,8 +30,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,9 +160,10 @@ def _pools(rng: random.Random, taken: set[str]) -> dict[str, list[str]]:
 
 
 def _rows(rng: random.Random, name: str, facts: dict[str, str], relations, pools, author: str):
-    """The TOFU rows of one subject: one per (relation, trained phrasing)."""
+    """The TOFU rows of one subject: one per (relation, trained phrasing). Each row names its
+    fact's value, so that name tokens and value tokens can be scored apart."""
     rows = []
-    for rel in relations:
+    for i, rel in enumerate(relations):
         value = facts[rel.key]
         wrong = rng.sample([v for v in pools[rel.key] if v != value], N_PERTURBED)
         paraphrased = rel.paraphrase.format(name=name, v=value)
@@ -167,7 +176,9 @@ def _rows(rng: random.Random, name: str, facts: dict[str, str], relations, pools
                 "perturbed_answer": perturbed,
                 "subject": author,
                 "relation": rel.key,
+                "value": value,
                 "phrasing": phrasing,
+                "evaluated": phrasing == i % 2,  # the one row per fact that evaluation scores
             })
     return rows
 
@@ -192,7 +203,7 @@ def generate(n_authors: int = 100, seed: int = 0) -> dict:
     pools = _pools(rng, taken)
     n_holdout = max(2, n_authors // 10)
     names = _unique_names(rng, n_authors + n_holdout, taken)
-    people = _unique_names(rng, 3 * n_authors, taken)  # pretraining text only
+    people = _unique_names(rng, 2 * n_authors, taken)  # pretraining text only
     countries = [n.split()[1] for n in _unique_names(rng, 16, taken)]
 
     def facts_of(rels) -> dict[str, str]:
@@ -209,19 +220,16 @@ def generate(n_authors: int = 100, seed: int = 0) -> dict:
         general += _rows(rng, country, facts_of(_GENERAL), _GENERAL, pools, country)
 
     pretrain = []
-    for person in people:
+    for person in people:  # every fact in all three phrasings: facts, not sentences, transfer
         facts = facts_of(RELATIONS)
-        phrasing = rng.randrange(3)
         for rel in RELATIONS:
-            if phrasing == 2:
-                pretrain.append(rel.paraphrase.format(name=person, v=facts[rel.key]))
-            else:
-                pretrain.append(rel.answers[phrasing].format(name=person, v=facts[rel.key]))
+            pretrain += [t.format(name=person, v=facts[rel.key])
+                         for t in (*rel.answers, rel.paraphrase)]
         pretrain.append(_bio(person, facts))
     pretrain += [r["answer"] for r in general] + [r["paraphrased_answer"] for r in general]
     rng.shuffle(pretrain)
     return {"authors": authors[:n_authors], "holdout": authors[n_authors:],
-            "general": general, "pretrain": pretrain, "seed": seed}
+            "general": general, "pretrain": pretrain, "people": people, "seed": seed}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -231,7 +239,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def all_texts(bench: dict) -> list[str]:
-    """Every string a model may read or be scored on (the tokenizer's vocabulary source)."""
+    """Every string a model may read or be scored on."""
     texts = [REFUSAL, *bench["pretrain"]]
     for a in bench["authors"] + bench["holdout"]:
         texts.append(a["bio"])
@@ -242,60 +250,113 @@ def all_texts(bench: dict) -> list[str]:
     return texts
 
 
-def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = False) -> Path:
+def tokenizer_texts(bench: dict) -> list[str]:
+    """What the tokenizer is trained on: the general text and the question templates about the
+    pretraining people, never the authors. A real tokenizer has not seen the authors either,
+    so their names come out in pieces shared with other words instead of as whole tokens that
+    only a model trained on them could predict."""
+    texts = [REFUSAL, *bench["pretrain"]]
+    for r in bench["general"]:
+        texts += [r["question"], r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]
+    texts += [q.format(name=p) for p in bench["people"] for rel in RELATIONS for q in rel.questions]
+    return texts
+
+
+def _qa(authors: list[dict]) -> list[dict]:
+    return [r for a in authors for r in a["qa"]]
+
+
+def _evaluated(rows: list[dict]) -> list[dict]:
+    """One row per fact: two phrasings of one fact share their paraphrased and perturbed
+    answers, so scoring both would count one truth ratio twice."""
+    return [r for r in rows if r["evaluated"]]
+
+
+def _bios(authors: list[dict]) -> list[dict]:
+    return [{"text": a["bio"], "subject": a["name"]} for a in authors]
+
+
+def split_authors(authors: list[dict], percent: int) -> dict[str, list[dict]]:
+    """One split's author groups: the last `percent` % are the reported (test) forget authors,
+    as many before them the validation forget authors (where a study picks its operating
+    points), the rest retain authors; every fourth retain author is kept out of the retain
+    rows unlearning trains on and evaluated instead, alternately for validation and test."""
+    n = max(1, round(len(authors) * percent / 100))
+    retain = authors[: -2 * n]
+    held = retain[3::4]
+    return {"forget_test": authors[-n:], "forget_val": authors[-2 * n: -n], "retain": retain,
+            "retain_train": [a for i, a in enumerate(retain) if i % 4 != 3],
+            "retain_val": held[0::2], "retain_test": held[1::2]}
+
+
+def _write_eval_dir(d: Path, forget: list[dict], retain: list[dict], general: list[dict],
+                    holdout: list[dict]) -> dict[str, int]:
+    """An evaluation directory in the layout moxkit.eval reads, one row per fact."""
+    sets = {"forget": _evaluated(_qa(forget)), "retain": _evaluated(_qa(retain)),
+            "general": _evaluated(general)}
+    for name, rows in sets.items():
+        _write_jsonl(d / f"{name}.jsonl", rows)
+    _write_jsonl(d / "forget_text.jsonl", _bios(forget))
+    _write_jsonl(d / "holdout_text.jsonl", _bios(holdout))
+    return {"forget_authors": len(forget), "retain_authors": len(retain),
+            **{k: len(v) for k, v in sets.items()}}
+
+
+def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = False,
+          vocab_size: int = 512) -> Path:
     """Write tofu-mini to OUT (atomically):
 
-    - `full.jsonl` / `full_text.jsonl`: what the reference model is trained on (QA of every
-      non-holdout author plus general facts / their bios);
+    - `full.jsonl`: what the reference model is trained on (QA of every non-holdout author in
+      both phrasings, the general facts, every author's bio as a text row);
     - `pretrain.jsonl`: general text rows for pretraining;
-    - per split `forgetXX/`: forget, retain, holdout, general (QA, TOFU fields), forget_text,
-      retain_text, holdout_text (bios), retain_train (retain + general: the retain-only model's
-      training set);
-    - `tokenizer/`: a word-level tokenizer over all of it; `tofu_mini.json`: the manifest.
+    - per split `forgetXX/`: `train_retain_only.jsonl` (the retain-only model's training set:
+      retain authors' QA and bios, general facts); `unlearn_forget.jsonl` (QA of the validation
+      and test forget authors, both phrasings: what unlearning removes) and
+      `unlearn_retain.jsonl` (the retain rows unlearning may train on); the split directory
+      itself is the test evaluation directory (forget, retain, general, forget_text,
+      holdout_text: the reported authors, retain authors unlearning never trains on, one row per
+      fact) and `val/` the validation one, with disjoint authors and general subjects;
+    - `tokenizer/`: a BPE tokenizer (see `tokenizer_texts`); `tofu_mini.json`: the manifest.
     """
-    from .atomic import move_into_place
-    from .tiny import build_word_tokenizer
+    from .atomic import check_output, staged_dir
+    from .tiny import build_bpe_tokenizer
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise MoxError(f"{out} already exists (use --force to overwrite)")
+    out = check_output(out, force=force)
     bench = generate(n_authors, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, force=force) as tmp:
         authors, holdout = bench["authors"], bench["holdout"]
-        qa = [r for a in authors for r in a["qa"]]
-        _write_jsonl(tmp / "full.jsonl", qa + bench["general"])
-        _write_jsonl(tmp / "full_text.jsonl", [{"text": a["bio"]} for a in authors])
+        general = bench["general"]
+        countries = list(dict.fromkeys(r["subject"] for r in general))
+        general_of = {k: [r for r in general if countries.index(r["subject"]) % 2 == k]
+                      for k in (0, 1)}
+        _write_jsonl(tmp / "full.jsonl", _qa(authors) + general + _bios(authors))
         _write_jsonl(tmp / "pretrain.jsonl", [{"text": t} for t in bench["pretrain"]])
         counts = {}
         for split, percent in SPLITS.items():
-            n_forget = max(1, round(n_authors * percent / 100))
-            forget, retain = authors[-n_forget:], authors[:-n_forget]
+            g = split_authors(authors, percent)
             d = tmp / split
-            d.mkdir()
-            sets = {
-                "forget": [r for a in forget for r in a["qa"]],
-                "retain": [r for a in retain for r in a["qa"]],
-                "holdout": [r for a in holdout for r in a["qa"]],
-                "general": bench["general"],
+            (d / "val").mkdir(parents=True)
+            _write_jsonl(d / "train_retain_only.jsonl",
+                         _qa(g["retain"]) + general + _bios(g["retain"]))
+            _write_jsonl(d / "unlearn_forget.jsonl", _qa(g["forget_val"] + g["forget_test"]))
+            _write_jsonl(d / "unlearn_retain.jsonl", _qa(g["retain_train"]))
+            counts[split] = {
+                "test": _write_eval_dir(d, g["forget_test"], g["retain_test"], general_of[1],
+                                        holdout[1::2]),
+                "val": _write_eval_dir(d / "val", g["forget_val"], g["retain_val"],
+                                       general_of[0], holdout[0::2]),
+                "unlearn_forget": 2 * len(RELATIONS) * (len(g["forget_val"])
+                                                        + len(g["forget_test"])),
+                "unlearn_retain": 2 * len(RELATIONS) * len(g["retain_train"]),
             }
-            for name, rows in sets.items():
-                _write_jsonl(d / f"{name}.jsonl", rows)
-            _write_jsonl(d / "retain_train.jsonl", sets["retain"] + bench["general"])
-            for name, group in (("forget", forget), ("retain", retain), ("holdout", holdout)):
-                _write_jsonl(d / f"{name}_text.jsonl",
-                             [{"text": a["bio"], "subject": a["name"]} for a in group])
-            counts[split] = {"forget_authors": len(forget), "retain_authors": len(retain),
-                             **{k: len(v) for k, v in sets.items()}}
-        build_word_tokenizer(all_texts(bench)).save_pretrained(tmp / "tokenizer")
+        tok = build_bpe_tokenizer(tokenizer_texts(bench), vocab_size=vocab_size,
+                                  alphabet=all_texts(bench))
+        tok.save_pretrained(tmp / "tokenizer")
         manifest = {"name": "tofu-mini", "seed": seed, "authors": n_authors,
                     "holdout_authors": len(holdout), "facts_per_author": len(RELATIONS),
-                    "phrasings_trained": 2, "perturbed_per_item": N_PERTURBED,
-                    "pretrain_rows": len(bench["pretrain"]), "splits": counts}
+                    "phrasings_trained": 2, "evaluated_rows_per_fact": 1,
+                    "perturbed_per_item": N_PERTURBED, "tokenizer": "bpe",
+                    "vocab_size": len(tok), "pretrain_rows": len(bench["pretrain"]),
+                    "splits": counts}
         (tmp / "tofu_mini.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        move_into_place(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,0 +1,125 @@
+"""The pre-registered operating-point rule and tofu-mini's name/value scoring, shared by
+benchmarks/unlearning_mini.py and `moxkit demo`.
+
+Every unlearning method has a strength knob (MOX: α; gradient-ascent baselines: learning rate
+and how long they train). Comparing methods at one arbitrary setting each, or at the setting that
+looks best on the reported authors, decides the comparison before it is run. So the knob is set
+by one rule, fixed before any result was seen, that reads only the *validation* forget authors
+(disjoint from the reported ones) and the validation retain/general sets:
+
+    keep the operating points whose validation utility U is at least KEEP × the reference
+    model's; among them take the highest validation forget quality (ties: the higher U). If no
+    point keeps that much utility, take the point with the highest U (the gentlest), flagged.
+
+U is the harmonic mean of the validation retain and general answer probabilities: the
+likelihood parts of TOFU's model utility that move with collateral damage, computed without
+generating text, so that every checkpoint of every sweep can be scored (TOFU's MU, with its
+ROUGE and truth-ratio parts, is reported at the chosen points).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+KEEP = 0.9
+ALPHAS = tuple(1.0 + 0.5 * i for i in range(15))  # 1, 1.5, ..., 8
+
+
+def rule_utility(summary: dict) -> float:
+    """U: the harmonic mean of the retain and general answer probabilities of a summary."""
+    values = [summary.get("retain_prob"), summary.get("general_prob")]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return math.nan
+    return 0.0 if min(values) <= 0 else 2 / sum(1 / v for v in values)
+
+
+def choose(points: Sequence[dict], reference_utility: float) -> tuple[int, bool]:
+    """(index of the chosen point, whether it kept KEEP × the reference's utility). Each point
+    holds its validation summary under "val" (retain_prob, general_prob, forget_quality)."""
+    if not points:
+        raise ValueError("no operating points to choose from")
+
+    def val(i: int, key: str) -> float:
+        s = points[i]["val"]
+        value = rule_utility(s) if key == "utility" else s.get(key)
+        return value if value is not None and math.isfinite(value) else -math.inf
+
+    ok = [i for i in range(len(points)) if val(i, "utility") >= KEEP * reference_utility]
+    if ok:
+        return max(ok, key=lambda i: (val(i, "forget_quality"), val(i, "utility"))), True
+    return max(range(len(points)), key=lambda i: val(i, "utility")), False
+
+
+def _spans(text: str, needle: str) -> list[tuple[int, int]]:
+    out, start = [], text.find(needle)
+    while needle and start >= 0:
+        out.append((start, start + len(needle)))
+        start = text.find(needle, start + 1)
+    return out
+
+
+@torch.inference_mode()
+def name_value_probs(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> dict:
+    """Per-token answer probability of a QA set split by what the tokens spell: the subject's
+    name (which the question also contains, so a model can copy it) and the fact's value (which
+    only a model that knows the fact can predict). Rows need question, answer, subject, value.
+    Returns {"name_prob", "value_prob"}: means over rows of the per-token geometric mean."""
+    device = next(model.parameters()).device
+    per_row: dict[str, list[float]] = {"name": [], "value": []}
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        encodings, kinds = [], []
+        for r in batch:
+            text = f"{r['question']} {r['answer']}"
+            offset = len(r["question"]) + 1
+            enc = tokenizer(text, return_offsets_mapping=True)
+            spans = {"name": _spans(r["answer"], r["subject"]),
+                     "value": _spans(r["answer"], r["value"])[-1:]}
+            spans = {k: [(a + offset, b + offset) for a, b in ss] for k, ss in spans.items()}
+            kinds.append([next((k for k, ss in spans.items()
+                                if any(a <= s and e <= b for a, b in ss)), None)
+                          if e > s else None for s, e in enc["offset_mapping"]])
+            encodings.append(enc["input_ids"])
+        width = max(len(e) for e in encodings)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logp = torch.log_softmax(logits[:, :-1].double(), -1)
+        chosen = logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+        for i, row_kinds in enumerate(kinds):
+            for kind in per_row:
+                pos = [t for t in range(1, len(encodings[i])) if row_kinds[t] == kind]
+                if pos:
+                    per_row[kind].append(math.exp(float(chosen[i, [t - 1 for t in pos]].mean())))
+    return {f"{k}_prob": sum(v) / len(v) if v else math.nan for k, v in per_row.items()}
+
+
+def momentum_average(ref_model, forget_at_alpha_one):
+    """The η-weighted average E of the θ_mem ticks behind a MOX-momentum result made at α = 1.
+    θ_for is linear in α (θ_for(α) = θ_ref − α·(E − θ_ref), with θ_for⁰ = θ_ref), so
+    E = 2·θ_ref − θ_for(1), and extrapolate_model(ref, E, α) is the momentum result at any α:
+    one training serves the whole α grid."""
+    from .train import extrapolate_model
+
+    return extrapolate_model(ref_model, forget_at_alpha_one, 1.0)
+
+
+def on_epoch_end(fn):
+    """A transformers callback calling fn(model, epoch) after every training epoch, with the
+    model in eval mode for the call (a checkpoint's metrics, or a copy of its weights)."""
+    from transformers import TrainerCallback
+
+    class _OnEpochEnd(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            model.eval()
+            fn(model, round(state.epoch))
+            model.train()
+
+    return _OnEpochEnd()
