@@ -58,7 +58,7 @@ MAX_HEADER_BYTES = 100_000_000  # exactly the limit safetensors enforces (not 10
 MAX_OPEN_FILES = 64  # input descriptors a FileReader keeps open at once
 # resident bytes per header byte while a header is parsed: measured on a 92 MB header of
 # 1.3 M tensors (benchmarks/header_validation.py); checked before reading a header
-HEADER_PARSE_FACTOR = 4
+HEADER_PARSE_FACTOR = 6
 BUDGET_CHECK_EVERY = 1 << 16  # header entries between two looks at the resident size
 _U64 = 2**64
 
@@ -187,12 +187,13 @@ def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) 
         raise MoxError(f"{index}: index has no 'weight_map' object")
     shard_files: dict[str, ModelFile] = {}
     for name, shard in weight_map.items():
-        if shard in shard_files:
+        if type(shard) is str and shard in shard_files:
             continue
         check_file_name(shard, f"{index}: tensor {name!r} maps to")
         if not os.path.lexists(folder / shard):
             raise MoxError(f"{index}: shard {shown(shard)} is missing")
         shard_files[shard] = member(folder, shard, root)
+    _warn_unnamed_shards(folder, shard_files)
     headers: dict[str, dict[str, TensorInfo]] = {}
     metadata: dict[str, str] = {}
     for shard, file in shard_files.items():
@@ -217,6 +218,24 @@ def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) 
             raise MoxError(f"{shard_files[shard]}: tensor {name!r} named by the index is not in it")
         tensors[name] = info
     return Checkpoint(folder, tensors, [f.path for f in shard_files.values()], folder, metadata)
+
+
+def _warn_unnamed_shards(folder: Path, named: dict[str, ModelFile]) -> None:
+    """A .safetensors file the index never names is ignored, as transformers ignores it;
+    say so, since its tensors will not be in the output."""
+    try:
+        unnamed = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    except OSError:
+        return
+    unnamed = [n for n in unnamed if n not in named]
+    if unnamed:
+        log.warning(
+            "moxkit: warning: %s: %s not named by %s; ignored, as transformers ignores %s",
+            shown(folder),
+            ", ".join(shown(n) for n in unnamed[:3]) + (" ..." if len(unnamed) > 3 else ""),
+            INDEX_NAME,
+            "them" if len(unnamed) > 1 else "it",
+        )
 
 
 # ------------------------------------------------------------------------------ headers
@@ -317,11 +336,11 @@ class _HeaderParser:
         self.data_size = file.size - data_start
         self.pos = 0
         self.scan_value = json.JSONDecoder(object_pairs_hook=_entry_pairs).scan_once
-        self.shapes: dict[str, tuple[tuple[int, ...], int]] = {}  # canonical text -> (shape, numel)
         self.check_names = _ESCAPED_SURROGATE.search(text) is not None
 
     def run(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-        text, shapes = self.text, self.shapes
+        text, file, data_start, data_size = self.text, self.file, self.data_start, self.data_size
+        kinds: dict[tuple[str, str], tuple[str, tuple[int, ...], int]] = {}
         infos: list[TensorInfo] = []
         metadata: dict[str, str] | None = None
         countdown = BUDGET_CHECK_EVERY
@@ -332,8 +351,12 @@ class _HeaderParser:
             item = _CANONICAL_ITEM.match(text, pos)
             if item is not None and item[1] != "__metadata__":
                 name, dtype, shape_text, begin, end, comma = item.groups()
-                shape, numel = shapes.get(shape_text) or self._shape(shape_text, name)
-                infos.append(self._info(name, dtype, shape, numel, int(begin), int(end)))
+                kind = kinds.get((dtype, shape_text)) or self._kind(kinds, name, dtype, shape_text)
+                code, shape, nbytes = kind
+                begin, end = int(begin), int(end)
+                if end - begin != nbytes or end > data_size:
+                    self._info(name, code, shape, nbytes // DTYPE_SIZES[code], begin, end)
+                infos.append(TensorInfo(name, code, shape, file, data_start + begin, nbytes))
                 pos = item.end()
                 if not comma:
                     pos, done = self._after_item(pos)
@@ -383,10 +406,15 @@ class _HeaderParser:
         value, pos = self.scan_value(text, pos)
         return name, value, pos
 
-    def _shape(self, shape_text: str, name: str) -> tuple[tuple[int, ...], int]:
+    def _kind(
+        self, kinds: dict, name: str, dtype: str, shape_text: str
+    ) -> tuple[str, tuple[int, ...], int]:
+        """(dtype code, shape, bytes) of a canonical entry, validated once per distinct
+        dtype and shape and shared by every tensor that has them."""
         shape = tuple(int(d) for d in shape_text.split(",")) if shape_text else ()
-        known = self.shapes[shape_text] = (shape, _numel(shape, self.file, name))
-        return known
+        info = self._info(name, dtype, shape, _numel(shape, self.file, name), 0, None)
+        kind = kinds[dtype, shape_text] = (info.dtype, shape, info.nbytes)
+        return kind
 
     def _general(self, name: str, entry: object) -> TensorInfo:
         where = f"{self.file}: tensor {name!r}"
@@ -407,18 +435,20 @@ class _HeaderParser:
         return self._info(name, dtype, shape, _numel(shape, self.file, name), *offsets)
 
     def _info(
-        self, name: str, dtype: object, shape: tuple, numel: int, begin: int, end: int
+        self, name: str, dtype: object, shape: tuple, numel: int, begin: int, end: int | None
     ) -> TensorInfo:
         code = _DTYPE_CODES.get(dtype) if isinstance(dtype, str) else None
         if code is None:
             raise MoxError(f"{self.file}: tensor {name!r}: unknown dtype {dtype!r:.40}")
+        expected = numel * DTYPE_SIZES[code]
+        if expected >= _U64:
+            raise MoxError(f"{self.file}: tensor {name!r}: shape {list(shape)} is too large")
+        if end is None:  # dtype and shape only (a canonical entry's kind)
+            return TensorInfo(name, code, shape, self.file, 0, expected)
         if not 0 <= begin <= end < _U64:
             raise MoxError(
                 f"{self.file}: tensor {name!r}: data_offsets {[begin, end]} are not [begin, end]"
             )
-        expected = numel * DTYPE_SIZES[code]
-        if expected >= _U64:
-            raise MoxError(f"{self.file}: tensor {name!r}: shape {list(shape)} is too large")
         if end - begin != expected:
             raise MoxError(
                 f"{self.file}: tensor {name!r}: {end - begin} bytes for shape {list(shape)} "
@@ -432,6 +462,8 @@ class _HeaderParser:
         return TensorInfo(name, code, shape, self.file, self.data_start + begin, expected)
 
     def _metadata(self, value: object) -> dict[str, str]:
+        if value is None:  # safetensors reads null as no metadata
+            return {}
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
@@ -444,7 +476,8 @@ class _HeaderParser:
         """The tensors by name, sorted by offset; as in safetensors, they must tile the data
         exactly: no overlap, no gap, nothing after the last one, no name twice."""
         starts = np.fromiter((t.start for t in infos), dtype=np.int64, count=len(infos))
-        order = np.argsort(starts, kind="stable")
+        sizes = np.fromiter((t.nbytes for t in infos), dtype=np.int64, count=len(infos))
+        order = np.lexsort((sizes, starts))  # by start, an empty tensor before a full one
         tensors = {infos[i].name: infos[i] for i in order.tolist()}
         if len(tensors) != len(infos):
             seen: set[str] = set()
@@ -452,9 +485,7 @@ class _HeaderParser:
                 if t.name in seen:
                     raise MoxError(f"{self.file}: header names tensor {t.name!r} twice")
                 seen.add(t.name)
-        ends = starts[order] + np.fromiter(
-            (infos[i].nbytes for i in order), dtype=np.int64, count=len(infos)
-        )
+        ends = starts[order] + sizes[order]
         expected = np.concatenate(([self.data_start], ends[:-1])) if len(infos) else ends
         wrong = np.flatnonzero(starts[order] != expected)
         if len(wrong):
