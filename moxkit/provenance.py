@@ -56,9 +56,12 @@ def _text(path: Path) -> str:
     return text
 
 
-def carried_files(src: Path) -> list[ModelFile]:
+def carried_files(src: Path, budget: int | None = None) -> list[ModelFile]:
     """REF's model files that OUT carries over, checked (call before the work starts: a
-    file that breaks the trust rules is reported once, here, and left out)."""
+    file that breaks the trust rules is reported once, here, and left out). config.json
+    must be a JSON object within read_json's bounds (OUT's config may have to be rewritten,
+    and a model whose config does not parse does not load): MoxError now, not after the
+    weights are computed."""
     root = tree_root(src)
     carried = []
     for name in sorted(os.listdir(src)):
@@ -68,6 +71,9 @@ def carried_files(src: Path) -> list[ModelFile]:
             carried.append(member(src, name, root))
         except MoxError as exc:
             log.warning("moxkit: warning: not carried over: %s", exc)
+    for file in carried:
+        if file.name == "config.json":
+            read_json(file, "config", budget=budget)
     return carried
 
 

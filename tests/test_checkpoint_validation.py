@@ -204,6 +204,13 @@ def test_cli_one_line_errors_for_config_and_sizes(cli, tmp_path):
     result = cli(*args, "-o", tmp_path / "o1", "--dtype", "bf16")
     assert result.code == 1 and "config.json: config is not a JSON object" in result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o1").exists()
+    result = cli(*args, "-o", tmp_path / "o1")  # checked before the work, --dtype or not
+    assert result.code == 1 and "config is not a JSON object" in result.err
+    with open(tmp_path / "ref" / "config.json", "wb") as fh:  # sparse: 1 GB never written
+        fh.truncate(10**9)
+    result = cli(*args, "-o", tmp_path / "o1", "--dtype", "bf16", "--max-memory", "300MiB")
+    assert result.code == 1 and "config is 1,000,000,000 bytes" in result.err
+    assert not (tmp_path / "o1").exists()
     result = cli(*args, "-o", tmp_path / "o2", "--max-memory", "1e400")
     assert result.code == 1 and "--max-memory '1e400': not a size" in result.err
     with pytest.raises(MoxError, match="not a finite size"):
