@@ -111,6 +111,9 @@ def test_targeted_answer_becomes_likelier(ref, tok):
     assert after < before - 1.0
     assert after < nll(plain.model, idk_rows, tok) - 1.0  # the target term, not extrapolation
     assert any("target_nll_at_forget_model" in r for r in result.log)
+    # descent at θ_for with the retain KL there too: retain holds as well as without a target
+    # (the earlier reading, ascent on the target inside θ_mem, more than doubled it)
+    assert nll(result.model, RETAIN, tok) < nll(plain.model, RETAIN, tok) + 0.15
 
 
 class Snapshots(TrainerCallback):

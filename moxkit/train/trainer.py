@@ -15,6 +15,7 @@ from tqdm import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from moxkit.atomic import reached
 from moxkit.errors import MoxError
 
 from .config import TrainConfig
@@ -103,14 +104,30 @@ class MoxTrainer(Trainer):
                 terms["retain_nll"] = term
             loss = loss + spec.retain_weight * term
         if spec.target_weight and "target_input_ids" in inputs:
-            target_logits = self._forget_model_logits(model, inputs, "target")
-            target_nll = sequence_nll(target_logits, inputs["target_labels"]).mean()
-            terms["target_nll_at_forget_model"] = target_nll
-            loss = loss + spec.target_weight * target_nll
+            loss = loss + spec.target_weight * self._targeted_terms(model, inputs, terms)
         terms["loss"] = loss
         for name, value in terms.items():  # kept on the device: no sync per micro-batch
             self.running[name].append(value.detach().float())
         return loss
+
+    def _targeted_terms(self, model, inputs, terms: dict) -> torch.Tensor:
+        """Targeted MOX, in forget-model space: the replacement answers' NLL at θ_for, plus
+        (when retain rows and the KL are in use) kl_weight × KL(θ_ref ‖ θ_for) on retain. The
+        target term alone is free to move θ_for anywhere on retain (measured: greedy retain
+        accuracy falls to 0 on the tiny benchmark); the retain KL, which MOX applies to θ_mem,
+        is applied where the target term acts too."""
+        target_logits = self._forget_model_logits(model, inputs, "target")
+        term = terms["target_nll_at_forget_model"] = sequence_nll(
+            target_logits, inputs["target_labels"]
+        ).mean()
+        if self.spec.retain == "kl" and "retain_input_ids" in inputs:
+            ref_logits = self._reference_logits(model, inputs, "retain")
+            mask = kl_mask(inputs["retain_labels"], inputs["retain_attention_mask"],
+                           self.spec.kl_positions)  # fmt: skip
+            kl = sequence_kl(ref_logits, self._forget_model_logits(model, inputs, "retain"), mask)
+            terms["retain_kl_at_forget_model"] = kl.mean()
+            term = term + self.spec.retain_weight * kl.mean()
+        return term
 
     def _forget_model_logits(self, model, inputs, group: str) -> torch.Tensor:
         """Logits of the extrapolated model θ_for = (1+α)·θ_ref − α·θ, differentiable in θ
@@ -179,6 +196,7 @@ class StepLog(TrainerCallback):
             self._plain_every = max(1, state.max_steps // 10)
 
     def on_step_end(self, args, state, control, **kwargs):
+        reached("train-step")  # tests deliver signals here
         terms = self.trainer.pop_step_terms()
         lr = self.trainer.lr_scheduler.get_last_lr()[0]
         self.event({"step": state.global_step, "epoch": round(state.epoch, 4), "lr": lr, **terms})
