@@ -21,20 +21,22 @@ from moxkit.eval.config import EvalConfig
 @click.option("-o", "--out", default=None, type=click.Path(path_type=str),
               help="Write the JSON report (per item and summary) here.")
 @options_from(EvalConfig)
+@click.option("--revision", default=None,
+              help="Branch, tag or commit for models given as hub ids (org/name[@rev]).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def command(model, data_dir, retain_model, out, device, quiet, **kw) -> None:
-    """TOFU and MUSE metrics of MODEL on the sets in --data."""
+def command(model, data_dir, retain_model, out, revision, device, quiet, **kw) -> None:
+    """TOFU and MUSE metrics of MODEL (a folder or a hub id) on the sets in --data."""
     from moxkit.eval.data import preflight
 
     cfg = config_from(EvalConfig, kw)
-    data = preflight(model, data_dir, retain_model, cfg)  # before torch is imported
+    preflight(model, data_dir, retain_model, cfg, revision)  # before torch is imported
 
     from moxkit.eval.evaluate import evaluate
     from moxkit.eval.report import summary_table, write_json
 
-    report = evaluate(model, data, retain_model=retain_model, cfg=cfg, device=device,
-                      progress=not quiet)
+    report = evaluate(model, data_dir, retain_model=retain_model, cfg=cfg, device=device,
+                      progress=not quiet, revision=revision)
     click.echo(summary_table(report))
     if out:
         click.echo(f"report: {write_json(out, report)}")

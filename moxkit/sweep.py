@@ -3,25 +3,33 @@
 Extrapolation costs one pass over the weights, far less than the training that produced MEM,
 so choosing α by looking is affordable. Small models are extrapolated in memory; large ones go
 through the streaming engine (moxkit.extrapolate) into a scratch directory, one α at a time, so
-memory never holds more than the model being evaluated.
+memory never holds more than the model being evaluated. Everything a later step needs (the
+settings, the evaluation sets, REF and MEM as a pair, the retain-only reference, the output
+folder) is checked before the first evaluation, so no step fails after hours of work.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import hf
 from .errors import MoxError
-from .eval.evaluate import EvalConfig, evaluate_model, load_model, retain_reference
+from .eval.config import EvalConfig
+from .eval.data import EvalData, preflight, resolve_model
 from .eval.report import HEADLINE, format_table, write_json
+from .formula import check_alpha
 
 # forget metrics a rule can use: lower means more forgotten
 FORGET_METRICS = ("forget_prob", "forget_rouge_recall", "knowmem_forget", "verbmem_forget")
 IN_MEMORY_LIMIT = 2 << 30  # weights up to this size are extrapolated in memory
+STUDY_ALPHAS = "1:8:0.5"  # the study's grid (issue 9): MOX's peak lies between the old 2 and 4
+MAX_ALPHAS = 200
 
 
 @dataclass
@@ -39,15 +47,44 @@ class SweepResult:
         return format_table(rows, HEADLINE, "α")
 
 
-def parse_alphas(text: str) -> list[float]:
-    """'0.5,1,2' -> [0.5, 1.0, 2.0]; each α must be a positive number."""
+def _grid(part: str, text: str) -> list[float]:
+    """START:STOP:STEP with STOP included; values rounded to the step's decimals so that
+    1:2:0.1 gives 1.3, not 1.3000000000000003."""
     try:
-        alphas = [float(a) for a in text.split(",") if a.strip()]
+        start, stop, step = (float(x) for x in part.split(":"))
     except ValueError:
-        raise MoxError(f"--alphas {text!r}: expected comma-separated numbers") from None
+        raise MoxError(f"--alphas {text!r}: a range is START:STOP:STEP (e.g. 1:8:0.5)") from None
+    if not (math.isfinite(start) and math.isfinite(stop) and step > 0 and stop >= start):
+        raise MoxError(f"--alphas {text!r}: a range needs START <= STOP and STEP > 0")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > MAX_ALPHAS:
+        raise MoxError(f"--alphas {text!r}: {count} values (at most {MAX_ALPHAS})")
+    digits = max(len(f"{x:.10g}".partition(".")[2]) for x in (start, step))
+    return [round(start + i * step, digits) for i in range(count)]
+
+
+def parse_alphas(text: str) -> list[float]:
+    """Comma-separated α values and ranges: '0.5,1,2', '1:8:0.5' (1, 1.5, ..., 8) or both
+    ('0.5,1:8:0.5'). Each α must be a positive number moxkit can extrapolate with."""
+    alphas: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if ":" in part:
+            alphas += _grid(part, text)
+            continue
+        try:
+            alphas.append(float(part))
+        except ValueError:
+            raise MoxError(f"--alphas {text!r}: expected numbers or START:STOP:STEP") from None
     if not alphas or any(not a > 0 for a in alphas):
         raise MoxError(f"--alphas {text!r}: expected positive numbers")
-    return sorted(set(alphas))
+    for a in alphas:
+        check_alpha(a, "--alphas")
+    alphas = sorted(set(alphas))
+    if len(alphas) > MAX_ALPHAS:
+        raise MoxError(f"--alphas {text!r}: {len(alphas)} values (at most {MAX_ALPHAS})")
+    return alphas
 
 
 def pick_alpha(rows: list[dict], retain_summary: dict, metric: str) -> float | None:
@@ -66,58 +103,89 @@ def _weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def _forget_models(ref: Path, mem: Path, alphas: list[float], on_disk: bool, device: str):
+def _forget_models(ref: Path, mem: Path, alphas: list[float], on_disk: bool, device: str,
+                   scratch: Path | None):
     """Yield (α, model, tokenizer) for α = 0 (REF) and each α, one model alive at a time."""
     import torch
 
-    ref_model, tokenizer = load_model(ref, device)
+    from .eval.evaluate import load_model
+
+    ref_model, tokenizer = load_model(ref, device, "REF")
     yield 0.0, ref_model, tokenizer
     if on_disk:
         from .stream import extrapolate
 
         del ref_model
-        scratch = Path(tempfile.mkdtemp(prefix=".moxkit-sweep-"))
-        try:
-            for alpha in alphas:
-                out = scratch / f"alpha-{alpha:g}"
-                extrapolate(ref, mem, out, alpha, device=device, progress=False)
-                model, tok = load_model(out, device)
-                yield alpha, model, tok
-                del model
-                shutil.rmtree(out)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        for alpha in alphas:
+            out = scratch / f"alpha-{alpha:g}"
+            extrapolate(ref, mem, out, alpha, device=device, progress=False)
+            model, tok = load_model(out, device, f"the forget model at α = {alpha:g}")
+            yield alpha, model, tok
+            del model
+            shutil.rmtree(out)
     else:
         from .train import extrapolate_model
 
-        mem_model, _ = load_model(mem, device)
+        mem_model, _ = load_model(mem, device, "MEM")
         for alpha in alphas:
             with torch.no_grad():
                 yield alpha, extrapolate_model(ref_model, mem_model, alpha).eval(), tokenizer
 
 
+def check_sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir,
+                retain_model, out, cfg: EvalConfig, metric: str, device: str,
+                revision: str | None = None) -> tuple[Path, Path, Path | None, EvalData]:
+    """Every check a sweep needs, before any model is loaded: the settings and evaluation sets,
+    REF, MEM and --retain-model (hub ids resolved to local paths, returned), REF and MEM as a
+    pair the engine accepts (a dry run: headers only), and that OUT's report and plot can be
+    written."""
+    if metric not in FORGET_METRICS:
+        raise MoxError(f"--metric {metric}: choose one of {', '.join(FORGET_METRICS)}")
+    if not alphas:
+        raise MoxError("--alphas: no α to evaluate")
+    data, ref, retain_model = preflight(ref, data_dir, retain_model, cfg, revision, "REF")
+    mem = hf.check_model_dir(resolve_model(mem, revision, "MEM"), "MEM", need_tokenizer=False)
+    from .stream import extrapolate
+
+    with tempfile.TemporaryDirectory(prefix=".moxkit-sweep-check-") as tmp:
+        for alpha in (alphas[0], alphas[-1]):
+            extrapolate(ref, mem, Path(tmp) / "forget", alpha, device="cpu", dry_run=True,
+                        progress=False)
+    if out is not None:
+        from .atomic import check_output
+
+        for name in ("sweep.json", "sweep.png"):
+            check_output(Path(out) / name, force=True)
+    return ref, mem, retain_model, data
+
+
 def sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir: str | Path, *,
           retain_model: str | Path | None = None, out: str | Path | None = None,
           cfg: EvalConfig | None = None, metric: str = "forget_prob",
-          on_disk: bool | None = None, device: str = "auto", progress: bool = True) -> SweepResult:
+          on_disk: bool | None = None, device: str = "auto", progress: bool = True,
+          revision: str | None = None) -> SweepResult:
     """Evaluate REF and (1+α)·REF − α·MEM for each α on `data_dir`; with `retain_model`, pick α
-    by the rule (see pick_alpha); with `out`, write sweep.json and sweep.png there."""
-    ref, mem = Path(ref), Path(mem)
-    for p, name in ((ref, "REF"), (mem, "MEM")):
-        if not (p / "config.json").is_file():
-            raise MoxError(f"{name} {p}: not a model directory (no config.json)")
-    if metric not in FORGET_METRICS:
-        raise MoxError(f"--metric {metric}: choose one of {', '.join(FORGET_METRICS)}")
+    by the rule (see pick_alpha); with `out`, write sweep.json and sweep.png there. REF, MEM
+    and `retain_model` may be hub ids (org/name[@revision])."""
     cfg = cfg or EvalConfig()
-    retain = retain_reference(retain_model, data_dir, cfg, device) if retain_model else None
+    ref, mem, retain_model, data = check_sweep(ref, mem, alphas, data_dir, retain_model, out,
+                                               cfg, metric, device, revision)
+    from .eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
+
+    retain = retain_reference(retain_model, data, cfg, device) if retain_model else None
     if on_disk is None:
         on_disk = 3 * _weights_bytes(ref) > IN_MEMORY_LIMIT
     rows = []
-    models = _forget_models(ref, mem, alphas, on_disk, device)
-    for alpha, model, tok in tqdm(models, total=len(alphas) + 1, desc="sweep", unit="α",
-                                  disable=not progress):
-        report = evaluate_model(model, tok, data_dir, retain=retain, cfg=cfg)
-        rows.append({"alpha": alpha, **report["summary"]})
+    scratch = Path(tempfile.mkdtemp(prefix=".moxkit-sweep-")) if on_disk else None
+    try:
+        models = _forget_models(ref, mem, alphas, on_disk, device, scratch)
+        for alpha, model, tok in tqdm(models, total=len(alphas) + 1, desc="sweep", unit="α",
+                                      disable=not progress):
+            report = evaluate_model(model, tok, data, retain=retain, cfg=cfg)
+            rows.append({"alpha": alpha, **report["summary"]})
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     retain_summary = retain["summary"] if retain else {}
     result = SweepResult(rows, pick_alpha(rows, retain_summary, metric),
                          f"largest model_utility with {metric} <= the retain-only model's",
@@ -125,8 +193,10 @@ def sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir: str |
     if out is not None:
         out = Path(out)
         result.report = write_json(out / "sweep.json", {
-            "ref": str(ref), "mem": str(mem), "data": str(data_dir), "rule": result.rule,
-            "picked_alpha": result.picked, "retain_model": retain_summary, "rows": rows})
+            "ref": str(ref), "mem": str(mem), "data": str(data_dir), "files": data.files,
+            "config": asdict(cfg), "rule": result.rule, "picked_alpha": result.picked,
+            "retain_model": retain_summary,
+            "notes": report["notes"], "rows": rows})
         from .eval.plots import plot_sweep
 
         result.plot = plot_sweep(result, out / "sweep.png", metric)

@@ -14,7 +14,8 @@ from moxkit.sweep import parse_alphas, pick_alpha, sweep
 from moxkit.tiny import build_tiny_llama, save_tiny_model
 from moxkit.tofu_mini import write
 
-CFG = EvalConfig(max_new_tokens=4)
+CFG = EvalConfig(max_new_tokens=4, verbmem_max_new_tokens=4)
+FAST = ["--max-new-tokens", "4", "--verbmem-max-new-tokens", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,11 @@ def test_pick_alpha_rule():
     assert pick_alpha(rows, {"forget_prob": 0.01}, "forget_prob") is None
     assert pick_alpha(rows, {}, "forget_prob") is None
     assert parse_alphas("4, 0.5,1,1") == [0.5, 1.0, 4.0]
-    for bad in ("", "1,x", "0,1", "-2"):
+    # the study's grid: 1 to 8 in steps of 0.5, exact decimals, ranges and lists combined
+    assert parse_alphas("1:8:0.5") == [1 + 0.5 * i for i in range(15)]
+    assert parse_alphas("0.5,2:3:0.1") == [0.5, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6, 2.7, 2.8,
+                                           2.9, 3.0]
+    for bad in ("", "1,x", "0,1", "-2", "1:8", "3:1:0.5", "1:8:0", "1:1e6:1", "nan", "1e9"):
         with pytest.raises(MoxError, match="--alphas"):
             parse_alphas(bad)
 
@@ -75,12 +80,49 @@ def test_sweep_cli_with_retain_model_writes_table_plot_json(models, capsys):
     root, data, ref, mem = models
     out = root / "out"
     main(["sweep", str(ref), str(mem), "--alphas", "1,3", "--data", str(data),
-          "--retain-model", str(ref), "-o", str(out), "-q"])
+          "--retain-model", str(ref), "-o", str(out), "-q", *FAST,
+          "--mia", "min_k_pp", "--min-k", "0.2", "--chat-template"])
     printed = capsys.readouterr().out
     report = json.loads((out / "sweep.json").read_text())
     assert [r["alpha"] for r in report["rows"]] == [0.0, 1.0, 3.0]
     assert report["rows"][0]["forget_quality"] == 1.0  # REF is its own retain model here
     assert (out / "sweep.png").stat().st_size > 10_000 and "picked" in printed
+    # the evaluation options sweep shares with eval reach the evaluation
+    assert report["config"]["mia"] == "min_k_pp" and report["config"]["min_k"] == 0.2
+    assert report["config"]["chat_template"] and "Min-K%++" in report["notes"]["mia_auc"]
     with pytest.raises(SystemExit) as exc:
         main(["sweep", str(ref), str(root / "missing"), "--data", str(data), "-q"])
     assert exc.value.code == 1 and "MEM" in capsys.readouterr().err
+
+
+def test_sweep_checks_everything_before_any_work(models, tmp_path, monkeypatch, capsys):
+    """A sweep that would fail later (MEM not paired with REF, an unwritable OUT, a missing
+    retain report) fails before a single model is loaded or evaluated."""
+    root, data, ref, mem = models
+    import moxkit.eval.evaluate as ev
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded or evaluated before the checks ended")
+
+    monkeypatch.setattr(ev, "evaluate_model", no_work)
+    monkeypatch.setattr(ev, "load_model", no_work)
+    tok = AutoTokenizer.from_pretrained(ref)
+    other = save_tiny_model(build_tiny_llama(len(tok), hidden_size=16, seed=2), tok,
+                            tmp_path / "other")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    capsys.readouterr()
+    for extra, needle in [
+        ([str(ref), str(other), "--on-disk"], "shape"),
+        ([str(ref), str(other), "--in-memory"], "shape"),
+        ([str(ref), str(mem), "--on-disk", "-o", str(blocker / "out")], str(blocker)),
+        ([str(ref), str(mem), "--on-disk", "--retain-model", str(tmp_path / "r.json")],
+         "r.json: no such file or directory"),
+        ([str(ref), str(mem), "--metric", "verbmem_forget", "--max-items", "0"],
+         "--max-items 0"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", *extra, "--alphas", "1:3:1", "--data", str(data), "-q"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and needle in err, err
+        assert len(err.strip().splitlines()) == 1

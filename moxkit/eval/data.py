@@ -275,6 +275,25 @@ def load_eval_data(data_dir: str | Path, *, split: str | None = None,
     return data
 
 
+def resolve_model(name_or_path: str | Path, revision: str | None, name: str) -> Path:
+    """A model folder or hub id as a local folder (moxkit.sources), errors naming the input."""
+    from ..sources import resolve_model as resolve
+
+    try:
+        return resolve(name_or_path, revision)
+    except MoxError as exc:
+        raise MoxError(f"{name} {exc}") from None
+
+
+def resolve_retain(retain_model: str | Path, revision: str | None = None) -> Path:
+    """--retain-model as a local path: a saved report or model folder as given, else a hub id
+    resolved through moxkit.sources (a missing .json stays a missing file)."""
+    path = Path(retain_model)
+    if path.exists() or path.suffix.lower() == ".json":
+        return path
+    return resolve_model(retain_model, revision, "--retain-model")
+
+
 def check_retain_source(retain: str | Path) -> dict | None:
     """A saved `moxkit eval` report (returned, parsed), or None for a model folder (checked,
     not loaded); otherwise one clear line."""
@@ -293,13 +312,18 @@ def check_retain_source(retain: str | Path) -> dict | None:
     return None
 
 
-def preflight(model_dir: str | Path, data_dir: str | Path, retain_model: str | Path | None,
-              cfg) -> EvalData:
+def preflight(model: str | Path, data_dir: str | Path, retain_model: str | Path | None, cfg,
+              revision: str | None = None, model_name: str = "MODEL",
+              ) -> tuple[EvalData, Path, Path | None]:
     """Every check that needs no model, before anything heavy is imported or loaded: the
-    settings, the evaluation sets (returned), MODEL and --retain-model."""
+    settings, the evaluation sets, then MODEL and --retain-model (hub ids resolved through
+    moxkit.sources, so a download happens only once the cheap checks passed). Returns the sets
+    and the two local paths."""
     check(cfg)
     data = load_eval_data(data_dir, split=cfg.split, max_items=cfg.max_items)
-    hf.check_model_dir(model_dir, "MODEL")
+    model_dir = hf.check_model_dir(resolve_model(model, revision, model_name), model_name)
+    retain = None
     if retain_model is not None:
-        check_retain_source(retain_model)
-    return data
+        retain = resolve_retain(retain_model, revision)
+        check_retain_source(retain)
+    return data, model_dir, retain

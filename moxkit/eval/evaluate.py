@@ -107,22 +107,21 @@ def _knowmem_set(model, tokenizer, km: KnowMemSet, cfg: EvalConfig, done: dict) 
 
 def _verbmem(model, tokenizer, rows: list[dict], cfg: EvalConfig, source: str) -> dict:
     """MUSE's VerbMem items: ROUGE-L F1 (no stemming) of the greedy continuation against the
-    true one. MUSE rows give {prompt, gt}: the gt is cut to its first verbmem_max_new_tokens
-    tokens, as MUSE does. moxkit rows give {text}: the first verbmem_prefix of its tokens is
-    the prompt and the rest the truth."""
+    true one, both at most verbmem_max_new_tokens tokens. MUSE rows give {prompt, gt} (the gt
+    cut to that many tokens, as MUSE does); moxkit rows give {text}: the first verbmem_prefix
+    of its tokens is the prompt and what follows the truth."""
+    n = cfg.verbmem_max_new_tokens
     if "text" in rows[0]:
         encoded = [tokenizer(r["text"])["input_ids"] for r in rows]
         cuts = [max(2, int(len(e) * cfg.verbmem_prefix)) for e in encoded]
-        longest = max(len(e) - c for e, c in zip(encoded, cuts, strict=True)) or 1
+        truth_ids = [e[c:c + n] for e, c in zip(encoded, cuts, strict=True)]
         gen = greedy_generate_ids(model, tokenizer, [e[:c] for e, c in zip(encoded, cuts,
                                                                             strict=True)],
-                                  longest, cfg.batch_size)
-        truths = [tokenizer.decode(e[c:], skip_special_tokens=True)
-                  for e, c in zip(encoded, cuts, strict=True)]
-        outputs = [tokenizer.decode(g[: len(e) - c], skip_special_tokens=True)
-                   for g, e, c in zip(gen, encoded, cuts, strict=True)]
+                                  max(len(t) for t in truth_ids) or 1, cfg.batch_size)
+        truths = [tokenizer.decode(t, skip_special_tokens=True) for t in truth_ids]
+        outputs = [tokenizer.decode(g[: len(t)], skip_special_tokens=True)
+                   for g, t in zip(gen, truth_ids, strict=True)]
     else:
-        n = cfg.verbmem_max_new_tokens
         truths = [tokenizer.decode(tokenizer(r["gt"])["input_ids"][:n], skip_special_tokens=True)
                   for r in rows]
         outputs = greedy_text_continuations(model, tokenizer, [r["prompt"] for r in rows], n,
@@ -268,17 +267,16 @@ def retain_reference(retain: str | Path | dict, data: str | Path | EvalData, cfg
             "summary": report["summary"]}
 
 
-def evaluate(model_dir: str | Path, data_dir: str | Path | EvalData, *,
+def evaluate(model_dir: str | Path, data_dir: str | Path, *,
              retain_model: str | Path | None = None, cfg: EvalConfig | None = None,
-             device: str = "auto", progress: bool = True) -> dict:
-    """Evaluate the model directory `model_dir` on `data_dir` (any layout moxkit.eval.data
-    reads; or preflight()'s result). `retain_model`: the retain-only model's directory or its
-    saved report."""
+             device: str = "auto", progress: bool = True, revision: str | None = None) -> dict:
+    """Evaluate the model `model_dir` (a folder or a hub id) on `data_dir` (any layout
+    moxkit.eval.data reads). `retain_model`: the retain-only model (folder or hub id) or its
+    saved report. Every input is checked before a model is loaded."""
     cfg = cfg or EvalConfig()
-    if not isinstance(data_dir, EvalData):
-        data_dir = preflight(model_dir, data_dir, retain_model, cfg)
-    ref = retain_reference(retain_model, data_dir, cfg, device) if retain_model else None
-    model, tokenizer = load_model(model_dir, device)
-    report = evaluate_model(model, tokenizer, data_dir, retain=ref, cfg=cfg, progress=progress)
+    data, model_path, retain_path = preflight(model_dir, data_dir, retain_model, cfg, revision)
+    ref = retain_reference(retain_path, data, cfg, device) if retain_path else None
+    model, tokenizer = load_model(model_path, device)
+    report = evaluate_model(model, tokenizer, data, retain=ref, cfg=cfg, progress=progress)
     report["model"] = str(model_dir)
     return report

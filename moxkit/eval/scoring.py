@@ -17,12 +17,15 @@ from ..text import IGNORE, Example, Row, encode, pad_id
 
 
 def prompt_ids(tokenizer, question: str, chat_template: bool = False) -> list[int]:
-    """The tokens a question is presented as for generation, formatted as the trainer formats
-    prompts (moxkit.text.encode)."""
+    """The tokens a question is presented as for generation, formatted as moxkit.text.encode
+    formats prompts for training and scoring (the chat template as text, then tokenized, BOS
+    not doubled)."""
     if chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                             tokenize=True, add_generation_prompt=True)
-    return tokenizer(question)["input_ids"]
+        question = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return tokenizer(question, add_special_tokens=not (bos and question.startswith(bos)))[
+        "input_ids"]
 
 
 def pair_examples(tokenizer, questions: Sequence[str], answers: Sequence[str],
