@@ -38,13 +38,14 @@ class SweepResult:
     picked: float | None  # the α the rule picks, None if no α qualifies
     rule: str
     retain_summary: dict = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # departures from the benchmarks
     plot: Path | None = None
     report: Path | None = None
 
     def table(self) -> str:
         rows = [{**r, "α": f"{r['alpha']:g}" + (" ←" if r["alpha"] == self.picked else "")}
                 for r in self.rows]
-        return format_table(rows, HEADLINE, "α")
+        return format_table(rows, HEADLINE, "α", self.notes)
 
 
 def _grid(part: str, text: str) -> list[float]:
@@ -189,14 +190,14 @@ def sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir: str |
     retain_summary = retain["summary"] if retain else {}
     result = SweepResult(rows, pick_alpha(rows, retain_summary, metric),
                          f"largest model_utility with {metric} <= the retain-only model's",
-                         retain_summary)
+                         retain_summary, report["notes"])
     if out is not None:
         out = Path(out)
         result.report = write_json(out / "sweep.json", {
             "ref": str(ref), "mem": str(mem), "data": str(data_dir), "files": data.files,
             "config": asdict(cfg), "rule": result.rule, "picked_alpha": result.picked,
             "retain_model": retain_summary,
-            "notes": report["notes"], "rows": rows})
+            "notes": result.notes, "rows": rows})
         from .eval.plots import plot_sweep
 
         result.plot = plot_sweep(result, out / "sweep.png", metric)

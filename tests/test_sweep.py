@@ -90,6 +90,8 @@ def test_sweep_cli_with_retain_model_writes_table_plot_json(models, capsys):
     # the evaluation options sweep shares with eval reach the evaluation
     assert report["config"]["mia"] == "min_k_pp" and report["config"]["min_k"] == 0.2
     assert report["config"]["chat_template"] and "Min-K%++" in report["notes"]["mia_auc"]
+    # beside the numbers: a starred column and its note under the table
+    assert "MU↑*" in printed and "* MU↑: over retain, general (6 numbers)" in printed
     with pytest.raises(SystemExit) as exc:
         main(["sweep", str(ref), str(root / "missing"), "--data", str(data), "-q"])
     assert exc.value.code == 1 and "MEM" in capsys.readouterr().err

@@ -36,11 +36,15 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict], columns: dict[str, str], first: str) -> str:
+def format_table(rows: Sequence[dict], columns: dict[str, str], first: str,
+                 notes: dict[str, str] | None = None) -> str:
     """Rows (dicts) as an aligned text table: the `first` key as a label column, then
-    `columns` (key -> header) that occur in at least one row."""
+    `columns` (key -> header) that occur in at least one row. A column with a note (where the
+    number departs from the benchmark's definition; see a report's "notes") gets a * and the
+    note below the table."""
     cols = [k for k in columns if any(k in r for r in rows)]
-    header = [first] + [columns[k] for k in cols]
+    noted = [k for k in cols if notes and k in notes]
+    header = [first] + [columns[k] + ("*" if k in noted else "") for k in cols]
     body = [[str(r.get(first, ""))] + [_cell(r.get(k)) for k in cols] for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
@@ -48,7 +52,9 @@ def format_table(rows: Sequence[dict], columns: dict[str, str], first: str) -> s
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(line, widths, strict=True)))
 
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+    lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)]
+    lines += [f"* {columns[k]}: {notes[k]}" for k in noted]
+    return "\n".join(lines)
 
 
 def summary_table(report: dict) -> str:
