@@ -261,9 +261,11 @@ def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
         tmp: Path | None = None
         try:
             reached("staging")
-            _make_parents(out.parent, created)
+            with shielded():  # what is made is recorded before a signal can stop us
+                _make_parents(out.parent, created)
             remove_stale_temps(out)
-            tmp, lock = _new_temp(out, directory)
+            with shielded():
+                tmp, lock = _new_temp(out, directory)
             yield tmp
             _state.held += _main_thread()
             try:

@@ -18,6 +18,7 @@ from ckpt_factory import (
     emulate,
     random_bf16_bits,
     random_tensor,
+    save_sharded,
     write_random_bf16_file,
 )
 from safetensors import safe_open
@@ -103,16 +104,17 @@ def test_write_failure_cleans_up(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors", "ref.safetensors"]
 
 
-def test_many_output_shards_under_a_small_descriptor_limit(cli, tmp_path):
-    """200 output shards under `ulimit -n 64`: output descriptors are bounded."""
+def test_hundreds_of_shards_under_a_small_descriptor_limit(tmp_path):
+    """100 + 100 input shards and 200 output shards under `ulimit -n 128`: descriptors are
+    bounded on both sides (without bounds the run would hold 400)."""
     t = {f"w{i:03d}": random_tensor((64,), torch.float32, i) for i in range(200)}
-    save_file(t, tmp_path / "ref.safetensors")
-    save_file({k: v * 2 for k, v in t.items()}, tmp_path / "mem.safetensors")
-    limit = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))"
+    save_sharded(t, tmp_path / "ref", per_shard=2)
+    save_sharded({k: v * 2 for k, v in t.items()}, tmp_path / "mem", per_shard=2)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))"
     run = [sys.executable, "-c", f"{limit}; import runpy; runpy.run_module('moxkit.cli.main', "
            "run_name='__main__')"]  # fmt: skip
-    args = ["extrapolate", tmp_path / "ref.safetensors", tmp_path / "mem.safetensors", "-a", 4,
-            "-o", tmp_path / "out", "--max-shard-size", "256B", "-q"]  # fmt: skip
+    args = ["extrapolate", tmp_path / "ref", tmp_path / "mem", "-a", 4, "-o", tmp_path / "out",
+            "--max-shard-size", "256B", "-q"]  # fmt: skip
     result = subprocess.run([*run, *map(str, args)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
