@@ -17,7 +17,7 @@ def data_options(fn):
     """MODEL, the data, the output and the targeted / continual inputs."""
     path = click.Path(path_type=str)
     options = [
-        click.argument("model", type=path),
+        click.argument("model", type=path),  # a folder or a hub id
         click.option("--forget", required=True, type=path,
                      help="Forget set: JSONL, JSON or Parquet (question/answer, "
                      "prompt/completion or text rows)."),
@@ -31,6 +31,9 @@ def data_options(fn):
                      "(answer, completion or text field)."),
         click.option("--init-from", type=path, default=None,
                      help="Continual unlearning: start from this θ_mem; θ_ref stays MODEL."),
+        click.option("--revision", default=None,
+                     help="Branch, tag or commit for MODEL / --init-from given as hub ids "
+                     "(org/name; the local cache first, then a download when online)."),
         quiet_option,
     ]  # fmt: skip
     for option in reversed(options):
@@ -64,6 +67,7 @@ def request_inputs(kw: dict, loss_exclude: tuple[str, ...] = ()) -> dict:
     return {
         "model": kw.pop("model"), "forget": kw.pop("forget"), "retain": kw.pop("retain"),
         "out": kw.pop("out"), "force": kw.pop("force"), "init_from": kw.pop("init_from"),
+        "revision": kw.pop("revision"),
         "target_answer": target,
         "config": config_from(TrainConfig, kw, progress=not kw["quiet"]),
         "loss": config_from(LossConfig, kw, exclude=loss_exclude), "cli": True,

@@ -49,10 +49,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def check_model_dir(path: str | os.PathLike, name: str, need_tokenizer: bool = True) -> Path:
-    """The cheap checks of a model folder, without importing transformers (commands run
-    them before anything heavy so that a typo is reported at once)."""
+def check_model_dir(
+    path: str | os.PathLike, name: str, need_tokenizer: bool = True, revision: str | None = None
+) -> Path:
+    """The model folder `path` names: a local folder, or a hub id (org/name[@revision]) found
+    in the Hugging Face cache or downloaded (moxkit.sources.resolve_model). Only cheap checks,
+    without importing transformers: commands run them before anything heavy so that a typo
+    is reported at once."""
     p = Path(path)
+    if not os.path.lexists(p):
+        from .sources import resolve_model
+
+        try:
+            p = resolve_model(path, revision)
+        except MoxError as exc:
+            raise MoxError(f"{name} {exc}") from None
     if not p.is_dir():
         what = "no such folder" if not p.exists() else "not a folder"
         raise MoxError(f"{name} {p}: {what} (expected a transformers model folder)")
@@ -80,12 +91,13 @@ def load_model(
     tokenizer: Any = None,
     dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
+    revision: str | None = None,
 ) -> Loaded:
-    """A model folder, or a transformers model given in memory (then pass tokenizer=; it is
-    deep-copied, so the caller's model is never modified), as `dtype` on `device`, in eval
-    mode. Training wants fp32 (updates at lr 1e-5 vanish in bf16 weights); "auto" keeps the
-    stored dtype. Imports torch only when called: check_model_dir is all a command needs to
-    report a wrong folder at once."""
+    """A model folder or hub id, or a transformers model given in memory (then pass
+    tokenizer=; it is deep-copied, so the caller's model is never modified), as `dtype` on
+    `device`, in eval mode. Training wants fp32 (updates at lr 1e-5 vanish in bf16 weights);
+    "auto" keeps the stored dtype. Imports torch only when called: check_model_dir is all a
+    command needs to report a wrong folder at once."""
     import torch
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -100,7 +112,7 @@ def load_model(
             copied = copied.to(dtype)
         return Loaded(copied.to(dev).eval(), tokenizer, None, stored)
 
-    path = check_model_dir(model, name, need_tokenizer=tokenizer is None)
+    path = check_model_dir(model, name, need_tokenizer=tokenizer is None, revision=revision)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, name)
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -139,3 +139,23 @@ def test_momentum_flag_still_works(root, cli, tmp_path):
     log = [json.loads(x) for x in (out / "moxkit_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("event") == "momentum"] == [1]
     assert json.loads((out / "moxkit_args.json").read_text())["extrapolation"]["eta"] == 0.5
+
+
+def test_hub_id_from_the_cache(root, cli, tmp_path, monkeypatch):
+    """MODEL as a hub id, found offline in a hand-built Hugging Face cache (links into
+    blobs/), at the revision given."""
+    from test_sources import REV, hub_cache
+
+    cache = tmp_path / "hf-cache"
+    hub_cache(cache, "org/tiny", root / "llama")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mem = tmp_path / "mem"
+    result = cli("train-mem", "org/tiny", "--revision", REV, *data(root), "-o", mem, *FAST)
+    assert result.code == 0, result.err
+    assert load_file(mem / "model.safetensors").keys() == load_file(
+        root / "llama" / "model.safetensors").keys()  # fmt: skip
+    args = json.loads((mem / "moxkit_args.json").read_text())
+    assert args["model"] == "org/tiny"
+    result = cli("train-mem", "org/other", *data(root), "-o", tmp_path / "m2", *FAST)
+    assert result.code == 1 and "MODEL org/other: no such local path" in result.err

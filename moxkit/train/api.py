@@ -92,6 +92,7 @@ def train_mem(
     target_answer: str | Sequence[str] | None = None,
     alpha: float = ExtrapolationConfig.alpha,
     init_from: ModelArg | None = None,
+    revision: str | None = None,
     tokenizer: Any = None,
     force: bool = False,
     callbacks: Sequence[Any] = (),
@@ -101,11 +102,12 @@ def train_mem(
     MOX), also the NLL of the replacement answers at the forget model (1+α)·θ_ref − α·θ,
     for the α θ_mem will be extrapolated with. Saved in fp32 under MODEL's tensor names: the
     difference θ_mem − θ_ref is what MOX amplifies, and bf16 rounding would drown it. With
-    init_from (continual unlearning), training starts from that model and θ_ref stays MODEL."""
+    init_from (continual unlearning), training starts from that model and θ_ref stays MODEL.
+    Models are folders, hub ids (org/name, at `revision`) or in-memory models."""
     request = Request(METHODS["memorize"], model, forget, retain, out,
                       config or TrainConfig(), loss or LossConfig(),
                       ExtrapolationConfig(alpha=alpha), target_answer, init_from,
-                      force=force)  # fmt: skip
+                      force=force, revision=revision)  # fmt: skip
     return run(request, tokenizer=tokenizer, callbacks=callbacks)
 
 
@@ -122,6 +124,7 @@ def unlearn(
     target_answer: str | Sequence[str] | None = None,
     init_from: ModelArg | None = None,
     save_mem: str | os.PathLike | None = None,
+    revision: str | None = None,
     tokenizer: Any = None,
     force: bool = False,
     callbacks: Sequence[Any] = (),
@@ -135,7 +138,7 @@ def unlearn(
     `moxkit.extrapolate` instead of holding two fp32 copies in RAM."""
     request = Request(get_method(method), model, forget, retain, out, config or TrainConfig(),
                       loss or LossConfig(), extrapolation or ExtrapolationConfig(),
-                      target_answer, init_from, save_mem, force)  # fmt: skip
+                      target_answer, init_from, save_mem, force, revision)  # fmt: skip
     return run(request, tokenizer=tokenizer, callbacks=callbacks)
 
 
@@ -161,11 +164,11 @@ def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = No
     with Run(request.out, request.force, config, len(rows.forget)) as run:
         run.write_args("train-mem" if method.name == "memorize" else "unlearn",
                        _arguments(request))  # fmt: skip
-        ref = load_model(request.model, "model", tokenizer=tokenizer)
+        ref = load_model(rows.model, "model", tokenizer=tokenizer)
         run.keep_names_of(ref)
         start = ref
-        if request.init_from is not None:
-            start = load_model(request.init_from, "init_from", tokenizer=ref.tokenizer)
+        if rows.init_from is not None:
+            start = load_model(rows.init_from, "init_from", tokenizer=ref.tokenizer)
             _check_same_shapes(ref.model, start.model, "init_from")
         tok = ref.tokenizer
         forget_ex = encode(rows.forget, tok, config.max_length, config.chat_template)

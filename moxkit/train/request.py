@@ -38,6 +38,7 @@ class Request:
     init_from: ModelArg | None = None
     save_mem: str | os.PathLike | None = None
     force: bool = False
+    revision: str | None = None  # for hub ids (MODEL, init_from) without their own @revision
     cli: bool = False  # name inputs in errors by their command-line flags
 
     def label(self, name: str) -> str:
@@ -50,10 +51,6 @@ class Request:
     def targeted(self) -> bool:
         return self.target_answer is not None
 
-    @property
-    def uses_reference_dir(self) -> bool:
-        return isinstance(self.model, (str, os.PathLike))
-
     def check(self) -> Checked:
         """Everything that can be known wrong before loading a model; returns the rows."""
         self.config.validate()
@@ -64,10 +61,13 @@ class Request:
         from moxkit.hf import check_model_dir
 
         inputs: list[Path] = []
+        found: dict[str, Any] = {}
         for value, name in ((self.model, "model"), (self.init_from, "init_from")):
+            found[name] = value
             if isinstance(value, (str, os.PathLike)):
-                need_tokenizer = name == "model"
-                inputs.append(check_model_dir(value, self.label(name), need_tokenizer))
+                found[name] = check_model_dir(value, self.label(name), name == "model",
+                                              self.revision)  # fmt: skip
+                inputs.append(found[name])
         if self.retain is None and self.method.needs_retain(self.loss):
             raise MoxError(f"{self.label('retain')}: needed by {self._retain_user()}")
         forget_rows = load_rows(self.forget, self.label("forget"))
@@ -80,8 +80,8 @@ class Request:
         targets = self._target_rows(forget_rows)
         self._check_outputs(inputs)
         if self.method.extrapolates and self.extrapolation.extrapolate_on == "disk":
-            self._check_disk_extrapolation()
-        return Checked(forget_rows, retain_rows, targets)
+            self._check_disk_extrapolation(found["model"])
+        return Checked(found["model"], found["init_from"], forget_rows, retain_rows, targets)
 
     def _retain_user(self) -> str:
         if self.method.retain_loss == "kl":
@@ -114,19 +114,24 @@ class Request:
         if len(outs) == 2 and Path(os.path.abspath(outs[0])) == Path(os.path.abspath(outs[1])):
             raise MoxError(f"{self.label('save_mem')} {outs[1]}: the same path as the output")
 
-    def _check_disk_extrapolation(self) -> None:
+    def _check_disk_extrapolation(self, model: ModelArg) -> None:
         """What extrapolating on disk will need after training: MODEL as a folder of
         safetensors that the streaming engine can open, and an output to write."""
-        if not self.uses_reference_dir or self.out is None:
+        if not isinstance(model, Path) or self.out is None:
             raise MoxError(f"{self.label('extrapolate_on')} disk: needs the model as a folder "
                            "and an output")
         from moxkit.checkpoint import open_checkpoint
 
-        open_checkpoint(self.model)
+        open_checkpoint(model)
 
 
 @dataclass
 class Checked:
+    """What check() found: the models (local folders, hub ids resolved; in-memory models
+    as given) and the rows."""
+
+    model: ModelArg
+    init_from: ModelArg | None
     forget: list[Row]
     retain: list[Row] | None
     targets: list[Row] | None
