@@ -341,11 +341,9 @@ def _read_array(reader: FileReader, info: TensorInfo) -> np.ndarray:
     if info.dtype == "BF16":
         bits = raw.view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32).reshape(info.shape)
-    return (
-        raw.view({"F32": np.float32, "F16": np.float16}[info.dtype])
-        .astype(np.float32)
-        .reshape(info.shape)
-    )
+    if info.dtype == "F16":
+        return raw.view(np.float16).astype(np.float32).reshape(info.shape)
+    return raw.view(np.float32).reshape(info.shape)  # a fresh buffer: no copy needed
 
 
 def _check_against_base(adapter: Adapter, base: Checkpoint, reader: FileReader) -> None:
@@ -645,17 +643,17 @@ def _write_combined(
 def _combine(
     terms: list[tuple[float, Adapter]], alpha: float, rank: int | None, reader: FileReader
 ) -> tuple[dict[str, _LowRank], dict[str, tuple[float, float]]]:
-    """Σ_terms weight·s·B·A per module as B_cat·A_cat with output scaling −α: blocks
-    weight·s·B computed in fp64 and rounded once to fp32. With `rank`, each sum is replaced
-    by its best rank-`rank` approximation; errors maps module -> (‖ΔW−ΔW_r‖_F², ‖ΔW‖_F²)."""
+    """Σ_terms weight·s·B·A per module as B_cat·A_cat (the caller's scaling −α outside):
+    blocks weight·s·B computed in fp64 and rounded once to fp32. With `rank`, each sum is
+    replaced by its best rank-`rank` approximation (fp64 from the fp32 blocks); errors maps
+    module -> (‖ΔW−ΔW_r‖_F², ‖ΔW‖_F²)."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise MoxError(f"--rank {rank!r}: must be a positive integer")
-    blocks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    modules: dict[str, LoraModule] = {}
+    parts: dict[str, list[tuple[float, LoraModule]]] = {}
     for weight, found in terms:
         for name, module in found.modules.items():
-            known = modules.get(name)
-            if known is not None and (
+            known = parts.setdefault(name, [(weight, module)])[0][1]
+            if known is not module and (
                 known.embedding != module.embedding
                 or (known.b.shape[0], known.a.shape[1]) != (module.b.shape[0], module.a.shape[1])
             ):
@@ -663,17 +661,25 @@ def _combine(
                     f"{found.path}: module {name!r} differs in kind or shape from the other "
                     "adapters'"
                 )
-            modules[name] = module
-            b64 = _read_array(reader, module.b).astype(np.float64) * (weight * module.scaling)
-            blocks.setdefault(name, []).append((b64, _read_array(reader, module.a)))
+            if known is not module:
+                parts[name].append((weight, module))
     combined, errors = {}, {}
-    for name, parts in blocks.items():
-        b64 = np.concatenate([b for b, _ in parts], axis=1)
-        a32 = np.concatenate([a for _, a in parts], axis=0)
+    for name, items in parts.items():
+        newest = items[-1][1]
+        total = sum(m.rank for _, m in items)
+        b = np.empty((newest.b.shape[0], total), np.float32)
+        a = np.empty((total, newest.a.shape[1]), np.float32)
+        col = 0
+        for weight, m in items:  # each block: fp64 product, one rounding into place
+            block = slice(col, col + m.rank)
+            factor = weight * m.scaling
+            np.multiply(_read_array(reader, m.b), factor, out=b[:, block], dtype=np.float64)
+            a[block] = _read_array(reader, m.a)
+            col += m.rank
         if rank is not None:
-            b64, a64, errors[name] = _truncate(b64, a32.astype(np.float64), rank)
-            a32 = a64.astype(np.float32)
-        combined[name] = _LowRank(modules[name], b64.astype(np.float32), a32)
+            b64, a64, errors[name] = _truncate(b.astype(np.float64), a.astype(np.float64), rank)
+            b, a = b64.astype(np.float32), a64.astype(np.float32)
+        combined[name] = _LowRank(newest, b, a)
     return combined, errors
 
 
