@@ -159,3 +159,47 @@ def test_hub_id_from_the_cache(root, cli, tmp_path, monkeypatch):
     assert args["model"] == "org/tiny"
     result = cli("train-mem", "org/other", *data(root), "-o", tmp_path / "m2", *FAST)
     assert result.code == 1 and "MODEL org/other: no such local path" in result.err
+
+
+def test_lora_hands_back_adapters(root, cli, tmp_path):
+    """--lora: train-mem writes θ_mem's adapter, unlearn the forget adapter θ_ref − α·s·B·A
+    (base + it equals (1+α)·base − α·merged θ_mem), --merge a full model."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    lora = ["--lora", "2", "--alpha", "2"]
+    forget, mem = tmp_path / "forget-adapter", tmp_path / "mem-adapter"
+    result = cli("unlearn", root / "llama", *data(root), "-o", forget, "--save-mem", mem,
+                 *lora, *FAST)  # fmt: skip
+    assert result.code == 0, result.err
+    for folder in (forget, mem):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
+        assert not (folder / "model.safetensors").exists()
+
+    def merged(adapter):
+        base = AutoModelForCausalLM.from_pretrained(root / "llama")
+        return peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+
+    base = AutoModelForCausalLM.from_pretrained(root / "llama").state_dict()
+    got, theta_mem = merged(forget), merged(mem)
+    moved = 0.0
+    for name, b in base.items():
+        want = 3 * b.double() - 2 * theta_mem[name].double()
+        torch.testing.assert_close(got[name].double(), want, rtol=0, atol=1e-6)
+        moved = max(moved, (got[name] - b).abs().max().item())
+    assert moved > 1e-5  # the adapter did something
+
+    full = tmp_path / "forget-full"
+    result = cli("unlearn", root / "llama", *data(root), "-o", full, "--merge", *lora, *FAST)
+    assert result.code == 0, result.err
+    full_w = load_file(full / "model.safetensors")
+    for name, w in full_w.items():  # the same run, merged: the same forget model
+        torch.testing.assert_close(w, got[name], rtol=0, atol=1e-6)
+
+    momentum = tmp_path / "momentum-adapter"
+    result = cli("unlearn", root / "llama", *data(root), "-o", momentum, "--eta", "0.5",
+                 "--extrapolate-every", "1", *lora, *FAST)  # fmt: skip
+    assert result.code == 0, result.err
+    config = json.loads((momentum / "adapter_config.json").read_text())
+    assert config["r"] == 4  # two ticks of rank 2, concatenated
+    merged(momentum)  # PEFT applies it

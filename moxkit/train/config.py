@@ -41,6 +41,12 @@ class TrainConfig:
         "with adapters disabled.",
         minimum=1,
     )
+    merge: bool = setting(
+        False,
+        "With --lora: hand back a full model (train-mem: θ_mem merged; unlearn: the forget "
+        "model, base + forget adapter streamed) instead of the adapter (default: θ_mem's "
+        "adapter, or the forget adapter θ_ref − α·s·B·A).",
+    )
     progress: bool = setting(True, "Show progress.", cli=False)
 
     def validate(self) -> None:

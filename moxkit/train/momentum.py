@@ -120,3 +120,31 @@ class MomentumCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
             self.tick(state.global_step)
+
+
+class AdapterExtrapolator:
+    """MOX with LoRA: θ_mem = θ_ref + s·B·A, so θ_for = θ_ref − α·s·B·A is itself a LoRA
+    adapter on the untouched base (moxkit.adapters), a few MB. Each tick saves the adapter as
+    a snapshot in `work`; the end writes the forget adapter from the last one or, with η,
+    the momentum adapter Σ_k w_k over all of them (exact: a sum of low-rank terms)."""
+
+    def __init__(self, base_dir: Path | None, alpha: float, eta: float | None, work: Path | None):
+        self.base_dir, self.alpha, self.eta, self.work = base_dir, alpha, eta, work
+        self.snapshots: list[Path] = []
+        self.ticks = 0
+
+    def update(self, peft_model) -> None:
+        folder = self.work / f"adapter-{self.ticks + 1}"
+        peft_model.save_pretrained(folder, safe_serialization=True)
+        self.snapshots.append(folder)
+        self.ticks += 1
+
+    def write(self, out: Path) -> None:
+        """The forget adapter into `out` (a new folder)."""
+        from moxkit.adapters import momentum_forget_adapter, write_forget_adapter
+
+        if self.eta is None:
+            write_forget_adapter(self.snapshots[-1], self.alpha, out, base=self.base_dir)
+        else:
+            momentum_forget_adapter(self.snapshots, self.alpha, out, eta=self.eta,
+                                    base=self.base_dir)  # fmt: skip

@@ -58,6 +58,8 @@ class Request:
         self.extrapolation.validate()
         self.method.check(self.loss, self.extrapolation, targeted=self.targeted,
                           label=self.label)
+        if self.config.merge and not self.config.lora:
+            raise MoxError(f"{self.label('merge')}: only with {self.label('lora')}")
         from moxkit.hf import check_model_dir
 
         inputs: list[Path] = []

@@ -30,7 +30,13 @@ from moxkit.text import pad_id
 from .config import TrainConfig
 from .data import Collator, PairDataset, PairSampler
 from .models import ARGS_FILE, LOG_FILE, CheckpointNames, save_model
-from .momentum import DiskExtrapolator, InMemoryExtrapolator, MomentumCallback, cpu_fp32_state
+from .momentum import (
+    AdapterExtrapolator,
+    DiskExtrapolator,
+    InMemoryExtrapolator,
+    MomentumCallback,
+    cpu_fp32_state,
+)
 from .objectives import LossSpec
 from .trainer import MoxTrainer, StepLog, quiet_callbacks, training_arguments
 
@@ -46,6 +52,8 @@ class Run:
         self.is_main = PartialState().is_main_process
         self.staged: Path | None = None  # the folder being built (main process only)
         self.names: CheckpointNames | None = None  # MODEL's tensor names, for every save
+        # --lora without --merge, writing an output: adapters are handed back, not full models
+        self.adapter_output = bool(config.lora and not config.merge and out is not None)
         self.trainer: MoxTrainer | None = None
         self.log: StepLog | None = None
         self.result_path: Path | None = None
@@ -95,6 +103,7 @@ class Run:
     def train(self, start: Loaded, dataset: PairDataset, spec: LossSpec, reference, callbacks):
         model = start.model
         if self.config.lora:
+            torch.manual_seed(self.config.seed)  # LoRA's A is random: same seed, same run
             model = _with_lora(model, self.config.lora)
         trainer = MoxTrainer(
             model=model,
@@ -112,7 +121,7 @@ class Run:
         for cb in (self.log, *callbacks):
             trainer.add_callback(cb)
         trainer.train()
-        if self.config.lora:  # θ_mem is the base with the adapters merged in
+        if self.config.lora and not self.adapter_output:  # the base with the adapters merged
             merged = self.model.merge_and_unload()
             trainer.model = trainer.model_wrapped = merged
         return trainer
@@ -136,10 +145,13 @@ class Run:
         return mem_dir
 
     def save_trained(self, tokenizer) -> None:
-        """The trained model (fp32) is the output."""
-        if self.out is not None:
+        """The trained model (fp32) is the output; with --lora, its adapter."""
+        if self.adapter_output and self.is_main:
+            self.model.save_pretrained(self.staged, safe_serialization=True)
+            tokenizer.save_pretrained(self.staged)
+        elif self.out is not None:
             self._save_to(self.staged, tokenizer)
-            self.publish()
+        self.publish()
 
     def save_elsewhere(self, tokenizer, path: Path) -> None:
         """θ_mem next to the forget model (save_mem), staged and published like any output."""
@@ -147,7 +159,12 @@ class Run:
             folder = None
             if self.is_main:
                 folder = stack.enter_context(staged_dir(path, force=self.force))
-            self._save_to(folder, tokenizer)
+            if self.adapter_output:  # θ_mem's adapter
+                if self.is_main:
+                    self.model.save_pretrained(folder, safe_serialization=True)
+                    tokenizer.save_pretrained(folder)
+            else:
+                self._save_to(folder, tokenizer)
         self.barrier()
 
     def publish(self) -> None:
@@ -164,9 +181,13 @@ class Run:
     # --- extrapolation ---
 
     def extrapolator(self, ref: Loaded, alpha: float, eta: float | None, where: str):
-        """In memory (θ_ref and θ_for as CPU fp32 copies, main process only) or on disk."""
+        """Forget adapters (--lora), in memory (θ_ref and θ_for as CPU fp32 copies, main
+        process only) or on disk."""
+        work = self.work if self.is_main and self.staged is not None else None
+        if self.adapter_output:
+            return AdapterExtrapolator(ref.directory, alpha, eta, work)
         if self._where(ref, where) == "disk":
-            return DiskExtrapolator(ref.directory, alpha, eta, self.work if self.is_main else None)
+            return DiskExtrapolator(ref.directory, alpha, eta, work)
         state = cpu_fp32_state(ref.model.named_parameters()) if self.is_main else {}
         return InMemoryExtrapolator(state, alpha, eta)
 
@@ -190,6 +211,9 @@ class Run:
                 mem_dir = self._save_mem_scratch()
                 if self.is_main:
                     extrapolator.update(mem_dir)
+            elif isinstance(extrapolator, AdapterExtrapolator):
+                if self.is_main:
+                    extrapolator.update(self.model)
             elif self.is_main:
                 extrapolator.update(self.model.named_parameters())
             self.barrier()
@@ -200,11 +224,16 @@ class Run:
     def finish_extrapolation(self, extrapolator, tokenizer, dtype: torch.dtype):
         """The final tick, into the trained model in memory (returned, in MODEL's dtype; None
         on processes other than the main one) or through the engine on disk (None)."""
-        if isinstance(extrapolator, DiskExtrapolator):
-            mem_dir = self._save_mem_scratch()
+        if isinstance(extrapolator, (DiskExtrapolator, AdapterExtrapolator)):
+            on_disk = isinstance(extrapolator, DiskExtrapolator)
+            mem_dir = self._save_mem_scratch() if on_disk else None
             if self.is_main:
                 built = self.work / "forget"
-                extrapolator.update(mem_dir, out=built, final=True)
+                if mem_dir is not None:
+                    extrapolator.update(mem_dir, out=built, final=True)
+                else:
+                    extrapolator.update(self.model)
+                    extrapolator.write(built)
                 for item in built.iterdir():  # the run's own log and arguments win
                     if not (self.staged / item.name).exists():
                         item.rename(self.staged / item.name)
