@@ -10,8 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-# Row, encode: moxkit.eval's old import path, until it moves to moxkit.text
-from moxkit.text import IGNORE, Example, Row, encode  # noqa: F401
+from moxkit.text import IGNORE, Example
 
 
 class PairSampler(torch.utils.data.Sampler):
