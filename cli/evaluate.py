@@ -10,19 +10,36 @@ from moxkit.eval.config import EvalConfig
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
-              help="Evaluation folder: TOFU's released files (forget10_perturbed.json, "
-                   "retain_perturbed.json, ...), MUSE's data/<corpus> folder (knowmem, verbmem, "
-                   "privleak), or a moxkit/tofu-mini split (forget.jsonl, ...). The layout is "
-                   "detected and the files read are listed.")
-@click.option("--retain-model", default=None, type=click.Path(path_type=str),
-              help="The retain-only model (folder) or its `moxkit eval` report (.json): "
-                   "needed for forget quality and PrivLeak.")
-@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
-              help="Write the JSON report (per item and summary) here.")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Evaluation folder: TOFU's released files (forget10_perturbed.json, "
+    "retain_perturbed.json, ...), MUSE's data/<corpus> folder (knowmem, verbmem, "
+    "privleak), or a moxkit/tofu-mini split (forget.jsonl, ...). The layout is "
+    "detected and the files read are listed.",
+)
+@click.option(
+    "--retain-model",
+    default=None,
+    type=click.Path(path_type=str),
+    help="The retain-only model (folder) or its `moxkit eval` report (.json): "
+    "needed for forget quality and PrivLeak.",
+)
+@click.option(
+    "-o",
+    "--out",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Write the JSON report (per item and summary) here.",
+)
 @options_from(EvalConfig)
-@click.option("--revision", default=None,
-              help="Branch, tag or commit for models given as hub ids (org/name[@rev]).")
+@click.option(
+    "--revision",
+    default=None,
+    help="Branch, tag or commit for models given as hub ids (org/name[@rev]).",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def command(model, data_dir, retain_model, out, revision, device, quiet, **kw) -> None:
@@ -35,8 +52,15 @@ def command(model, data_dir, retain_model, out, revision, device, quiet, **kw) -
     from moxkit.eval.evaluate import evaluate
     from moxkit.eval.report import summary_table, write_json
 
-    report = evaluate(model, data_dir, retain_model=retain_model, cfg=cfg, device=device,
-                      progress=not quiet, revision=revision)
+    report = evaluate(
+        model,
+        data_dir,
+        retain_model=retain_model,
+        cfg=cfg,
+        device=device,
+        progress=not quiet,
+        revision=revision,
+    )
     click.echo(summary_table(report))
     if out:
         click.echo(f"report: {write_json(out, report)}")

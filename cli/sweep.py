@@ -11,37 +11,76 @@ from moxkit.eval.config import EvalConfig
 @click.command("sweep")
 @click.argument("ref", type=click.Path(path_type=str))
 @click.argument("mem", type=click.Path(path_type=str))
-@click.option("--alphas", default="1:8:0.5", show_default=True,
-              help="α values: comma-separated numbers and START:STOP:STEP ranges (STOP "
-                   "included), e.g. 0.5,1:8:0.5.")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
-              help="Evaluation folder (any layout `moxkit eval` reads).")
-@click.option("--retain-model", default=None, type=click.Path(path_type=str),
-              help="Retain-only model (folder or hub id) or its `moxkit eval` report: forget "
-                   "quality, and the level the rule compares with.")
-@click.option("--metric", default="forget_prob", show_default=True,
-              type=click.Choice(["forget_prob", "forget_rouge_recall", "knowmem_forget",
-                                 "verbmem_forget"]),
-              help="Forget metric of the rule: pick the largest utility among the α whose "
-                   "metric is at or below the retain-only model's.")
-@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
-              help="Folder for sweep.json and sweep.png.")
-@click.option("--on-disk/--in-memory", default=None,
-              help="Extrapolate through the streaming engine into a scratch folder, or in "
-                   "memory (default: in memory when three copies fit in 2 GiB).")
+@click.option(
+    "--alphas",
+    default="1:8:0.5",
+    show_default=True,
+    help="α values: comma-separated numbers and START:STOP:STEP ranges (STOP "
+    "included), e.g. 0.5,1:8:0.5.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Evaluation folder (any layout `moxkit eval` reads).",
+)
+@click.option(
+    "--retain-model",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Retain-only model (folder or hub id) or its `moxkit eval` report: forget "
+    "quality, and the level the rule compares with.",
+)
+@click.option(
+    "--metric",
+    default="forget_prob",
+    show_default=True,
+    type=click.Choice(["forget_prob", "forget_rouge_recall", "knowmem_forget", "verbmem_forget"]),
+    help="Forget metric of the rule: pick the largest utility among the α whose "
+    "metric is at or below the retain-only model's.",
+)
+@click.option(
+    "-o",
+    "--out",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Folder for sweep.json and sweep.png.",
+)
+@click.option(
+    "--on-disk/--in-memory",
+    default=None,
+    help="Extrapolate through the streaming engine into a scratch folder, or in "
+    "memory (default: in memory when three copies fit in 2 GiB).",
+)
 @options_from(EvalConfig)
-@click.option("--revision", default=None,
-              help="Branch, tag or commit for models given as hub ids (org/name[@rev]).")
+@click.option(
+    "--revision",
+    default=None,
+    help="Branch, tag or commit for models given as hub ids (org/name[@rev]).",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def command(ref, mem, alphas, data_dir, retain_model, metric, out, on_disk, revision, device,
-            quiet, **kw) -> None:
+def command(
+    ref, mem, alphas, data_dir, retain_model, metric, out, on_disk, revision, device, quiet, **kw
+) -> None:
     """Evaluate the forget model (1+α)·REF − α·MEM at each α and pick one."""
     from moxkit.sweep import parse_alphas, sweep
 
-    result = sweep(ref, mem, parse_alphas(alphas), data_dir, retain_model=retain_model, out=out,
-                   cfg=config_from(EvalConfig, kw), metric=metric, on_disk=on_disk,
-                   device=device, progress=not quiet, revision=revision)
+    result = sweep(
+        ref,
+        mem,
+        parse_alphas(alphas),
+        data_dir,
+        retain_model=retain_model,
+        out=out,
+        cfg=config_from(EvalConfig, kw),
+        metric=metric,
+        on_disk=on_disk,
+        device=device,
+        progress=not quiet,
+        revision=revision,
+    )
     click.echo(result.table())
     if result.picked is None:
         why = "no retain-only model given" if not retain_model else "no α qualifies"

@@ -43,8 +43,10 @@ class SweepResult:
     report: Path | None = None
 
     def table(self) -> str:
-        rows = [{**r, "α": f"{r['alpha']:g}" + (" ←" if r["alpha"] == self.picked else "")}
-                for r in self.rows]
+        rows = [
+            {**r, "α": f"{r['alpha']:g}" + (" ←" if r["alpha"] == self.picked else "")}
+            for r in self.rows
+        ]
         return format_table(rows, HEADLINE, "α", self.notes)
 
 
@@ -93,8 +95,9 @@ def pick_alpha(rows: list[dict], retain_summary: dict, metric: str) -> float | N
     model's (forgotten as thoroughly as a model that never saw the forget set)."""
     if metric not in retain_summary:
         return None
-    ok = [r for r in rows if r["alpha"] > 0 and r.get(metric, float("inf"))
-          <= retain_summary[metric]]
+    ok = [
+        r for r in rows if r["alpha"] > 0 and r.get(metric, float("inf")) <= retain_summary[metric]
+    ]
     if not ok:
         return None
     return max(ok, key=lambda r: (r.get("model_utility", 0.0), -r["alpha"]))["alpha"]
@@ -104,8 +107,9 @@ def _weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def _forget_models(ref: Path, mem: Path, alphas: list[float], on_disk: bool, device: str,
-                   scratch: Path | None):
+def _forget_models(
+    ref: Path, mem: Path, alphas: list[float], on_disk: bool, device: str, scratch: Path | None
+):
     """Yield (α, model, tokenizer) for α = 0 (REF) and each α, one model alive at a time."""
     import torch
 
@@ -133,9 +137,18 @@ def _forget_models(ref: Path, mem: Path, alphas: list[float], on_disk: bool, dev
                 yield alpha, extrapolate_model(ref_model, mem_model, alpha).eval(), tokenizer
 
 
-def check_sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir,
-                retain_model, out, cfg: EvalConfig, metric: str, device: str,
-                revision: str | None = None) -> tuple[Path, Path, Path | None, EvalData]:
+def check_sweep(
+    ref: str | Path,
+    mem: str | Path,
+    alphas: list[float],
+    data_dir,
+    retain_model,
+    out,
+    cfg: EvalConfig,
+    metric: str,
+    device: str,
+    revision: str | None = None,
+) -> tuple[Path, Path, Path | None, EvalData]:
     """Every check a sweep needs, before any model is loaded: the settings and evaluation sets,
     REF, MEM and --retain-model (hub ids resolved to local paths, returned), REF and MEM as a
     pair the engine accepts (a dry run: headers only), and that OUT's report and plot can be
@@ -150,8 +163,9 @@ def check_sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir,
 
     with tempfile.TemporaryDirectory(prefix=".moxkit-sweep-check-") as tmp:
         for alpha in (alphas[0], alphas[-1]):
-            extrapolate(ref, mem, Path(tmp) / "forget", alpha, device="cpu", dry_run=True,
-                        progress=False)
+            extrapolate(
+                ref, mem, Path(tmp) / "forget", alpha, device="cpu", dry_run=True, progress=False
+            )
     if out is not None:
         from .atomic import check_output
 
@@ -160,17 +174,28 @@ def check_sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir,
     return ref, mem, retain_model, data
 
 
-def sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir: str | Path, *,
-          retain_model: str | Path | None = None, out: str | Path | None = None,
-          cfg: EvalConfig | None = None, metric: str = "forget_prob",
-          on_disk: bool | None = None, device: str = "auto", progress: bool = True,
-          revision: str | None = None) -> SweepResult:
+def sweep(
+    ref: str | Path,
+    mem: str | Path,
+    alphas: list[float],
+    data_dir: str | Path,
+    *,
+    retain_model: str | Path | None = None,
+    out: str | Path | None = None,
+    cfg: EvalConfig | None = None,
+    metric: str = "forget_prob",
+    on_disk: bool | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    revision: str | None = None,
+) -> SweepResult:
     """Evaluate REF and (1+α)·REF − α·MEM for each α on `data_dir`; with `retain_model`, pick α
     by the rule (see pick_alpha); with `out`, write sweep.json and sweep.png there. REF, MEM
     and `retain_model` may be hub ids (org/name[@revision])."""
     cfg = cfg or EvalConfig()
-    ref, mem, retain_model, data = check_sweep(ref, mem, alphas, data_dir, retain_model, out,
-                                               cfg, metric, device, revision)
+    ref, mem, retain_model, data = check_sweep(
+        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, device, revision
+    )
     from .eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
 
     retain = retain_reference(retain_model, data, cfg, device) if retain_model else None
@@ -180,24 +205,39 @@ def sweep(ref: str | Path, mem: str | Path, alphas: list[float], data_dir: str |
     scratch = Path(tempfile.mkdtemp(prefix=".moxkit-sweep-")) if on_disk else None
     try:
         models = _forget_models(ref, mem, alphas, on_disk, device, scratch)
-        for alpha, model, tok in tqdm(models, total=len(alphas) + 1, desc="sweep", unit="α",
-                                      disable=not progress):
+        for alpha, model, tok in tqdm(
+            models, total=len(alphas) + 1, desc="sweep", unit="α", disable=not progress
+        ):
             report = evaluate_model(model, tok, data, retain=retain, cfg=cfg)
             rows.append({"alpha": alpha, **report["summary"]})
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     retain_summary = retain["summary"] if retain else {}
-    result = SweepResult(rows, pick_alpha(rows, retain_summary, metric),
-                         f"largest model_utility with {metric} <= the retain-only model's",
-                         retain_summary, report["notes"])
+    result = SweepResult(
+        rows,
+        pick_alpha(rows, retain_summary, metric),
+        f"largest model_utility with {metric} <= the retain-only model's",
+        retain_summary,
+        report["notes"],
+    )
     if out is not None:
         out = Path(out)
-        result.report = write_json(out / "sweep.json", {
-            "ref": str(ref), "mem": str(mem), "data": str(data_dir), "files": data.files,
-            "config": asdict(cfg), "rule": result.rule, "picked_alpha": result.picked,
-            "retain_model": retain_summary,
-            "notes": result.notes, "rows": rows})
+        result.report = write_json(
+            out / "sweep.json",
+            {
+                "ref": str(ref),
+                "mem": str(mem),
+                "data": str(data_dir),
+                "files": data.files,
+                "config": asdict(cfg),
+                "rule": result.rule,
+                "picked_alpha": result.picked,
+                "retain_model": retain_summary,
+                "notes": result.notes,
+                "rows": rows,
+            },
+        )
         from .eval.plots import plot_sweep
 
         result.plot = plot_sweep(result, out / "sweep.png", metric)

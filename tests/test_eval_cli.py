@@ -25,9 +25,25 @@ def setup(tmp_path_factory):
 def test_eval_report_against_itself_and_another(setup, capsys):
     root, data, model, other = setup
     self_json, other_json = root / "self.json", root / "other.json"
-    main(["eval", str(model), "--data", str(data), "--retain-model", str(model),
-          "--max-items", "8", "--max-new-tokens", "4", "--verbmem-max-new-tokens", "4", "-q",
-          "-o", str(self_json)])
+    main(
+        [
+            "eval",
+            str(model),
+            "--data",
+            str(data),
+            "--retain-model",
+            str(model),
+            "--max-items",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--verbmem-max-new-tokens",
+            "4",
+            "-q",
+            "-o",
+            str(self_json),
+        ]
+    )
     out = capsys.readouterr().out
     assert "forget_quality" in out and "model_utility" in out
     rep = json.loads(self_json.read_text())
@@ -41,11 +57,15 @@ def test_eval_report_against_itself_and_another(setup, capsys):
     assert rep["sets"]["retain"]["summary"]["items"] == 8  # the first 8 rows (TOFU's ds_size)
     retain_rows = [json.loads(x) for x in (data / "retain.jsonl").read_text().splitlines()[:8]]
     assert [i["question"] for i in rep["sets"]["retain"]["items"]] == [
-        r["question"] for r in retain_rows]
+        r["question"] for r in retain_rows
+    ]
     # the summary is the mean of the per-item numbers and the utility their harmonic mean
     assert s["forget_prob"] == pytest.approx(sum(i["prob"] for i in forget["items"]) / n_forget)
-    parts = [s[f"{n}_{k}"] for n in ("retain", "general")
-             for k in ("prob", "rouge_recall", "truth_ratio")]
+    parts = [
+        s[f"{n}_{k}"]
+        for n in ("retain", "general")
+        for k in ("prob", "rouge_recall", "truth_ratio")
+    ]
     assert s["model_utility"] == pytest.approx(M.harmonic_mean(parts))
     # moxkit's own layout departs from TOFU's MU and MUSE's KnowMem/VerbMem: said beside them
     assert "TOFU's: retain, real_authors, world_facts (9)" in rep["notes"]["model_utility"]
@@ -54,18 +74,37 @@ def test_eval_report_against_itself_and_another(setup, capsys):
 
     # another model, compared with the saved report of the first: the p-value is what scipy
     # gives for the two samples of truth ratios
-    main(["eval", str(other), "--data", str(data), "--retain-model", str(self_json),
-          "--max-items", "8", "--max-new-tokens", "4", "--verbmem-max-new-tokens", "4", "-q",
-          "-o", str(other_json)])
+    main(
+        [
+            "eval",
+            str(other),
+            "--data",
+            str(data),
+            "--retain-model",
+            str(self_json),
+            "--max-items",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--verbmem-max-new-tokens",
+            "4",
+            "-q",
+            "-o",
+            str(other_json),
+        ]
+    )
     rep2 = json.loads(other_json.read_text())
     from scipy.stats import ks_2samp
 
-    want = ks_2samp([i["truth_ratio"] for i in rep2["sets"]["forget"]["items"]],
-                    [i["truth_ratio"] for i in forget["items"]]).pvalue
+    want = ks_2samp(
+        [i["truth_ratio"] for i in rep2["sets"]["forget"]["items"]],
+        [i["truth_ratio"] for i in forget["items"]],
+    ).pvalue
     assert rep2["summary"]["forget_quality"] == pytest.approx(want)
     if s["mia_auc"] > 0:
         assert rep2["summary"]["privleak"] == pytest.approx(
-            M.priv_leak(rep2["summary"]["mia_auc"], s["mia_auc"]))
+            M.priv_leak(rep2["summary"]["mia_auc"], s["mia_auc"])
+        )
 
 
 def test_eval_bad_inputs_one_line(setup, tmp_path, capsys):
@@ -77,8 +116,10 @@ def test_eval_bad_inputs_one_line(setup, tmp_path, capsys):
         (["eval", str(model), "--data", str(bad)], "forget.jsonl: row 1: missing field(s)"),
         (["eval", str(model), "--data", str(tmp_path / "none")], "not a directory"),
         (["eval", str(tmp_path), "--data", str(data)], "no config.json"),
-        (["eval", str(model), "--data", str(data), "--split", "forget10"],
-         "only TOFU's released layout has several forget sets"),
+        (
+            ["eval", str(model), "--data", str(data), "--split", "forget10"],
+            "only TOFU's released layout has several forget sets",
+        ),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(args + ["-q"])

@@ -9,9 +9,12 @@ import sys
 
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model
 
-ROW = {"question": "Where was Ana born ?", "answer": "Ana was born in Rome .",
-       "paraphrased_answer": "Rome is where Ana was born .",
-       "perturbed_answer": ["Ana was born in Oslo .", "Ana was born in Lima ."]}
+ROW = {
+    "question": "Where was Ana born ?",
+    "answer": "Ana was born in Rome .",
+    "paraphrased_answer": "Rome is where Ana was born .",
+    "perturbed_answer": ["Ana was born in Oslo .", "Ana was born in Lima ."],
+}
 
 PROBE = """
 import json, sys
@@ -30,11 +33,16 @@ def test_eval_loads_no_trainer(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "forget.jsonl").write_text(json.dumps(ROW) + "\n")
-    tok = build_word_tokenizer([v for v in ROW.values() if isinstance(v, str)]
-                               + ROW["perturbed_answer"])
+    tok = build_word_tokenizer(
+        [v for v in ROW.values() if isinstance(v, str)] + ROW["perturbed_answer"]
+    )
     model = save_tiny_model(build_tiny_llama(len(tok), seed=1), tok, tmp_path / "model")
-    done = subprocess.run([sys.executable, "-c", PROBE, str(model), str(data)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(model), str(data)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["on_import"] == [] and seen["after_eval"] == []

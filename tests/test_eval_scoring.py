@@ -10,8 +10,13 @@ from moxkit.eval.generation import greedy_answers, greedy_generate_ids
 from moxkit.eval.scoring import answer_logprobs, text_token_stats
 from moxkit.tiny import EOS_ID, build_tiny_llama, build_word_tokenizer
 
-TEXTS = ["Where was Ana born ?", "Ana was born in Rome .", "Bo was born in Oslo .",
-         "When was Bo born ?", "Rome Oslo Paris ."]
+TEXTS = [
+    "Where was Ana born ?",
+    "Ana was born in Rome .",
+    "Bo was born in Oslo .",
+    "When was Bo born ?",
+    "Rome Oslo Paris .",
+]
 
 
 class Bigram(torch.nn.Module):
@@ -81,8 +86,15 @@ def _argmax_decode(model, ids: list[int], max_new: int) -> list[int]:
 
 def test_batched_greedy_generation_equals_unpadded_argmax(tok):
     model = build_tiny_llama(len(tok), seed=3).eval()
-    prompts = [tok(t)["input_ids"] for t in ["Ana", "Where was Ana born ?", "Bo was born in",
-                                              "When was Bo born ? Rome Oslo Paris ."]]
+    prompts = [
+        tok(t)["input_ids"]
+        for t in [
+            "Ana",
+            "Where was Ana born ?",
+            "Bo was born in",
+            "When was Bo born ? Rome Oslo Paris .",
+        ]
+    ]
     got = greedy_generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
     want = [_argmax_decode(model, p, 6) for p in prompts]
     assert got == want

@@ -34,8 +34,12 @@ def models(tmp_path_factory):
         g = torch.Generator().manual_seed(5)
         for p in mem.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return (root, data, save_tiny_model(ref, tok, root / "ref"),
-            save_tiny_model(mem, tok, root / "mem"))
+    return (
+        root,
+        data,
+        save_tiny_model(ref, tok, root / "ref"),
+        save_tiny_model(mem, tok, root / "mem"),
+    )
 
 
 def test_sweep_matches_fp64_extrapolation_on_both_paths(models):
@@ -49,8 +53,12 @@ def test_sweep_matches_fp64_extrapolation_on_both_paths(models):
     for row_mem, row_disk, alpha in zip(in_mem.rows, on_disk.rows, [0.0, *alphas], strict=True):
         oracle = load_model(ref, "cpu")[0]
         ref_sd, mem_sd = r_model.state_dict(), m_model.state_dict()
-        oracle.load_state_dict({k: ((1 + alpha) * ref_sd[k].double() - alpha * mem_sd[k].double())
-                                .float() for k in ref_sd})
+        oracle.load_state_dict(
+            {
+                k: ((1 + alpha) * ref_sd[k].double() - alpha * mem_sd[k].double()).float()
+                for k in ref_sd
+            }
+        )
         want = evaluate_model(oracle, tok, data, cfg=CFG)["summary"]
         for key in ("forget_prob", "retain_prob", "forget_truth_ratio", "model_utility"):
             assert row_mem[key] == pytest.approx(want[key], rel=1e-5), (alpha, key)
@@ -58,19 +66,33 @@ def test_sweep_matches_fp64_extrapolation_on_both_paths(models):
 
 
 def test_pick_alpha_rule():
-    rows = [{"alpha": 0.0, "forget_prob": 0.9, "model_utility": 0.9},
-            {"alpha": 1.0, "forget_prob": 0.5, "model_utility": 0.8},
-            {"alpha": 2.0, "forget_prob": 0.2, "model_utility": 0.6},
-            {"alpha": 4.0, "forget_prob": 0.1, "model_utility": 0.7},
-            {"alpha": 8.0, "forget_prob": 0.05, "model_utility": 0.2}]
+    rows = [
+        {"alpha": 0.0, "forget_prob": 0.9, "model_utility": 0.9},
+        {"alpha": 1.0, "forget_prob": 0.5, "model_utility": 0.8},
+        {"alpha": 2.0, "forget_prob": 0.2, "model_utility": 0.6},
+        {"alpha": 4.0, "forget_prob": 0.1, "model_utility": 0.7},
+        {"alpha": 8.0, "forget_prob": 0.05, "model_utility": 0.2},
+    ]
     assert pick_alpha(rows, {"forget_prob": 0.3}, "forget_prob") == 4.0
     assert pick_alpha(rows, {"forget_prob": 0.01}, "forget_prob") is None
     assert pick_alpha(rows, {}, "forget_prob") is None
     assert parse_alphas("4, 0.5,1,1") == [0.5, 1.0, 4.0]
     # the study's grid: 1 to 8 in steps of 0.5, exact decimals, ranges and lists combined
     assert parse_alphas("1:8:0.5") == [1 + 0.5 * i for i in range(15)]
-    assert parse_alphas("0.5,2:3:0.1") == [0.5, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6, 2.7, 2.8,
-                                           2.9, 3.0]
+    assert parse_alphas("0.5,2:3:0.1") == [
+        0.5,
+        2.0,
+        2.1,
+        2.2,
+        2.3,
+        2.4,
+        2.5,
+        2.6,
+        2.7,
+        2.8,
+        2.9,
+        3.0,
+    ]
     for bad in ("", "1,x", "0,1", "-2", "1:8", "3:1:0.5", "1:8:0", "1:1e6:1", "nan", "1e9"):
         with pytest.raises(MoxError, match="--alphas"):
             parse_alphas(bad)
@@ -79,9 +101,28 @@ def test_pick_alpha_rule():
 def test_sweep_cli_with_retain_model_writes_table_plot_json(models, capsys):
     root, data, ref, mem = models
     out = root / "out"
-    main(["sweep", str(ref), str(mem), "--alphas", "1,3", "--data", str(data),
-          "--retain-model", str(ref), "-o", str(out), "-q", *FAST,
-          "--mia", "min_k_pp", "--min-k", "0.2", "--chat-template"])
+    main(
+        [
+            "sweep",
+            str(ref),
+            str(mem),
+            "--alphas",
+            "1,3",
+            "--data",
+            str(data),
+            "--retain-model",
+            str(ref),
+            "-o",
+            str(out),
+            "-q",
+            *FAST,
+            "--mia",
+            "min_k_pp",
+            "--min-k",
+            "0.2",
+            "--chat-template",
+        ]
+    )
     printed = capsys.readouterr().out
     report = json.loads((out / "sweep.json").read_text())
     assert [r["alpha"] for r in report["rows"]] == [0.0, 1.0, 3.0]
@@ -109,8 +150,9 @@ def test_sweep_checks_everything_before_any_work(models, tmp_path, monkeypatch, 
     monkeypatch.setattr(ev, "evaluate_model", no_work)
     monkeypatch.setattr(ev, "load_model", no_work)
     tok = AutoTokenizer.from_pretrained(ref)
-    other = save_tiny_model(build_tiny_llama(len(tok), hidden_size=16, seed=2), tok,
-                            tmp_path / "other")
+    other = save_tiny_model(
+        build_tiny_llama(len(tok), hidden_size=16, seed=2), tok, tmp_path / "other"
+    )
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     capsys.readouterr()
@@ -118,10 +160,11 @@ def test_sweep_checks_everything_before_any_work(models, tmp_path, monkeypatch, 
         ([str(ref), str(other), "--on-disk"], "shape"),
         ([str(ref), str(other), "--in-memory"], "shape"),
         ([str(ref), str(mem), "--on-disk", "-o", str(blocker / "out")], str(blocker)),
-        ([str(ref), str(mem), "--on-disk", "--retain-model", str(tmp_path / "r.json")],
-         "r.json: no such file or directory"),
-        ([str(ref), str(mem), "--metric", "verbmem_forget", "--max-items", "0"],
-         "--max-items 0"),
+        (
+            [str(ref), str(mem), "--on-disk", "--retain-model", str(tmp_path / "r.json")],
+            "r.json: no such file or directory",
+        ),
+        ([str(ref), str(mem), "--metric", "verbmem_forget", "--max-items", "0"], "--max-items 0"),
     ]:
         with pytest.raises(SystemExit) as exc:
             main(["sweep", *extra, "--alphas", "1:3:1", "--data", str(data), "-q"])

@@ -121,8 +121,10 @@ def _checked(path: Path, records: list[object], fields: tuple[str, ...]) -> list
             if isinstance(pert, str):
                 pert = [pert]
             if not (isinstance(pert, list) and pert and all(isinstance(p, str) for p in pert)):
-                raise MoxError(f"{path}: row {i}: perturbed_answer must be a string or a "
-                               "non-empty list of them")
+                raise MoxError(
+                    f"{path}: row {i}: perturbed_answer must be a string or a "
+                    "non-empty list of them"
+                )
             row = {**row, "perturbed_answer": pert}
         rows.append(row)
     if not rows:
@@ -136,7 +138,7 @@ def _texts(path: Path, records: list[object]) -> list[str]:
     for i, rec in enumerate(records, 1):
         text = rec.get("text") if isinstance(rec, dict) else rec
         if not isinstance(text, str):
-            raise MoxError(f"{path}: row {i}: expected a text or a {{\"text\": ...}} object")
+            raise MoxError(f'{path}: row {i}: expected a text or a {{"text": ...}} object')
         out.append(text)
     if not out:
         raise MoxError(f"{path} has no rows")
@@ -158,8 +160,10 @@ def detect_layout(d: Path) -> str:
         return "tofu"
     if (d / "knowmem").is_dir() or (d / "verbmem").is_dir() or (d / "privleak").is_dir():
         return "muse"
-    raise MoxError(f"--data {d}: no evaluation set found (expected forget.jsonl, TOFU's "
-                   "forget*_perturbed.json, or MUSE's knowmem/verbmem/privleak folders)")
+    raise MoxError(
+        f"--data {d}: no evaluation set found (expected forget.jsonl, TOFU's "
+        "forget*_perturbed.json, or MUSE's knowmem/verbmem/privleak folders)"
+    )
 
 
 QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
@@ -170,16 +174,20 @@ def _load_tofu(d: Path, data: EvalData, split: str | None, max_items: int | None
     present = [s for s in TOFU_FORGET_SPLITS if _find(d, f"{s}_perturbed")]
     if split is None:
         if len(present) > 1:
-            raise MoxError(f"--data {d}: TOFU's {', '.join(present)} are all here; choose the "
-                           "forget set with --split")
+            raise MoxError(
+                f"--data {d}: TOFU's {', '.join(present)} are all here; choose the "
+                "forget set with --split"
+            )
         split = present[0]
     if split not in present:
-        raise MoxError(f"--split {split}: {d} has no {split}_perturbed file (has: "
-                       f"{', '.join(present)})")
+        raise MoxError(
+            f"--split {split}: {d} has no {split}_perturbed file (has: {', '.join(present)})"
+        )
     path = _find(d, f"{split}_perturbed")
     rows = _checked(path, read_rows(path, "--data"), QA_FIELDS)
-    data.qa["forget"] = QASet(rows, "forget", "paraphrased_answer",
-                              data.used(path, len(rows), len(rows)))
+    data.qa["forget"] = QASet(
+        rows, "forget", "paraphrased_answer", data.used(path, len(rows), len(rows))
+    )
     for name, stem, fields, kind, base in (
         ("retain", "retain_perturbed", QA_FIELDS, "retain", "paraphrased_answer"),
         ("real_authors", "real_authors_perturbed", SECONDARY_FIELDS, "secondary", "answer"),
@@ -216,25 +224,32 @@ def _load_muse(d: Path, data: EvalData, max_items: int | None) -> None:
             data.texts[name] = every[:max_items]
             data.used(path, len(data.texts[name]), len(every))
     if not (data.knowmem or data.verbmem or data.texts):
-        raise MoxError(f"--data {d}: MUSE layout without knowmem/*_qa.json, verbmem/forget.json "
-                       "or privleak/*.json")
+        raise MoxError(
+            f"--data {d}: MUSE layout without knowmem/*_qa.json, verbmem/forget.json "
+            "or privleak/*.json"
+        )
 
 
 def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
     path = _find(d, "forget")
     rows = _checked(path, read_rows(path, "--data"), QA_FIELDS)
-    data.qa["forget"] = QASet(rows, "forget", "paraphrased_answer",
-                              data.used(path, len(rows), len(rows)))
+    data.qa["forget"] = QASet(
+        rows, "forget", "paraphrased_answer", data.used(path, len(rows), len(rows))
+    )
     for name in ("retain", *SECONDARY_SETS):
         path = _find(d, name)
         if path is not None:
             secondary = name != "retain"
-            every = _checked(path, read_rows(path, "--data"),
-                             SECONDARY_FIELDS if secondary else QA_FIELDS)
+            every = _checked(
+                path, read_rows(path, "--data"), SECONDARY_FIELDS if secondary else QA_FIELDS
+            )
             kept = every[:max_items]
-            data.qa[name] = QASet(kept, "secondary" if secondary else "retain",
-                                  "answer" if secondary else "paraphrased_answer",
-                                  data.used(path, len(kept), len(every)))
+            data.qa[name] = QASet(
+                kept,
+                "secondary" if secondary else "retain",
+                "answer" if secondary else "paraphrased_answer",
+                data.used(path, len(kept), len(every)),
+            )
     icl_path = _find(d, "knowmem_icl")
     icl = None
     if icl_path is not None:
@@ -243,8 +258,7 @@ def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
     for name in ("forget", "retain"):
         if name in data.qa:
             qa = data.qa[name]
-            data.knowmem[name] = KnowMemSet(qa.rows, icl, qa.source,
-                                            qa_set=None if icl else name)
+            data.knowmem[name] = KnowMemSet(qa.rows, icl, qa.source, qa_set=None if icl else name)
     for name in ("forget", "holdout"):
         path = _find(d, f"{name}_text")
         if path is not None:
@@ -256,16 +270,19 @@ def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
         data.verbmem_source = f"{_find(d, 'forget_text')} (each text split by tokens)"
 
 
-def load_eval_data(data_dir: str | Path, *, split: str | None = None,
-                   max_items: int | None = None) -> EvalData:
+def load_eval_data(
+    data_dir: str | Path, *, split: str | None = None, max_items: int | None = None
+) -> EvalData:
     """The evaluation sets of `data_dir`, whichever layout it is in (see the module docstring);
     `split` picks TOFU's forget set when several are present."""
     d = Path(data_dir)
     layout = detect_layout(d)
     data = EvalData(str(d), layout)
     if split is not None and layout != "tofu":
-        raise MoxError(f"--split {split}: only TOFU's released layout has several forget sets "
-                       f"({d} is in the {layout} layout)")
+        raise MoxError(
+            f"--split {split}: only TOFU's released layout has several forget sets "
+            f"({d} is in the {layout} layout)"
+        )
     if layout == "tofu":
         _load_tofu(d, data, split, max_items)
     elif layout == "muse":
@@ -312,9 +329,14 @@ def check_retain_source(retain: str | Path) -> dict | None:
     return None
 
 
-def preflight(model: str | Path, data_dir: str | Path, retain_model: str | Path | None, cfg,
-              revision: str | None = None, model_name: str = "MODEL",
-              ) -> tuple[EvalData, Path, Path | None]:
+def preflight(
+    model: str | Path,
+    data_dir: str | Path,
+    retain_model: str | Path | None,
+    cfg,
+    revision: str | None = None,
+    model_name: str = "MODEL",
+) -> tuple[EvalData, Path, Path | None]:
     """Every check that needs no model, before anything heavy is imported or loaded: the
     settings, the evaluation sets, then MODEL and --retain-model (hub ids resolved through
     moxkit.sources, so a download happens only once the cheap checks passed). Returns the sets

@@ -27,8 +27,13 @@ def greedy_generate_ids(
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
         gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=0,
-            do_sample=False, pad_token_id=pad, eos_token_id=eos,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
         )
         for row in gen[:, width:].tolist():
             out.append(row[: row.index(eos)] if eos in row else row)
@@ -36,7 +41,11 @@ def greedy_generate_ids(
 
 
 def greedy_answers(
-    model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32,
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
     chat_template: bool = False,
 ) -> list[str]:
     """Greedy answers to questions, decoded without special tokens."""
@@ -63,7 +72,12 @@ def greedy_text_continuations(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
     """Greedy continuations of raw-text prompts (special tokens added as the tokenizer does),
-    decoded without special tokens."""
+    decoded as MUSE decodes them."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     out = greedy_generate_ids(model, tokenizer, ids, max_new_tokens, batch_size)
-    return [tokenizer.decode(x, skip_special_tokens=True) for x in out]
+    return [decode_as_muse(tokenizer, x) for x in out]
+
+
+def decode_as_muse(tokenizer, ids: Sequence[int]) -> str:
+    """Token ids as MUSE decodes them: special tokens dropped, tokenization spaces cleaned."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)

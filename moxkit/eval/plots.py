@@ -36,8 +36,9 @@ def plot_methods(rows: Sequence[dict], path: str | Path, title: str) -> Path:
     utility, one labelled point per row (keys: name, forget_quality, model_utility)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    points = [(r["name"], r.get("model_utility", math.nan), _fq(r.get("forget_quality")))
-              for r in rows]
+    points = [
+        (r["name"], r.get("model_utility", math.nan), _fq(r.get("forget_quality"))) for r in rows
+    ]
     for i, (_, x, y) in enumerate(points):
         ax.scatter([x], [y], s=70, color=f"C{i % 10}", zorder=3)
     ax.set_yscale("log")
@@ -51,8 +52,16 @@ def plot_methods(rows: Sequence[dict], path: str | Path, title: str) -> Path:
             dy -= 13.0
         placed.append((px, py + dy))
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, dy), fontsize=10)
-    ax.text(0.02, 0.98, "better: up (forgotten) and right (kept)", transform=ax.transAxes,
-            ha="left", va="top", fontsize=9, color="gray")
+    ax.text(
+        0.02,
+        0.98,
+        "better: up (forgotten) and right (kept)",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=9,
+        color="gray",
+    )
     ax.set_xlabel("model utility (harmonic mean over retain + general sets) →")
     ax.set_ylabel("forget quality (KS p-value vs retain-only model) →")
     ax.set_title(title)
@@ -71,8 +80,11 @@ def plot_sweep(result, path: str | Path, metric: str) -> Path:
     rows = result.rows
     xs = list(range(len(rows)))
     labels = ["0 (ref)" if r["alpha"] == 0 else f"{r['alpha']:g}" for r in rows]
-    panels = [(metric, f"{metric} ↓"), ("model_utility", "model utility ↑"),
-              ("forget_quality", "forget quality ↑ (log)")]
+    panels = [
+        (metric, f"{metric} ↓"),
+        ("model_utility", "model utility ↑"),
+        ("forget_quality", "forget quality ↑ (log)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, label) in zip(axes, panels, strict=True):
         ys = [r.get(key, math.nan) for r in rows]

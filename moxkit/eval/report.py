@@ -36,8 +36,9 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict], columns: dict[str, str], first: str,
-                 notes: dict[str, str] | None = None) -> str:
+def format_table(
+    rows: Sequence[dict], columns: dict[str, str], first: str, notes: dict[str, str] | None = None
+) -> str:
     """Rows (dicts) as an aligned text table: the `first` key as a label column, then
     `columns` (key -> header) that occur in at least one row. A column with a note (where the
     number departs from the benchmark's definition; see a report's "notes") gets a * and the
@@ -49,8 +50,10 @@ def format_table(rows: Sequence[dict], columns: dict[str, str], first: str,
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(line: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
 
     lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)]
     lines += [f"* {columns[k]}: {notes[k]}" for k in noted]
@@ -63,8 +66,10 @@ def summary_table(report: dict) -> str:
     s, notes = report["summary"], report.get("notes", {})
     table = format_table([{"metric": k, "value": s[k]} for k in s], {"value": "value"}, "metric")
     lines = table.splitlines()
-    lines[2:] = [line + (f"  ({notes[k]})" if k in notes else "")
-                 for line, k in zip(lines[2:], s, strict=True)]
+    lines[2:] = [
+        line + (f"  ({notes[k]})" if k in notes else "")
+        for line, k in zip(lines[2:], s, strict=True)
+    ]
     layout = report.get("layout")
     if layout:
         lines.append(f"data: {report.get('data')} ({layout} layout)")

@@ -21,19 +21,23 @@ def prompt_ids(tokenizer, question: str, chat_template: bool = False) -> list[in
     formats prompts for training and scoring (the chat template as text, then tokenized, BOS
     not doubled)."""
     if chat_template:
-        question = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                 tokenize=False, add_generation_prompt=True)
+        question = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
     bos = tokenizer.bos_token
     return tokenizer(question, add_special_tokens=not (bos and question.startswith(bos)))[
-        "input_ids"]
+        "input_ids"
+    ]
 
 
-def pair_examples(tokenizer, questions: Sequence[str], answers: Sequence[str],
-                  chat_template: bool = False) -> list[Example]:
+def pair_examples(
+    tokenizer, questions: Sequence[str], answers: Sequence[str], chat_template: bool = False
+) -> list[Example]:
     """Question/answer pairs encoded exactly as the trainer encodes them (prompt masked, EOS
     ending the answer), so that what is scored is what was trained."""
-    rows = [Row(q, a, f"item {i + 1}")
-            for i, (q, a) in enumerate(zip(questions, answers, strict=True))]
+    rows = [
+        Row(q, a, f"item {i + 1}") for i, (q, a) in enumerate(zip(questions, answers, strict=True))
+    ]
     return encode(rows, tokenizer, max_length=1 << 30, chat_template=chat_template)
 
 
@@ -68,7 +72,11 @@ def _token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_moments: 
 
 
 def answer_logprobs(
-    model, tokenizer, questions: Sequence[str], answers: Sequence[str], batch_size: int = 32,
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 32,
     chat_template: bool = False,
 ) -> list[tuple[float, int]]:
     """(sum of log p over the answer's tokens, EOS included, and their number) per pair."""
@@ -106,6 +114,7 @@ def text_token_stats(
         chosen, mu, sigma = _token_logprobs(model, ids, mask, with_moments=True)
         for row, i in enumerate(batch):
             n = len(encoded[i]) - 1
-            out.append(TokenStats(chosen[row, :n].tolist(), mu[row, :n].tolist(),
-                                  sigma[row, :n].tolist()))
+            out.append(
+                TokenStats(chosen[row, :n].tolist(), mu[row, :n].tolist(), sigma[row, :n].tolist())
+            )
     return out
