@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from targeted_mox import nll  # the same answer NLL, row by row, through transformers
 
 from moxkit.formula import PAPER_ETA
-from moxkit.text import encode, load_rows
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
 from moxkit.train import ExtrapolationConfig, TrainConfig, finetune, unlearn
 from moxkit.train.momentum import DEFAULT_TICKS
@@ -29,14 +29,6 @@ FORGET, RETAIN = tiny_facts(8, offset=0), tiny_facts(24, offset=8)
 EPOCHS, BATCH, ALPHA = 10, 2, 2.0
 MEM = TrainConfig(epochs=EPOCHS, lr=1e-3, batch_size=BATCH, warmup_epochs=1, progress=False)
 RESULTS = Path(__file__).parent / "results"
-
-
-def nll(model, tok, rows) -> float:
-    examples = encode(load_rows(rows, "rows"), tok, 64, chat_template=False)
-    with torch.no_grad():
-        losses = [model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item()
-                  for e in examples]
-    return sum(losses) / len(losses)
 
 
 def flat(model) -> torch.Tensor:

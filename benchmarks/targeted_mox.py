@@ -85,6 +85,7 @@ def answer_ids(tok, rows) -> list[list[int]]:
 
 
 def nll(model, tok, rows) -> float:
+    """Mean over rows of transformers' own answer NLL, one row at a time."""
     examples = encode(load_rows(rows, "rows"), tok, 64, chat_template=False)
     with torch.no_grad():
         losses = [model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item()
