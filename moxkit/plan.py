@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .checkpoint import (
     ARITHMETIC_CODES,
+    BUDGET_CHECK_EVERY,
     DTYPE_SIZES,
     FLOAT_CODES,
     Checkpoint,
@@ -20,6 +21,7 @@ from .checkpoint import (
 )
 from .errors import MoxError
 from .sources import shown
+from .units import check_headroom
 from .writer import OutputTensor
 
 DTYPE_ALIASES = {
@@ -32,6 +34,7 @@ DTYPE_ALIASES = {
     "float32": "F32",
     "float": "F32",
 }
+PLAN_BYTES_PER_TENSOR = 100  # a TensorPlan (slotted, 6 fields) and its list slot
 CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -82,14 +85,22 @@ def parse_dtype(dtype: str | None) -> str | None:
 
 
 def pair_tensors(
-    ref: Checkpoint, mem: Checkpoint, prev: Checkpoint | None, out_dtype: str | None
+    ref: Checkpoint,
+    mem: Checkpoint,
+    prev: Checkpoint | None,
+    out_dtype: str | None,
+    budget: int | None = None,
 ) -> list[TensorPlan]:
-    """Validate the inputs against each other; the output has REF's tensors in REF's order."""
+    """Validate the inputs against each other; the output has REF's tensors in REF's order.
+    With a memory `budget` (bytes, whole process), the plan's size is checked first, so a
+    model of millions of tensors that cannot fit stops now rather than half-way."""
     if not ref.tensors:
         raise MoxError(f"{shown(ref.path)}: holds no tensors")
     others = [("MEM", mem)] + ([("PREV", prev)] if prev is not None else [])
     for label, other in others:
         _check_same_names(ref, label, other)
+    what = f"planning {len(ref.tensors):,} tensors"
+    check_headroom(budget, len(ref.tensors) * PLAN_BYTES_PER_TENSOR, what)
     mem_tensors = mem.tensors
     prev_tensors = prev.tensors if prev is not None else None
     plans = []
@@ -112,6 +123,8 @@ def pair_tensors(
                 append(TensorPlan(name, r.shape, out_dtype or r.dtype, r, m, p))
             else:
                 _refuse_float_dtypes(name, r, m, p)
+            if not len(plans) % BUDGET_CHECK_EVERY:
+                check_headroom(budget, 0, what)
     return plans
 
 

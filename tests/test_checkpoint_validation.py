@@ -195,6 +195,14 @@ def test_prefix_mismatch_is_named(tmp_path):
         pair_tensors(mem, ref, None, None)
 
 
+def test_plan_checks_the_budget_before_it_grows(tmp_path):
+    save_file({f"t{i}": torch.zeros(1) for i in range(10)}, tmp_path / "a.safetensors")
+    ckpt = open_checkpoint(tmp_path / "a.safetensors")
+    with pytest.raises(MoxError, match="planning 10 tensors: needs about 1.00 KB more memory"):
+        pair_tensors(ckpt, ckpt, None, None, budget=1)
+    assert len(pair_tensors(ckpt, ckpt, None, None, budget=None)) == 10
+
+
 def test_cli_one_line_errors_for_config_and_sizes(cli, tmp_path):
     t = {"model.w": random_tensor((4,), torch.float32, 0)}
     save_sharded(t, tmp_path / "ref", per_shard=5)
