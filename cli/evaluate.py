@@ -7,42 +7,42 @@ from moxkit.cli.options import config_from, options_from
 
 from moxkit.eval.config import EvalConfig
 
+_DATA_HELP = (
+    "Evaluation folder: TOFU's released files (forget10_perturbed.json, retain_perturbed.json, "
+    "...), MUSE's data/<corpus> folder (knowmem, verbmem, privleak), or a moxkit/tofu-mini "
+    "split (forget.jsonl, ...). The layout is detected and the files read are listed."
+)
+_RETAIN_HELP = (
+    "The retain-only model (folder or hub id) or its `moxkit eval` report (.json): forget "
+    "quality and PrivLeak compare with it."
+)
+
+
+def evaluation_options(fn):
+    """The options of every command that evaluates (eval, sweep): the data, the retain-only
+    model, every EvalConfig setting, hub revision, device and quiet."""
+    decorators = [
+        click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
+                     help=_DATA_HELP),
+        click.option("--retain-model", default=None, type=click.Path(path_type=str),
+                     help=_RETAIN_HELP),
+        options_from(EvalConfig),
+        click.option("--revision", default=None,
+                     help="Branch, tag or commit for models given as hub ids (org/name[@rev])."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]  # fmt: skip
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option(
-    "--data",
-    "data_dir",
-    required=True,
-    type=click.Path(path_type=str),
-    help="Evaluation folder: TOFU's released files (forget10_perturbed.json, "
-    "retain_perturbed.json, ...), MUSE's data/<corpus> folder (knowmem, verbmem, "
-    "privleak), or a moxkit/tofu-mini split (forget.jsonl, ...). The layout is "
-    "detected and the files read are listed.",
-)
-@click.option(
-    "--retain-model",
-    default=None,
-    type=click.Path(path_type=str),
-    help="The retain-only model (folder) or its `moxkit eval` report (.json): "
-    "needed for forget quality and PrivLeak.",
-)
-@click.option(
-    "-o",
-    "--out",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Write the JSON report (per item and summary) here.",
-)
-@options_from(EvalConfig)
-@click.option(
-    "--revision",
-    default=None,
-    help="Branch, tag or commit for models given as hub ids (org/name[@rev]).",
-)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def command(model, data_dir, retain_model, out, revision, device, quiet, **kw) -> None:
+@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
+              help="Write the JSON report (per item and summary) here.")  # fmt: skip
+@evaluation_options
+def command(model, out, data_dir, retain_model, revision, device, quiet, **kw) -> None:
     """TOFU and MUSE metrics of MODEL (a folder or a hub id) on the sets in --data."""
     from moxkit.eval.data import preflight
 
@@ -52,15 +52,8 @@ def command(model, data_dir, retain_model, out, revision, device, quiet, **kw) -
     from moxkit.eval.evaluate import evaluate
     from moxkit.eval.report import summary_table, write_json
 
-    report = evaluate(
-        model,
-        data_dir,
-        retain_model=retain_model,
-        cfg=cfg,
-        device=device,
-        progress=not quiet,
-        revision=revision,
-    )
+    report = evaluate(model, data_dir, retain_model=retain_model, cfg=cfg, device=device,
+                      progress=not quiet, revision=revision)  # fmt: skip
     click.echo(summary_table(report))
     if out:
         click.echo(f"report: {write_json(out, report)}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import click
-from moxkit.cli.options import config_from, options_from
+from moxkit.cli.evaluate import evaluation_options
+from moxkit.cli.options import config_from
 
 from moxkit.eval.config import EvalConfig
+from moxkit.sweep import FORGET_METRICS
 
 
 @click.command("sweep")
@@ -19,24 +21,10 @@ from moxkit.eval.config import EvalConfig
     "included), e.g. 0.5,1:8:0.5.",
 )
 @click.option(
-    "--data",
-    "data_dir",
-    required=True,
-    type=click.Path(path_type=str),
-    help="Evaluation folder (any layout `moxkit eval` reads).",
-)
-@click.option(
-    "--retain-model",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Retain-only model (folder or hub id) or its `moxkit eval` report: forget "
-    "quality, and the level the rule compares with.",
-)
-@click.option(
     "--metric",
     default="forget_prob",
     show_default=True,
-    type=click.Choice(["forget_prob", "forget_rouge_recall", "knowmem_forget", "verbmem_forget"]),
+    type=click.Choice(FORGET_METRICS),
     help="Forget metric of the rule: pick the largest utility among the α whose "
     "metric is at or below the retain-only model's.",
 )
@@ -53,14 +41,7 @@ from moxkit.eval.config import EvalConfig
     help="Extrapolate through the streaming engine into a scratch folder, or in "
     "memory (default: in memory when three copies fit in 2 GiB).",
 )
-@options_from(EvalConfig)
-@click.option(
-    "--revision",
-    default=None,
-    help="Branch, tag or commit for models given as hub ids (org/name[@rev]).",
-)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@evaluation_options
 def command(
     ref, mem, alphas, data_dir, retain_model, metric, out, on_disk, revision, device, quiet, **kw
 ) -> None:

@@ -22,28 +22,17 @@ def setup(tmp_path_factory):
     return root, data / "forget10", model, other
 
 
+def _eval(model, data, retain, out):
+    """`moxkit eval` with short generations (tiny random models never stop on their own)."""
+    fast = ["--max-items", "8", "--max-new-tokens", "4", "--verbmem-max-new-tokens", "4"]
+    main(["eval", str(model), "--data", str(data), "--retain-model", str(retain), *fast, "-q",
+          "-o", str(out)])  # fmt: skip
+
+
 def test_eval_report_against_itself_and_another(setup, capsys):
     root, data, model, other = setup
     self_json, other_json = root / "self.json", root / "other.json"
-    main(
-        [
-            "eval",
-            str(model),
-            "--data",
-            str(data),
-            "--retain-model",
-            str(model),
-            "--max-items",
-            "8",
-            "--max-new-tokens",
-            "4",
-            "--verbmem-max-new-tokens",
-            "4",
-            "-q",
-            "-o",
-            str(self_json),
-        ]
-    )
+    _eval(model, data, retain=model, out=self_json)
     out = capsys.readouterr().out
     assert "forget_quality" in out and "model_utility" in out
     rep = json.loads(self_json.read_text())
@@ -74,25 +63,7 @@ def test_eval_report_against_itself_and_another(setup, capsys):
 
     # another model, compared with the saved report of the first: the p-value is what scipy
     # gives for the two samples of truth ratios
-    main(
-        [
-            "eval",
-            str(other),
-            "--data",
-            str(data),
-            "--retain-model",
-            str(self_json),
-            "--max-items",
-            "8",
-            "--max-new-tokens",
-            "4",
-            "--verbmem-max-new-tokens",
-            "4",
-            "-q",
-            "-o",
-            str(other_json),
-        ]
-    )
+    _eval(other, data, retain=self_json, out=other_json)
     rep2 = json.loads(other_json.read_text())
     from scipy.stats import ks_2samp
 
