@@ -25,8 +25,6 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
-    invoked: click.Command | None = None  # the command being run, to name its options
-
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
@@ -34,7 +32,6 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(f"moxkit.cli.{COMMANDS[name][0]}")
-        LazyGroup.invoked = module.command
         return module.command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -52,18 +49,20 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 1; Ctrl-C and
     SIGTERM end in one line and exit code 130, after every cleanup has run."""
+    published = len(atomic.published)  # outputs completed before this command
     try:
         with atomic.interruptible():
             cli.main(args=argv, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        done = f"; {atomic.published[-1]} was complete and is kept" if atomic.published else ""
+        done = atomic.published[published:]
+        done = f"; {done[-1]} was complete and is kept" if done else ""
         click.echo(one_line(f"moxkit: interrupted{done}"), err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except MoxError as exc:
-        click.echo(one_line(f"moxkit: error: {as_options(str(exc), LazyGroup.invoked)}"), err=True)
+        click.echo(one_line(f"moxkit: error: {exc}"), err=True)
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -74,18 +73,6 @@ def one_line(text: str) -> str:
     that cannot be encoded (lone surrogates) are escaped, so a file or tensor name can never
     start a line of its own (and forge a second "moxkit: error:")."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def as_options(message: str, command: click.Command | None) -> str:
-    """A message from the Python API names arguments as the API does (max_memory 10 MB ...);
-    on the command line, show the option the user typed (--max-memory 10 MB ...)."""
-    if command is None:
-        return message
-    for param in command.params:
-        flags = [o for o in param.opts if o.startswith("--")]
-        if isinstance(param, click.Option) and flags and message.startswith(f"{param.name} "):
-            return flags[0] + message[len(param.name) :]
-    return message
 
 
 if __name__ == "__main__":

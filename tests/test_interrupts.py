@@ -118,7 +118,6 @@ def test_signal_between_the_two_renames_without_renameat2(cli, models, monkeypat
     (out / "old.txt").write_text("old")
     monkeypatch.setattr(atomic, "_LIBC", [None])
     monkeypatch.setattr(atomic, "HOOK", atomic.signal_at("renamed-aside:SIGTERM"))
-    monkeypatch.setattr(atomic, "published", [])
     result = cli(*args(root, out, "--force"))
     assert result.code == 130 and "complete" in one_line(result.err)
     assert_correct(out, ref, mem)
