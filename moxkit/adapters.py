@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .atomic import check_output, staged_dir
@@ -677,7 +678,8 @@ def _combine(
             a[block] = _read_array(reader, m.a)
             col += m.rank
         if rank is not None:
-            b64, a64, errors[name] = _truncate(b.astype(np.float64), a.astype(np.float64), rank)
+            with threadpool_limits(1):  # 48-wide panels: BLAS threads only add spinning
+                b64, a64, errors[name] = _truncate(b.astype(np.float64), a.astype(np.float64), rank)
             b, a = b64.astype(np.float32), a64.astype(np.float32)
         combined[name] = _LowRank(newest, b, a)
     return combined, errors
