@@ -435,3 +435,42 @@ def test_muse_prompt_and_stop_words_hand_cases():
     assert cut_at_next_question("Geneva\nQuestion: who?") == "Geneva"
     assert cut_at_next_question("Ms Okafor Question: x") == "Ms Okafor "
     assert cut_at_next_question("Blue") == "Blue"
+
+
+def test_hub_parquet_shards_read_like_the_json_files(tmp_path):
+    """The same sets as the hub serves them (parquet shards, TOFU's parquet conversion folders)
+    give the same rows as the JSON files."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+
+    def shards(path, rows, n=2):  # split in n shards named as the hub names them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            part = rows[i * len(rows) // n : (i + 1) * len(rows) // n]
+            name = f"{path.name}-{i:05d}-of-{n:05d}.parquet"
+            pq.write_table(pa.Table.from_pylist(part), path.parent / name)
+
+    tofu_json, tofu_hub = tmp_path / "tofu_json", tmp_path / "tofu_hub"
+    tofu_json.mkdir()
+    for stem, rows in (("forget05_perturbed", TOFU_FORGET), ("retain_perturbed", TOFU_RETAIN),
+                       ("world_facts_perturbed", TOFU_WORLD_FACTS)):  # fmt: skip
+        _json_lines(tofu_json / f"{stem}.json", rows)
+        (tofu_hub / stem).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), tofu_hub / stem / "train-00000-of-00001.parquet")
+    muse_json, muse_hub = tmp_path / "muse_json", tmp_path / "muse_hub"
+    for name, rows in (("knowmem/forget_qa", MUSE_FORGET_QA), ("knowmem/forget_qa_icl", MUSE_ICL),
+                       ("verbmem/forget", MUSE_VERBMEM),
+                       ("privleak/holdout", [{"text": t} for t in MUSE_HOLDOUT_TEXT])):  # fmt: skip
+        (muse_json / name).parent.mkdir(parents=True, exist_ok=True)
+        (muse_json / f"{name}.json").write_text(json.dumps(rows))
+        shards(muse_hub / name, rows)
+    files = {}
+    for json_dir, hub_dir, layout in ((tofu_json, tofu_hub, "tofu"), (muse_json, muse_hub, "muse")):
+        want, got = load_eval_data(json_dir), load_eval_data(hub_dir)
+        assert got.layout == want.layout == layout
+        assert {n: q.rows for n, q in got.qa.items()} == {n: q.rows for n, q in want.qa.items()}
+        assert {n: (k.rows, k.icl) for n, k in got.knowmem.items()} == {
+            n: (k.rows, k.icl) for n, k in want.knowmem.items()}  # fmt: skip
+        assert (got.verbmem, got.texts) == (want.verbmem, want.texts)
+        files[layout] = "\n".join(got.files)
+    assert "forget05_perturbed/*.parquet (2 rows)" in files["tofu"]
+    assert "knowmem/forget_qa-*.parquet (2 rows)" in files["muse"]

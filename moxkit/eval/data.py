@@ -9,6 +9,8 @@
   retain_qa, forget_qa_icl, retain_qa_icl}.json ([{question, answer}]), verbmem/forget.json
   ([{prompt, gt}]), privleak/{forget, retain, holdout}.json (lists of texts). raw/*.txt is
   training text and is not read.
+- Either benchmark as Hugging Face serves it: each file above may also be Parquet, or the
+  hub's parquet shards (`forget_qa-00000-of-00001.parquet`, `forget10_perturbed/*.parquet`).
 - moxkit's own (what `moxkit data tofu-mini` writes): forget.jsonl (required), retain.jsonl,
   general.jsonl / real_authors.jsonl / world_facts.jsonl with TOFU's QA fields;
   forget_text.jsonl and holdout_text.jsonl with {text} rows for VerbMem and PrivLeak;
@@ -77,7 +79,11 @@ class EvalData:
 
 def read_rows(path: Path, name: str) -> list[object]:
     """The records of a row file: JSON Lines (also TOFU's `.json` files, which hold one
-    object per line), a JSON list, or Parquet."""
+    object per line), a JSON list, or Parquet; a `*` pattern (Hugging Face's parquet shards)
+    reads its files in name order, one after the other."""
+    if "*" in path.name:
+        return [rec for shard in sorted(path.parent.glob(path.name))
+                for rec in read_rows(shard, name)]  # fmt: skip
     if path.suffix.lower() == ".json":
         try:
             text = path.read_text(encoding="utf-8")
@@ -146,8 +152,16 @@ def _texts(path: Path, records: list[object]) -> list[str]:
 
 
 def _find(d: Path, stem: str) -> Path | None:
-    """`stem` with the first row-file suffix present in `d`."""
-    return next((d / f"{stem}{s}" for s in ROW_SUFFIXES if (d / f"{stem}{s}").is_file()), None)
+    """The rows called `stem` in `d`: `stem` with a row-file suffix, else Hugging Face's parquet
+    shards of it (`stem-00000-of-00001.parquet`, or `stem/*.parquet` as the hub's parquet
+    conversion writes them), as a pattern read_rows expands."""
+    for suffix in ROW_SUFFIXES:
+        if (d / f"{stem}{suffix}").is_file():
+            return d / f"{stem}{suffix}"
+    for pattern in (d / f"{stem}-*.parquet", d / stem / "*.parquet"):
+        if any(p.is_file() for p in pattern.parent.glob(pattern.name)):
+            return pattern
+    return None
 
 
 def detect_layout(d: Path) -> str:
@@ -202,24 +216,24 @@ def _load_tofu(d: Path, data: EvalData, split: str | None, max_items: int | None
 
 def _load_muse(d: Path, data: EvalData, max_items: int | None) -> None:
     for name in MUSE_KNOWMEM:
-        qa, icl = d / "knowmem" / f"{name}_qa.json", d / "knowmem" / f"{name}_qa_icl.json"
-        if qa.is_file():
+        qa, icl = _find(d / "knowmem", f"{name}_qa"), _find(d / "knowmem", f"{name}_qa_icl")
+        if qa is not None:
             every = _checked(qa, read_rows(qa, "--data"), ("question", "answer"))
             kept = every[:max_items]
             source = data.used(qa, len(kept), len(every))
             shots = None
-            if icl.is_file():
+            if icl is not None:
                 shots = _checked(icl, read_rows(icl, "--data"), ("question", "answer"))
                 data.used(icl, len(shots), len(shots))
             data.knowmem[name] = KnowMemSet(kept, shots, source)
-    verb = d / "verbmem" / "forget.json"
-    if verb.is_file():
+    verb = _find(d / "verbmem", "forget")
+    if verb is not None:
         every = _checked(verb, read_rows(verb, "--data"), ("prompt", "gt"))
         data.verbmem = every[:max_items]
         data.verbmem_source = data.used(verb, len(data.verbmem), len(every))
     for name in MUSE_PRIVLEAK:
-        path = d / "privleak" / f"{name}.json"
-        if path.is_file():
+        path = _find(d / "privleak", name)
+        if path is not None:
             every = _texts(path, read_rows(path, "--data"))
             data.texts[name] = every[:max_items]
             data.used(path, len(data.texts[name]), len(every))
