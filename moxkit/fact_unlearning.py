@@ -11,14 +11,17 @@ extrapolation, not a training run); the baselines' strength is their learning ra
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from .facts import Fact, chat_probes, general_nll, score_facts
+from .facts import Fact, chat_probes, general_nll, score_facts, split_facts
 from .train import TrainConfig, extrapolate_model, train_mem, unlearn
 
 SPLITS = ("forget_val", "forget_test", "retain", "heldout_val", "heldout_test")
@@ -29,14 +32,14 @@ class StudyConfig:
     """One budget for every method: the same steps, batch, schedule and data order."""
 
     sizes: dict[str, int] = field(default_factory=lambda: {
-        "forget_val": 8, "forget_test": 8, "retain": 16, "heldout_val": 8, "heldout_test": 8})
-    steps: int = 12
-    batch_size: int = 8
-    eval_steps: tuple[int, ...] = (3, 6, 12)  # baselines: measured after these steps
-    mox_lrs: tuple[float, ...] = (1e-5,)
+        "forget_val": 6, "forget_test": 6, "retain": 8, "heldout_val": 6, "heldout_test": 6})
+    steps: int = 6
+    batch_size: int = 4
+    eval_steps: tuple[int, ...] = (3, 6)  # baselines: measured after these steps
+    mox_lrs: tuple[float, ...] = (3e-5,)
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    mox_eval_steps: tuple[int, ...] = (6, 12)  # MOX: the α grid at these θ_mem steps
-    baseline_lrs: tuple[float, ...] = (1e-5, 3e-6)  # run in this order (all methods at each)
+    mox_eval_steps: tuple[int, ...] = (6,)  # MOX: the α grid at these θ_mem steps
+    baseline_lrs: tuple[float, ...] = (3e-5, 1e-5)  # run in this order (all methods at each)
     methods: tuple[str, ...] = ("mox", "ga", "graddiff", "npo")
     seed: int = 0
     chat: bool = True  # greedy chat answers at the reference and after the last step
@@ -208,3 +211,70 @@ def tiny_stand_in(seed: int = 0):
     texts += [q + " " + " ".join(words) for q, words in CHAT_PROBES]
     tokenizer = build_word_tokenizer(texts)
     return build_tiny_llama(len(tokenizer), seed=seed), tokenizer, facts
+
+
+def prepare(name: str, work: Path, log: Callable[[str], None] = print):
+    """(model, tokenizer, known facts) for packaged model `name`: converted once into
+    work/name (fp32), its known facts checked once and cached in work/known_facts.json."""
+    from .facts import known_facts
+    from .hf import load_model
+    from .real_model import export_packaged
+
+    folder = work / name
+    if not folder.exists():
+        log(f"converting {name} to {folder}")
+        export_packaged(name, folder, dtype="fp32")
+    loaded = load_model(folder, "MODEL")
+    cache = work / "known_facts.json"
+    if cache.exists():
+        facts = [Fact(**f) for f in json.loads(cache.read_text())]
+    else:
+        log("checking which facts the model knows (one forward pass per batch of facts)")
+        facts = known_facts(loaded.model, loaded.tokenizer)
+        cache.write_text(json.dumps([asdict(f) for f in facts], indent=1) + "\n")
+    return loaded.model, loaded.tokenizer, facts
+
+
+DEMO = StudyConfig(sizes={"forget_val": 4, "forget_test": 4, "retain": 4, "heldout_val": 4,
+                          "heldout_test": 4},
+                   steps=4, eval_steps=(4,), mox_eval_steps=(4,), alphas=(1.0, 2.0),
+                   baseline_lrs=(3e-5,), methods=("mox", "ga"))
+
+
+def real_demo(name: str, out: str | os.PathLike, log: Callable[[str], None] = print) -> str:
+    """The MOX story on a real pretrained model: forget 8 facts it knows with MOX and with
+    gradient ascent under the same budget; returns the comparison as a table (the study is
+    also written to out/real_demo.json)."""
+    work = Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, facts = prepare(name, work, log)
+    splits = split_facts(facts, DEMO.sizes, seed=DEMO.seed)
+    log(f"{len(facts)} facts the model knows; forgetting {len(splits['forget_val']) * 2}, "
+        f"keeping {len(splits['retain'])} (trained on) and "
+        f"{len(splits['heldout_val']) * 2} (never seen); a few minutes per point on a CPU")
+    study = run_study(model, tokenizer, splits, DEMO, log)
+    (work / "real_demo.json").write_text(json.dumps(study, indent=1) + "\n")
+    return summary_table(study)
+
+
+def summary_table(study: dict) -> str:
+    """Every point of a study, one row each, then the chat answers after the last step."""
+    rows = [("method", "strength", "forget acc", "retain acc", "held-out acc", "text NLL",
+             "chat ok")]
+    for p in study["points"]:
+        m = p["metrics"]
+        strength = ("" if p["method"] == "reference" else
+                    f"α={p['alpha']:g} step {p['step']}" if p["alpha"] is not None else
+                    f"lr={p['lr']:g} step {p['step']}")
+        forget = (m["forget_val_acc"] + m["forget_test_acc"]) / 2
+        heldout = (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2
+        rows.append((p["method"], strength, f"{forget:.2f}", f"{m['retain_acc']:.2f}",
+                     f"{heldout:.2f}", f"{m['general_nll']:.3f}",
+                     f"{m['chat_ok']:.2f}" if "chat_ok" in m else "–"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    for p in study["points"]:
+        if p["chat"]:
+            lines.append(f"\n{p['method']} {p['alpha'] or ''}".rstrip() + ":")
+            lines += [f"  {a['question']} -> {a['answer']!r}" for a in p["chat"][:4]]
+    return "\n".join(lines)

@@ -177,32 +177,20 @@ GENERAL_TEXT = (
     "out of branches and leaves during the long summer holidays.",
     "A good recipe lists the ingredients in the order they are used. Read it through before you "
     "start, so that nothing is missing when the pan is already hot.",
-    "Rain fell steadily through the night. By morning the streets were shining, the gutters "
-    "were full, and the air smelled clean and fresh.",
     "To plant a tree, dig a hole twice as wide as its roots, set the tree at the same depth it "
     "grew before, fill the hole with soil and water it well.",
-    "The meeting began late because the projector would not start. After several attempts, "
-    "someone found that the cable had simply come loose from the wall.",
     "Learning a musical instrument takes patience. Most teachers recommend practising a little "
     "every day rather than for many hours once a week.",
     "She opened the window, looked out over the quiet harbour and watched the fishing boats "
     "return slowly with the evening tide.",
-    "A budget helps a family see where its money goes. Writing down every expense for a month "
-    "is often the first and most surprising step.",
-    "The library was almost empty in the afternoon. A few students sat at the long tables, "
-    "reading and taking notes in silence.",
 )
 
 # (chat question, words one of which a correct answer contains); topics the facts avoid
 CHAT_PROBES = (
     ("Which animal says meow?", ("cat",)),
-    ("What is frozen water called?", ("ice",)),
     ("What is the plural of mouse?", ("mice",)),
-    ("What day comes after Monday?", ("tuesday",)),
+    ("What is frozen water called?", ("ice",)),
     ("How many wheels does a bicycle have?", ("two", "2")),
-    ("What do you use to write on paper?", ("pen", "pencil")),
-    ("What is 3 plus 5?", ("eight", "8")),
-    ("What do people usually drink in the morning to wake up?", ("coffee", "tea")),
 )
 
 
@@ -307,7 +295,7 @@ def general_nll(model, tokenizer, texts: Sequence[str] = GENERAL_TEXT) -> float:
     return float(-chosen[real].mean())
 
 
-def chat_probes(model, tokenizer, max_new_tokens: int = 16) -> list[dict]:
+def chat_probes(model, tokenizer, max_new_tokens: int = 12) -> list[dict]:
     """Greedy chat answers to CHAT_PROBES, each marked ok when it contains an expected word."""
     prompts = [_chat_prompt_ids(tokenizer, q) for q, _ in CHAT_PROBES]
     generated = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens)

@@ -303,3 +303,19 @@ def test_study_smoke_on_a_tiny_llama():
     assert forget_lp(rest[1]) < forget_lp(rest[0]) < forget_lp(ref)
     assert len(ref["chat"]) == len(F.CHAT_PROBES)
     assert set(study["chosen"]) == {"mox", "ga"}
+
+
+def test_demo_model_option_runs_the_real_model_story(monkeypatch, tmp_path, cli):
+    """`moxkit demo --model` end to end, with the tiny stand-in in place of the converted
+    model and its known facts (the conversion is tested above)."""
+    import moxkit.fact_unlearning as FU
+
+    monkeypatch.setattr(FU, "prepare", lambda name, work, log: tiny_stand_in())
+    result = cli("demo", "--model", "smollm2-135m", "-o", tmp_path / "demo")
+    assert result.code == 0, result.err
+    study = json.loads((tmp_path / "demo" / "real_demo.json").read_text())
+    methods = [p["method"] for p in study["points"]]
+    assert methods == ["reference", "mox", "mox", "ga"]
+    header, *rows = result.out.splitlines()[: len(methods) + 1]
+    assert header.split()[:2] == ["method", "strength"]
+    assert [r.split()[0] for r in rows] == methods
