@@ -47,3 +47,37 @@ def test_eval_loads_no_trainer(tmp_path):
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["on_import"] == [] and seen["after_eval"] == []
     assert 0 < seen["forget_prob"] < 1  # the evaluation did run
+
+
+CLI_PROBE = """
+import sys
+from moxkit.cli.main import main
+for argv in (["eval", sys.argv[1], "--data", sys.argv[2]],
+             ["eval", sys.argv[3], "--data", sys.argv[2], "--retain-model", "missing.json"],
+             ["sweep", sys.argv[1], sys.argv[1], "--data", sys.argv[2]]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print("torch" in sys.modules)
+"""
+
+
+def test_bad_arguments_fail_before_torch_is_imported(tmp_path):
+    """A typo costs a second, not the ~10 s torch and transformers take to import."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "forget.jsonl").write_text(json.dumps(ROW) + "\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_PROBE, str(tmp_path / "missing"), str(data), str(model)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    errors = done.stderr.strip().splitlines()
+    assert errors[0].startswith("moxkit: error: MODEL") and "missing" in errors[0]
+    assert "--retain-model missing.json: no such file or directory" in errors[1]
+    assert errors[2].startswith("moxkit: error: REF") and len(errors) == 3
+    assert done.stdout.strip() == "False"
