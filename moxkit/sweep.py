@@ -146,7 +146,6 @@ def check_sweep(
     out,
     cfg: EvalConfig,
     metric: str,
-    device: str,
     revision: str | None = None,
 ) -> tuple[Path, Path, Path | None, EvalData]:
     """Every check a sweep needs, before any model is loaded: the settings and evaluation sets,
@@ -157,15 +156,24 @@ def check_sweep(
         raise MoxError(f"--metric {metric}: choose one of {', '.join(FORGET_METRICS)}")
     if not alphas:
         raise MoxError("--alphas: no α to evaluate")
+    for alpha in alphas:
+        check_alpha(alpha, "--alphas")
     data, ref, retain_model = preflight(ref, data_dir, retain_model, cfg, revision, "REF")
     mem = hf.check_model_dir(resolve_model(mem, revision, "MEM"), "MEM", need_tokenizer=False)
+    measured = {
+        "forget_prob": "forget" in data.qa,
+        "forget_rouge_recall": "forget" in data.qa,
+        "knowmem_forget": "forget" in data.knowmem,
+        "verbmem_forget": bool(data.verbmem),
+    }
+    if retain_model is not None and not measured[metric]:
+        raise MoxError(f"--metric {metric}: {data.directory} ({data.layout} layout) has no set "
+                       "that measures it")  # fmt: skip
     from .stream import extrapolate
 
     with tempfile.TemporaryDirectory(prefix=".moxkit-sweep-check-") as tmp:
-        for alpha in (alphas[0], alphas[-1]):
-            extrapolate(
-                ref, mem, Path(tmp) / "forget", alpha, device="cpu", dry_run=True, progress=False
-            )
+        extrapolate(ref, mem, Path(tmp) / "forget", alphas[-1], device="cpu", dry_run=True,
+                    progress=False)  # fmt: skip
     if out is not None:
         from .atomic import check_output
 
@@ -194,7 +202,7 @@ def sweep(
     and `retain_model` may be hub ids (org/name[@revision])."""
     cfg = cfg or EvalConfig()
     ref, mem, retain_model, data = check_sweep(
-        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, device, revision
+        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, revision
     )
     from .eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
 

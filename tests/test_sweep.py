@@ -155,6 +155,10 @@ def test_sweep_checks_everything_before_any_work(models, tmp_path, monkeypatch, 
     )
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
+    no_texts = tmp_path / "no_texts"  # no text sets: nothing measures VerbMem
+    no_texts.mkdir()
+    for name in ("forget", "retain"):
+        (no_texts / f"{name}.jsonl").write_text((data / f"{name}.jsonl").read_text())
     capsys.readouterr()
     for extra, needle in [
         ([str(ref), str(other), "--on-disk"], "shape"),
@@ -165,9 +169,14 @@ def test_sweep_checks_everything_before_any_work(models, tmp_path, monkeypatch, 
             "r.json: no such file or directory",
         ),
         ([str(ref), str(mem), "--metric", "verbmem_forget", "--max-items", "0"], "--max-items 0"),
+        (
+            [str(ref), str(mem), "--metric", "verbmem_forget", "--retain-model", str(ref)],
+            "--metric verbmem_forget: ",
+        ),
     ]:
+        extra += ["--data", str(no_texts if "verbmem_forget" in extra else data)]
         with pytest.raises(SystemExit) as exc:
-            main(["sweep", *extra, "--alphas", "1:3:1", "--data", str(data), "-q"])
+            main(["sweep", *extra, "--alphas", "1:3:1", "-q"])
         err = capsys.readouterr().err
         assert exc.value.code == 1 and needle in err, err
         assert len(err.strip().splitlines()) == 1
