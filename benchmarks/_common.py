@@ -74,8 +74,13 @@ def git_commit(measured: tuple[str, ...] = ()) -> str:
     """The commit measured, marked '+dirty' when any of the `measured` paths (the code whose
     speed the benchmark reports) differs from it in the working tree."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         dirty = measured and subprocess.run(
             ["git", "status", "--porcelain", "--", *measured], cwd=ROOT, capture_output=True,
             text=True).stdout.strip()  # fmt: skip

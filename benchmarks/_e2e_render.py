@@ -115,8 +115,10 @@ def headline(name: str, rows: dict[str, dict], doubled: dict[str, dict] | None) 
         return []
     mox = rows["moxkit"]
     lines = ["", f"Against the goals ({name}):", ""]
-    lines.append(f"- moxkit at {mox['x_floor']:.2f}× the I/O floor, copying the same bytes "
-                 "(goal: within 1.2×)")
+    lines.append(
+        f"- moxkit at {mox['x_floor']:.2f}× the I/O floor, copying the same bytes "
+        "(goal: within 1.2×)"
+    )
     if "mergekit" in rows:
         speedup = rows["mergekit"]["seconds_median"] / mox["seconds_median"]
         lines.append(f"- moxkit {speedup:.1f}× faster than mergekit (goal: at least 5×)")

@@ -63,8 +63,10 @@ MERGEKIT_VENV = CACHE / "mergekit-venv"
 ALPHA = 4.0
 TOOLS = ("floor", "startup", "moxkit", "plain", "mergekit")
 WARM_PROGRAMS = "import torch, safetensors.torch, moxkit.stream, moxkit.cli.extrapolate"
-NOTE = ("KVM guest; the cores are shared with other engineers running tests, so the figures "
-        "are noisy: medians of the repeats, load average recorded per run and per file.")
+NOTE = (
+    "KVM guest; the cores are shared with other engineers running tests, so the figures "
+    "are noisy: medians of the repeats, load average recorded per run and per file."
+)
 
 # ---------------------------------------------------------------------------------------------
 # The tools.
@@ -294,8 +296,14 @@ def mergekit_version() -> str:
 
 def report_head(args, benchmark: str, timing: str) -> dict:
     head = result_head(benchmark, disk_of=CACHE, packages=("torch", "safetensors"))
-    return {**head, "note": NOTE, "versions": {"mergekit": mergekit_version()},
-            "alpha": ALPHA, "device": args.device, "timing": timing}
+    return {
+        **head,
+        "note": NOTE,
+        "versions": {"mergekit": mergekit_version()},
+        "alpha": ALPHA,
+        "device": args.device,
+        "timing": timing,
+    }
 
 
 def write_report(report: dict, stem: Path) -> None:
@@ -322,8 +330,9 @@ def main_case(args) -> None:
         config = llama_config(args.params, dtype)
         pair = ensure_pair(config, dtype)
         params = sum(math.prod(s) for _, s in state_shapes(config))
-        case = Case(f"{params / 1e9:.2f}B {dtype} warm", params, weight_bytes(pair / "ref"),
-                    cold=False)
+        case = Case(
+            f"{params / 1e9:.2f}B {dtype} warm", params, weight_bytes(pair / "ref"), cold=False
+        )
         run_case(case, pair, tools, args.repeats, args)
         cases.append(case_json(case, summarize(case, with_sync=False)))
 
@@ -336,8 +345,9 @@ def main_case(args) -> None:
         doubled = Case(f"{params2 / 1e9:.2f}B {dtype} warm", params2, size2, cold=False)
         tools2 = [t for t in ("floor", "moxkit", "plain") if t in tools]
         run_case(doubled, pair2, tools2, args.repeats, args)
-        cases.append({**case_json(doubled, summarize(doubled, with_sync=False)),
-                      "doubles": cases[0]["name"]})
+        cases.append(
+            {**case_json(doubled, summarize(doubled, with_sync=False)), "doubles": cases[0]["name"]}
+        )
 
     report = report_head(
         args,

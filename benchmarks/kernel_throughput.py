@@ -35,18 +35,30 @@ DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GPU_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8)]
 SWEEP_MB = 256
 # the code whose speed this measures: a change elsewhere does not make the figures stale
-MEASURED_PATHS = ("kernels", "moxkit/backends.py", "moxkit/_fused.c", "moxkit/torch_path.py",
-                  "moxkit/formula.py")
+MEASURED_PATHS = (
+    "kernels",
+    "moxkit/backends.py",
+    "moxkit/_fused.c",
+    "moxkit/torch_path.py",
+    "moxkit/formula.py",
+)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--sizes", default=None, help="MB per operand, comma-separated "
-                   "(default: cpu 4,64,256; cuda 4,64,256,1024)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="MB per operand, comma-separated (default: cpu 4,64,256; cuda 4,64,256,1024)",
+    )
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
-    p.add_argument("--cpu-paths", default=None, help="paths of the C loop to time, comma-"
-                   "separated (default: every vector path this CPU runs; 'generic' is slow)")
+    p.add_argument(
+        "--cpu-paths",
+        default=None,
+        help="paths of the C loop to time, comma-"
+        "separated (default: every vector path this CPU runs; 'generic' is slow)",
+    )
     p.add_argument("--repeats", type=int, default=9, help="timed rounds per figure on the CPU")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args()
@@ -60,9 +72,13 @@ def device_info(device: str) -> dict:
         import triton
 
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    gpu_sms=props.multi_processor_count, cuda=torch.version.cuda,
-                    triton=triton.__version__)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_sms=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            triton=triton.__version__,
+        )
     return info
 
 
@@ -88,9 +104,18 @@ def operands(n: int, dtype, device: str, count: int):
 
 def row(device, dtype_name, form, size_mb, n, config, secs, nbytes, copy_gbps=None) -> dict:
     med, best = secs
-    r = {"device": device, "dtype": dtype_name, "form": form, "size_mb": size_mb, "elems": n,
-         "config": config, "seconds_median": med, "seconds_best": best,
-         "gbps_median": nbytes / med / 1e9, "gbps_best": nbytes / best / 1e9}
+    r = {
+        "device": device,
+        "dtype": dtype_name,
+        "form": form,
+        "size_mb": size_mb,
+        "elems": n,
+        "config": config,
+        "seconds_median": med,
+        "seconds_best": best,
+        "gbps_median": nbytes / med / 1e9,
+        "gbps_best": nbytes / best / 1e9,
+    }
     r["pct_of_copy"] = 100 * r["gbps_median"] / copy_gbps if copy_gbps else None
     return r
 
@@ -127,6 +152,7 @@ def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
         def timed() -> None:
             backends.set_cpu_path(path)
             fn()
+
         return timed
 
     def measure(name: str, mb: int) -> list[dict]:
@@ -164,14 +190,18 @@ def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
             r = row("cpu", name, form, mb, n, config, (statistics.median(ts), min(ts)), k * b)
             if not form.startswith("copy"):  # the median over rounds of the ratio to the copy
                 r["pct_of_copy"] = 100 * statistics.median(
-                    (k * b / t) / (2 * b / tc) for t, tc in zip(ts, copies, strict=True))
+                    (k * b / t) / (2 * b / tc) for t, tc in zip(ts, copies, strict=True)
+                )
             rows.append(r)
         print_rows(rows)
         return rows
 
     rows = [r for name in dtypes for mb in sizes for r in measure(name, mb)]
-    extra = {"cpu_paths_available": available, "cpu_path_default": backends.cpu_path(),
-             "interpreter_check": interpreter_check(dtypes)}
+    extra = {
+        "cpu_paths_available": available,
+        "cpu_path_default": backends.cpu_path(),
+        "interpreter_check": interpreter_check(dtypes),
+    }
     return rows, extra
 
 
@@ -192,8 +222,10 @@ def interpreter_check(dtypes) -> dict:
             got = extrapolate(ref, mem, 4.0, prev=p, eta=eta if eta else 1.0)
             want = torch.empty_like(got)
             CpuBackend().extrapolate(want, ref, mem, p, Coefficients(4.0, eta))
-            same = torch.equal(got.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
-                               want.view(torch.int16 if dtype.itemsize == 2 else torch.int32))
+            same = torch.equal(
+                got.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+                want.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+            )
             results[f"{name}/{form}"] = "bit-exact" if same else "MISMATCH"
     print("interpreter check:", results)
     return results
@@ -214,24 +246,40 @@ def bench_cuda(args, sizes, dtypes) -> tuple[list[dict], dict]:
         n = mb * 2**20 // dtype.itemsize
         ref, mem, prev, out = operands(n, dtype, "cuda", 4)
         b = n * dtype.itemsize
-        copy = row("cuda", name, "copy", mb, n, "torch copy_", time_cuda(lambda: out.copy_(ref)),
-                   2 * b)
+        copy = row(
+            "cuda", name, "copy", mb, n, "torch copy_", time_cuda(lambda: out.copy_(ref)), 2 * b
+        )
         rows.append(copy)
         for form, coeffs, k in forms:
             p = prev if coeffs.momentum else None
             for block, warps in configs(name, form):
-                secs = time_cuda(lambda: launch(out, ref, mem, p, coeffs, bad, block=block,  # noqa: B023
-                                                num_warps=warps))  # noqa: B023
-                rows.append(row("cuda", name, form, mb, n, f"BLOCK={block},warps={warps}", secs,
-                                k * b, copy["gbps_median"]))
+                secs = time_cuda(
+                    lambda p=p, coeffs=coeffs, block=block, warps=warps: launch(
+                        out, ref, mem, p, coeffs, bad, block=block, num_warps=warps
+                    )
+                )
+                rows.append(
+                    row(
+                        "cuda",
+                        name,
+                        form,
+                        mb,
+                        n,
+                        f"BLOCK={block},warps={warps}",
+                        secs,
+                        k * b,
+                        copy["gbps_median"],
+                    )
+                )
 
     for name in dtypes:  # the sweep that chooses the configuration
         start = len(rows)
         measure(name, SWEEP_MB, lambda _n, _f: GPU_CONFIGS)
         torch.cuda.empty_cache()
         for form, _, _ in forms:
-            best = max((r for r in rows[start:] if r["form"] == form),
-                       key=lambda r: r["gbps_median"])
+            best = max(
+                (r for r in rows[start:] if r["form"] == form), key=lambda r: r["gbps_median"]
+            )
             chosen[f"{name}/{form}"] = best["config"]
             for r in rows[start:]:
                 r["sweep"] = True
@@ -273,8 +321,10 @@ def bench_cuda_backend(dtypes) -> list[dict]:
             for form, src, dst, k in (("h2d copy", host[0], dev, 1), ("d2h copy", dev, host[3], 1)):
                 secs = time_cpu(lambda: (dst.copy_(src), torch.cuda.synchronize()), 5)  # noqa: B023
                 rows.append(row("cuda", name, form, b >> 20, n, "pinned", secs, k * b))
-            for form, coeffs, k in (("backend plain", Coefficients(4.0), 3),
-                                    ("backend momentum", Coefficients(4.0, PAPER_ETA), 4)):
+            for form, coeffs, k in (
+                ("backend plain", Coefficients(4.0), 3),
+                ("backend momentum", Coefficients(4.0, PAPER_ETA), 4),
+            ):
                 p = host[2] if coeffs.momentum else None
                 secs = time_cpu(lambda: be.extrapolate(host[3], host[0], host[1], p, coeffs), 5)  # noqa: B023
                 rows.append(row("cuda", name, form, b >> 20, n, "CudaBackend", secs, k * b))
@@ -287,8 +337,10 @@ def bench_cuda_backend(dtypes) -> list[dict]:
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         pct = f"{r['pct_of_copy']:5.1f}% of copy" if r.get("pct_of_copy") else ""
-        print(f"{r['device']:4} {r['dtype']:4} {r['form']:16} {r['size_mb']:5} MB "
-              f"{r['config']:22} {r['gbps_median']:8.2f} GB/s (best {r['gbps_best']:.2f}) {pct}")
+        print(
+            f"{r['device']:4} {r['dtype']:4} {r['form']:16} {r['size_mb']:5} MB "
+            f"{r['config']:22} {r['gbps_median']:8.2f} GB/s (best {r['gbps_best']:.2f}) {pct}"
+        )
 
 
 def plot(rows: list[dict], device: str, path: Path, title: str) -> None:
@@ -308,8 +360,13 @@ def plot(rows: list[dict], device: str, path: Path, title: str) -> None:
             lines.setdefault(label, []).append((r["size_mb"], r["gbps_median"]))
         for label, pts in sorted(lines.items()):
             xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot(xs, ys, marker="o", label=label,
-                    linestyle="--" if label.startswith("torch copy_") else "-")
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                label=label,
+                linestyle="--" if label.startswith("torch copy_") else "-",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("MB per operand")
         ax.set_ylabel("GB/s (read + written), median")
@@ -333,8 +390,10 @@ def main() -> None:
         sys.exit("kernel_throughput: --device cuda but no CUDA device is available")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the smoke check
-    sizes = [int(s) for s in (args.sizes or ("4,64,256" if device == "cpu" else
-                                             "4,64,256,1024")).split(",")]
+    sizes = [
+        int(s)
+        for s in (args.sizes or ("4,64,256" if device == "cpu" else "4,64,256,1024")).split(",")
+    ]
     dtypes = args.dtypes.split(",")
     report = result_head(f"kernel throughput, {device}", MEASURED_PATHS)
     report["machine"].update(device_info(device))
@@ -356,16 +415,21 @@ def render(stem: Path) -> None:
     device = rows[0]["device"]
     title = m.get("gpu") or f"{m['cpu']}, {m['cores_usable']} cores"
     plot(rows, device, stem.with_suffix(".png"), f"moxkit extrapolate vs copy_: {title}")
-    lines = [f"`{report['command']}`, {report['date_utc']} UTC, commit {report['git_commit']}, "
-             f"{title}, {load_text(m)}.", "",
-             "| dtype | MB/operand | form | config | GB/s (median) | % of copy |",
-             "|---|---:|---|---|---:|---:|"]
+    lines = [
+        f"`{report['command']}`, {report['date_utc']} UTC, commit {report['git_commit']}, "
+        f"{title}, {load_text(m)}.",
+        "",
+        "| dtype | MB/operand | form | config | GB/s (median) | % of copy |",
+        "|---|---:|---|---|---:|---:|",
+    ]
     for r in rows:
         if r.get("sweep"):
             continue
         pct = f"{r['pct_of_copy']:.0f}%" if r.get("pct_of_copy") else ""
-        lines.append(f"| {r['dtype']} | {r['size_mb']} | {r['form']} | {r['config']} | "
-                     f"{r['gbps_median']:.1f} | {pct} |")
+        lines.append(
+            f"| {r['dtype']} | {r['size_mb']} | {r['form']} | {r['config']} | "
+            f"{r['gbps_median']:.1f} | {pct} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json, .csv, .png, .md")
 

@@ -45,8 +45,9 @@ class CudaBackend:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.index >= torch.cuda.device_count():
-            raise MoxError(f"--device {device}: this machine has "
-                           f"{torch.cuda.device_count()} CUDA device(s)")
+            raise MoxError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         self.block, self.num_warps = block, num_warps
         free, _ = torch.cuda.mem_get_info(self.device)
         if max_gpu_memory is None:
@@ -57,17 +58,20 @@ class CudaBackend:
         self.slot_elems = budget // (SLOTS * 4 * _MAX_ITEMSIZE) // _ALIGN * _ALIGN
         if self.slot_elems < MIN_PIECE:
             need = SLOTS * 4 * _MAX_ITEMSIZE * MIN_PIECE
-            raise MoxError(f"--max-gpu-memory {budget} bytes is too small: the CUDA backend "
-                           f"needs at least {need} bytes ({need >> 20} MiB)")
+            raise MoxError(
+                f"--max-gpu-memory {budget} bytes is too small: the CUDA backend "
+                f"needs at least {need} bytes ({need >> 20} MiB)"
+            )
         region = self.slot_elems * _MAX_ITEMSIZE
         try:
             self._slots = [
-                torch.empty(4 * region, dtype=torch.uint8, device=self.device)
-                for _ in range(SLOTS)
+                torch.empty(4 * region, dtype=torch.uint8, device=self.device) for _ in range(SLOTS)
             ]
         except torch.cuda.OutOfMemoryError:
-            raise MoxError(f"--max-gpu-memory {budget} bytes: cannot allocate that much on "
-                           f"{self.device} ({free >> 20} MiB free)") from None
+            raise MoxError(
+                f"--max-gpu-memory {budget} bytes: cannot allocate that much on "
+                f"{self.device} ({free >> 20} MiB free)"
+            ) from None
         self._region = region
         self._bad = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._h2d = torch.cuda.Stream(self.device)
@@ -127,8 +131,16 @@ class CudaBackend:
                 dev_out = self._view(s, 3, out.dtype, k)
                 self._compute.wait_event(copied)
                 with torch.cuda.stream(self._compute):
-                    launch(dev_out, dev_in[0], dev_in[1], dev_in[2] if coeffs.momentum else None,
-                           coeffs, self._bad, block=self.block, num_warps=self.num_warps)
+                    launch(
+                        dev_out,
+                        dev_in[0],
+                        dev_in[1],
+                        dev_in[2] if coeffs.momentum else None,
+                        coeffs,
+                        self._bad,
+                        block=self.block,
+                        num_warps=self.num_warps,
+                    )
                     computed = self._compute.record_event()
                 self._d2h.wait_event(computed)
                 with torch.cuda.stream(self._d2h):

@@ -79,16 +79,20 @@ def _extrapolate_kernel(
 
 def _check(name: str, t: torch.Tensor, shape: torch.Size, device: torch.device) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise MoxError(f"moxkit.kernels.extrapolate: {name} has dtype {t.dtype}; "
-                       "expected float32, bfloat16 or float16")
+        raise MoxError(
+            f"moxkit.kernels.extrapolate: {name} has dtype {t.dtype}; "
+            "expected float32, bfloat16 or float16"
+        )
     if t.shape != shape:
-        raise MoxError(f"moxkit.kernels.extrapolate: {name} has shape {tuple(t.shape)}, "
-                       f"ref has {tuple(shape)}")
+        raise MoxError(
+            f"moxkit.kernels.extrapolate: {name} has shape {tuple(t.shape)}, ref has {tuple(shape)}"
+        )
     if t.device != device:
         raise MoxError(f"moxkit.kernels.extrapolate: {name} is on {t.device}, ref on {device}")
     if not t.is_contiguous():
-        raise MoxError(f"moxkit.kernels.extrapolate: {name} is not contiguous "
-                       "(call .contiguous() first)")
+        raise MoxError(
+            f"moxkit.kernels.extrapolate: {name} is not contiguous (call .contiguous() first)"
+        )
 
 
 def launch(
@@ -147,11 +151,15 @@ def extrapolate(
     Contiguous tensors of one shape on one device, any mix of fp32/bf16/fp16; the result has
     out's dtype, or ref's when out is None. CPU tensors only under TRITON_INTERPRET=1."""
     if ref.dtype not in FLOAT_DTYPES:
-        raise MoxError(f"moxkit.kernels.extrapolate: ref has dtype {ref.dtype}; "
-                       "expected float32, bfloat16 or float16")
+        raise MoxError(
+            f"moxkit.kernels.extrapolate: ref has dtype {ref.dtype}; "
+            "expected float32, bfloat16 or float16"
+        )
     if ref.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise MoxError(f"moxkit.kernels.extrapolate: ref is on {ref.device}; the kernel needs "
-                       "CUDA tensors (or TRITON_INTERPRET=1)")
+        raise MoxError(
+            f"moxkit.kernels.extrapolate: ref is on {ref.device}; the kernel needs "
+            "CUDA tensors (or TRITON_INTERPRET=1)"
+        )
     if out is None:
         out = torch.empty_like(ref, memory_format=torch.contiguous_format)
     operands = {"ref": ref, "mem": mem, "out": out}
@@ -161,6 +169,14 @@ def extrapolate(
         _check(name, t, ref.shape, ref.device)
     coeffs = Coefficients(alpha, eta if prev is not None else None)
     bad = torch.zeros(1, dtype=torch.int32, device=ref.device)
-    launch(out.view(-1), ref.view(-1), mem.view(-1), None if prev is None else prev.view(-1),
-           coeffs, bad, block=block, num_warps=num_warps)
+    launch(
+        out.view(-1),
+        ref.view(-1),
+        mem.view(-1),
+        None if prev is None else prev.view(-1),
+        coeffs,
+        bad,
+        block=block,
+        num_warps=num_warps,
+    )
     return out

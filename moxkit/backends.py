@@ -115,8 +115,10 @@ class CpuBackend:
             futures = [self._pool.submit(run, s, min(step, n - s)) for s in range(step, n, step)]
             counts = _run_then_settle(lambda: run(0, step), futures)
         if any(c == _INPUT_CHANGED for c in counts):
-            raise MoxError("an input file changed while being read (truncated or rewritten "
-                           "by another process?)")
+            raise MoxError(
+                "an input file changed while being read (truncated or rewritten "
+                "by another process?)"
+            )
         return sum(counts) == 0
 
     def close(self) -> None:

@@ -50,8 +50,10 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     """α as a float, or MoxError naming `name` where fp32 coefficients cannot carry it."""
     value = _number(alpha, name)
     if not FP32_TINY <= value <= ALPHA_MAX:
-        raise MoxError(f"{name} {_shown(alpha)}: must be between {FP32_TINY:.3g} and {ALPHA_MAX:g} "
-                       "(beyond, the fp32 coefficients 1+α and α lose the formula)")
+        raise MoxError(
+            f"{name} {_shown(alpha)}: must be between {FP32_TINY:.3g} and {ALPHA_MAX:g} "
+            "(beyond, the fp32 coefficients 1+α and α lose the formula)"
+        )
     return value
 
 

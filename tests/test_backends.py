@@ -72,8 +72,9 @@ def test_cpu_backend_mixed_dtypes(path):
         out = torch.empty(5000, dtype=out_dtype)
         with forced_cpu_path(path):
             CpuBackend().extrapolate(out, ref, mem, prev, coeffs)
-        assert torch.equal(bits_of(out), expected_bits(fp32_oracle(ref, mem, prev, coeffs),
-                                                       out_dtype))
+        assert torch.equal(
+            bits_of(out), expected_bits(fp32_oracle(ref, mem, prev, coeffs), out_dtype)
+        )
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -137,11 +138,18 @@ def test_cuda_without_device_is_a_clear_error():
 
 # ---------------------------------------------------------------- CUDA (skipped without one)
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("momentum", [False, True])
-@pytest.mark.parametrize("dtypes", [[torch.bfloat16] * 4, [torch.float32] * 4,
-                                    [torch.float16] * 4,
-                                    [torch.bfloat16, torch.float32, torch.float16, torch.float16]])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        [torch.bfloat16] * 4,
+        [torch.float32] * 4,
+        [torch.float16] * 4,
+        [torch.bfloat16, torch.float32, torch.float16, torch.float16],
+    ],
+)
 def test_cuda_backend_equals_cpu_backend(dtypes, momentum):
     from moxkit.kernels.backend import MIN_PIECE, SLOTS, CudaBackend
 
@@ -196,10 +204,15 @@ def _write_checkpoint(path, seed: int, dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    shapes = {"embed.weight": (1000, 1536), "layers.0.mlp.weight": (3001, 777),
-              "layers.0.norm.weight": (777,), "head.bias": (5,)}
-    save_file({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()},
-              str(path))
+    shapes = {
+        "embed.weight": (1000, 1536),
+        "layers.0.mlp.weight": (3001, 777),
+        "layers.0.norm.weight": (777,),
+        "head.bias": (5,),
+    }
+    save_file(
+        {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}, str(path)
+    )
 
 
 @pytest.mark.gpu
@@ -217,9 +230,17 @@ def test_engine_cuda_equals_cpu(tmp_path, momentum):
     outs = {}
     for device in ("cpu", "cuda"):
         outs[device] = tmp_path / f"out-{device}"
-        moxkit.extrapolate(str(paths["ref"]), str(paths["mem"]), str(outs[device]), 4.0,
-                           device=device, max_memory="2GiB", max_gpu_memory="48MiB",
-                           progress=False, **extra)
+        moxkit.extrapolate(
+            str(paths["ref"]),
+            str(paths["mem"]),
+            str(outs[device]),
+            4.0,
+            device=device,
+            max_memory="2GiB",
+            max_gpu_memory="48MiB",
+            progress=False,
+            **extra,
+        )
     cpu = load_file(str(outs["cpu"] / "model.safetensors"))
     gpu = load_file(str(outs["cuda"] / "model.safetensors"))
     assert cpu.keys() == gpu.keys() and len(cpu) == 4
@@ -236,8 +257,20 @@ def test_cli_device_cuda_without_gpu_is_one_line(tmp_path, capsys):
         _write_checkpoint(tmp_path / f"{name}.safetensors", seed=0, dtype=torch.bfloat16)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        main(["extrapolate", str(tmp_path / "ref.safetensors"), str(tmp_path / "mem.safetensors"),
-              "--alpha", "4", "-o", str(out), "--device", "cuda", "--quiet"])
+        main(
+            [
+                "extrapolate",
+                str(tmp_path / "ref.safetensors"),
+                str(tmp_path / "mem.safetensors"),
+                "--alpha",
+                "4",
+                "-o",
+                str(out),
+                "--device",
+                "cuda",
+                "--quiet",
+            ]
+        )
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moxkit: error:") and "cuda" in err[0].lower()

@@ -10,9 +10,11 @@ from moxkit.errors import MoxError
 from moxkit.formula import ALPHA_MAX, FP32_TINY, PAPER_ETA, Coefficients, check_alpha, check_eta
 
 
-@pytest.mark.parametrize("alpha", [2.0**24, 3e7, 1e-50, 1e-45, 0.0, -1.0, float("inf"),
-                                   float("nan"), 10**5000, True, "4"],
-                         ids=lambda a: "huge-int" if isinstance(a, int) and a > 2**64 else repr(a))
+@pytest.mark.parametrize(
+    "alpha",
+    [2.0**24, 3e7, 1e-50, 1e-45, 0.0, -1.0, float("inf"), float("nan"), 10**5000, True, "4"],
+    ids=lambda a: "huge-int" if isinstance(a, int) and a > 2**64 else repr(a),
+)
 def test_alpha_that_loses_the_formula_is_refused_by_name(alpha):
     with pytest.raises(MoxError, match=r"^alpha "):
         Coefficients(alpha)
@@ -32,8 +34,12 @@ def test_every_accepted_alpha_keeps_the_weight_on_ref():
     """Over the accepted range (log-uniform sample plus its ends), a − b = 1 within 2**-10 and
     b is α to fp32 precision."""
     rng = np.random.default_rng(0)
-    alphas = np.concatenate([[FP32_TINY, 1.0, 4.0, ALPHA_MAX, np.nextafter(ALPHA_MAX, 0)],
-                             np.exp(rng.uniform(np.log(FP32_TINY), np.log(ALPHA_MAX), 20000))])
+    alphas = np.concatenate(
+        [
+            [FP32_TINY, 1.0, 4.0, ALPHA_MAX, np.nextafter(ALPHA_MAX, 0)],
+            np.exp(rng.uniform(np.log(FP32_TINY), np.log(ALPHA_MAX), 20000)),
+        ]
+    )
     for alpha in alphas:
         c = Coefficients(float(alpha))
         assert abs((c.ref_scale - c.mem_scale) - 1.0) <= 2.0**-10, alpha

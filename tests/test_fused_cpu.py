@@ -191,8 +191,13 @@ def test_cpu_extrapolate_never_imports_torch(tmp_path):
 
     rng = np.random.default_rng(0)
     for name in ("ref", "mem"):
-        save_file({"w": rng.standard_normal((64, 33)).astype(np.float32),
-                   "b": rng.standard_normal(7).astype(np.float16)}, str(tmp_path / f"{name}.st"))
+        save_file(
+            {
+                "w": rng.standard_normal((64, 33)).astype(np.float32),
+                "b": rng.standard_normal(7).astype(np.float16),
+            },
+            str(tmp_path / f"{name}.st"),
+        )
     code = (
         "import sys, moxkit\n"
         f"moxkit.extrapolate({str(tmp_path / 'ref.st')!r}, {str(tmp_path / 'mem.st')!r}, "
@@ -200,7 +205,6 @@ def test_cpu_extrapolate_never_imports_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     assert (tmp_path / "out").exists()

@@ -26,6 +26,8 @@ from moxkit.torch_path import CANONICAL_NAN_BITS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def on_device(*ts):
     return [None if t is None else t.to(DEVICE) for t in ts]
 
@@ -42,8 +44,9 @@ def cpu_backend(ref, mem, prev, coeffs, out_dtype):
 def test_kernel_equals_cpu_backend_and_fp64(dtype, momentum, n):
     ref, mem, prev = random_operands(n, [dtype] * 3, seed=n + momentum)
     coeffs = Coefficients(4.0, PAPER_ETA if momentum else None)
-    got = extrapolate(*on_device(ref, mem), 4.0, prev=on_device(prev)[0] if momentum else None,
-                      eta=PAPER_ETA).cpu()
+    got = extrapolate(
+        *on_device(ref, mem), 4.0, prev=on_device(prev)[0] if momentum else None, eta=PAPER_ETA
+    ).cpu()
     want, _ = cpu_backend(ref, mem, prev, coeffs, dtype)
     assert got.dtype == dtype
     assert torch.equal(bits_of(got), bits_of(want))
@@ -68,8 +71,14 @@ def test_kernel_configs_agree(block, num_warps):
     """Every block size the benchmark may pick computes the same bits."""
     n = 3 * block + 77
     ref, mem, prev = random_operands(n, [torch.bfloat16] * 3, seed=block)
-    got = extrapolate(*on_device(ref, mem), 4.0, prev=on_device(prev)[0], eta=PAPER_ETA,
-                      block=block, num_warps=num_warps)
+    got = extrapolate(
+        *on_device(ref, mem),
+        4.0,
+        prev=on_device(prev)[0],
+        eta=PAPER_ETA,
+        block=block,
+        num_warps=num_warps,
+    )
     want, _ = cpu_backend(ref, mem, prev, Coefficients(4.0, PAPER_ETA), torch.bfloat16)
     assert torch.equal(bits_of(got.cpu()), bits_of(want))
 
@@ -130,6 +139,5 @@ def test_kernel_past_int32_offsets():
     mem = torch.randn(n, generator=g, device="cuda", dtype=torch.float16)
     out = extrapolate(ref, mem, 4.0)
     for sl in (slice(0, 1 << 20), slice(n - (1 << 20), n)):
-        want, _ = cpu_backend(ref[sl].cpu(), mem[sl].cpu(), None, Coefficients(4.0),
-                              torch.float16)
+        want, _ = cpu_backend(ref[sl].cpu(), mem[sl].cpu(), None, Coefficients(4.0), torch.float16)
         assert torch.equal(bits_of(out[sl].cpu()), bits_of(want))
