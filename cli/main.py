@@ -4,6 +4,7 @@ is instant and one command's heavy imports never slow another."""
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -48,24 +49,39 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 1; Ctrl-C and
-    SIGTERM end in one line and exit code 130, after every cleanup has run."""
+    SIGTERM end in one line and exit code 130, after every cleanup has run. As the process's
+    entry point (argv None), once the outcome is decided the process only exits: a signal
+    arriving during interpreter shutdown is ignored rather than turned into a traceback or a
+    death by signal after the work is done."""
     published = len(atomic.published)  # outputs completed before this command
     try:
-        with atomic.interruptible():
+        _run(argv, published)
+    finally:
+        if argv is None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def _run(argv: list[str] | None, published: int) -> None:
+    with atomic.interruptible():  # reports are printed inside: settle() holds later signals
+        try:
             cli.main(args=argv, standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        done = atomic.published[published:]
-        done = f"; {done[-1]} was complete and is kept" if done else ""
-        click.echo(one_line(f"moxkit: interrupted{done}"), err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except MoxError as exc:
-        click.echo(one_line(f"moxkit: error: {exc}"), err=True)
-        sys.exit(1)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            atomic.settle()
+            done = atomic.published[published:]
+            done = f"; {done[-1]} was complete and is kept" if done else ""
+            click.echo(one_line(f"moxkit: interrupted{done}"), err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            atomic.settle()
+            exc.show()
+            sys.exit(exc.exit_code)
+        except MoxError as exc:
+            atomic.settle()
+            click.echo(one_line(f"moxkit: error: {exc}"), err=True)
+            sys.exit(1)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
 
 
 def one_line(text: str) -> str:

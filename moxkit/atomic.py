@@ -207,6 +207,13 @@ def shielded() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def settle() -> None:
+    """The outcome is decided (an error or interrupt is being reported): from now until the
+    interruptible() block ends, signals are only noted, so the report is not cut short."""
+    if _main_thread() and _state.depth:
+        _state.interrupted = True
+
+
 HOOK: Callable[[str], None] | None = None  # tests: called with each point reached
 
 
