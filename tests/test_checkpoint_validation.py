@@ -216,7 +216,7 @@ def test_cli_one_line_errors_for_config_and_sizes(cli, tmp_path):
     assert result.code == 1 and "config is not a JSON object" in result.err
     with open(tmp_path / "ref" / "config.json", "wb") as fh:  # sparse: 1 GB never written
         fh.truncate(10**9)
-    result = cli(*args, "-o", tmp_path / "o1", "--dtype", "bf16", "--max-memory", "300MiB")
+    result = cli(*args, "-o", tmp_path / "o1", "--dtype", "bf16", "--max-memory", "16GiB")
     assert result.code == 1 and "config is 1,000,000,000 bytes" in result.err
     assert not (tmp_path / "o1").exists()
     result = cli(*args, "-o", tmp_path / "o2", "--max-memory", "1e400")
