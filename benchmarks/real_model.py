@@ -9,7 +9,8 @@ Protocol (fixed before the run; moxkit.fact_unlearning holds the rule):
   MOX: θ_mem (NLL on forget + KL to θ_ref on retain) at each MOX lr, the α grid read off it at
   a few steps. GA, GradDiff, NPO: each lr, measured after a few steps (their strength).
 - Measured at every point: accuracy and mean answer log-probability per split, the NLL of a
-  fixed general text, greedy chat answers to a few questions.
+  fixed general text; greedy chat answers to a few questions at the reference and after the
+  last step.
 - Operating point per method: moxkit.fact_unlearning.select on validation facts only; the
   tables report test facts at it.
 
@@ -23,6 +24,7 @@ converted model and the known-fact list are cached under --work.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from moxkit.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # no
 from moxkit.facts import split_facts  # noqa: E402
 
 METHOD_NAMES = {"reference": "reference", "mox": "MOX", "ga": "GA", "graddiff": "GradDiff",
-                "npo": "NPO"}
+                "npo": "NPO", "simnpo": "SimNPO"}
 
 
 def main() -> None:
@@ -45,7 +47,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0, help="fact splits and data order")
+    ap.add_argument("--report", action="store_true",
+                    help="measure nothing: remake tables and plots from the JSON files in --out")
     args = ap.parse_args()
+    if args.report:
+        write_report(args.out)
+        return
     if args.threads:
         import torch
 
@@ -69,6 +77,7 @@ def main() -> None:
     else:
         model, tokenizer, facts, name = _real(args.work, log)
         cfg = StudyConfig()
+    cfg.seed = args.seed
     if args.steps:
         cfg.steps = args.steps
     if args.methods:
@@ -79,16 +88,20 @@ def main() -> None:
     report = {**head, "model": name, "known_facts": len(facts),
               "splits": {k: [f.__dict__ for f in v] for k, v in splits.items()}}
     stem = args.out / ("real_model_quick" if args.quick else "real_model")
+    if args.methods:  # an addition to a seed's study; the report merges it in
+        stem = stem.with_name(f"{stem.name}_{'-'.join(cfg.methods)}")
+    if args.seed:
+        stem = stem.with_name(f"{stem.name}_seed{args.seed}")
 
     def save(study: dict) -> None:
         report["study"], report["log"] = study, log_lines
         write_json(report, stem)
-        write_tables(report, stem.with_suffix(".md"))
+        write_tables(report, stem.with_name(stem.name + "_points.md"))
         plot(report, stem)
         stem.with_name(stem.name + "_run.log").write_text("\n".join(log_lines) + "\n")
 
     save(run_study(model, tokenizer, splits, cfg, log, after_run=save))
-    log(f"wrote {stem}.json, .md, _frontier.png, _trajectories.png")
+    log(f"wrote {stem}.json, _points.md, _frontier.png, _trajectories.png")
     stem.with_name(stem.name + "_run.log").write_text("\n".join(log_lines) + "\n")
 
 
@@ -107,6 +120,66 @@ def _tiny():
 
 
 # --- tables and plots, from the report alone -------------------------------------------------
+
+SUMMARY = (("forget_test_acc", "forget (test)"), ("retain_acc", "retain"),
+           ("heldout_test_acc", "held-out (test)"), ("general_nll", "text NLL"),
+           ("chat_ok", "chat ok"))
+
+
+def write_report(out: Path) -> None:
+    """Per-seed tables and plots, and real_model.md over all seeds, from the JSON files."""
+    paths = sorted(p for p in out.glob("real_model*.json") if "quick" not in p.name)
+    by_seed: dict[int, dict] = {}
+    runs = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        runs.append((report["study"]["config"]["seed"], report["command"], report["date_utc"],
+                     report["study"]["seconds"], load_text(report["machine"])))
+        stem = path.with_suffix("")
+        write_tables(report, stem.with_name(stem.name + "_points.md"))
+        plot(report, stem)
+        seed = report["study"]["config"]["seed"]
+        if seed not in by_seed:
+            by_seed[seed] = report
+        else:  # methods run apart for the same seed: the same reference, splits and budget
+            study, extra = by_seed[seed]["study"], report["study"]
+            study["points"] += extra["points"][1:]
+            study["chosen"].update(extra["chosen"])
+            study["runs"] += extra["runs"]
+    reports = [by_seed[k] for k in sorted(by_seed)]
+    methods = [m for m in METHOD_NAMES if m in reports[0]["study"]["chosen"]]
+    lines = ["# Unlearning facts a real pretrained model knows (SmolLM2-135M-Instruct)", "",
+             "Protocol " + (__doc__ or "").split("Protocol ", 1)[1].split("    .venv")[0].strip(),
+             "",
+             "## Chosen operating points, test facts (one row per seed, then the mean)", "",
+             "| method | seed | strength | " + " | ".join(t for _, t in SUMMARY) + " |",
+             "|---|---|---|" + "---|" * len(SUMMARY)]
+    for method in ["reference", *methods]:
+        chosen = []
+        for r in reports:
+            study = r["study"]
+            p = study["points"][0] if method == "reference" else study["chosen"].get(method)
+            chosen.append(p)
+            cells = (" | ".join(_fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2)
+                                for k, _ in SUMMARY) if p else "no point kept utility"
+                     + " |" * (len(SUMMARY) - 1))
+            lines.append(f"| {METHOD_NAMES[method]} | {r['study']['config']['seed']} | "
+                         f"{_strength(p) if p else ''} | {cells} |")
+        if len(reports) > 1 and all(chosen):
+            means = [sum(p["metrics"].get(k, 0.0) for p in chosen) / len(chosen)
+                     for k, _ in SUMMARY]
+            lines.append(f"| **{METHOD_NAMES[method]}** | mean | | " + " | ".join(
+                _fmt(v, 3 if k == "general_nll" else 2)
+                for v, (k, _) in zip(means, SUMMARY, strict=True)) + " |")
+    lines += ["", "## Runs", "", "| seed | command | started (UTC) | minutes | load average |",
+              "|---|---|---|---|---|"]
+    for seed, command, date, seconds, load in runs:
+        lines.append(f"| {seed} | `{command}` | {date} | {seconds / 60:.0f} | {load} |")
+    lines += ["", "Every point of each seed, the training time of each run and the chat answers: "
+              + ", ".join(f"[{p.stem}_points.md]({p.stem}_points.md)" for p in paths) + ".",
+              "Plots: " + ", ".join(f"{p.stem}_frontier.png, {p.stem}_trajectories.png"
+                                    for p in paths) + ".", ""]
+    (out / "real_model.md").write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -177,7 +250,8 @@ def plot(report: dict, stem: Path) -> None:
     study = report["study"]
     points = study["points"]
     ref = points[0]["metrics"]
-    colors = {"mox": "tab:blue", "ga": "tab:red", "graddiff": "tab:orange", "npo": "tab:green"}
+    colors = {"mox": "tab:blue", "ga": "tab:red", "graddiff": "tab:orange", "npo": "tab:green",
+              "simnpo": "tab:purple"}
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method, color in colors.items():
         ps = [p for p in points if p["method"] == method]

@@ -37,9 +37,9 @@ class StudyConfig:
     batch_size: int = 4
     eval_steps: tuple[int, ...] = (3, 6)  # baselines: measured after these steps
     mox_lrs: tuple[float, ...] = (3e-5,)
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    mox_eval_steps: tuple[int, ...] = (6,)  # MOX: the α grid at these θ_mem steps
-    baseline_lrs: tuple[float, ...] = (3e-5, 1e-5)  # run in this order (all methods at each)
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    mox_eval_steps: tuple[int, ...] = (3, 6)  # MOX: the α grid at these θ_mem steps
+    baseline_lrs: tuple[float, ...] = (3e-5, 1e-4)  # run in this order (all methods at each)
     methods: tuple[str, ...] = ("mox", "ga", "graddiff", "npo")
     seed: int = 0
     chat: bool = True  # greedy chat answers at the reference and after the last step

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .eval.generation import greedy_generate_ids
+from .eval.generation import greedy_answers
 from .eval.scoring import batched, pair_examples
 from .text import IGNORE, pad_id
 
@@ -231,15 +231,9 @@ def score_facts(model, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -
     out = []
     for batch in batched(len(examples), batch_size):
         seqs = [examples[i] for i in batch]
-        width = max(len(e.input_ids) for e in seqs)
-        ids = torch.full((len(seqs), width), pad_id(tokenizer), dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        for row, e in enumerate(seqs):
-            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[row, : len(e.labels) - 1] = torch.tensor(e.labels[:-1])  # EOS not scored
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(seqs):
-            mask[row, : len(e.input_ids)] = 1
+        ids = _padded([e.input_ids for e in seqs], pad_id(tokenizer))
+        labels = _padded([e.labels[:-1] for e in seqs], IGNORE, ids.shape[1])  # EOS not scored
+        mask = _padded([[1] * len(e.input_ids) for e in seqs], 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
         target = labels[:, 1:]
@@ -249,6 +243,14 @@ def score_facts(model, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -
         for row in range(len(seqs)):
             out.append(FactScore(float(chosen[row][scored[row]].sum()),
                                  int(scored[row].sum()), bool(hit[row].all())))
+    return out
+
+
+def _padded(rows: Sequence[Sequence[int]], fill: int, width: int | None = None) -> torch.Tensor:
+    """Rows right-padded with `fill` to `width` (default: the longest row)."""
+    out = torch.full((len(rows), width or max(map(len, rows))), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
 
@@ -283,11 +285,8 @@ def general_nll(model, tokenizer, texts: Sequence[str] = GENERAL_TEXT) -> float:
     """Mean NLL per token of `texts` (exp of it: their perplexity)."""
     encoded = [tokenizer(t)["input_ids"] for t in texts]
     device = next(model.parameters()).device
-    ids = torch.full((len(encoded), max(map(len, encoded))), pad_id(tokenizer))
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
+    ids = _padded(encoded, pad_id(tokenizer))
+    mask = _padded([[1] * len(e) for e in encoded], 0)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
     chosen = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -297,20 +296,10 @@ def general_nll(model, tokenizer, texts: Sequence[str] = GENERAL_TEXT) -> float:
 
 def chat_probes(model, tokenizer, max_new_tokens: int = 12) -> list[dict]:
     """Greedy chat answers to CHAT_PROBES, each marked ok when it contains an expected word."""
-    prompts = [_chat_prompt_ids(tokenizer, q) for q, _ in CHAT_PROBES]
-    generated = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens)
+    answers = greedy_answers(model, tokenizer, [q for q, _ in CHAT_PROBES], max_new_tokens,
+                             chat_template=True)
     out = []
-    for (question, words), ids in zip(CHAT_PROBES, generated, strict=True):
-        answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    for (question, words), answer in zip(CHAT_PROBES, answers, strict=True):
         said = answer.lower().replace(".", " ").replace(",", " ").split()
         out.append({"question": question, "answer": answer, "ok": any(w in said for w in words)})
     return out
-
-
-def _chat_prompt_ids(tokenizer, question: str) -> list[int]:
-    """The question as a chat turn, tokenized as moxkit.text.encode tokenizes prompts (BOS
-    added unless the template already starts with it)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                         tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
