@@ -97,7 +97,7 @@ def test_argument_errors_come_before_torch(root, tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
     llama, d = str(root / "llama"), [str(a) for a in data(root)]
     cases = [
-        (["train-mem", str(tmp_path / "nope"), *d, "-o", str(tmp_path / "o")], "no such folder"),
+        (["train-mem", str(tmp_path / "nope"), *d, "-o", str(tmp_path / "o")], "no such file or directory"),
         (["train-mem", llama, "--forget", "missing.jsonl", *d[2:], "-o", str(tmp_path / "o")],
          "--forget missing.jsonl: no such file"),
         (["train-mem", llama, *d, "-o", str(exists)], "already exists"),

@@ -90,7 +90,7 @@ def test_device_and_model_dir_errors(tmp_path):
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(MoxError, match="expected auto, cpu"):
         resolve_device("tpu-ish:x")
-    with pytest.raises(MoxError, match="no such folder"):
+    with pytest.raises(MoxError, match="no such file or directory"):
         check_model_dir(tmp_path / "missing", "MODEL")
     (tmp_path / "m").mkdir()
     with pytest.raises(MoxError, match="no config.json"):

@@ -47,9 +47,10 @@ class Run:
     """Use as a context manager; `publish()` puts the finished output in place."""
 
     def __init__(self, out, force: bool, config: TrainConfig, n_rows: int):
-        self.config, self.force, self.n_rows = config, force, n_rows
+        self.config, self.force = config, force
         self.out = Path(out) if out is not None else None
-        self.is_main = PartialState().is_main_process
+        self.args = training_arguments(config, n_rows)  # sets up the process group
+        self.is_main = self.args.process_index == 0
         self.staged: Path | None = None  # the folder being built (main process only)
         self.names: CheckpointNames | None = None  # MODEL's tensor names, for every save
         # --lora without --merge, writing an output: adapters are handed back, not full models
@@ -68,7 +69,7 @@ class Run:
             else:
                 scratch = Path(self._stack.enter_context(
                     tempfile.TemporaryDirectory(prefix="moxkit-trainer-")))  # fmt: skip
-            self.args = training_arguments(self.config, self.n_rows, scratch)
+            self.args.output_dir = str(scratch)
             self.barrier()
         except BaseException:
             self._stack.close()

@@ -216,18 +216,23 @@ class StepLog(TrainerCallback):
             self._bar = None
 
 
+SCRATCH_UNSET = "moxkit-trainer-scratch-unset"  # replaced by the run's scratch folder
+
+
 def steps_per_epoch(n_rows: int, config: TrainConfig) -> int:
     return math.ceil(n_rows / config.batch_size)
 
 
-def training_arguments(config: TrainConfig, n_rows: int, scratch: Path) -> TrainingArguments:
+def training_arguments(config: TrainConfig, n_rows: int) -> TrainingArguments:
     """TrainingArguments for this run; the per-device micro-batch follows from the global
-    batch, the number of processes and the accumulation steps."""
+    batch, the number of processes and the accumulation steps. Creating them sets up the
+    process group (which process is the main one); the caller sets `output_dir`, the Trainer's
+    scratch folder, before training."""
     use_cuda = torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else use_cuda and torch.cuda.is_bf16_supported()
     warmup = round(config.warmup_epochs * steps_per_epoch(n_rows, config))
     args = TrainingArguments(
-        output_dir=str(scratch),
+        output_dir=SCRATCH_UNSET,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
