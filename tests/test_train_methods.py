@@ -55,8 +55,8 @@ def test_momentum_default_schedule_and_eta(ref, tok):
     """Ticks every ceil(steps / DEFAULT_TICKS) steps by default (not once per epoch), η = 1
     is plain MOX bit for bit, and η changes the model: the paper's η and a small η give
     forget models that differ from plain MOX and from each other."""
-    config = TrainConfig(epochs=4, lr=2e-3, batch_size=2, warmup_epochs=1, progress=False)
-    total = 4 * len(FORGET) // 2  # 16 steps
+    config = TrainConfig(epochs=2, lr=3e-3, batch_size=2, warmup_epochs=0.5, progress=False)
+    total = 2 * len(FORGET) // 2  # 8 steps
     every = math.ceil(total / DEFAULT_TICKS)
 
     def run(eta):
