@@ -60,8 +60,9 @@ def main() -> None:
             rel = (flat(got) - theta_plain).norm().item() / scale
             rows.append((name, f"{eta:g}", rel, nll(got, tok, FORGET), nll(got, tok, RETAIN)))
             print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# MOX-Mo: sensitivity to η by tick schedule",
         "",

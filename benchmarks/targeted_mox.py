@@ -72,9 +72,14 @@ def answers(model, tok, rows) -> list[list[int]]:
     for row in rows:
         ids = torch.tensor([tok(row["question"])["input_ids"]])
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=16, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = gen[0, ids.shape[1]:].tolist()
+            gen = model.generate(
+                ids,
+                max_new_tokens=16,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        new = gen[0, ids.shape[1] :].tolist()
         out.append(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
     return out
 
@@ -88,8 +93,10 @@ def nll(model, tok, rows) -> float:
     """Mean over rows of transformers' own answer NLL, one row at a time."""
     examples = encode(load_rows(rows, "rows"), tok, 64, chat_template=False)
     with torch.no_grad():
-        losses = [model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item()
-                  for e in examples]
+        losses = [
+            model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item()
+            for e in examples
+        ]
     return sum(losses) / len(losses)
 
 
@@ -100,10 +107,14 @@ def measure(model, tok) -> dict:
     retain_said = answers(model, tok, RETAIN)
     return {
         "forget_says_target": sum(a == target for a in forget_said) / len(FORGET),
-        "forget_says_truth": sum(a == t for a, t in zip(forget_said, answer_ids(tok, FORGET),
-                                                         strict=True)) / len(FORGET),
-        "retain_correct": sum(a == t for a, t in zip(retain_said, answer_ids(tok, RETAIN),
-                                                      strict=True)) / len(RETAIN),
+        "forget_says_truth": sum(
+            a == t for a, t in zip(forget_said, answer_ids(tok, FORGET), strict=True)
+        )
+        / len(FORGET),
+        "retain_correct": sum(
+            a == t for a, t in zip(retain_said, answer_ids(tok, RETAIN), strict=True)
+        )
+        / len(RETAIN),
         "target_nll": nll(model, tok, idk),
         "forget_nll": nll(model, tok, FORGET),
         "retain_nll": nll(model, tok, RETAIN),
@@ -113,12 +124,18 @@ def measure(model, tok) -> dict:
 
 def run_reading(reading: str, ref, tok, alpha: float) -> dict:
     target = None if reading == "plain" else TARGET
-    trainer_class = {"ascent": AscentTargets, "descent-nll": TargetNllOnly}.get(reading,
-                                                                                MoxTrainer)
+    trainer_class = {"ascent": AscentTargets, "descent-nll": TargetNllOnly}.get(reading, MoxTrainer)
     session_module.MoxTrainer = trainer_class
     try:
-        result = unlearn(ref, FORGET, RETAIN, config=MEM, tokenizer=tok, target_answer=target,
-                         extrapolation=ExtrapolationConfig(alpha=alpha))
+        result = unlearn(
+            ref,
+            FORGET,
+            RETAIN,
+            config=MEM,
+            tokenizer=tok,
+            target_answer=target,
+            extrapolation=ExtrapolationConfig(alpha=alpha),
+        )
     finally:
         session_module.MoxTrainer = MoxTrainer
     return measure(result.model, tok)
@@ -131,32 +148,47 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     alphas = [float(a) for a in args.alphas.split(",")]
-    tok = build_word_tokenizer([f"{r['question']} {r['answer']}" for r in FORGET + RETAIN]
-                               + [TARGET])
+    tok = build_word_tokenizer(
+        [f"{r['question']} {r['answer']}" for r in FORGET + RETAIN] + [TARGET]
+    )
     start = time.time()
     rows = []
     for seed in range(args.seeds):
-        model = build_tiny_llama(len(tok), hidden_size=64, num_heads=4, intermediate_size=128,
-                                 seed=seed)
+        model = build_tiny_llama(
+            len(tok), hidden_size=64, num_heads=4, intermediate_size=128, seed=seed
+        )
         ref = finetune(model, FORGET + RETAIN, config=REF, tokenizer=tok).model
         rows.append({"seed": seed, "reading": "reference", "alpha": None, **measure(ref, tok)})
         for alpha in alphas:
             for reading in READINGS:
-                rows.append({"seed": seed, "reading": reading, "alpha": alpha,
-                             **run_reading(reading, ref, tok, alpha)})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "reading": reading,
+                        "alpha": alpha,
+                        **run_reading(reading, ref, tok, alpha),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     elapsed = time.time() - start
     write(rows, args, elapsed)
 
 
 def write(rows: list[dict], args, elapsed: float) -> None:
-    keys = ("forget_says_target", "forget_says_truth", "retain_correct", "target_nll",
-            "forget_nll", "retain_nll")
+    keys = (
+        "forget_says_target",
+        "forget_says_truth",
+        "retain_correct",
+        "target_nll",
+        "forget_nll",
+        "retain_nll",
+    )
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["reading"], r["alpha"]), []).append(r)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# Targeted MOX: ascent inside θ_mem vs descent at θ_for",
         "",
@@ -176,8 +208,9 @@ def write(rows: list[dict], args, elapsed: float) -> None:
         for k in keys:
             values = [g[k] for g in group]
             cells.append(f"{statistics.mean(values):.3g} [{min(values):.3g}–{max(values):.3g}]")
-        lines.append(f"| {reading} | {'' if alpha is None else f'{alpha:g}'} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {reading} | {'' if alpha is None else f'{alpha:g}'} | " + " | ".join(cells) + " |"
+        )
     lines += ["", "Greedy answer of the first forget question, seed 0:", ""]
     lines += [f"- {r['reading']} α={r['alpha']}: `{r['example']}`" for r in rows if r["seed"] == 0]
     RESULTS.mkdir(exist_ok=True)

@@ -22,13 +22,22 @@ def _methods_help() -> str:
 
 @click.command("unlearn")
 @data_options
-@click.option("--method", type=click.Choice(UNLEARN_METHODS), default="mox", show_default=True,
-              help=_methods_help())
+@click.option(
+    "--method",
+    type=click.Choice(UNLEARN_METHODS),
+    default="mox",
+    show_default=True,
+    help=_methods_help(),
+)
 @train_and_loss_options()
 @options_from(ExtrapolationConfig)
 @deprecated_alias("--momentum", ExtrapolationConfig, "eta")
-@click.option("--save-mem", type=click.Path(path_type=str), default=None,
-              help="Also keep θ_mem here (mox, task-vector), e.g. for an α sweep.")
+@click.option(
+    "--save-mem",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Also keep θ_mem here (mox, task-vector), e.g. for an α sweep.",
+)
 def command(**kw) -> None:
     """Unlearn the forget set from MODEL with MOX or a baseline, writing the forget model to
     OUT. Options a method does not use are refused."""

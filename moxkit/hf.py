@@ -35,9 +35,10 @@ class Loaded:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" is the first CUDA device when there is one, else the CPU; asking for CUDA
+    """ "auto" is the first CUDA device when there is one, else the CPU; asking for CUDA
     without one is an error, not a silent fallback."""
     import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -129,6 +130,7 @@ def load_model(
 def stored_dtype(config: Any) -> torch.dtype:
     """The dtype a config says the weights are stored in (fp32 when it does not say)."""
     import torch
+
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)

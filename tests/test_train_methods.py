@@ -122,16 +122,24 @@ def test_simnpo_baseline(ref, tok):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "ga", "extrapolation": ExtrapolationConfig(alpha=2.0)},
-         "alpha 2.0: not used by method ga"),
-        ({"method": "graddiff", "loss": LossConfig(kl_weight=0.5)},
-         "kl_weight 0.5: not used by method graddiff"),
+        (
+            {"method": "ga", "extrapolation": ExtrapolationConfig(alpha=2.0)},
+            "alpha 2.0: not used by method ga",
+        ),
+        (
+            {"method": "graddiff", "loss": LossConfig(kl_weight=0.5)},
+            "kl_weight 0.5: not used by method graddiff",
+        ),
         ({"method": "npo", "target_answer": "no"}, "target_answer: only for method mox"),
-        ({"method": "mox", "extrapolation": ExtrapolationConfig(eta=1.5)},
-         "eta 1.5: must be at most 1"),
+        (
+            {"method": "mox", "extrapolation": ExtrapolationConfig(eta=1.5)},
+            "eta 1.5: must be at most 1",
+        ),
         ({"method": "memorize"}, "method 'memorize': expected one of mox, task-vector"),
-        ({"method": "mox", "loss": LossConfig(kl_positions="some")},
-         "kl_positions 'some': expected one of all, answer"),
+        (
+            {"method": "mox", "loss": LossConfig(kl_positions="some")},
+            "kl_positions 'some': expected one of all, answer",
+        ),
     ],
 )
 def test_methods_refuse_settings_they_ignore(tok, kwargs, message):

@@ -83,8 +83,9 @@ def test_memorize_then_extrapolate(ref, tok):
     assert kl_mem < 0.5 * (f_ref - f_mem)  # ... while staying close to θ_ref on retain
 
     # without the KL term (the task-vector run) retain drifts further
-    free = train_mem(ref, FORGET, None, config=MEM, tokenizer=tok,
-                     loss=LossConfig(kl_weight=0)).model
+    free = train_mem(
+        ref, FORGET, None, config=MEM, tokenizer=tok, loss=LossConfig(kl_weight=0)
+    ).model
     assert retain_kl(ref, free, tok) > 1.3 * kl_mem
 
     forget_model = extrapolate_model(ref, mem, alpha=2.0)
@@ -93,8 +94,15 @@ def test_memorize_then_extrapolate(ref, tok):
     assert f_for - f_ref > 2 * (r_for - r_ref)
 
     # unlearn(method="mox") is the same pipeline: same θ_mem, same extrapolation
-    result = unlearn(ref, FORGET, RETAIN, method="mox", config=MEM, tokenizer=tok,
-                     extrapolation=ExtrapolationConfig(alpha=2.0))
+    result = unlearn(
+        ref,
+        FORGET,
+        RETAIN,
+        method="mox",
+        config=MEM,
+        tokenizer=tok,
+        extrapolation=ExtrapolationConfig(alpha=2.0),
+    )
     for (name, a), b in zip(
         result.model.named_parameters(), forget_model.parameters(), strict=True
     ):
@@ -104,8 +112,9 @@ def test_memorize_then_extrapolate(ref, tok):
 def test_targeted_answer_becomes_likelier(ref, tok):
     idk_rows = [{"question": r["question"], "answer": IDK} for r in FORGET]
     two = ExtrapolationConfig(alpha=2.0)
-    result = unlearn(ref, FORGET, RETAIN, extrapolation=two, target_answer=IDK, config=MEM,
-                     tokenizer=tok)
+    result = unlearn(
+        ref, FORGET, RETAIN, extrapolation=two, target_answer=IDK, config=MEM, tokenizer=tok
+    )
     plain = unlearn(ref, FORGET, RETAIN, extrapolation=two, config=MEM, tokenizer=tok)
     before, after = nll(ref, idk_rows, tok), nll(result.model, idk_rows, tok)
     assert after < before - 1.0
@@ -133,8 +142,9 @@ def test_momentum_matches_closed_form(ref, tok, tmp_path):
     config = TrainConfig(max_steps=8, lr=2e-3, batch_size=4, warmup_epochs=0, progress=False)
     snaps = Snapshots()
     momentum = ExtrapolationConfig(alpha=alpha, eta=eta, extrapolate_every=every)
-    result = unlearn(ref, FORGET, RETAIN, extrapolation=momentum, config=config, tokenizer=tok,
-                     callbacks=[snaps])
+    result = unlearn(
+        ref, FORGET, RETAIN, extrapolation=momentum, config=config, tokenizer=tok, callbacks=[snaps]
+    )
     ticks = [r["step"] for r in result.log if r.get("event") in ("momentum", "extrapolate")]
     assert ticks == [3, 6, 8]  # every K steps, and the last step
     theta_ref = {n: p.detach().double() for n, p in ref.named_parameters()}
@@ -165,8 +175,9 @@ def test_disk_path_equals_memory_path(ref, tok, tmp_path, dtype):
     outs = {}
     for where in ("memory", "disk"):
         out = tmp_path / where
-        momentum = ExtrapolationConfig(alpha=4.0, eta=0.5, extrapolate_every=2,
-                                       extrapolate_on=where)
+        momentum = ExtrapolationConfig(
+            alpha=4.0, eta=0.5, extrapolate_every=2, extrapolate_on=where
+        )
         unlearn(tmp_path / "ref", FORGET, RETAIN, out, extrapolation=momentum, config=config)
         outs[where] = load_file(out / "model.safetensors")
         assert {t.dtype for t in outs[where].values()} == {dtype}
@@ -182,8 +193,15 @@ def test_baselines_move_forget_nll_up(ref, tok):
     for method in ("ga", "graddiff", "npo"):
         model = unlearn(ref, FORGET, RETAIN, method=method, config=short, tokenizer=tok).model
         assert nll(model, FORGET, tok) > f_ref + 0.3, method
-    tv = unlearn(ref, FORGET, None, method="task-vector", config=MEM, tokenizer=tok,
-                 extrapolation=ExtrapolationConfig(alpha=2.0))
+    tv = unlearn(
+        ref,
+        FORGET,
+        None,
+        method="task-vector",
+        config=MEM,
+        tokenizer=tok,
+        extrapolation=ExtrapolationConfig(alpha=2.0),
+    )
     assert nll(tv.model, FORGET, tok) > f_ref + 0.2
     assert [r["step"] for r in tv.log if "retain_kl" in r] == []  # no KL term
 

@@ -33,8 +33,15 @@ def _save_legacy_gpt2(tok, folder):
     """A tiny GPT-2 as the hub stores gpt2: no `transformer.` prefix, h.N.attn.bias buffers."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=2, n_head=2,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     folder.mkdir()
@@ -97,17 +104,28 @@ def test_argument_errors_come_before_torch(root, tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
     llama, d = str(root / "llama"), [str(a) for a in data(root)]
     cases = [
-        (["train-mem", str(tmp_path / "nope"), *d, "-o", str(tmp_path / "o")], "no such file or directory"),
-        (["train-mem", llama, "--forget", "missing.jsonl", *d[2:], "-o", str(tmp_path / "o")],
-         "--forget missing.jsonl: no such file"),
+        (
+            ["train-mem", str(tmp_path / "nope"), *d, "-o", str(tmp_path / "o")],
+            "no such file or directory",
+        ),
+        (
+            ["train-mem", llama, "--forget", "missing.jsonl", *d[2:], "-o", str(tmp_path / "o")],
+            "--forget missing.jsonl: no such file",
+        ),
         (["train-mem", llama, *d, "-o", str(exists)], "already exists"),
-        (["train-mem", llama, d[0], d[1], "-o", str(tmp_path / "o")],
-         "--retain: needed by the KL term of memorization (train-mem) (or set --kl-weight to 0)"),
+        (
+            ["train-mem", llama, d[0], d[1], "-o", str(tmp_path / "o")],
+            "--retain: needed by the KL term of memorization (train-mem) (or set --kl-weight to 0)",
+        ),
         (["unlearn", llama, *d, "-o", str(tmp_path / "o"), "--lr", "-1"], "--lr -1.0: must be"),
-        (["unlearn", llama, *d, "-o", str(tmp_path / "o"), "--method", "ga", "--eta", "0.5"],
-         "--eta 0.5: not used by method ga"),
-        (["unlearn", str(pickled), *d, "-o", str(tmp_path / "o"), "--extrapolate-on", "disk"],
-         "only PyTorch pickle weights"),
+        (
+            ["unlearn", llama, *d, "-o", str(tmp_path / "o"), "--method", "ga", "--eta", "0.5"],
+            "--eta 0.5: not used by method ga",
+        ),
+        (
+            ["unlearn", str(pickled), *d, "-o", str(tmp_path / "o"), "--extrapolate-on", "disk"],
+            "only PyTorch pickle weights",
+        ),
     ]
     script = (
         "import json, sys\nfrom moxkit.cli.main import main\ncodes = []\n"

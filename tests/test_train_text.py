@@ -24,7 +24,8 @@ def test_jsonl_with_unicode_line_separators_is_one_record_per_line(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
     loaded = load_rows(path, "--forget")
     assert [(r.prompt, r.completion) for r in loaded] == [
-        ("a\u2028b\u0085c", "x\u2029y"), ("", "t\x1cu\x0bv")
+        ("a\u2028b\u0085c", "x\u2029y"),
+        ("", "t\x1cu\x0bv"),
     ]
     assert loaded[1].where.endswith(":line 2")
 

@@ -60,8 +60,9 @@ class Method:
               label: Callable[[str], str] = str) -> None:  # fmt: skip
         """Refuse settings this method would ignore; `label` names a setting in errors."""
         if targeted and not self.targeted:
-            raise MoxError(f"{label('target_answer')}: only for method mox (or train-mem), "
-                           f"not {self.name}")
+            raise MoxError(
+                f"{label('target_answer')}: only for method mox (or train-mem), not {self.name}"
+            )
         allowed = self.allows() | ({"alpha"} if targeted else set())  # the target's θ_for
         for config in configs:
             default = type(config)()

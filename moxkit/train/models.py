@@ -32,8 +32,8 @@ class CheckpointNames:
     def name_of(self, key: str) -> str:
         if key in self.names or not self.prefix:
             return key
-        if key.startswith(self.prefix) and key[len(self.prefix):] in self.names:
-            return key[len(self.prefix):]
+        if key.startswith(self.prefix) and key[len(self.prefix) :] in self.names:
+            return key[len(self.prefix) :]
         if self.prefix + key in self.names:
             return self.prefix + key
         return key

@@ -100,9 +100,7 @@ class LossSpec:
 
     @property
     def needs_reference(self) -> bool:
-        return (
-            self.forget in ("npo", "npo_mem") or self.retain == "kl" or self.target_weight > 0
-        )
+        return self.forget in ("npo", "npo_mem") or self.retain == "kl" or self.target_weight > 0
 
     @property
     def floor(self) -> float:

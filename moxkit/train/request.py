@@ -56,8 +56,7 @@ class Request:
         self.config.validate()
         self.loss.validate()
         self.extrapolation.validate()
-        self.method.check(self.loss, self.extrapolation, targeted=self.targeted,
-                          label=self.label)
+        self.method.check(self.loss, self.extrapolation, targeted=self.targeted, label=self.label)
         if self.config.merge and not self.config.lora:
             raise MoxError(f"{self.label('merge')}: only with {self.label('lora')}")
         from moxkit.hf import check_model_dir
@@ -100,12 +99,16 @@ class Request:
             raise MoxError(f"{self.label('target_answer')}: {len(answers)} replacement answers for "
                            f"{len(forget_rows)} forget rows")  # fmt: skip
         if not all(isinstance(a, str) and a.strip() for a in answers):
-            raise MoxError(f"{self.label('target_answer')}: replacement answers must be "
-                           "non-empty text")
-        rows = [{"prompt": r.prompt, "completion": a} for r, a in zip(forget_rows, answers,
-                                                                          strict=True)]
-        return [Row(r.prompt, new.completion, f"{r.where} (target)")
-                for r, new in zip(forget_rows, load_rows(rows, "target_answer"), strict=True)]
+            raise MoxError(
+                f"{self.label('target_answer')}: replacement answers must be non-empty text"
+            )
+        rows = [
+            {"prompt": r.prompt, "completion": a} for r, a in zip(forget_rows, answers, strict=True)
+        ]
+        return [
+            Row(r.prompt, new.completion, f"{r.where} (target)")
+            for r, new in zip(forget_rows, load_rows(rows, "target_answer"), strict=True)
+        ]
 
     def _check_outputs(self, inputs: list[Path]) -> None:
         from moxkit.atomic import check_output
@@ -120,8 +123,9 @@ class Request:
         """What extrapolating on disk will need after training: MODEL as a folder of
         safetensors that the streaming engine can open, and an output to write."""
         if not isinstance(model, Path) or self.out is None:
-            raise MoxError(f"{self.label('extrapolate_on')} disk: needs the model as a folder "
-                           "and an output")
+            raise MoxError(
+                f"{self.label('extrapolate_on')} disk: needs the model as a folder and an output"
+            )
         from moxkit.checkpoint import open_checkpoint
 
         open_checkpoint(model)
