@@ -122,8 +122,9 @@ def _tiny():
 # --- tables and plots, from the report alone -------------------------------------------------
 
 SUMMARY = (("forget_test_acc", "forget (test)"), ("retain_acc", "retain"),
-           ("heldout_test_acc", "held-out (test)"), ("general_nll", "text NLL"),
-           ("chat_ok", "chat ok"))
+           ("heldout_test_acc", "held-out (test)"), ("forget_test_logprob", "forget log p"),
+           ("retain_logprob", "retain log p"), ("heldout_test_logprob", "held-out log p"),
+           ("general_nll", "text NLL"), ("chat_ok", "chat ok"))
 
 
 def write_report(out: Path) -> None:
@@ -158,16 +159,17 @@ def write_report(out: Path) -> None:
         chosen = []
         for r in reports:
             study = r["study"]
-            p = study["points"][0] if method == "reference" else study["chosen"].get(method)
+            if method != "reference" and method not in study["chosen"]:
+                continue  # not run for this seed
+            p = study["points"][0] if method == "reference" else study["chosen"][method]
             chosen.append(p)
             cells = (" | ".join(_fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2)
                                 for k, _ in SUMMARY) if p else "no point kept utility"
                      + " |" * (len(SUMMARY) - 1))
             lines.append(f"| {METHOD_NAMES[method]} | {r['study']['config']['seed']} | "
                          f"{_strength(p) if p else ''} | {cells} |")
-        if len(reports) > 1 and all(chosen):
-            means = [sum(p["metrics"].get(k, 0.0) for p in chosen) / len(chosen)
-                     for k, _ in SUMMARY]
+        if len(chosen) > 1 and all(chosen):
+            means = [_mean([p["metrics"].get(k) for p in chosen]) for k, _ in SUMMARY]
             lines.append(f"| **{METHOD_NAMES[method]}** | mean | | " + " | ".join(
                 _fmt(v, 3 if k == "general_nll" else 2)
                 for v, (k, _) in zip(means, SUMMARY, strict=True)) + " |")
@@ -180,6 +182,62 @@ def write_report(out: Path) -> None:
               "Plots: " + ", ".join(f"{p.stem}_frontier.png, {p.stem}_trajectories.png"
                                     for p in paths) + ".", ""]
     (out / "real_model.md").write_text("\n".join(lines) + "\n")
+    plot_means(reports, out / "real_model_mean_frontier.png")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None when any value is missing (e.g. chat, measured at the last step only)."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Each setting (method, lr, α, step) with its metrics averaged over the seeds that ran it;
+    forget and held-out accuracy pool validation and test facts (a description, not a choice)."""
+    sums: dict[tuple, list[dict]] = {}
+    for r in reports:
+        for p in r["study"]["points"]:
+            m = p["metrics"]
+            sums.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append({
+                "forget": (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
+                "heldout": (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
+                "retain": m["retain_acc"], "nll": m["general_nll"]})
+    return {k: {key: sum(d[key] for d in v) / len(v) for key in v[0]} | {"seeds": len(v)}
+            for k, v in sums.items()}
+
+
+def plot_means(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = _setting_means(reports)
+    colors = {"mox": "tab:blue", "ga": "tab:red", "graddiff": "tab:orange", "npo": "tab:green",
+              "simnpo": "tab:purple", "reference": "k"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    for (method, lr, alpha, step), m in sorted(means.items(), key=lambda kv: kv[0][0]):
+        label = METHOD_NAMES[method]
+        kw = {"c": colors[method], "alpha": 0.8, "s": 90 if method == "reference" else 30,
+              "marker": "*" if method == "reference" else "o"}
+        axes[0].scatter(m["heldout"], m["forget"], label=label, **kw)
+        axes[1].scatter(m["nll"], m["forget"], label=label, **kw)
+        text = f"α{alpha:g}/{step}" if alpha is not None else (f"{lr:.0e}/{step}" if lr else "")
+        if method in ("mox", "ga"):
+            axes[0].annotate(text, (m["heldout"], m["forget"]), fontsize=6, alpha=0.7)
+            axes[1].annotate(text, (m["nll"], m["forget"]), fontsize=6, alpha=0.7)
+    handles, names = axes[0].get_legend_handles_labels()
+    unique = dict(zip(names, handles, strict=True))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=8)
+    axes[0].set_xlabel("held-out facts accuracy (never trained on; higher = kept)")
+    axes[1].set_xlabel("general-text NLL (lower = more fluent)")
+    for ax in axes:
+        ax.set_ylabel("forget facts accuracy (lower = forgotten)")
+    n = len(reports)
+    fig.suptitle(f"SmolLM2-135M-Instruct, unlearning facts it knows: every setting, mean of {n} "
+                 f"seed{'s' if n > 1 else ''} (MOX labelled α/step, GA lr/step)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
