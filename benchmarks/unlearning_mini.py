@@ -65,7 +65,7 @@ class Budget:
     pretrain_lr: float = 3e-3
     finetune_epochs: float = 15.0
     finetune_lr: float = 1e-3
-    unlearn_epochs: int = 5
+    unlearn_epochs: int = 4
     mox_lr: float = MOX_LR
     lrs: tuple[float, ...] = LRS
     alphas: tuple[float, ...] = ALPHAS
@@ -73,7 +73,7 @@ class Budget:
     etas: tuple[float, ...] = ETAS
     targeted_alphas: tuple[float, ...] = TARGETED_ALPHAS
     baselines: tuple[str, ...] = BASELINES
-    task_vector: bool = True
+    task_vector: bool = False
     pipelines: tuple[int, ...] = (0, 1, 2)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_new_tokens: int = 48
@@ -94,198 +94,262 @@ def _numbers(summary: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_pipeline(pipeline: int, budget: Budget, data: Path, work: Path) -> dict:
-    """Train (or reuse) one pipeline's models, then every unlearning run on them."""
-    import torch
-    from transformers import AutoTokenizer
+class Pipeline:
+    """One pipeline's files and the tools every stage needs, built inside a worker process
+    (one thread each: the parallelism is across processes)."""
 
-    from moxkit.eval.evaluate import EvalConfig, evaluate_model, load_model, retain_reference
-    from moxkit.study import momentum_average, name_value_probs, on_epoch_end
+    def __init__(self, pipeline: int, budget: Budget, data: Path, work: Path):
+        import torch
+        from transformers import AutoTokenizer
+
+        from moxkit.eval.evaluate import EvalConfig
+
+        torch.set_num_threads(1)
+        self.pipeline, self.budget, self.data = pipeline, budget, data
+        self.split = data / budget.split
+        self.wd = work / f"pipeline-{pipeline}"
+        self.tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+        self.ecfg = EvalConfig(max_new_tokens=budget.max_new_tokens,
+                               verbmem_max_new_tokens=budget.max_new_tokens)
+        self.dirs = {"val": self.split / "val", "test": self.split}
+        self.qa = {k: {s: _rows(d / f"{s}.jsonl") for s in ("forget", "retain")}
+                   for k, d in self.dirs.items()}
+        self.refs: dict | None = None  # the retain-only model's references (FQ's target)
+
+    def log(self, msg: str) -> None:
+        print(f"[pipeline-{self.pipeline} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def config(self, epochs: float, lr: float, seed: int):
+        from moxkit.train import TrainConfig
+
+        return TrainConfig(epochs=epochs, lr=lr, seed=seed, warmup_epochs=1.0, bf16=False,
+                           progress=False)
+
+    def measure(self, model, sets=("val",), full=False) -> dict:
+        """Summary metrics on the validation (and test) sets, with name/value-token
+        probabilities of the forget and retain rows; likelihood only unless `full`."""
+        import torch
+
+        from moxkit.eval.evaluate import evaluate_model
+        from moxkit.study import name_value_probs
+
+        cfg = self.ecfg if full else replace(self.ecfg, generate=False)
+        model.eval()
+        out = {}
+        with torch.no_grad():
+            for k in sets:
+                rep = evaluate_model(model, self.tok, self.dirs[k], cfg=cfg,
+                                     retain=self.refs[k] if self.refs else None)
+                s = _numbers(rep["summary"])
+                for which, rows in self.qa[k].items():
+                    s.update({f"{which}_{key}": v for key, v in
+                              name_value_probs(model, self.tok, rows).items()})
+                out[k] = s
+        return out
+
+
+def train_stage(job: tuple) -> float:
+    """Train one model of a pipeline if it is not there yet (the stages run in order:
+    pretrained, then reference and retain-only side by side); returns the seconds spent."""
+    pipeline, stage, budget, data, work = job
     from moxkit.tiny import build_tiny_llama, save_tiny_model
+    from moxkit.train import finetune
+
+    pl = Pipeline(pipeline, budget, data, work)
+    path = pl.wd / stage
+    if path.is_dir():
+        return 0.0
+    t = time.time()
+    base = pl.wd / "base"
+    if not base.is_dir():
+        save_tiny_model(build_tiny_llama(len(pl.tok), hidden_size=budget.hidden,
+                                         num_layers=budget.layers,
+                                         intermediate_size=2 * budget.hidden, seed=pipeline),
+                        pl.tok, base)
+    start = pl.wd / "pretrained" if budget.pretrain_epochs else base
+    pl.log(f"training {stage}")
+    if stage == "pretrained":
+        finetune(base, str(data / "pretrain.jsonl"), path,
+                 config=pl.config(budget.pretrain_epochs, budget.pretrain_lr, pipeline))
+    else:
+        rows = data / "full.jsonl" if stage == "reference" else \
+            pl.split / "train_retain_only.jsonl"
+        finetune(start, str(rows), path,
+                 config=pl.config(budget.finetune_epochs, budget.finetune_lr, pipeline))
+    return round(time.time() - t, 1)
+
+
+def measure_anchors(job: tuple) -> dict:
+    """The retain-only model's references and the full measurements of the reference and
+    retain-only models, cached."""
+    pipeline, budget, data, work = job
+    from moxkit.eval.evaluate import evaluate_model, load_model, retain_reference
+    from moxkit.study import rule_utility
+
+    pl = Pipeline(pipeline, budget, data, work)
+    cache = pl.wd / "anchors.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    retain_model, _ = load_model(pl.wd / "retain-only", "cpu")
+    pl.refs = {k: retain_reference(evaluate_model(retain_model, pl.tok, d, cfg=pl.ecfg), d,
+                                   pl.ecfg) for k, d in pl.dirs.items()}
+    retain_only = pl.measure(retain_model, ("val", "test"), full=True)
+    ref_model, _ = load_model(pl.wd / "reference", "cpu")
+    reference = pl.measure(ref_model, ("val", "test"), full=True)
+    anchors = {"pipeline": pipeline, "refs": pl.refs, "reference": reference,
+               "retain_only": retain_only, "reference_utility": rule_utility(reference["val"]),
+               "parameters": sum(p.numel() for p in ref_model.parameters())}
+    pl.log(f"reference FQ val {reference['val']['forget_quality']:.3g} test "
+           f"{reference['test']['forget_quality']:.3g}; U val {anchors['reference_utility']:.3f}")
+    cache.write_text(json.dumps(anchors) + "\n")
+    return anchors
+
+
+def run_seed(job: tuple) -> dict:
+    """One unlearning run: every method's sweep on the validation sets, the rule's choice per
+    method, and the chosen models measured in full on validation and test. Cached."""
+    pipeline, seed, budget, data, work = job
+    from moxkit.eval.evaluate import load_model
+    from moxkit.study import momentum_average, on_epoch_end
     from moxkit.tofu_mini import REFUSAL
     from moxkit.train import (
         UNLEARN_METHODS,
         ExtrapolationConfig,
         LossConfig,
-        TrainConfig,
         extrapolate_model,
-        finetune,
         train_mem,
         unlearn,
     )
 
-    torch.set_num_threads(1)
-    t_start = time.time()
-    name = f"pipeline-{pipeline}"
-
-    def log(msg: str) -> None:
-        print(f"[{name} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-    split = data / budget.split
-    wd = work / name
-    timings: dict[str, float] = {}
-
-    def cfg(epochs: float, lr: float, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, lr=lr, seed=seed, warmup_epochs=1.0, bf16=False,
-                           progress=False)
-
-    def cached(what: str, fn) -> Path:
-        path = wd / what
-        if not path.is_dir():
-            t = time.time()
-            log(f"training {what}")
-            fn(path)
-            timings[what] = round(time.time() - t, 1)
-        return path
-
-    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-    start = wd / "base"
-    if not start.is_dir():
-        save_tiny_model(build_tiny_llama(len(tok), hidden_size=budget.hidden,
-                                         num_layers=budget.layers,
-                                         intermediate_size=2 * budget.hidden, seed=pipeline),
-                        tok, start)
-    if budget.pretrain_epochs:
-        base = start
-        start = cached("pretrained", lambda p: finetune(
-            base, str(data / "pretrain.jsonl"), p,
-            config=cfg(budget.pretrain_epochs, budget.pretrain_lr, pipeline)))
-    ft = cfg(budget.finetune_epochs, budget.finetune_lr, pipeline)
-    ref_dir = cached("reference", lambda p: finetune(start, str(data / "full.jsonl"), p,
-                                                     config=ft))
-    retain_dir = cached("retain-only", lambda p: finetune(
-        start, str(split / "train_retain_only.jsonl"), p, config=ft))
-
-    ecfg = EvalConfig(max_new_tokens=budget.max_new_tokens,
-                      verbmem_max_new_tokens=budget.max_new_tokens)
-    light = replace(ecfg, generate=False)
-    dirs = {"val": split / "val", "test": split}
-    qa = {k: {s: _rows(d / f"{s}.jsonl") for s in ("forget", "retain")} for k, d in dirs.items()}
-
-    def measure(model, sets=("val",), full=False) -> dict:
-        """Summary metrics on the validation (and test) sets, with name/value-token
-        probabilities of the forget and retain rows; likelihood only unless `full`."""
-        model.eval()
-        out = {}
-        with torch.no_grad():
-            for k in sets:
-                rep = evaluate_model(model, tok, dirs[k], cfg=ecfg if full else light,
-                                     retain=refs[k])
-                s = _numbers(rep["summary"])
-                for which, rows in qa[k].items():
-                    s.update({f"{which}_{key}": v for key, v in
-                              name_value_probs(model, tok, rows).items()})
-                out[k] = s
-        return out
-
-    retain_model, _ = load_model(retain_dir, "cpu")
-    refs = {k: retain_reference(evaluate_model(retain_model, tok, d, cfg=ecfg), d, ecfg)
-            for k, d in dirs.items()}
-    retain_only = measure(retain_model, ("val", "test"), full=True)
-    del retain_model
-    ref_model, _ = load_model(ref_dir, "cpu")
-    reference = measure(ref_model, ("val", "test"), full=True)
-    ref_u = rule_utility(reference["val"])
-    log(f"reference FQ val {reference['val']['forget_quality']:.3g} test "
-        f"{reference['test']['forget_quality']:.3g}; U val {ref_u:.3f}")
-    forget, retain = str(split / "unlearn_forget.jsonl"), str(split / "unlearn_retain.jsonl")
-
-    def run_seed(seed: int) -> dict:
-        """Every method's sweep on the validation sets, the rule's choice per method, and the
-        chosen models measured in full on validation and test."""
-        t_seed = time.time()
-        points: list[dict] = []
-        makers: list = []  # rebuilds the model of each point (the chosen ones are measured)
-
-        def add(point: dict, model, maker) -> None:
-            points.append({**point, **measure(model)})
-            makers.append(maker)
-
-        ul = cfg(budget.unlearn_epochs, budget.mox_lr, seed)
-        snaps: list[dict] = []  # θ_mem after each epoch, for MOX's trajectory
-        mem = train_mem(ref_dir, forget, retain, None, config=ul, callbacks=[on_epoch_end(
-            lambda m, e: snaps.append({k: v.clone() for k, v in m.state_dict().items()}))]
-        ).model
-        for alpha in budget.alphas:
-            def mox(alpha=alpha, mem=mem):
-                return extrapolate_model(ref_model, mem, alpha)
-            add({"method": "mox", "alpha": alpha, "lr": budget.mox_lr}, mox(), mox)
-        if budget.task_vector:
-            tv = train_mem(ref_dir, forget, None, None, config=ul,
-                           loss=LossConfig(kl_weight=0.0)).model
-            for alpha in budget.coarse_alphas:
-                def task_vector(alpha=alpha, tv=tv):
-                    return extrapolate_model(ref_model, tv, alpha)
-                add({"method": "task-vector", "alpha": alpha, "lr": budget.mox_lr},
-                    task_vector(), task_vector)
-        for eta in budget.etas:
-            one = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
-                          extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta)).model
-            average = momentum_average(ref_model, one)
-            for alpha in budget.coarse_alphas:
-                def momentum(alpha=alpha, average=average):
-                    return extrapolate_model(ref_model, average, alpha)
-                add({"method": "mox-momentum", "eta": eta, "alpha": alpha,
-                     "lr": budget.mox_lr}, momentum(), momentum)
-        for alpha in budget.targeted_alphas:
-            targeted = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
-                               extrapolation=ExtrapolationConfig(alpha=alpha),
-                               target_answer=REFUSAL).model
-            add({"method": "mox-targeted", "alpha": alpha, "lr": budget.mox_lr}, targeted,
-                lambda targeted=targeted: targeted)
-        log(f"seed {seed}: MOX and its variants swept")
-        for method in [m for m in budget.baselines if m in UNLEARN_METHODS]:
-            for lr in budget.lrs:
-                def keep(model, epoch, method=method, lr=lr):
-                    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-                    def checkpoint(state=state):
-                        m = load_model(ref_dir, "cpu")[0]
-                        m.load_state_dict(state)
-                        return m
-                    add({"method": method, "lr": lr, "epoch": epoch}, model, checkpoint)
-
-                unlearn(ref_dir, forget, retain, None, method=method,
-                        config=cfg(budget.unlearn_epochs, lr, seed),
-                        callbacks=[on_epoch_end(keep)])
-            log(f"seed {seed}: {method} swept")
-
-        chosen = {}
-        for method, idx in families(points).items():
-            i, ok = choose([points[j] for j in idx], ref_u)
-            chosen[method] = {"point": idx[i], "qualified": ok,
-                              **measure(makers[idx[i]](), ("val", "test"), full=True)}
-        alpha = points[chosen["mox"]["point"]]["alpha"]
-        trajectory = []
-        for epoch, state in enumerate(snaps[:-1], 1):
-            mem.load_state_dict(state)
-            trajectory.append({"epoch": epoch, "alpha": alpha,
-                               **measure(extrapolate_model(ref_model, mem, alpha))})
-        log(f"seed {seed}: done in {time.time() - t_seed:.0f} s; rule's MOX α = {alpha:g}")
-        return {"pipeline": pipeline, "seed": seed, "points": points, "chosen": chosen,
-                "mox_trajectory": trajectory, "seconds": round(time.time() - t_seed, 1)}
-
-    runs = []
-    for seed in budget.seeds:  # each run cached, so an interrupted pipeline resumes
-        cache = wd / f"run-seed{seed}.json"
-        if not cache.is_file():
-            cache.write_text(json.dumps(run_seed(seed)) + "\n")
-        runs.append(json.loads(cache.read_text()))
-    return {"pipeline": pipeline, "train_seconds": timings,
-            "parameters": sum(p.numel() for p in ref_model.parameters()),
-            "seconds": round(time.time() - t_start, 1), "reference": reference,
-            "retain_only": retain_only, "reference_utility": ref_u, "runs": runs}
-
-
-def _worker(args: tuple) -> dict:
-    """One pipeline, its result cached as JSON beside its models (a rerun only re-reports)."""
-    pipeline, budget, data, work = args
-    cache = work / f"pipeline-{pipeline}" / "results.json"
+    pl = Pipeline(pipeline, budget, data, work)
+    cache = pl.wd / f"run-seed{seed}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    result = run_pipeline(*args)
-    cache.write_text(json.dumps(result) + "\n")
-    return result
+    anchors = json.loads((pl.wd / "anchors.json").read_text())
+    pl.refs = anchors["refs"]
+    ref_dir = pl.wd / "reference"
+    ref_model, _ = load_model(ref_dir, "cpu")
+    forget = str(pl.split / "unlearn_forget.jsonl")
+    retain = str(pl.split / "unlearn_retain.jsonl")
+    t_seed = time.time()
+    points: list[dict] = []
+    makers: list = []  # rebuilds the model of each point (the chosen ones are measured)
+
+    def add(point: dict, model, maker) -> None:
+        points.append({**point, **pl.measure(model)})
+        makers.append(maker)
+
+    ul = pl.config(budget.unlearn_epochs, budget.mox_lr, seed)
+    snaps: list[dict] = []  # θ_mem after each epoch, for MOX's trajectory
+    mem = train_mem(ref_dir, forget, retain, None, config=ul, callbacks=[on_epoch_end(
+        lambda m, e: snaps.append({k: v.clone() for k, v in m.state_dict().items()}))]
+    ).model
+    for alpha in budget.alphas:
+        def mox(alpha=alpha):
+            return extrapolate_model(ref_model, mem, alpha)
+        add({"method": "mox", "alpha": alpha, "lr": budget.mox_lr}, mox(), mox)
+    if budget.task_vector:
+        tv = train_mem(ref_dir, forget, None, None, config=ul,
+                       loss=LossConfig(kl_weight=0.0)).model
+        for alpha in budget.coarse_alphas:
+            def task_vector(alpha=alpha):
+                return extrapolate_model(ref_model, tv, alpha)
+            add({"method": "task-vector", "alpha": alpha, "lr": budget.mox_lr},
+                task_vector(), task_vector)
+    for eta in budget.etas:
+        one = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
+                      extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta)).model
+        average = momentum_average(ref_model, one)
+        for alpha in budget.coarse_alphas:
+            def momentum(alpha=alpha, average=average):
+                return extrapolate_model(ref_model, average, alpha)
+            add({"method": "mox-momentum", "eta": eta, "alpha": alpha, "lr": budget.mox_lr},
+                momentum(), momentum)
+    for alpha in budget.targeted_alphas:
+        targeted = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
+                           extrapolation=ExtrapolationConfig(alpha=alpha),
+                           target_answer=REFUSAL).model
+        add({"method": "mox-targeted", "alpha": alpha, "lr": budget.mox_lr}, targeted,
+            lambda targeted=targeted: targeted)
+    pl.log(f"seed {seed}: MOX and its variants swept")
+    for method in [m for m in budget.baselines if m in UNLEARN_METHODS]:
+        for lr in budget.lrs:
+            def keep(model, epoch, method=method, lr=lr):
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+                def checkpoint(state=state):
+                    m = load_model(ref_dir, "cpu")[0]
+                    m.load_state_dict(state)
+                    return m
+                add({"method": method, "lr": lr, "epoch": epoch}, model, checkpoint)
+
+            unlearn(ref_dir, forget, retain, None, method=method,
+                    config=pl.config(budget.unlearn_epochs, lr, seed),
+                    callbacks=[on_epoch_end(keep)])
+        pl.log(f"seed {seed}: {method} swept")
+
+    chosen = {}
+    for method, idx in families(points).items():
+        i, ok = choose([points[j] for j in idx], anchors["reference_utility"])
+        chosen[method] = {"point": idx[i], "qualified": ok,
+                          **pl.measure(makers[idx[i]](), ("val", "test"), full=True)}
+    alpha = points[chosen["mox"]["point"]]["alpha"]
+    trajectory = []
+    for epoch, state in enumerate(snaps[:-1], 1):
+        mem.load_state_dict(state)
+        trajectory.append({"epoch": epoch, "alpha": alpha,
+                           **pl.measure(extrapolate_model(ref_model, mem, alpha))})
+    pl.log(f"seed {seed}: done in {time.time() - t_seed:.0f} s; the rule's MOX α = {alpha:g}")
+    run = {"pipeline": pipeline, "seed": seed, "points": points, "chosen": chosen,
+           "mox_trajectory": trajectory, "seconds": round(time.time() - t_seed, 1)}
+    cache.write_text(json.dumps(run) + "\n")
+    return run
+
+
+def run_all(budget: Budget, data: Path, work: Path, jobs: int) -> list[dict]:
+    """Every stage, each spread over worker processes: pretraining, reference and
+    retain-only models, their measurements, then the pipelines × seeds unlearning runs."""
+    pipes = list(budget.pipelines)
+    pairs = [(p, s) for p in pipes for s in budget.seeds]
+    stages = [[(p, "pretrained") for p in pipes]] if budget.pretrain_epochs else []
+    stages.append([(p, st) for p in pipes for st in ("reference", "retain-only")])
+
+    pool = mp.get_context("spawn").Pool(jobs) if jobs > 1 else None  # one pool: one import
+
+    def pool_map(fn, args: list) -> list:
+        return pool.map(fn, args, chunksize=1) if pool else [fn(a) for a in args]
+
+    try:
+        seconds: dict[int, dict[str, float]] = {p: {} for p in pipes}
+        for stage in stages:
+            done = pool_map(train_stage, [(p, st, budget, data, work) for p, st in stage])
+            for (p, st), t in zip(stage, done, strict=True):
+                seconds[p][st] = t
+        anchors = pool_map(measure_anchors, [(p, budget, data, work) for p in pipes])
+        runs = pool_map(run_seed, [(p, s, budget, data, work) for p, s in pairs])
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return [{**{k: v for k, v in a.items() if k != "refs"},
+             "train_seconds": seconds[a["pipeline"]],
+             "runs": [r for r in runs if r["pipeline"] == a["pipeline"]]} for a in anchors]
+
+
+def collect(budget: Budget, work: Path) -> list[dict]:
+    """What the cached stages hold so far (--report-only): pipelines with their anchors and
+    the runs that finished."""
+    out = []
+    for p in budget.pipelines:
+        wd = work / f"pipeline-{p}"
+        if (wd / "anchors.json").is_file():
+            anchors = json.loads((wd / "anchors.json").read_text())
+            runs = [json.loads((wd / f"run-seed{s}.json").read_text()) for s in budget.seeds
+                    if (wd / f"run-seed{s}.json").is_file()]
+            if runs:
+                out.append({**{k: v for k, v in anchors.items() if k != "refs"},
+                            "train_seconds": {}, "runs": runs})
+    return out
 
 
 def families(points: list[dict]) -> dict[str, list[int]]:
@@ -406,10 +470,10 @@ def _ordered(methods) -> list[str]:
 
 
 def tables(summary: dict, results: list[dict], budget: Budget) -> str:
-    n_runs = len(budget.pipelines) * len(budget.seeds)
+    n_runs = sum(len(r["runs"]) for r in results)
     lines = [f"Test authors, at the operating point the rule chose on the validation authors; "
-             f"mean over {len(budget.pipelines)} pipelines × {len(budget.seeds)} unlearning "
-             "seeds, [95 % t-interval over the pipeline means].", ""]
+             f"mean over {n_runs} runs ({len(results)} pipelines × up to {len(budget.seeds)} "
+             "unlearning seeds), [95 % t-interval over the pipeline means].", ""]
     groups = (("forgetting", COLUMNS[:8]), ("utility (MU's parts) and collateral",
                                              COLUMNS[8:]))
     for title, cols in groups:
@@ -616,7 +680,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moxkit-unlearning-mini"))
     ap.add_argument("--quick", action="store_true", help="the CI form: tiny and fast")
-    ap.add_argument("--jobs", type=int, default=3, help="pipelines run in parallel")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the runs cached under --work so far")
+    ap.add_argument("--jobs", type=int, default=9,
+                    help="worker processes (one thread each); the pipelines × seeds runs are "
+                         "independent")
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else Budget()
     prefix = "unlearning_mini_quick" if args.quick else "unlearning_mini"
@@ -628,12 +696,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.work / f"data-{budget.authors}"
     if not data.is_dir():
         write(data, n_authors=budget.authors)
-    jobs = [(p, budget, data, args.work) for p in budget.pipelines]
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
-            results = pool.map(_worker, jobs, chunksize=1)
+    if args.report_only:
+        results = collect(budget, args.work)
     else:
-        results = [_worker(j) for j in jobs]
+        results = run_all(budget, data, args.work, args.jobs)
     seconds = round(time.time() - t0, 1)
 
     summary = summarise(results, budget)

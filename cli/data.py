@@ -18,7 +18,8 @@ def command() -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def tofu_mini(out, authors, seed, force) -> None:
     """Write tofu-mini to OUT: TOFU-format QA about fictitious authors (forget01/05/10 splits,
-    retain, holdout, general facts), MUSE-style bios, pretraining text and a word tokenizer."""
+    each with test and validation forget authors, retain, holdout, general facts), MUSE-style
+    bios, pretraining text and a BPE tokenizer."""
     import json
 
     from moxkit.tofu_mini import write
@@ -26,6 +27,8 @@ def tofu_mini(out, authors, seed, force) -> None:
     path = write(out, n_authors=authors, seed=seed, force=force)
     manifest = json.loads((path / "tofu_mini.json").read_text())
     for split, counts in manifest["splits"].items():
-        click.echo(f"{path / split}: forget {counts['forget']} rows "
-                   f"({counts['forget_authors']} authors), retain {counts['retain']}, "
-                   f"holdout {counts['holdout']}, general {counts['general']}")
+        test, val = counts["test"], counts["val"]
+        click.echo(f"{path / split}: test forget {test['forget']} facts "
+                   f"({test['forget_authors']} authors), validation (val/) forget {val['forget']} "
+                   f"facts ({val['forget_authors']} authors); unlearning trains on "
+                   f"{counts['unlearn_forget']} forget and {counts['unlearn_retain']} retain rows")
