@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="fact splits and data order")
+    ap.add_argument("--long", action="store_true",
+                    help="MOX and GA only, 4x the steps (does GA collapse with more training?)")
     ap.add_argument("--report", action="store_true",
                     help="measure nothing: remake tables and plots from the JSON files in --out")
     args = ap.parse_args()
@@ -77,6 +79,9 @@ def main() -> None:
     else:
         model, tokenizer, facts, name = _real(args.work, log)
         cfg = StudyConfig()
+        if args.long:
+            cfg.steps, cfg.eval_steps, cfg.mox_eval_steps = 24, (6, 12, 24), (24,)
+            cfg.baseline_lrs, cfg.methods = (1e-4,), ("mox", "ga")  # --methods: a subset
     cfg.seed = args.seed
     if args.steps:
         cfg.steps = args.steps
@@ -88,6 +93,8 @@ def main() -> None:
     report = {**head, "model": name, "known_facts": len(facts),
               "splits": {k: [f.__dict__ for f in v] for k, v in splits.items()}}
     stem = args.out / ("real_model_quick" if args.quick else "real_model")
+    if args.long:
+        stem = stem.with_name(f"{stem.name}_long")
     if args.methods:  # an addition to a seed's study; the report merges it in
         stem = stem.with_name(f"{stem.name}_{'-'.join(cfg.methods)}")
     if args.seed:
@@ -129,7 +136,8 @@ SUMMARY = (("forget_test_acc", "forget (test)"), ("retain_acc", "retain"),
 
 def write_report(out: Path) -> None:
     """Per-seed tables and plots, and real_model.md over all seeds, from the JSON files."""
-    paths = sorted(p for p in out.glob("real_model*.json") if "quick" not in p.name)
+    paths = sorted(p for p in out.glob("real_model*.json")
+                   if "quick" not in p.name and "long" not in p.name)
     by_seed: dict[int, dict] = {}
     runs = []
     for path in paths:
@@ -181,6 +189,26 @@ def write_report(out: Path) -> None:
               + ", ".join(f"[{p.stem}_points.md]({p.stem}_points.md)" for p in paths) + ".",
               "Plots: " + ", ".join(f"{p.stem}_frontier.png, {p.stem}_trajectories.png"
                                     for p in paths) + ".", ""]
+    longs = sorted(out.glob("real_model_long*.json"))
+    if longs:
+        reports_long = [json.loads(p.read_text()) for p in longs]
+        report = reports_long[0]
+        for extra in reports_long[1:]:
+            report["study"]["points"] += extra["study"]["points"][1:]
+            report["study"]["runs"] += extra["study"]["runs"]
+        write_tables(report, out / "real_model_long_points.md")
+        plot(report, out / "real_model_long")
+        lines += ["## A longer budget: MOX and GA, 24 steps (seed 0)", "",
+                  "; ".join(f"`{r['command']}`, {r['date_utc']} UTC, "
+                            f"{r['study']['seconds'] / 60:.0f} min" for r in reports_long)
+                  + "; every point in [real_model_long_points.md](real_model_long_points.md).",
+                  "", "| method | strength | " + " | ".join(t for _, t in SUMMARY) + " |",
+                  "|---|---|" + "---|" * len(SUMMARY)]
+        for p in report["study"]["points"]:
+            lines.append(f"| {METHOD_NAMES[p['method']]} | {_strength(p)} | " + " | ".join(
+                _fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2) for k, _ in SUMMARY)
+                + " |")
+        lines.append("")
     (out / "real_model.md").write_text("\n".join(lines) + "\n")
     plot_means(reports, out / "real_model_mean_frontier.png")
 
