@@ -221,3 +221,21 @@ def test_lora_hands_back_adapters(root, cli, tmp_path):
     config = json.loads((momentum / "adapter_config.json").read_text())
     assert config["r"] == 4  # two ticks of rank 2, concatenated
     merged(momentum)  # PEFT applies it
+
+
+def test_run_failing_on_entry_publishes_nothing(tmp_path, monkeypatch):
+    """A failure inside Run.__enter__ (after the output is staged) must discard the staged
+    folder, not publish it half-built."""
+    from moxkit.train.config import TrainConfig
+    from moxkit.train.session import Run
+
+    def broken_barrier(self):
+        raise RuntimeError("process group failed")
+
+    monkeypatch.setattr(Run, "barrier", broken_barrier)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="process group failed"):
+        with Run(out, False, TrainConfig(max_steps=1), n_rows=4):
+            pass
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,7 +73,8 @@ class Run:
             self.args.output_dir = str(scratch)
             self.barrier()
         except BaseException:
-            self._stack.close()
+            # exit as failed: a plain close() would publish the half-built staged folder
+            self._stack.__exit__(*sys.exc_info())
             raise
         return self
 
