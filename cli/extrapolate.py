@@ -89,6 +89,7 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
     from moxkit.adapters import is_adapter_dir
     from moxkit.formula import PAPER_ETA, check_alpha, check_eta
+    from moxkit.plan import parse_dtype
     from moxkit.sources import resolve_model
     from moxkit.stream import extrapolate
     from moxkit.units import parse_size
@@ -104,6 +105,7 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     check_alpha(alpha, "--alpha")
     if eta is not None:
         check_eta(eta, "--eta")
+    parse_dtype(options["dtype"], "--dtype")
     for name in ("max_memory", "max_shard_size", "max_gpu_memory"):
         if options[name] is not None:
             parse_size(options[name], "--" + name.replace("_", "-"))

@@ -75,12 +75,14 @@ class Chunk:
     count: int
 
 
-def parse_dtype(dtype: str | None) -> str | None:
+def parse_dtype(dtype: str | None, name: str = "dtype") -> str | None:
+    """The safetensors code of an output dtype; `name` is what the caller calls the argument
+    (the CLI passes "--dtype")."""
     if dtype is None:
         return None
     code = DTYPE_ALIASES.get(dtype.lower())
     if code is None:
-        raise MoxError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
+        raise MoxError(f"{name} {dtype!r}: expected one of bf16, fp16, fp32")
     return code
 
 

@@ -220,7 +220,7 @@ def prepare(
     prev_ckpt = open_checkpoint(prev, budget=budget) if prev is not None else None
     inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
     out_path = check_output(out, force=force, inputs=_input_paths(inputs))
-    plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype)
+    plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype, budget)
     single_file = out_path.suffix == ".safetensors"
     metadata = provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
     outputs = [p.output for p in plans]

@@ -412,3 +412,12 @@ def test_fsync_writes_the_same_output(cli, tmp_path, pair):
     run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "b", "-q", "--fsync")
     a, b = (tmp_path / d / "model.safetensors" for d in "ab")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_python_api_names_its_own_dtype_argument(tmp_path, pair):
+    """The API speaks of `dtype`, the CLI of `--dtype`: neither names the other's spelling."""
+    import moxkit
+
+    with pytest.raises(moxkit.MoxError, match=r"^dtype 'int8': expected one of"):
+        moxkit.extrapolate(pair[0], pair[1], tmp_path / "out", 4.0, dtype="int8")
+    assert not (tmp_path / "out").exists()
