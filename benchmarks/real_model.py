@@ -181,6 +181,9 @@ def write_report(out: Path) -> None:
             lines.append(f"| **{METHOD_NAMES[method]}** | mean | | " + " | ".join(
                 _fmt(v, 3 if k == "general_nll" else 2)
                 for v, (k, _) in zip(means, SUMMARY, strict=True)) + " |")
+    lines += ["", "Every setting, mean over seeds (forget and held-out pool validation and test "
+              "facts here):", "", "![every setting](real_model_mean_frontier.png)", "",
+              "Trajectories over steps, seed 0: ![trajectories](real_model_trajectories.png)"]
     lines += ["", "## Runs", "", "| seed | command | started (UTC) | minutes | load average |",
               "|---|---|---|---|---|"]
     for seed, command, date, seconds, load in runs:
@@ -208,7 +211,7 @@ def write_report(out: Path) -> None:
             lines.append(f"| {METHOD_NAMES[p['method']]} | {_strength(p)} | " + " | ".join(
                 _fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2) for k, _ in SUMMARY)
                 + " |")
-        lines.append("")
+        lines += ["", "![24 steps](real_model_long_trajectories.png)", ""]
     (out / "real_model.md").write_text("\n".join(lines) + "\n")
     plot_means(reports, out / "real_model_mean_frontier.png")
 
