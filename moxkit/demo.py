@@ -2,9 +2,11 @@
 
 Generate the benchmark, train a small Llama on general text, fine-tune it on every author (the
 reference θ_ref, the model to unlearn) and on the retain authors only (the retain-only model,
-the gold standard of forgetting), unlearn the forget authors with MOX and with the baselines
-under one training budget, evaluate everything and show a table and a plot. Each stage writes
-its result under OUT and is skipped when that result is already there, so reruns are quick.
+the gold standard of forgetting), unlearn the forget authors with MOX and with the baselines,
+set each method's strength by the pre-registered rule (moxkit.study.choose) on the
+*validation* forget authors, and evaluate the chosen models on the *test* authors: a table and
+a plot. Each stage writes its result under OUT and is skipped when it is already there, so
+reruns are quick.
 """
 
 from __future__ import annotations
@@ -16,74 +18,52 @@ from pathlib import Path
 
 from .errors import MoxError
 from .eval.report import HEADLINE, format_table, write_json
+from .study import ALPHAS
 
 CONFIG_FILE = "demo_config.json"
+MOMENTUM = "mox-momentum"  # the demo's name for MOX with momentum (η = DemoConfig.eta)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and budgets. The defaults take a few minutes on two CPU cores and are the main
-    condition of benchmarks/unlearning_mini.py (pretrained on general text first, width 128,
-    unlearning lr 3e-4: the settings it found most selective); QUICK is for CI."""
+    """Sizes and budgets: one pipeline and one seed of benchmarks/unlearning_mini.py (same data,
+    model, training and rule), a few minutes on two free CPU cores. Every strength is chosen at
+    run time by the rule (moxkit.study.choose) on this run's validation authors, never on the
+    test authors the table reports: MOX's α over `alphas`, the baselines' learning rate (over
+    `unlearn_lrs`) and epoch. MOX memorizes at `mox_lr` (fixed in the study's protocol: MOX's
+    strength is α). QUICK is for CI."""
 
     authors: int = 40
     split: str = "forget10"
     seed: int = 0
-    hidden: int = 128
-    layers: int = 4
-    pretrain_epochs: float = 10.0  # 0: no general-text pretraining
+    hidden: int = 96
+    layers: int = 3
+    pretrain_epochs: float = 8.0  # 0: no general-text pretraining
     pretrain_lr: float = 3e-3
     finetune_epochs: float = 15.0
     finetune_lr: float = 1e-3
-    unlearn_epochs: float = 10.0
-    unlearn_lr: float = 3e-4
+    unlearn_epochs: int = 4
+    mox_lr: float = 3e-4
+    unlearn_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    eta: float = 0.675  # MOX-momentum's η (the paper's)
+    alphas: tuple[float, ...] = ALPHAS
     batch_size: int = 32
-    alpha: float = 4.0
-    kl_weight: float = 1.0
-    max_items: int | None = 40  # evaluated rows per retain/general set
-    methods: tuple[str, ...] = ("mox", "mox-momentum", "mox-targeted", "task-vector", "ga",
-                                "graddiff", "npo")
+    max_new_tokens: int = 48
+    methods: tuple[str, ...] = ("mox", "mox-momentum", "task-vector", "ga", "graddiff",
+                                "npo", "simnpo")
 
 
-QUICK = DemoConfig(authors=10, hidden=32, layers=2, pretrain_epochs=0.0, finetune_epochs=2.0,
-                   finetune_lr=3e-3, unlearn_epochs=2.0, max_items=16, batch_size=32,
-                   methods=("mox", "ga"))
-
-
-def unlearn_kwargs(method: str, cfg: DemoConfig) -> dict:
-    """moxkit.train.unlearn's arguments for a demo method name."""
-    from .tofu_mini import REFUSAL
-
-    base, _, variant = method.partition("-")
-    if method == "task-vector":
-        return {"method": "task-vector", "alpha": cfg.alpha}
-    if base == "mox":
-        kw = {"method": "mox", "alpha": cfg.alpha, "kl_weight": cfg.kl_weight}
-        if variant == "momentum":
-            kw["momentum_eta"] = 0.675
-        elif variant == "targeted":
-            kw["target_answer"] = REFUSAL
-        elif variant:
-            raise MoxError(f"demo method {method!r}: unknown MOX variant")
-        return kw
-    from .train import METHODS
-
-    if method not in METHODS:
-        raise MoxError(f"demo method {method!r}: expected mox[-momentum|-targeted] or one of "
-                       f"{', '.join(METHODS)}")
-    return {"method": method}
+QUICK = DemoConfig(authors=10, hidden=16, layers=1, pretrain_epochs=0.0, finetune_epochs=2.0,
+                   finetune_lr=3e-3, unlearn_epochs=2, unlearn_lrs=(1e-3,), alphas=(1.0, 2.0),
+                   max_new_tokens=4, methods=("mox", "ga"))
 
 
 @dataclass
 class DemoResult:
-    rows: list[dict]  # one per model: name + summary metrics
+    rows: list[dict]  # one per model: name, chosen setting, test summary metrics
     table: str
     plot: Path
     summary: Path
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
@@ -102,9 +82,21 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
     write_json(path, wanted)
 
 
+def _extrapolates(method: str) -> bool:
+    """Whether the method's strength is α (swept from one training) rather than epochs."""
+    from .train import METHODS, UNLEARN_METHODS
+
+    if method == MOMENTUM:
+        return True
+    if method not in UNLEARN_METHODS:
+        raise MoxError(f"demo method {method!r}: expected {MOMENTUM} or one of "
+                       f"{', '.join(UNLEARN_METHODS)}")
+    return METHODS[method].extrapolates
+
+
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = False,
              progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
-    """Run (or resume) the demo under `out`; returns the comparison."""
+    """Run (or resume) the demo under `out`; returns the comparison on the test authors."""
     import torch
 
     from .eval.evaluate import (
@@ -115,10 +107,20 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
         retain_reference,
     )
     from .eval.plots import plot_methods
-    from .tiny import build_tiny_llama
+    from .study import choose, momentum_average, on_epoch_end, rule_utility
+    from .tiny import build_tiny_llama, save_tiny_model
     from .tofu_mini import write
-    from .train import TrainConfig, finetune, unlearn
+    from .train import (
+        ExtrapolationConfig,
+        LossConfig,
+        TrainConfig,
+        extrapolate_model,
+        finetune,
+        train_mem,
+        unlearn,
+    )
 
+    sweeps_alpha = {m: _extrapolates(m) for m in cfg.methods}
     out = Path(out)
     _check_config(out, cfg, force)
     data = out / "data"
@@ -128,7 +130,9 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
     split = data / cfg.split
     if not split.is_dir():
         raise MoxError(f"demo split {cfg.split!r}: not in {data}")
-    models = out / "models"
+    val_dir = split / "val"
+    forget, retain = str(split / "unlearn_forget.jsonl"), str(split / "unlearn_retain.jsonl")
+    models, reports = out / "models", out / "reports"
 
     def train_config(epochs: float, lr: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -147,8 +151,6 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
     if not start.is_dir():
         from transformers import AutoTokenizer
 
-        from .tiny import save_tiny_model
-
         tok = AutoTokenizer.from_pretrained(data / "tokenizer")
         model = build_tiny_llama(len(tok), hidden_size=cfg.hidden, num_layers=cfg.layers,
                                  intermediate_size=2 * cfg.hidden, seed=cfg.seed)
@@ -161,45 +163,100 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
                                                                cfg.pretrain_lr)))
     ft = train_config(cfg.finetune_epochs, cfg.finetune_lr)
     reference = trained("reference", "the reference model on all authors",
-                        lambda p: finetune(start, _rows(data / "full.jsonl")
-                                           + _rows(data / "full_text.jsonl"), p, config=ft))
-    retain = trained("retain", "the retain-only model",
-                     lambda p: finetune(start, _rows(split / "retain_train.jsonl")
-                                        + _rows(split / "retain_text.jsonl"), p, config=ft))
-    ul = train_config(cfg.unlearn_epochs, cfg.unlearn_lr)
-    forgot = {}
-    for method in cfg.methods:
-        kwargs = unlearn_kwargs(method, cfg)
-        forgot[method] = trained(
-            method, f"{method} (unlearning {cfg.split})",
-            lambda p, kw=kwargs: unlearn(reference, str(split / "forget.jsonl"),
-                                         str(split / "retain.jsonl"), p, config=ul, **kw))
+                        lambda p: finetune(start, str(data / "full.jsonl"), p, config=ft))
+    retain_dir = trained("retain", "the retain-only model",
+                         lambda p: finetune(start, str(split / "train_retain_only.jsonl"), p,
+                                            config=ft))
 
-    ecfg = EvalConfig(max_items=cfg.max_items, max_new_tokens=20)
-    reports = out / "reports"
+    ecfg = EvalConfig(max_new_tokens=cfg.max_new_tokens)
 
-    def report(name: str, path: Path, ref: dict | None) -> dict:
+    def report(name: str, model_dir: Path, where: Path, ref: dict | None) -> dict:
         file = reports / f"{name}.json"
         if file.is_file():
             return json.loads(file.read_text())
         log(f"demo: evaluating {name}")
-        model, tok = load_model(path, "cpu")
+        model, tok = load_model(model_dir, "cpu")
         with torch.no_grad():
-            rep = evaluate_model(model, tok, split, retain=ref, cfg=ecfg)
-        rep["model"] = str(path)
+            rep = evaluate_model(model, tok, where, retain=ref, cfg=ecfg)
+        rep["model"] = str(model_dir)
         write_json(file, rep)
         return rep
 
-    retain_rep = report("retain", retain, None)
-    ref = retain_reference(retain_rep, split, ecfg)
+    retain_val = report("retain.val", retain_dir, val_dir, None)
+    retain_test = report("retain", retain_dir, split, None)
+    ref_val, ref_test = (retain_reference(retain_val, val_dir, ecfg),
+                         retain_reference(retain_test, split, ecfg))
+    reference_u = rule_utility(report("reference.val", reference, val_dir, ref_val)["summary"])
+
+    def val_summary(model) -> dict:
+        with torch.no_grad():
+            return evaluate_model(model.eval(), tok, val_dir, retain=ref_val, cfg=ecfg)[
+                "summary"]
+
+    def unlearned(method: str) -> Path:
+        """The method's model at the operating point the rule picks on the validation
+        authors; the sweep it chose from is saved beside the reports."""
+        path = models / method
+        if path.is_dir():
+            log(f"demo: reusing {method} ({path})")
+            return path
+        log(f"demo: unlearning with {method}, strength set on the validation authors")
+        points: list[dict] = []
+        states: list[dict] = []  # the baselines' weights after each epoch
+        if sweeps_alpha[method]:
+            ul = train_config(cfg.unlearn_epochs, cfg.mox_lr)
+            if method == MOMENTUM:
+                one = unlearn(reference, forget, retain, None, method="mox", config=ul,
+                              extrapolation=ExtrapolationConfig(alpha=1.0, eta=cfg.eta)).model
+                mem = momentum_average(ref_model, one)
+            else:
+                kl = 1.0 if method == "mox" else 0.0
+                mem = train_mem(reference, forget, retain if kl else None, None, config=ul,
+                                loss=LossConfig(kl_weight=kl)).model
+            for alpha in cfg.alphas:
+                points.append({"alpha": alpha,
+                               "val": val_summary(extrapolate_model(ref_model, mem, alpha))})
+        else:
+            for lr in cfg.unlearn_lrs:
+                def keep(model, epoch: int, lr: float = lr) -> None:
+                    points.append({"epoch": epoch, "lr": lr, "val": val_summary(model)})
+                    states.append({k: v.detach().clone()
+                                   for k, v in model.state_dict().items()})
+
+                unlearn(reference, forget, retain, None, method=method,
+                        config=train_config(cfg.unlearn_epochs, lr),
+                        callbacks=[on_epoch_end(keep)])
+        i, qualified = choose(points, reference_u)
+        write_json(reports / f"{method}.sweep.json",
+                   {"rule": "moxkit.study.choose", "reference_utility": reference_u,
+                    "chosen": i, "qualified": qualified, "points": points})
+        if states:
+            best = load_model(reference, "cpu")[0]
+            best.load_state_dict(states[i])
+        else:
+            best = extrapolate_model(ref_model, mem, points[i]["alpha"])
+        save_tiny_model(best, tok, path)
+        return path
+
+    ref_model, tok = load_model(reference, "cpu")
+    chosen = {m: unlearned(m) for m in cfg.methods}
+
+    def setting(method: str) -> str:
+        sweep = json.loads((reports / f"{method}.sweep.json").read_text())
+        p = sweep["points"][sweep["chosen"]]
+        knob = f"α {p['alpha']:g}" if "alpha" in p else f"lr {p['lr']:g}, epoch {p['epoch']}"
+        return knob + ("" if sweep["qualified"] else " (no point kept MU)")
+
     # the retain-only model against itself: forget quality 1 and PrivLeak 0 by construction
-    rows = [{"name": "retain-only (target)", **retain_rep["summary"],
-             **compare_with_retain(retain_rep, ref)},
-            {"name": "reference (before)", **report("reference", reference, ref)["summary"]}]
-    rows += [{"name": m, **report(m, forgot[m], ref)["summary"]} for m in cfg.methods]
-    table = format_table(rows, HEADLINE, "name")
+    rows = [{"name": "retain-only (target)", "setting": "", **retain_test["summary"],
+             **compare_with_retain(retain_test, ref_test)},
+            {"name": "reference (before)", "setting": "",
+             **report("reference", reference, split, ref_test)["summary"]}]
+    rows += [{"name": m, "setting": setting(m),
+              **report(m, chosen[m], split, ref_test)["summary"]} for m in cfg.methods]
+    table = format_table(rows, {"setting": "setting (val)", **HEADLINE}, "name")
     plot = plot_methods(rows, out / "demo.png",
-                        f"tofu-mini {cfg.split}: unlearning methods (α = {cfg.alpha:g} for MOX)")
+                        f"tofu-mini {cfg.split}, test authors: each method at the setting the "
+                        "rule chose on the validation authors")
     summary = write_json(out / "demo_summary.json", {"config": asdict(cfg), "rows": rows})
     return DemoResult(rows, table, plot, summary)
-

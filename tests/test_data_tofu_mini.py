@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from moxkit.cli.main import main
 
+from moxkit.cli.main import main
 from moxkit.tofu_mini import RELATIONS, generate, split_authors, write
 
 
