@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="fact splits and data order")
+    ap.add_argument("--lr", type=float, default=None, help="the baselines' only lr")
     ap.add_argument("--long", action="store_true",
                     help="MOX and GA only, 4x the steps (does GA collapse with more training?)")
     ap.add_argument("--report", action="store_true",
@@ -87,6 +88,8 @@ def main() -> None:
         cfg.steps = args.steps
     if args.methods:
         cfg.methods = tuple(args.methods.split(","))
+    if args.lr:
+        cfg.baseline_lrs = (args.lr,)
     splits = split_facts(facts, cfg.sizes, seed=cfg.seed)
     log(f"{name}: {len(facts)} known facts; splits "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
@@ -97,6 +100,8 @@ def main() -> None:
         stem = stem.with_name(f"{stem.name}_long")
     if args.methods:  # an addition to a seed's study; the report merges it in
         stem = stem.with_name(f"{stem.name}_{'-'.join(cfg.methods)}")
+    if args.lr:
+        stem = stem.with_name(f"{stem.name}_lr{args.lr:g}")
     if args.seed:
         stem = stem.with_name(f"{stem.name}_seed{args.seed}")
 
