@@ -1,0 +1,83 @@
+"""benchmarks/unlearning_mini.py --quick (the CI form): every sweep has the points the
+protocol lists, every choice is the rule's on the validation numbers, and the intervals are
+scipy's t-intervals over the pipeline means."""
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from moxkit.study import KEEP
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning_mini.py"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("unlearning_mini", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    root = tmp_path_factory.mktemp("um")
+    record = module.main(["--quick", "--jobs", "1", "--work", str(root / "work"),
+                          "--out", str(root / "out")])
+    return module, record, root / "out"
+
+
+def test_outputs_written(study):
+    module, record, out = study
+    assert json.loads((out / "unlearning_mini_quick.json").read_text())["wall_seconds"] > 0
+    assert "the rule's choices" in (out / "unlearning_mini_quick_tables.md").read_text()
+    for kind in ("alpha", "frontier", "trajectories"):
+        assert (out / f"unlearning_mini_quick_{kind}.png").stat().st_size > 10_000
+
+
+def test_sweeps_and_choices_follow_the_protocol(study):
+    module, record, _ = study
+    budget = module.QUICK
+    results = record["results"]
+    assert [r["pipeline"] for r in results] == list(budget.pipelines)
+    for res in results:
+        ref = res["reference"]["val"]
+        ref_u = 2 / (1 / ref["retain_prob"] + 1 / ref["general_prob"])
+        assert [run["seed"] for run in res["runs"]] == list(budget.seeds)
+        for run in res["runs"]:
+            pts = run["points"]
+            by_method = {}
+            for i, p in enumerate(pts):
+                by_method.setdefault(p["method"], []).append(i)
+            assert [pts[i]["alpha"] for i in by_method["mox"]] == list(budget.alphas)
+            assert len(by_method["ga"]) == len(budget.lrs) * budget.unlearn_epochs
+            assert len(by_method["mox-momentum"]) == len(budget.etas) * len(
+                budget.coarse_alphas)
+            for method, idx in by_method.items():
+                u = [2 / (1 / pts[i]["val"]["retain_prob"] + 1 / pts[i]["val"]["general_prob"])
+                     for i in idx]
+                ok = [k for k in range(len(idx)) if u[k] >= KEEP * ref_u]
+                want = (max(ok, key=lambda k: (pts[idx[k]]["val"]["forget_quality"], u[k]))
+                        if ok else max(range(len(idx)), key=u.__getitem__))
+                assert run["chosen"][method]["point"] == idx[want], method
+                assert run["chosen"][method]["qualified"] == bool(ok)
+                # the chosen model is measured in full on both sets, test included
+                assert "model_utility" in run["chosen"][method]["test"]
+
+
+def test_intervals_are_t_intervals_over_pipeline_means(study):
+    _, record, _ = study
+    results = record["results"]
+    got = record["summary"]["methods"]["mox"]["test"]["forget_value_prob"]
+    means = [statistics.fmean(run["chosen"]["mox"]["test"]["forget_value_prob"]
+                              for run in r["runs"]) for r in results]
+    low, high = stats.t.interval(0.95, len(means) - 1, loc=np.mean(means),
+                                 scale=stats.sem(means))
+    assert got == pytest.approx([np.mean(means), low, high], rel=1e-9)
+    diff = record["summary"]["paired"]["ga"]["forget_quality"][0]
+    assert diff == pytest.approx(np.mean([
+        statistics.fmean(run["chosen"]["mox"]["test"]["forget_quality"]
+                         - run["chosen"]["ga"]["test"]["forget_quality"] for run in r["runs"])
+        for r in results]), abs=1e-12)
