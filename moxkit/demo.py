@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import MoxError
@@ -189,9 +189,10 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
     reference_u = rule_utility(report("reference.val", reference, val_dir, ref_val)["summary"])
 
     def val_summary(model) -> dict:
+        """What the rule reads, likelihood only (as in the study): no generation per point."""
         with torch.no_grad():
-            return evaluate_model(model.eval(), tok, val_dir, retain=ref_val, cfg=ecfg)[
-                "summary"]
+            return evaluate_model(model.eval(), tok, val_dir, retain=ref_val,
+                                  cfg=replace(ecfg, generate=False))["summary"]
 
     def unlearned(method: str) -> Path:
         """The method's model at the operating point the rule picks on the validation
