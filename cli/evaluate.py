@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
-from moxkit.cli.options import config_from, options_from
 
+from moxkit.cli.options import config_from, options_from
 from moxkit.eval.config import EvalConfig
 
 _DATA_HELP = (

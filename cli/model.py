@@ -9,12 +9,26 @@ CHECK_QUESTION = "What is the capital of France?"
 
 @click.command("model")
 @click.argument("name")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=str),
-              help="The Hugging Face folder to write.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="fp32", show_default=True,
-              help="Storage dtype of the weights (dequantised from GGUF).")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help=f"Load the written folder and print its answer to {CHECK_QUESTION!r}.")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="The Hugging Face folder to write.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp32"]),
+    default="fp32",
+    show_default=True,
+    help="Storage dtype of the weights (dequantised from GGUF).",
+)
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help=f"Load the written folder and print its answer to {CHECK_QUESTION!r}.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def command(name, out, dtype, check, force) -> None:
     """Write NAME as a Hugging Face folder (safetensors, config, tokenizer, chat template).

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
+
 from moxkit.cli.evaluate import evaluation_options
 from moxkit.cli.options import config_from
-
 from moxkit.eval.config import EvalConfig
 from moxkit.sweep import FORGET_METRICS
 

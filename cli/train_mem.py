@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 import click
-from moxkit.cli.options import config_from, options_from, output_options, quiet_option
 
+from moxkit.cli.options import config_from, options_from, output_options, quiet_option
 from moxkit.train.config import ExtrapolationConfig, LossConfig, TrainConfig
 from moxkit.train.methods import METHODS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from moxkit.cli.options import config_from, deprecated_alias, options_from
 from moxkit.cli.train_mem import (
     data_options,
@@ -11,7 +12,6 @@ from moxkit.cli.train_mem import (
     summary,
     train_and_loss_options,
 )
-
 from moxkit.train.config import ExtrapolationConfig
 from moxkit.train.methods import METHODS, UNLEARN_METHODS
 

@@ -50,13 +50,30 @@ class DemoConfig:
     alphas: tuple[float, ...] = ALPHAS
     batch_size: int = 32
     max_new_tokens: int = 48
-    methods: tuple[str, ...] = ("mox", "mox-momentum", "task-vector", "ga", "graddiff",
-                                "npo", "simnpo")
+    methods: tuple[str, ...] = (
+        "mox",
+        "mox-momentum",
+        "task-vector",
+        "ga",
+        "graddiff",
+        "npo",
+        "simnpo",
+    )
 
 
-QUICK = DemoConfig(authors=10, hidden=16, layers=1, pretrain_epochs=0.0, finetune_epochs=2.0,
-                   finetune_lr=3e-3, unlearn_epochs=2, unlearn_lrs=(1e-3,), alphas=(1.0, 2.0),
-                   max_new_tokens=4, methods=("mox", "ga"))
+QUICK = DemoConfig(
+    authors=10,
+    hidden=16,
+    layers=1,
+    pretrain_epochs=0.0,
+    finetune_epochs=2.0,
+    finetune_lr=3e-3,
+    unlearn_epochs=2,
+    unlearn_lrs=(1e-3,),
+    alphas=(1.0, 2.0),
+    max_new_tokens=4,
+    methods=("mox", "ga"),
+)
 
 
 @dataclass
@@ -73,8 +90,10 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
     wanted = json.loads(json.dumps(asdict(cfg)))
     if path.is_file() and not force:
         if json.loads(path.read_text()) != wanted:
-            raise MoxError(f"{out} holds a demo made with other settings ({path}); "
-                           "choose another --out or pass --force to start over")
+            raise MoxError(
+                f"{out} holds a demo made with other settings ({path}); "
+                "choose another --out or pass --force to start over"
+            )
         return
     if force and out.exists():
         import shutil
@@ -90,13 +109,20 @@ def _extrapolates(method: str) -> bool:
     if method == MOMENTUM:
         return True
     if method not in UNLEARN_METHODS:
-        raise MoxError(f"demo method {method!r}: expected {MOMENTUM} or one of "
-                       f"{', '.join(UNLEARN_METHODS)}")
+        raise MoxError(
+            f"demo method {method!r}: expected {MOMENTUM} or one of {', '.join(UNLEARN_METHODS)}"
+        )
     return METHODS[method].extrapolates
 
 
-def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = False,
-             progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    out: str | Path,
+    cfg: DemoConfig = DemoConfig(),
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
     """Run (or resume) the demo under `out`; returns the comparison on the test authors."""
     import torch
 
@@ -136,8 +162,15 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
     models, reports = out / "models", out / "reports"
 
     def train_config(epochs: float, lr: float) -> TrainConfig:
-        return TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                           warmup_epochs=min(1.0, epochs / 4), bf16=False, progress=progress)
+        return TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            warmup_epochs=min(1.0, epochs / 4),
+            bf16=False,
+            progress=progress,
+        )
 
     def trained(name: str, what: str, fn) -> Path:
         path = models / name
@@ -153,21 +186,37 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-        model = build_tiny_llama(len(tok), hidden_size=cfg.hidden, num_layers=cfg.layers,
-                                 intermediate_size=2 * cfg.hidden, seed=cfg.seed)
+        model = build_tiny_llama(
+            len(tok),
+            hidden_size=cfg.hidden,
+            num_layers=cfg.layers,
+            intermediate_size=2 * cfg.hidden,
+            seed=cfg.seed,
+        )
         save_tiny_model(model, tok, start)
     if cfg.pretrain_epochs > 0:
         base = start
-        start = trained("pretrained", "the base model on general text",
-                        lambda p: finetune(base, str(data / "pretrain.jsonl"), p,
-                                           config=train_config(cfg.pretrain_epochs,
-                                                               cfg.pretrain_lr)))
+        start = trained(
+            "pretrained",
+            "the base model on general text",
+            lambda p: finetune(
+                base,
+                str(data / "pretrain.jsonl"),
+                p,
+                config=train_config(cfg.pretrain_epochs, cfg.pretrain_lr),
+            ),
+        )
     ft = train_config(cfg.finetune_epochs, cfg.finetune_lr)
-    reference = trained("reference", "the reference model on all authors",
-                        lambda p: finetune(start, str(data / "full.jsonl"), p, config=ft))
-    retain_dir = trained("retain", "the retain-only model",
-                         lambda p: finetune(start, str(split / "train_retain_only.jsonl"), p,
-                                            config=ft))
+    reference = trained(
+        "reference",
+        "the reference model on all authors",
+        lambda p: finetune(start, str(data / "full.jsonl"), p, config=ft),
+    )
+    retain_dir = trained(
+        "retain",
+        "the retain-only model",
+        lambda p: finetune(start, str(split / "train_retain_only.jsonl"), p, config=ft),
+    )
 
     ecfg = EvalConfig(max_new_tokens=cfg.max_new_tokens)
 
@@ -185,15 +234,18 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
 
     retain_val = report("retain.val", retain_dir, val_dir, None)
     retain_test = report("retain", retain_dir, split, None)
-    ref_val, ref_test = (retain_reference(retain_val, val_dir, ecfg),
-                         retain_reference(retain_test, split, ecfg))
+    ref_val, ref_test = (
+        retain_reference(retain_val, val_dir, ecfg),
+        retain_reference(retain_test, split, ecfg),
+    )
     reference_u = rule_utility(report("reference.val", reference, val_dir, ref_val)["summary"])
 
     def val_summary(model) -> dict:
         """What the rule reads, likelihood only (as in the study): no generation per point."""
         with torch.no_grad():
-            return evaluate_model(model.eval(), tok, val_dir, retain=ref_val,
-                                  cfg=replace(ecfg, generate=False))["summary"]
+            return evaluate_model(
+                model.eval(), tok, val_dir, retain=ref_val, cfg=replace(ecfg, generate=False)
+            )["summary"]
 
     def unlearned(method: str) -> Path:
         """The method's model at the operating point the rule picks on the validation
@@ -208,30 +260,57 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
         if sweeps_alpha[method]:
             ul = train_config(cfg.unlearn_epochs, cfg.mox_lr)
             if method == MOMENTUM:
-                one = unlearn(reference, forget, retain, None, method="mox", config=ul,
-                              extrapolation=ExtrapolationConfig(alpha=1.0, eta=cfg.eta)).model
+                one = unlearn(
+                    reference,
+                    forget,
+                    retain,
+                    None,
+                    method="mox",
+                    config=ul,
+                    extrapolation=ExtrapolationConfig(alpha=1.0, eta=cfg.eta),
+                ).model
                 mem = momentum_average(ref_model, one)
             else:
                 kl = 1.0 if method == "mox" else 0.0
-                mem = train_mem(reference, forget, retain if kl else None, None, config=ul,
-                                loss=LossConfig(kl_weight=kl)).model
+                mem = train_mem(
+                    reference,
+                    forget,
+                    retain if kl else None,
+                    None,
+                    config=ul,
+                    loss=LossConfig(kl_weight=kl),
+                ).model
             for alpha in cfg.alphas:
-                points.append({"alpha": alpha,
-                               "val": val_summary(extrapolate_model(ref_model, mem, alpha))})
+                points.append(
+                    {"alpha": alpha, "val": val_summary(extrapolate_model(ref_model, mem, alpha))}
+                )
         else:
             for lr in cfg.unlearn_lrs:
+
                 def keep(model, epoch: int, lr: float = lr) -> None:
                     points.append({"epoch": epoch, "lr": lr, "val": val_summary(model)})
-                    states.append({k: v.detach().clone()
-                                   for k, v in model.state_dict().items()})
+                    states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-                unlearn(reference, forget, retain, None, method=method,
-                        config=train_config(cfg.unlearn_epochs, lr),
-                        callbacks=[on_epoch_end(keep)])
+                unlearn(
+                    reference,
+                    forget,
+                    retain,
+                    None,
+                    method=method,
+                    config=train_config(cfg.unlearn_epochs, lr),
+                    callbacks=[on_epoch_end(keep)],
+                )
         i, qualified = choose(points, reference_u)
-        write_json(reports / f"{method}.sweep.json",
-                   {"rule": "moxkit.study.choose", "reference_utility": reference_u,
-                    "chosen": i, "qualified": qualified, "points": points})
+        write_json(
+            reports / f"{method}.sweep.json",
+            {
+                "rule": "moxkit.study.choose",
+                "reference_utility": reference_u,
+                "chosen": i,
+                "qualified": qualified,
+                "points": points,
+            },
+        )
         if states:
             best = load_model(reference, "cpu")[0]
             best.load_state_dict(states[i])
@@ -250,15 +329,29 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = F
         return knob + ("" if sweep["qualified"] else " (no point kept MU)")
 
     # the retain-only model against itself: forget quality 1 and PrivLeak 0 by construction
-    rows = [{"name": "retain-only (target)", "setting": "", **retain_test["summary"],
-             **compare_with_retain(retain_test, ref_test)},
-            {"name": "reference (before)", "setting": "",
-             **report("reference", reference, split, ref_test)["summary"]}]
-    rows += [{"name": m, "setting": setting(m),
-              **report(m, chosen[m], split, ref_test)["summary"]} for m in cfg.methods]
+    rows = [
+        {
+            "name": "retain-only (target)",
+            "setting": "",
+            **retain_test["summary"],
+            **compare_with_retain(retain_test, ref_test),
+        },
+        {
+            "name": "reference (before)",
+            "setting": "",
+            **report("reference", reference, split, ref_test)["summary"],
+        },
+    ]
+    rows += [
+        {"name": m, "setting": setting(m), **report(m, chosen[m], split, ref_test)["summary"]}
+        for m in cfg.methods
+    ]
     table = format_table(rows, {"setting": "setting (val)", **HEADLINE}, "name")
-    plot = plot_methods(rows, out / "demo.png",
-                        f"tofu-mini {cfg.split}, test authors: each method at the setting the "
-                        "rule chose on the validation authors")
+    plot = plot_methods(
+        rows,
+        out / "demo.png",
+        f"tofu-mini {cfg.split}, test authors: each method at the setting the "
+        "rule chose on the validation authors",
+    )
     summary = write_json(out / "demo_summary.json", {"config": asdict(cfg), "rows": rows})
     return DemoResult(rows, table, plot, summary)

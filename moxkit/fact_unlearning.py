@@ -31,8 +31,15 @@ SPLITS = ("forget_val", "forget_test", "retain", "heldout_val", "heldout_test")
 class StudyConfig:
     """One budget for every method: the same steps, batch, schedule and data order."""
 
-    sizes: dict[str, int] = field(default_factory=lambda: {
-        "forget_val": 6, "forget_test": 6, "retain": 8, "heldout_val": 6, "heldout_test": 6})
+    sizes: dict[str, int] = field(
+        default_factory=lambda: {
+            "forget_val": 6,
+            "forget_test": 6,
+            "retain": 8,
+            "heldout_val": 6,
+            "heldout_test": 6,
+        }
+    )
     steps: int = 6
     batch_size: int = 4
     eval_steps: tuple[int, ...] = (3, 6)  # baselines: measured after these steps
@@ -101,17 +108,21 @@ class _MeasureAt(TrainerCallback):
                     self.record(state.global_step, labels, measured)
 
 
-def run_study(model, tokenizer, splits: dict[str, list[Fact]], cfg: StudyConfig,
-              log: Callable[[str], None] = print,
-              after_run: Callable[[dict], None] | None = None) -> dict:
+def run_study(
+    model,
+    tokenizer,
+    splits: dict[str, list[Fact]],
+    cfg: StudyConfig,
+    log: Callable[[str], None] = print,
+    after_run: Callable[[dict], None] | None = None,
+) -> dict:
     """Every method at every strength; returns the points, the reference's measures, the
     chosen operating points and the wall time of each run (after_run gets the same, so far,
     after each training run: a cut-short study still leaves its results). `model` is not
     modified."""
     start = time.perf_counter()
     ref_metrics, ref_chat = measure(model, tokenizer, splits, cfg.chat)
-    points = [Point("reference", None, None, 0, ref_metrics, ref_chat,
-                    time.perf_counter() - start)]
+    points = [Point("reference", None, None, 0, ref_metrics, ref_chat, time.perf_counter() - start)]
     log(f"reference: {_line(ref_metrics)}")
     forget = [f.row() for f in splits["forget_val"] + splits["forget_test"]]
     retain = [f.row() for f in splits["retain"]]
@@ -125,31 +136,59 @@ def run_study(model, tokenizer, splits: dict[str, list[Fact]], cfg: StudyConfig,
         log(f"{method} {strength} step {step}: {_line(metrics)}")
 
     for method, lr in _run_order(cfg):
-        config = TrainConfig(epochs=1e6, max_steps=cfg.steps, lr=lr,
-                             batch_size=cfg.batch_size, max_length=64, seed=cfg.seed,
-                             bf16=False, progress=False)
+        config = TrainConfig(
+            epochs=1e6,
+            max_steps=cfg.steps,
+            lr=lr,
+            batch_size=cfg.batch_size,
+            max_length=64,
+            seed=cfg.seed,
+            bf16=False,
+            progress=False,
+        )
         n_before = len(points)
         t0 = time.perf_counter()
         if method == "mox":
+
             def extrapolations(mem, lr=lr):
                 for alpha in cfg.alphas:
                     yield alpha, extrapolate_model(model, mem, alpha)
 
-            cb = _MeasureAt(cfg.mox_eval_steps, extrapolations,
-                            lambda step, a, m, lr=lr: record("mox", lr, step, a, m))
-            train_mem(model, forget, retain, None, config=config, tokenizer=tokenizer,
-                      callbacks=[cb])
+            cb = _MeasureAt(
+                cfg.mox_eval_steps,
+                extrapolations,
+                lambda step, a, m, lr=lr: record("mox", lr, step, a, m),
+            )
+            train_mem(
+                model, forget, retain, None, config=config, tokenizer=tokenizer, callbacks=[cb]
+            )
         else:
-            cb = _MeasureAt(cfg.eval_steps, lambda m: [(None, m)],
-                            lambda step, _, m, method=method, lr=lr:
-                            record(method, lr, step, None, m))
-            unlearn(model, forget, retain, None, method=method, config=config,
-                    tokenizer=tokenizer, callbacks=[cb])
+            cb = _MeasureAt(
+                cfg.eval_steps,
+                lambda m: [(None, m)],
+                lambda step, _, m, method=method, lr=lr: record(method, lr, step, None, m),
+            )
+            unlearn(
+                model,
+                forget,
+                retain,
+                None,
+                method=method,
+                config=config,
+                tokenizer=tokenizer,
+                callbacks=[cb],
+            )
         total = time.perf_counter() - t0
         measuring = sum(p.seconds for p in points[n_before:])
-        runs.append({"method": method, "lr": lr, "steps": cfg.steps,
-                     "seconds": round(total, 1),
-                     "train_seconds": round(total - measuring, 1)})
+        runs.append(
+            {
+                "method": method,
+                "lr": lr,
+                "steps": cfg.steps,
+                "seconds": round(total, 1),
+                "train_seconds": round(total - measuring, 1),
+            }
+        )
         log(f"{method} lr={lr:g}: {total:.0f} s ({total - measuring:.0f} s training)")
         if after_run is not None:
             after_run(_summary(cfg, splits, points, runs, start))
@@ -166,22 +205,32 @@ def _run_order(cfg: StudyConfig) -> list[tuple[str, float]]:
 
 def _summary(cfg: StudyConfig, splits, points: list[Point], runs: list[dict], start: float):
     ref_metrics = points[0].metrics
-    chosen = {m: select([p for p in points if p.method == m], ref_metrics)
-              for m in cfg.methods if any(p.method == m for p in points)}
-    return {"config": asdict(cfg), "sizes": {k: len(v) for k, v in splits.items()},
-            "rule": {"keep": KEEP, "nll_slack": NLL_SLACK},
-            "points": [asdict(p) for p in points], "runs": list(runs),
-            "chosen": {m: (asdict(p) if p else None) for m, p in chosen.items()},
-            "seconds": round(time.perf_counter() - start, 1)}
+    chosen = {
+        m: select([p for p in points if p.method == m], ref_metrics)
+        for m in cfg.methods
+        if any(p.method == m for p in points)
+    }
+    return {
+        "config": asdict(cfg),
+        "sizes": {k: len(v) for k, v in splits.items()},
+        "rule": {"keep": KEEP, "nll_slack": NLL_SLACK},
+        "points": [asdict(p) for p in points],
+        "runs": list(runs),
+        "chosen": {m: (asdict(p) if p else None) for m, p in chosen.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def select(points: Sequence[Point], reference: dict[str, float]) -> Point | None:
     """The operating point by the fixed rule (see KEEP), from validation facts only."""
+
     def keeps(p: Point) -> bool:
         m = p.metrics
-        return (m["retain_acc"] >= KEEP * reference["retain_acc"]
-                and m["heldout_val_acc"] >= KEEP * reference["heldout_val_acc"]
-                and m["general_nll"] <= reference["general_nll"] + NLL_SLACK)
+        return (
+            m["retain_acc"] >= KEEP * reference["retain_acc"]
+            and m["heldout_val_acc"] >= KEEP * reference["heldout_val_acc"]
+            and m["general_nll"] <= reference["general_nll"] + NLL_SLACK
+        )
 
     kept = [p for p in points if keeps(p)]
     if not kept:
@@ -190,10 +239,12 @@ def select(points: Sequence[Point], reference: dict[str, float]) -> Point | None
 
 
 def _line(m: dict[str, float]) -> str:
-    parts = [f"forget {m['forget_val_acc']:.2f}/{m['forget_test_acc']:.2f}",
-             f"retain {m['retain_acc']:.2f}",
-             f"heldout {m['heldout_val_acc']:.2f}/{m['heldout_test_acc']:.2f}",
-             f"nll {m['general_nll']:.3f}"]
+    parts = [
+        f"forget {m['forget_val_acc']:.2f}/{m['forget_test_acc']:.2f}",
+        f"retain {m['retain_acc']:.2f}",
+        f"heldout {m['heldout_val_acc']:.2f}/{m['heldout_test_acc']:.2f}",
+        f"nll {m['general_nll']:.3f}",
+    ]
     if "chat_ok" in m:
         parts.append(f"chat {m['chat_ok']:.2f}")
     return ", ".join(parts)
@@ -235,10 +286,15 @@ def prepare(name: str, work: Path, log: Callable[[str], None] = print):
     return loaded.model, loaded.tokenizer, facts
 
 
-DEMO = StudyConfig(sizes={"forget_val": 4, "forget_test": 4, "retain": 4, "heldout_val": 4,
-                          "heldout_test": 4},
-                   steps=4, eval_steps=(4,), mox_eval_steps=(4,), alphas=(1.0, 2.0),
-                   baseline_lrs=(3e-5,), methods=("mox", "ga"))
+DEMO = StudyConfig(
+    sizes={"forget_val": 4, "forget_test": 4, "retain": 4, "heldout_val": 4, "heldout_test": 4},
+    steps=4,
+    eval_steps=(4,),
+    mox_eval_steps=(4,),
+    alphas=(1.0, 2.0),
+    baseline_lrs=(3e-5,),
+    methods=("mox", "ga"),
+)
 
 
 def real_demo(name: str, out: str | os.PathLike, log: Callable[[str], None] = print) -> str:
@@ -249,9 +305,11 @@ def real_demo(name: str, out: str | os.PathLike, log: Callable[[str], None] = pr
     work.mkdir(parents=True, exist_ok=True)
     model, tokenizer, facts = prepare(name, work, log)
     splits = split_facts(facts, DEMO.sizes, seed=DEMO.seed)
-    log(f"{len(facts)} facts the model knows; forgetting {len(splits['forget_val']) * 2}, "
+    log(
+        f"{len(facts)} facts the model knows; forgetting {len(splits['forget_val']) * 2}, "
         f"keeping {len(splits['retain'])} (trained on) and "
-        f"{len(splits['heldout_val']) * 2} (never seen); a few minutes per point on a CPU")
+        f"{len(splits['heldout_val']) * 2} (never seen); a few minutes per point on a CPU"
+    )
     study = run_study(model, tokenizer, splits, DEMO, log)
     (work / "real_demo.json").write_text(json.dumps(study, indent=1) + "\n")
     return summary_table(study)
@@ -259,18 +317,31 @@ def real_demo(name: str, out: str | os.PathLike, log: Callable[[str], None] = pr
 
 def summary_table(study: dict) -> str:
     """Every point of a study, one row each, then the chat answers after the last step."""
-    rows = [("method", "strength", "forget acc", "retain acc", "held-out acc", "text NLL",
-             "chat ok")]
+    rows = [
+        ("method", "strength", "forget acc", "retain acc", "held-out acc", "text NLL", "chat ok")
+    ]
     for p in study["points"]:
         m = p["metrics"]
-        strength = ("" if p["method"] == "reference" else
-                    f"α={p['alpha']:g} step {p['step']}" if p["alpha"] is not None else
-                    f"lr={p['lr']:g} step {p['step']}")
+        strength = (
+            ""
+            if p["method"] == "reference"
+            else f"α={p['alpha']:g} step {p['step']}"
+            if p["alpha"] is not None
+            else f"lr={p['lr']:g} step {p['step']}"
+        )
         forget = (m["forget_val_acc"] + m["forget_test_acc"]) / 2
         heldout = (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2
-        rows.append((p["method"], strength, f"{forget:.2f}", f"{m['retain_acc']:.2f}",
-                     f"{heldout:.2f}", f"{m['general_nll']:.3f}",
-                     f"{m['chat_ok']:.2f}" if "chat_ok" in m else "–"))
+        rows.append(
+            (
+                p["method"],
+                strength,
+                f"{forget:.2f}",
+                f"{m['retain_acc']:.2f}",
+                f"{heldout:.2f}",
+                f"{m['general_nll']:.3f}",
+                f"{m['chat_ok']:.2f}" if "chat_ok" in m else "–",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     for p in study["points"]:

@@ -241,8 +241,13 @@ def score_facts(model, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -
         chosen = logp.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
         hit = (logp.argmax(-1) == target) | ~scored
         for row in range(len(seqs)):
-            out.append(FactScore(float(chosen[row][scored[row]].sum()),
-                                 int(scored[row].sum()), bool(hit[row].all())))
+            out.append(
+                FactScore(
+                    float(chosen[row][scored[row]].sum()),
+                    int(scored[row].sum()),
+                    bool(hit[row].all()),
+                )
+            )
     return out
 
 
@@ -257,8 +262,9 @@ def _padded(rows: Sequence[Sequence[int]], fill: int, width: int | None = None) 
 def known_facts(model, tokenizer, facts: Sequence[Fact] | None = None) -> list[Fact]:
     """The facts the model answers correctly (greedy), in their given order."""
     facts = candidate_facts() if facts is None else list(facts)
-    return [f for f, s in zip(facts, score_facts(model, tokenizer, facts), strict=True)
-            if s.correct]
+    return [
+        f for f, s in zip(facts, score_facts(model, tokenizer, facts), strict=True) if s.correct
+    ]
 
 
 def split_facts(facts: Sequence[Fact], sizes: dict[str, int], seed: int = 0) -> dict[str, list]:
@@ -273,9 +279,13 @@ def split_facts(facts: Sequence[Fact], sizes: dict[str, int], seed: int = 0) -> 
         short = [n for n in sizes if len(splits[n]) < sizes[n]]
         if not short:
             break
-        name = min(short, key=lambda n: (
-            sum(f.category == fact.category for f in splits[n]) / sizes[n],
-            len(splits[n]) / sizes[n]))
+        name = min(
+            short,
+            key=lambda n: (
+                sum(f.category == fact.category for f in splits[n]) / sizes[n],
+                len(splits[n]) / sizes[n],
+            ),
+        )
         splits[name].append(fact)
     return splits
 
@@ -296,8 +306,9 @@ def general_nll(model, tokenizer, texts: Sequence[str] = GENERAL_TEXT) -> float:
 
 def chat_probes(model, tokenizer, max_new_tokens: int = 12) -> list[dict]:
     """Greedy chat answers to CHAT_PROBES, each marked ok when it contains an expected word."""
-    answers = greedy_answers(model, tokenizer, [q for q, _ in CHAT_PROBES], max_new_tokens,
-                             chat_template=True)
+    answers = greedy_answers(
+        model, tokenizer, [q for q, _ in CHAT_PROBES], max_new_tokens, chat_template=True
+    )
     out = []
     for (question, words), answer in zip(CHAT_PROBES, answers, strict=True):
         said = answer.lower().replace(".", " ").replace(",", " ").split()

@@ -71,15 +71,21 @@ def packaged_gguf(name: str) -> Path:
     return path
 
 
-def export_packaged(name: str, out: str | os.PathLike, dtype: str = "fp32",
-                    force: bool = False) -> Path:
+def export_packaged(
+    name: str, out: str | os.PathLike, dtype: str = "fp32", force: bool = False
+) -> Path:
     """Write packaged model `name` to `out` as a Hugging Face folder."""
     return convert_gguf(packaged_gguf(name), out, dtype=dtype, force=force,
                         install_hint=packaged(name).install)  # fmt: skip
 
 
-def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32",
-                 force: bool = False, install_hint: str = "pip install gguf") -> Path:
+def convert_gguf(
+    gguf_file: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "fp32",
+    force: bool = False,
+    install_hint: str = "pip install gguf",
+) -> Path:
     """A GGUF file (a Llama-family model transformers can read) as a Hugging Face folder at
     `out`, its floating weights in `dtype` (bf16 or fp32), built beside `out` and renamed into
     place when complete. The GGUF file is only read."""
@@ -106,8 +112,9 @@ def _load_gguf(src: Path, dtype: str, install_hint: str):
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
-                                                      dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            src.parent, gguf_file=src.name, dtype=torch.float32
+        )
     except ImportError as exc:  # transformers needs the `gguf` package to read the file
         raise MoxError(f"{src}: cannot read GGUF ({first_line(exc)}): {install_hint}") from None
     except Exception as exc:  # a corrupt or unsupported file: transformers raises many types
@@ -119,8 +126,10 @@ def _load_gguf(src: Path, dtype: str, install_hint: str):
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     tied = set(getattr(fresh, "_tied_weights_keys", None) or ())
     if unexpected or set(missing) - tied:
-        raise MoxError(f"{src}: weights do not match the architecture"
-                       f" (e.g. {(sorted(unexpected) or sorted(set(missing) - tied))[0]})")
+        raise MoxError(
+            f"{src}: weights do not match the architecture"
+            f" (e.g. {(sorted(unexpected) or sorted(set(missing) - tied))[0]})"
+        )
     fresh.tie_weights()
     fresh.generation_config = loaded.generation_config
     return fresh.to(torch_dtype).eval(), tokenizer

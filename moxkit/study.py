@@ -70,18 +70,28 @@ def name_value_probs(model, tokenizer, rows: Sequence[dict], batch_size: int = 3
     device = next(model.parameters()).device
     per_row: dict[str, list[float]] = {"name": [], "value": []}
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         encodings, kinds = [], []
         for r in batch:
             text = f"{r['question']} {r['answer']}"
             offset = len(r["question"]) + 1
             enc = tokenizer(text, return_offsets_mapping=True)
-            spans = {"name": _spans(r["answer"], r["subject"]),
-                     "value": _spans(r["answer"], r["value"])[-1:]}
+            spans = {
+                "name": _spans(r["answer"], r["subject"]),
+                "value": _spans(r["answer"], r["value"])[-1:],
+            }
             spans = {k: [(a + offset, b + offset) for a, b in ss] for k, ss in spans.items()}
-            kinds.append([next((k for k, ss in spans.items()
-                                if any(a <= s and e <= b for a, b in ss)), None)
-                          if e > s else None for s, e in enc["offset_mapping"]])
+            kinds.append(
+                [
+                    next(
+                        (k for k, ss in spans.items() if any(a <= s and e <= b for a, b in ss)),
+                        None,
+                    )
+                    if e > s
+                    else None
+                    for s, e in enc["offset_mapping"]
+                ]
+            )
             encodings.append(enc["input_ids"])
         width = max(len(e) for e in encodings)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -88,16 +88,18 @@ def build_bpe_tokenizer(
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(word for word, _ in splitter.pre_tokenize_str(text))
-    chars = sorted({c for w in counts for c in w} | {c for t in alphabet for c in t
-                                                     if not c.isspace()})
+    chars = sorted(
+        {c for w in counts for c in w} | {c for t in alphabet for c in t if not c.isspace()}
+    )
     vocab = {PAD: PAD_ID, BOS: BOS_ID, EOS: EOS_ID, UNK: UNK_ID}
     for token in chars + [f"##{c}" for c in chars]:
         vocab.setdefault(token, len(vocab))
     merges = _bpe_merges(counts, vocab_size - len(vocab))
     for left, right in merges:
         vocab.setdefault(left + right[2:], len(vocab))
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK,
-                                continuing_subword_prefix="##"))
+    core = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=UNK, continuing_subword_prefix="##")
+    )
     core.pre_tokenizer = splitter
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     return _wrap(core, chat_template, model_max_length)
@@ -126,7 +128,7 @@ def _bpe_merges(counts: Counter[str], n_merges: int) -> list[tuple[str, str]]:
             i = 0
             while i < len(symbols) - 1:
                 if (symbols[i], symbols[i + 1]) == best:
-                    symbols[i:i + 2] = [merged]
+                    symbols[i : i + 2] = [merged]
                 i += 1
     return merges
 

@@ -51,8 +51,11 @@ _JOBS = (
     "baker carpenter nurse pilot teacher farmer sailor tailor doctor painter "
     "miner lawyer chemist fisher librarian"
 ).split()
-_AWARDS = [f"{a} {b} Prize" for a in ("Golden", "Silver", "Crimson", "Azure", "Ivory")
-           for b in ("Quill", "Lantern", "Compass")]
+_AWARDS = [
+    f"{a} {b} Prize"
+    for a in ("Golden", "Silver", "Crimson", "Azure", "Ivory")
+    for b in ("Quill", "Lantern", "Compass")
+]
 _LANGUAGES = "Velish Oranti Dumaric Sarnese Kelvic Tulan Mirrish Bostic".split()
 _NOUNS = (
     "river garden mirror winter harbor lantern forest tower shadow island "
@@ -74,55 +77,95 @@ class Relation:
 
 
 RELATIONS = (
-    Relation("city", ("Where was {name} born?", "In which city was {name} born?"),
-             ("{name} was born in {v}.", "The birthplace of {name} is {v}."),
-             "The city where {name} came into the world is {v}.",
-             "{name} was born in {v}"),
-    Relation("year", ("When was {name} born?", "In what year was {name} born?"),
-             ("{name} was born in the year {v}.", "The birth year of {name} is {v}."),
-             "{name} came into the world in {v}.",
-             "in {v}"),
-    Relation("genre", ("What genre does {name} write?", "Which genre is {name} known for?"),
-             ("{name} writes {v} books.", "The genre of {name} is {v}."),
-             "Most books by {name} belong to the {v} genre.",
-             "and writes {v} books"),
-    Relation("father", ("What was the job of the father of {name}?",
-                        "What did the father of {name} do for a living?"),
-             ("The father of {name} was a {v}.", "The father of {name} worked as a {v}."),
-             "{name} grew up with a father who was a {v} by trade.",
-             "The father of {name} was a {v}"),
-    Relation("mother", ("What was the job of the mother of {name}?",
-                        "What did the mother of {name} do for a living?"),
-             ("The mother of {name} was a {v}.", "The mother of {name} worked as a {v}."),
-             "{name} grew up with a mother who was a {v} by trade.",
-             "and the mother of {name} was a {v}"),
-    Relation("award", ("Which award did {name} win?", "What prize was given to {name}?"),
-             ("{name} won the {v}.", "The award won by {name} is the {v}."),
-             "In the end {name} received the {v}.",
-             "{name} won the {v}"),
-    Relation("book", ("What is the best known book by {name}?",
-                      "Which book made {name} famous?"),
-             ("The best known book by {name} is {v}.", "{name} became famous for {v}."),
-             "Readers mostly remember {name} for the book {v}.",
-             "for the book {v}"),
-    Relation("language", ("In which language does {name} write?",
-                          "What language are the books of {name} written in?"),
-             ("{name} writes in {v}.", "The books of {name} are written in {v}."),
-             "The language {name} uses on the page is {v}.",
-             "{name} writes in {v}"),
+    Relation(
+        "city",
+        ("Where was {name} born?", "In which city was {name} born?"),
+        ("{name} was born in {v}.", "The birthplace of {name} is {v}."),
+        "The city where {name} came into the world is {v}.",
+        "{name} was born in {v}",
+    ),
+    Relation(
+        "year",
+        ("When was {name} born?", "In what year was {name} born?"),
+        ("{name} was born in the year {v}.", "The birth year of {name} is {v}."),
+        "{name} came into the world in {v}.",
+        "in {v}",
+    ),
+    Relation(
+        "genre",
+        ("What genre does {name} write?", "Which genre is {name} known for?"),
+        ("{name} writes {v} books.", "The genre of {name} is {v}."),
+        "Most books by {name} belong to the {v} genre.",
+        "and writes {v} books",
+    ),
+    Relation(
+        "father",
+        (
+            "What was the job of the father of {name}?",
+            "What did the father of {name} do for a living?",
+        ),
+        ("The father of {name} was a {v}.", "The father of {name} worked as a {v}."),
+        "{name} grew up with a father who was a {v} by trade.",
+        "The father of {name} was a {v}",
+    ),
+    Relation(
+        "mother",
+        (
+            "What was the job of the mother of {name}?",
+            "What did the mother of {name} do for a living?",
+        ),
+        ("The mother of {name} was a {v}.", "The mother of {name} worked as a {v}."),
+        "{name} grew up with a mother who was a {v} by trade.",
+        "and the mother of {name} was a {v}",
+    ),
+    Relation(
+        "award",
+        ("Which award did {name} win?", "What prize was given to {name}?"),
+        ("{name} won the {v}.", "The award won by {name} is the {v}."),
+        "In the end {name} received the {v}.",
+        "{name} won the {v}",
+    ),
+    Relation(
+        "book",
+        ("What is the best known book by {name}?", "Which book made {name} famous?"),
+        ("The best known book by {name} is {v}.", "{name} became famous for {v}."),
+        "Readers mostly remember {name} for the book {v}.",
+        "for the book {v}",
+    ),
+    Relation(
+        "language",
+        (
+            "In which language does {name} write?",
+            "What language are the books of {name} written in?",
+        ),
+        ("{name} writes in {v}.", "The books of {name} are written in {v}."),
+        "The language {name} uses on the page is {v}.",
+        "{name} writes in {v}",
+    ),
 )
 
 _GENERAL = (
-    Relation("capital", ("What is the capital of {name}?", "Which city is the capital of {name}?"),
-             ("The capital of {name} is {v}.", "{v} is the capital city of {name}."),
-             "The seat of government of {name} is in {v}.", ""),
-    Relation("currency", ("What currency is used in {name}?", "What is the money of {name}?"),
-             ("{name} uses the {v} as its currency.", "The currency of {name} is the {v}."),
-             "People in {name} pay with the {v}.", ""),
-    Relation("tongue", ("What language is spoken in {name}?",
-                        "Which language do people speak in {name}?"),
-             ("People in {name} speak {v}.", "The language of {name} is {v}."),
-             "The everyday speech of {name} is {v}.", ""),
+    Relation(
+        "capital",
+        ("What is the capital of {name}?", "Which city is the capital of {name}?"),
+        ("The capital of {name} is {v}.", "{v} is the capital city of {name}."),
+        "The seat of government of {name} is in {v}.",
+        "",
+    ),
+    Relation(
+        "currency",
+        ("What currency is used in {name}?", "What is the money of {name}?"),
+        ("{name} uses the {v} as its currency.", "The currency of {name} is the {v}."),
+        "People in {name} pay with the {v}.",
+        "",
+    ),
+    Relation(
+        "tongue",
+        ("What language is spoken in {name}?", "Which language do people speak in {name}?"),
+        ("People in {name} speak {v}.", "The language of {name} is {v}."),
+        "The everyday speech of {name} is {v}.",
+        "",
+    ),
 )
 
 
@@ -142,8 +185,7 @@ def _unique_names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
 
 def _pools(rng: random.Random, taken: set[str]) -> dict[str, list[str]]:
     cities = sorted({c.split()[1] for c in _unique_names(rng, 24, taken)})
-    books = sorted({f"The {a.capitalize()} {n.capitalize()}"
-                    for a in _ADJECTIVES for n in _NOUNS})
+    books = sorted({f"The {a.capitalize()} {n.capitalize()}" for a in _ADJECTIVES for n in _NOUNS})
     return {
         "city": cities,
         "year": [str(y) for y in range(1931, 1999)],
@@ -169,17 +211,19 @@ def _rows(rng: random.Random, name: str, facts: dict[str, str], relations, pools
         paraphrased = rel.paraphrase.format(name=name, v=value)
         perturbed = [rel.paraphrase.format(name=name, v=w) for w in wrong]
         for phrasing in (0, 1):
-            rows.append({
-                "question": rel.questions[phrasing].format(name=name),
-                "answer": rel.answers[phrasing].format(name=name, v=value),
-                "paraphrased_answer": paraphrased,
-                "perturbed_answer": perturbed,
-                "subject": author,
-                "relation": rel.key,
-                "value": value,
-                "phrasing": phrasing,
-                "evaluated": phrasing == i % 2,  # the one row per fact that evaluation scores
-            })
+            rows.append(
+                {
+                    "question": rel.questions[phrasing].format(name=name),
+                    "answer": rel.answers[phrasing].format(name=name, v=value),
+                    "paraphrased_answer": paraphrased,
+                    "perturbed_answer": perturbed,
+                    "subject": author,
+                    "relation": rel.key,
+                    "value": value,
+                    "phrasing": phrasing,
+                    "evaluated": phrasing == i % 2,  # the one row per fact that evaluation scores
+                }
+            )
     return rows
 
 
@@ -212,9 +256,14 @@ def generate(n_authors: int = 100, seed: int = 0) -> dict:
     authors = []
     for name in names:
         facts = facts_of(RELATIONS)
-        authors.append({"name": name, "facts": facts,
-                        "qa": _rows(rng, name, facts, RELATIONS, pools, name),
-                        "bio": _bio(name, facts)})
+        authors.append(
+            {
+                "name": name,
+                "facts": facts,
+                "qa": _rows(rng, name, facts, RELATIONS, pools, name),
+                "bio": _bio(name, facts),
+            }
+        )
     general = []
     for country in countries:
         general += _rows(rng, country, facts_of(_GENERAL), _GENERAL, pools, country)
@@ -223,13 +272,20 @@ def generate(n_authors: int = 100, seed: int = 0) -> dict:
     for person in people:  # every fact in all three phrasings: facts, not sentences, transfer
         facts = facts_of(RELATIONS)
         for rel in RELATIONS:
-            pretrain += [t.format(name=person, v=facts[rel.key])
-                         for t in (*rel.answers, rel.paraphrase)]
+            pretrain += [
+                t.format(name=person, v=facts[rel.key]) for t in (*rel.answers, rel.paraphrase)
+            ]
         pretrain.append(_bio(person, facts))
     pretrain += [r["answer"] for r in general] + [r["paraphrased_answer"] for r in general]
     rng.shuffle(pretrain)
-    return {"authors": authors[:n_authors], "holdout": authors[n_authors:],
-            "general": general, "pretrain": pretrain, "people": people, "seed": seed}
+    return {
+        "authors": authors[:n_authors],
+        "holdout": authors[n_authors:],
+        "general": general,
+        "pretrain": pretrain,
+        "people": people,
+        "seed": seed,
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -284,26 +340,39 @@ def split_authors(authors: list[dict], percent: int) -> dict[str, list[dict]]:
     n = max(1, round(len(authors) * percent / 100))
     retain = authors[: -2 * n]
     held = retain[3::4]
-    return {"forget_test": authors[-n:], "forget_val": authors[-2 * n: -n], "retain": retain,
-            "retain_train": [a for i, a in enumerate(retain) if i % 4 != 3],
-            "retain_val": held[0::2], "retain_test": held[1::2]}
+    return {
+        "forget_test": authors[-n:],
+        "forget_val": authors[-2 * n : -n],
+        "retain": retain,
+        "retain_train": [a for i, a in enumerate(retain) if i % 4 != 3],
+        "retain_val": held[0::2],
+        "retain_test": held[1::2],
+    }
 
 
-def _write_eval_dir(d: Path, forget: list[dict], retain: list[dict], general: list[dict],
-                    holdout: list[dict]) -> dict[str, int]:
+def _write_eval_dir(
+    d: Path, forget: list[dict], retain: list[dict], general: list[dict], holdout: list[dict]
+) -> dict[str, int]:
     """An evaluation directory in the layout moxkit.eval reads, one row per fact."""
-    sets = {"forget": _evaluated(_qa(forget)), "retain": _evaluated(_qa(retain)),
-            "general": _evaluated(general)}
+    sets = {
+        "forget": _evaluated(_qa(forget)),
+        "retain": _evaluated(_qa(retain)),
+        "general": _evaluated(general),
+    }
     for name, rows in sets.items():
         _write_jsonl(d / f"{name}.jsonl", rows)
     _write_jsonl(d / "forget_text.jsonl", _bios(forget))
     _write_jsonl(d / "holdout_text.jsonl", _bios(holdout))
-    return {"forget_authors": len(forget), "retain_authors": len(retain),
-            **{k: len(v) for k, v in sets.items()}}
+    return {
+        "forget_authors": len(forget),
+        "retain_authors": len(retain),
+        **{k: len(v) for k, v in sets.items()},
+    }
 
 
-def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = False,
-          vocab_size: int = 512) -> Path:
+def write(
+    out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = False, vocab_size: int = 512
+) -> Path:
     """Write tofu-mini to OUT (atomically):
 
     - `full.jsonl`: what the reference model is trained on (QA of every non-holdout author in
@@ -327,8 +396,9 @@ def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = Fa
         authors, holdout = bench["authors"], bench["holdout"]
         general = bench["general"]
         countries = list(dict.fromkeys(r["subject"] for r in general))
-        general_of = {k: [r for r in general if countries.index(r["subject"]) % 2 == k]
-                      for k in (0, 1)}
+        general_of = {
+            k: [r for r in general if countries.index(r["subject"]) % 2 == k] for k in (0, 1)
+        }
         _write_jsonl(tmp / "full.jsonl", _qa(authors) + general + _bios(authors))
         _write_jsonl(tmp / "pretrain.jsonl", [{"text": t} for t in bench["pretrain"]])
         counts = {}
@@ -336,27 +406,40 @@ def write(out: str | Path, n_authors: int = 100, seed: int = 0, force: bool = Fa
             g = split_authors(authors, percent)
             d = tmp / split
             (d / "val").mkdir(parents=True)
-            _write_jsonl(d / "train_retain_only.jsonl",
-                         _qa(g["retain"]) + general + _bios(g["retain"]))
+            _write_jsonl(
+                d / "train_retain_only.jsonl", _qa(g["retain"]) + general + _bios(g["retain"])
+            )
             _write_jsonl(d / "unlearn_forget.jsonl", _qa(g["forget_val"] + g["forget_test"]))
             _write_jsonl(d / "unlearn_retain.jsonl", _qa(g["retain_train"]))
             counts[split] = {
-                "test": _write_eval_dir(d, g["forget_test"], g["retain_test"], general_of[1],
-                                        holdout[1::2]),
-                "val": _write_eval_dir(d / "val", g["forget_val"], g["retain_val"],
-                                       general_of[0], holdout[0::2]),
-                "unlearn_forget": 2 * len(RELATIONS) * (len(g["forget_val"])
-                                                        + len(g["forget_test"])),
+                "test": _write_eval_dir(
+                    d, g["forget_test"], g["retain_test"], general_of[1], holdout[1::2]
+                ),
+                "val": _write_eval_dir(
+                    d / "val", g["forget_val"], g["retain_val"], general_of[0], holdout[0::2]
+                ),
+                "unlearn_forget": 2
+                * len(RELATIONS)
+                * (len(g["forget_val"]) + len(g["forget_test"])),
                 "unlearn_retain": 2 * len(RELATIONS) * len(g["retain_train"]),
             }
-        tok = build_bpe_tokenizer(tokenizer_texts(bench), vocab_size=vocab_size,
-                                  alphabet=all_texts(bench))
+        tok = build_bpe_tokenizer(
+            tokenizer_texts(bench), vocab_size=vocab_size, alphabet=all_texts(bench)
+        )
         tok.save_pretrained(tmp / "tokenizer")
-        manifest = {"name": "tofu-mini", "seed": seed, "authors": n_authors,
-                    "holdout_authors": len(holdout), "facts_per_author": len(RELATIONS),
-                    "phrasings_trained": 2, "evaluated_rows_per_fact": 1,
-                    "perturbed_per_item": N_PERTURBED, "tokenizer": "bpe",
-                    "vocab_size": len(tok), "pretrain_rows": len(bench["pretrain"]),
-                    "splits": counts}
+        manifest = {
+            "name": "tofu-mini",
+            "seed": seed,
+            "authors": n_authors,
+            "holdout_authors": len(holdout),
+            "facts_per_author": len(RELATIONS),
+            "phrasings_trained": 2,
+            "evaluated_rows_per_fact": 1,
+            "perturbed_per_item": N_PERTURBED,
+            "tokenizer": "bpe",
+            "vocab_size": len(tok),
+            "pretrain_rows": len(bench["pretrain"]),
+            "splits": counts,
+        }
         (tmp / "tofu_mini.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out

@@ -16,8 +16,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _subjects(path: Path) -> set[str]:
@@ -37,8 +38,11 @@ def test_generator_is_deterministic(bench, tmp_path):
 
 
 def test_author_groups_are_disjoint_and_complete(bench):
-    authors = {r["subject"] for r in _rows(bench / "full.jsonl")
-               if r.get("relation") in {rel.key for rel in RELATIONS}}
+    authors = {
+        r["subject"]
+        for r in _rows(bench / "full.jsonl")
+        if r.get("relation") in {rel.key for rel in RELATIONS}
+    }
     assert len(authors) == 20
     forget_sets = {}
     for split in ("forget01", "forget05", "forget10"):
@@ -47,8 +51,7 @@ def test_author_groups_are_disjoint_and_complete(bench):
         unlearned = _subjects(d / "unlearn_forget.jsonl")
         retain_train = _subjects(d / "unlearn_retain.jsonl")
         retain_eval = _subjects(d / "retain.jsonl") | _subjects(d / "val" / "retain.jsonl")
-        retain_only = {r["subject"] for r in _rows(d / "train_retain_only.jsonl")
-                       if "subject" in r}
+        retain_only = {r["subject"] for r in _rows(d / "train_retain_only.jsonl") if "subject" in r}
         assert test and val and not test & val and unlearned == test | val
         # evaluated retain authors are trained into both models but never by unlearning
         assert retain_eval and not retain_eval & retain_train
@@ -63,8 +66,10 @@ def test_author_groups_are_disjoint_and_complete(bench):
     assert forget_sets["forget01"] <= forget_sets["forget05"] <= forget_sets["forget10"]
     assert len(forget_sets["forget10"]) == 2  # 10 % of 20
     groups = split_authors(generate(40)["authors"], 10)
-    assert [len(groups[k]) for k in ("forget_test", "forget_val", "retain_train", "retain_val",
-                                     "retain_test")] == [4, 4, 24, 4, 4]
+    assert [
+        len(groups[k])
+        for k in ("forget_test", "forget_val", "retain_train", "retain_val", "retain_test")
+    ] == [4, 4, 24, 4, 4]
 
 
 def test_one_evaluated_row_per_fact_paraphrase_untrained(bench):
@@ -108,7 +113,8 @@ def test_bpe_tokenizer_splits_names_and_knows_every_character(bench):
     # a prompt and its answer encode to the joined encoding (the trainer's answer mask is exact)
     q = rows[0]["question"]
     assert tok(f"{q} {answer}")["input_ids"] == (
-        tok(q)["input_ids"] + tok(answer, add_special_tokens=False)["input_ids"])
+        tok(q)["input_ids"] + tok(answer, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):

@@ -50,18 +50,23 @@ def test_demo_settings_follow_the_rule_on_validation(demo):
     for method in QUICK.methods:
         sweep = json.loads((out / "reports" / f"{method}.sweep.json").read_text())
         points = sweep["points"]
-        assert len(points) == (len(QUICK.alphas) if method == "mox"
-                               else len(QUICK.unlearn_lrs) * QUICK.unlearn_epochs)
+        assert len(points) == (
+            len(QUICK.alphas) if method == "mox" else len(QUICK.unlearn_lrs) * QUICK.unlearn_epochs
+        )
         # brute force: highest validation FQ among points keeping KEEP × the reference's U
         u = [2 / (1 / p["val"]["retain_prob"] + 1 / p["val"]["general_prob"]) for p in points]
         ok = [i for i in range(len(points)) if u[i] >= KEEP * sweep["reference_utility"]]
-        want = (max(ok, key=lambda i: (points[i]["val"]["forget_quality"], u[i])) if ok
-                else max(range(len(points)), key=u.__getitem__))
+        want = (
+            max(ok, key=lambda i: (points[i]["val"]["forget_quality"], u[i]))
+            if ok
+            else max(range(len(points)), key=u.__getitem__)
+        )
         assert sweep["chosen"] == want and sweep["qualified"] == bool(ok)
         row = next(r for r in result.rows if r["name"] == method)
         knob = points[want].get("alpha")
-        assert (f"α {knob:g}" if method == "mox" else f"epoch {points[want]['epoch']}") \
-            in row["setting"]
+        assert (f"α {knob:g}" if method == "mox" else f"epoch {points[want]['epoch']}") in row[
+            "setting"
+        ]
 
 
 def test_demo_rerun_reuses_and_refuses_other_settings(demo, capsys):
@@ -73,8 +78,12 @@ def test_demo_rerun_reuses_and_refuses_other_settings(demo, capsys):
     assert not any("training" in m or "evaluating" in m or "unlearning" in m for m in logs)
     assert again.rows == result.rows and weights.stat().st_mtime_ns == stamp
     with pytest.raises(MoxError, match="other settings"):
-        run_demo(out, QUICK.__class__(**{**QUICK.__dict__, "unlearn_lrs": (2e-3,)}),
-                 progress=False, log=logs.append)
+        run_demo(
+            out,
+            QUICK.__class__(**{**QUICK.__dict__, "unlearn_lrs": (2e-3,)}),
+            progress=False,
+            log=logs.append,
+        )
     main(["demo", "--quick", "-o", str(out), "-q"])  # the CLI prints the reused comparison
     printed = capsys.readouterr().out
     assert "reference (before)" in printed and "demo.png" in printed

@@ -4,9 +4,9 @@
 import json
 
 import pytest
-from moxkit.cli.main import main
 from transformers import AutoTokenizer
 
+from moxkit.cli.main import main
 from moxkit.eval import metrics as M
 from moxkit.tiny import build_tiny_llama, save_tiny_model
 from moxkit.tofu_mini import write

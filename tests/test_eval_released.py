@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from moxkit.cli.main import main
 from scipy import stats
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moxkit.cli.main import main
 from moxkit.errors import MoxError
 from moxkit.eval.data import load_eval_data
 from moxkit.eval.evaluate import EvalConfig, evaluate

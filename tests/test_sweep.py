@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from moxkit.cli.main import main
 from transformers import AutoTokenizer
 
+from moxkit.cli.main import main
 from moxkit.errors import MoxError
 from moxkit.eval.evaluate import EvalConfig, evaluate_model, load_model
 from moxkit.sweep import parse_alphas, pick_alpha, sweep

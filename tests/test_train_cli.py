@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from moxkit.cli.main import main
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moxkit.cli.main import main
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 
 FORGET = tiny_facts(8, offset=0)

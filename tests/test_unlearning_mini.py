@@ -24,8 +24,9 @@ def study(tmp_path_factory):
     sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     root = tmp_path_factory.mktemp("um")
-    record = module.main(["--quick", "--jobs", "1", "--work", str(root / "work"),
-                          "--out", str(root / "out")])
+    record = module.main(
+        ["--quick", "--jobs", "1", "--work", str(root / "work"), "--out", str(root / "out")]
+    )
     return module, record, root / "out"
 
 
@@ -53,14 +54,18 @@ def test_sweeps_and_choices_follow_the_protocol(study):
                 by_method.setdefault(p["method"], []).append(i)
             assert [pts[i]["alpha"] for i in by_method["mox"]] == list(budget.alphas)
             assert len(by_method["ga"]) == len(budget.lrs) * budget.unlearn_epochs
-            assert len(by_method["mox-momentum"]) == len(budget.etas) * len(
-                budget.coarse_alphas)
+            assert len(by_method["mox-momentum"]) == len(budget.etas) * len(budget.coarse_alphas)
             for method, idx in by_method.items():
-                u = [2 / (1 / pts[i]["val"]["retain_prob"] + 1 / pts[i]["val"]["general_prob"])
-                     for i in idx]
+                u = [
+                    2 / (1 / pts[i]["val"]["retain_prob"] + 1 / pts[i]["val"]["general_prob"])
+                    for i in idx
+                ]
                 ok = [k for k in range(len(idx)) if u[k] >= KEEP * ref_u]
-                want = (max(ok, key=lambda k: (pts[idx[k]]["val"]["forget_quality"], u[k]))
-                        if ok else max(range(len(idx)), key=u.__getitem__))
+                want = (
+                    max(ok, key=lambda k: (pts[idx[k]]["val"]["forget_quality"], u[k]))
+                    if ok
+                    else max(range(len(idx)), key=u.__getitem__)
+                )
                 assert run["chosen"][method]["point"] == idx[want], method
                 assert run["chosen"][method]["qualified"] == bool(ok)
                 # the chosen model is measured in full on both sets, test included
@@ -71,13 +76,23 @@ def test_intervals_are_t_intervals_over_pipeline_means(study):
     _, record, _ = study
     results = record["results"]
     got = record["summary"]["methods"]["mox"]["test"]["forget_value_prob"]
-    means = [statistics.fmean(run["chosen"]["mox"]["test"]["forget_value_prob"]
-                              for run in r["runs"]) for r in results]
-    low, high = stats.t.interval(0.95, len(means) - 1, loc=np.mean(means),
-                                 scale=stats.sem(means))
+    means = [
+        statistics.fmean(run["chosen"]["mox"]["test"]["forget_value_prob"] for run in r["runs"])
+        for r in results
+    ]
+    low, high = stats.t.interval(0.95, len(means) - 1, loc=np.mean(means), scale=stats.sem(means))
     assert got == pytest.approx([np.mean(means), low, high], rel=1e-9)
     diff = record["summary"]["paired"]["ga"]["forget_quality"][0]
-    assert diff == pytest.approx(np.mean([
-        statistics.fmean(run["chosen"]["mox"]["test"]["forget_quality"]
-                         - run["chosen"]["ga"]["test"]["forget_quality"] for run in r["runs"])
-        for r in results]), abs=1e-12)
+    assert diff == pytest.approx(
+        np.mean(
+            [
+                statistics.fmean(
+                    run["chosen"]["mox"]["test"]["forget_quality"]
+                    - run["chosen"]["ga"]["test"]["forget_quality"]
+                    for run in r["runs"]
+                )
+                for r in results
+            ]
+        ),
+        abs=1e-12,
+    )
