@@ -68,7 +68,7 @@ def check_output(out: str | os.PathLike, *, force: bool, inputs: Iterable = ()) 
     if given.name in ("", ".", "..") or str(out).endswith(os.sep):
         raise MoxError(f"{given}: not a name for a new output (name a file or folder to create)")
     path = Path(os.path.abspath(given))
-    if path.is_symlink():
+    if os.path.islink(path):  # False, not OSError, for a name past NAME_MAX
         target = Path(os.path.realpath(path))
         if not os.path.lexists(target):
             raise MoxError(

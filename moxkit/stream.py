@@ -226,7 +226,9 @@ def prepare(
     outputs = [p.output for p in plans]
     groups = [outputs] if single_file else split_shards(outputs, shard_limit)
     shards = layout(groups, metadata, [out_path.name] if single_file else None)
-    carried = carried_files(ref_ckpt.directory) if ref_ckpt.directory and not single_file else []
+    carried = (
+        carried_files(ref_ckpt.directory, budget) if ref_ckpt.directory and not single_file else []
+    )
     return ExtrapolationJob(
         out_path,
         single_file,

@@ -421,3 +421,17 @@ def test_python_api_names_its_own_dtype_argument(tmp_path, pair):
     with pytest.raises(moxkit.MoxError, match=r"^dtype 'int8': expected one of"):
         moxkit.extrapolate(pair[0], pair[1], tmp_path / "out", 4.0, dtype="int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_config_over_the_memory_budget_is_refused_before_any_work(tmp_path, pair, monkeypatch):
+    """carried_files checks config.json within the budget in prepare, not after the weights."""
+    from moxkit import sources, stream
+
+    ref = tmp_path / "refdir"
+    ref.mkdir()
+    shutil.copy(pair[0], ref / "model.safetensors")
+    (ref / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    monkeypatch.setattr(sources, "JSON_PARSE_FACTOR", 2**40)  # config "needs" terabytes
+    with pytest.raises(moxkit.MoxError, match="config.json: reading the config"):
+        stream.prepare(ref, pair[1], tmp_path / "out", 4.0, dtype="fp16", max_memory="4GB")
+    assert not (tmp_path / "out").exists()
