@@ -199,3 +199,13 @@ def test_npo_loss_and_floor():
     floor = default_npo_floor(beta)
     r = torch.tensor([20.0], dtype=torch.float64)
     assert floor == pytest.approx(-npo_loss(r, torch.zeros(1, dtype=torch.float64), beta).item())
+
+
+def test_npo_floor_large_beta_does_not_overflow():
+    """exp(β·20) overflows a float from β ≈ 35.5 on; the floor is −(2/β)·softplus(20β)."""
+    for beta in (40.0, 100.0):
+        assert default_npo_floor(beta) == pytest.approx(-40.0, rel=1e-12)
+        r = torch.tensor([20.0], dtype=torch.float64)
+        assert default_npo_floor(beta) == pytest.approx(
+            -npo_loss(r, torch.zeros(1, dtype=torch.float64), beta).item(), rel=1e-12
+        )

@@ -73,7 +73,8 @@ def simnpo_loss(mean_nll: torch.Tensor, beta: float, gamma: float) -> torch.Tens
 def default_npo_floor(beta: float, max_log_ratio: float = 20.0) -> float:
     """The negated NPO loss at log(p_θ/p_ref) = max_log_ratio: once a row's likelihood has
     risen that far above the reference it stops pulling, so the loss cannot run away."""
-    return (2.0 / beta) * -math.log1p(math.exp(beta * max_log_ratio))
+    x = beta * max_log_ratio  # (2/β)·log σ(−x) = −(2/β)·softplus(x), without overflow
+    return (2.0 / beta) * -(max(x, 0.0) + math.log1p(math.exp(-abs(x))))
 
 
 @dataclass(frozen=True)
