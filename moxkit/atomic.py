@@ -175,7 +175,10 @@ def interruptible() -> Iterator[None]:
         yield
         return
     if _state.depth == 0:
-        _state.previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+        _state.previous = {s: signal.getsignal(s) for s in _SIGNALS}
+        for s, handler in _state.previous.items():
+            if handler is not signal.SIG_IGN:  # a signal ignored by our parent stays so
+                signal.signal(s, _on_signal)
     _state.depth += 1
     try:
         yield

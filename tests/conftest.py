@@ -2,6 +2,7 @@
 Triton kernels run (slowly, exactly) on the CPU when there is no GPU."""
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ if not _HAS_CUDA:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# moxkit leaves alone a signal its parent ignored (`make test &` in a script ignores SIGINT):
+# the tests that deliver signals need them live, here and in the processes they start
+for _sig, _handler in (
+    (signal.SIGINT, signal.default_int_handler),
+    (signal.SIGTERM, signal.SIG_DFL),
+):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, _handler)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -194,6 +194,22 @@ def test_second_signal_during_cleanup_is_held(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    """A signal the parent set to be ignored (`cmd &` in a script, nohup-style) is not
+    turned into an interrupt: the run finishes and publishes."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with atomic.staged_dir(tmp_path / "out", force=False) as tmp:
+            (tmp / "x").write_text("")
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler would run between bytecodes
+                pass
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert names(tmp_path / "out") == ["x"]
+
+
 def test_signal_while_publishing_leaves_out_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(atomic, "HOOK", atomic.signal_at("publish:SIGINT"))
