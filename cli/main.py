@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 def _run(argv: list[str] | None, published: int) -> None:
     with atomic.interruptible():  # reports are printed inside: settle() holds later signals
         try:
-            cli.main(args=argv, standalone_mode=False)
+            code = cli.main(args=argv, standalone_mode=False)  # ctx.exit(n) returns n here
         except (click.exceptions.Abort, KeyboardInterrupt):
             atomic.settle()
             done = atomic.published[published:]
@@ -80,8 +80,8 @@ def _run(argv: list[str] | None, published: int) -> None:
             atomic.settle()
             click.echo(one_line(f"moxkit: error: {exc}"), err=True)
             sys.exit(1)
-        except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 def one_line(text: str) -> str:
