@@ -225,7 +225,7 @@ def prepare(
     metadata = provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
     outputs = [p.output for p in plans]
     groups = [outputs] if single_file else split_shards(outputs, shard_limit)
-    shards = layout(groups, metadata, [out_path.name] if single_file else None)
+    shards = layout(groups, metadata, [out_path.name] if single_file else None, budget)
     carried = (
         carried_files(ref_ckpt.directory, budget) if ref_ckpt.directory and not single_file else []
     )

@@ -274,3 +274,32 @@ def test_600_plus_600_shards_under_ulimit_1024(cli, tmp_path):
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert len(out) == n
     torch.testing.assert_close(out["t7"], torch.full((4,), 3 * 7.0 - 2 * 8.0))
+
+
+def test_layout_checks_the_budget_with_an_estimate_that_covers_its_peak():
+    """writer.layout's estimate must bound what it really allocates (measured here with
+    tracemalloc), and a budget the process cannot meet stops it before it allocates."""
+    import tracemalloc
+
+    from moxkit.writer import (
+        LAYOUT_BYTES_PER_NAME_CHAR,
+        LAYOUT_BYTES_PER_TENSOR,
+        OutputTensor,
+        layout,
+    )
+
+    tensors = [
+        OutputTensor(f"model.layers.{i}.ffn.é_{'x' * (i % 70)}.weight", "BF16", (8, 4), 64)
+        for i in range(20_000)
+    ]
+    with pytest.raises(MoxError, match="planning the output headers: needs about"):
+        layout([tensors], {"format": "pt"}, budget=1)
+    tracemalloc.start()
+    try:
+        layout([tensors], {"format": "pt"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    names = sum(len(t.name) for t in tensors)
+    estimate = len(tensors) * LAYOUT_BYTES_PER_TENSOR + names * LAYOUT_BYTES_PER_NAME_CHAR
+    assert peak <= estimate
