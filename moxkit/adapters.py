@@ -897,7 +897,7 @@ def _merge(
         return report
     import torch  # the merge's arithmetic; the adapter paths above never import it
 
-    target = _merge_device(device, torch)
+    target = _merge_device(device)
     report.device = target.type
     started = time.perf_counter()
     reader = FileReader()
@@ -958,13 +958,13 @@ def _merge_metadata(formula: str, inputs: list[Path], base: Checkpoint) -> dict[
     }
 
 
-def _merge_device(device: str, torch):
+def _merge_device(device: str):
+    """The merge runs on the CPU or the first CUDA device only; moxkit.hf decides which."""
+    from .hf import resolve_device
+
     if device not in ("auto", "cpu", "cuda"):
         raise MoxError(f"--device {device!r}: expected auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MoxError("--device cuda: no CUDA device is available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
+    return resolve_device(device)
 
 
 def _tile_elems(budget: int | None) -> int:
