@@ -424,6 +424,11 @@ def test_options_that_do_not_apply_are_refused(tmp_path, good):
         extrapolate_adapter(base, mem, tmp_path / "out", 2.0, prev=tmp_path)
     with pytest.raises(MoxError, match="alpha"):
         write_forget_adapter(mem, -1.0, tmp_path / "out")
+    with pytest.raises(MoxError, match=r"--device 'cuda:0': expected auto, cpu or cuda"):
+        extrapolate_adapter(base, mem, tmp_path / "out", 2.0, merge=True, device="cuda:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(MoxError, match="--device cuda: no CUDA device is available"):
+            extrapolate_adapter(base, mem, tmp_path / "out", 2.0, merge=True, device="cuda")
     assert not list(tmp_path.iterdir())
 
 
