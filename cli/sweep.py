@@ -7,7 +7,7 @@ import click
 from moxkit.cli.evaluate import evaluation_options
 from moxkit.cli.options import config_from
 from moxkit.eval.config import EvalConfig
-from moxkit.sweep import FORGET_METRICS
+from moxkit.sweep import FORGET_METRICS, STUDY_ALPHAS
 
 
 @click.command("sweep")
@@ -15,7 +15,7 @@ from moxkit.sweep import FORGET_METRICS
 @click.argument("mem", type=click.Path(path_type=str))
 @click.option(
     "--alphas",
-    default="1:8:0.5",
+    default=STUDY_ALPHAS,
     show_default=True,
     help="α values: comma-separated numbers and START:STOP:STEP ranges (STOP "
     "included), e.g. 0.5,1:8:0.5.",

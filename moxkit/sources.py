@@ -56,7 +56,6 @@ MODEL_FILE_PATTERNS = (
     "preprocessor_config.json",
     "adapter_config.json",
 )
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 
 _HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]{0,95})/([A-Za-z0-9][\w.-]{0,95})(?:@([\w./-]{1,128}))?")
 
