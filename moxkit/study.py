@@ -36,21 +36,49 @@ def rule_utility(summary: dict) -> float:
     return 0.0 if min(values) <= 0 else 2 / sum(1 / v for v in values)
 
 
+class Choice:
+    """`choose`, one point at a time. After each offer only two points can still be chosen (the
+    best so far that keeps utility, and the one with the highest utility), so a sweep over
+    large models need keep no other checkpoint. Ties go to the earlier point, as in `choose`."""
+
+    def __init__(self, reference_utility: float):
+        self.reference_utility = reference_utility
+        self.kept: tuple[int, tuple[float, float]] | None = None  # (index, (FQ, U))
+        self.gentlest: tuple[int, float] | None = None  # (index, U)
+
+    def offer(self, index: int, summary: dict) -> None:
+        """Consider one point's validation summary (retain_prob, general_prob, forget_quality)."""
+
+        def finite(value) -> float:
+            return value if value is not None and math.isfinite(value) else -math.inf
+
+        u = finite(rule_utility(summary))
+        if u >= KEEP * self.reference_utility:
+            key = (finite(summary.get("forget_quality")), u)
+            if self.kept is None or key > self.kept[1]:
+                self.kept = (index, key)
+        if self.gentlest is None or u > self.gentlest[1]:
+            self.gentlest = (index, u)
+
+    @property
+    def candidates(self) -> set[int]:
+        """The indices the rule may still pick."""
+        return {c[0] for c in (self.kept, self.gentlest) if c is not None}
+
+    def result(self) -> tuple[int, bool]:
+        """(index of the chosen point, whether it kept KEEP × the reference's utility)."""
+        if self.gentlest is None:
+            raise ValueError("no operating points to choose from")
+        return (self.kept[0], True) if self.kept else (self.gentlest[0], False)
+
+
 def choose(points: Sequence[dict], reference_utility: float) -> tuple[int, bool]:
     """(index of the chosen point, whether it kept KEEP × the reference's utility). Each point
     holds its validation summary under "val" (retain_prob, general_prob, forget_quality)."""
-    if not points:
-        raise ValueError("no operating points to choose from")
-
-    def val(i: int, key: str) -> float:
-        s = points[i]["val"]
-        value = rule_utility(s) if key == "utility" else s.get(key)
-        return value if value is not None and math.isfinite(value) else -math.inf
-
-    ok = [i for i in range(len(points)) if val(i, "utility") >= KEEP * reference_utility]
-    if ok:
-        return max(ok, key=lambda i: (val(i, "forget_quality"), val(i, "utility"))), True
-    return max(range(len(points)), key=lambda i: val(i, "utility")), False
+    choice = Choice(reference_utility)
+    for i, point in enumerate(points):
+        choice.offer(i, point["val"])
+    return choice.result()
 
 
 def _spans(text: str, needle: str) -> list[tuple[int, int]]:

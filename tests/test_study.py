@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moxkit.study import KEEP, choose, name_value_probs, rule_utility
+from moxkit.study import KEEP, Choice, choose, name_value_probs, rule_utility
 from moxkit.tiny import build_bpe_tokenizer, build_tiny_llama
 
 
@@ -39,6 +39,38 @@ def test_choose_keeps_utility_then_maximises_forget_quality():
     assert choose([_pt(1.0, 0.1), _pt(0.5, 0.2)], ref_u) == (1, False)
     with pytest.raises(ValueError):
         choose([], ref_u)
+
+
+def _choose_in_full(points, ref_u):
+    """The rule as the docstring states it, over the whole list at once (the oracle)."""
+
+    def val(p, key):
+        v = rule_utility(p["val"]) if key == "u" else p["val"]["forget_quality"]
+        return v if math.isfinite(v) else -math.inf
+
+    ok = [i for i, p in enumerate(points) if val(p, "u") >= KEEP * ref_u]
+    if ok:
+        best = max((val(points[i], "fq"), val(points[i], "u")) for i in ok)
+        return next(i for i in ok if (val(points[i], "fq"), val(points[i], "u")) == best), True
+    best_u = max(val(p, "u") for p in points)
+    return next(i for i, p in enumerate(points) if val(p, "u") == best_u), False
+
+
+def test_choice_one_point_at_a_time_equals_the_rule_over_the_whole_sweep():
+    import random
+
+    rng = random.Random(0)
+    values = [0.1, 0.3, 0.45, 0.5, 0.6, math.nan, 0.0]  # few values: many ties
+    for _ in range(400):
+        points = [_pt(rng.choice(values), rng.choice(values)) for _ in range(rng.randint(1, 9))]
+        want = _choose_in_full(points, 0.5)
+        assert choose(points, 0.5) == want
+        choice = Choice(0.5)
+        for i, p in enumerate(points):
+            choice.offer(i, p["val"])
+            assert len(choice.candidates) <= 2
+            assert _choose_in_full(points[: i + 1], 0.5)[0] in choice.candidates
+        assert choice.result() == want
 
 
 def test_name_value_probs_equal_a_per_row_computation():
