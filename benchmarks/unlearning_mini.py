@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from moxkit.study import ALPHAS, KEEP, choose, rule_utility
+from moxkit.study import ALPHAS, KEEP, Choice, rule_utility
 
 MOX_LR = 3e-4
 LRS = (1e-4, 3e-4, 1e-3)
@@ -81,6 +81,7 @@ class Budget:
     finetune_epochs: float = 15.0
     finetune_lr: float = 1e-3
     unlearn_epochs: int = 4
+    unlearn_batch: int = 32
     mox_lr: float = MOX_LR
     lrs: tuple[float, ...] = LRS
     alphas: tuple[float, ...] = ALPHAS
@@ -92,7 +93,32 @@ class Budget:
     pipelines: tuple[int, ...] = (0, 1, 2)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_new_tokens: int = 48
+    # a packaged pretrained model (moxkit.real_model) in place of the tiny Llama: pipelines then
+    # differ in their fine-tuning data order, and its own tokenizer reads tofu-mini
+    base: str = ""
 
+
+# issue 10's TOFU-style study on a real model, reduced to fit 2 CPU cores: fewer authors, the
+# pre-trained model in place of pretraining, short unlearning in small batches, lrs an order
+# of magnitude under the tiny model's, no targeted MOX (it kept utility in no tiny run).
+REAL = Budget(
+    authors=20,
+    base="smollm2-135m",
+    pretrain_epochs=0.0,
+    finetune_epochs=5.0,
+    finetune_lr=1e-4,
+    unlearn_epochs=3,
+    unlearn_batch=8,
+    mox_lr=3e-5,
+    lrs=(1e-5, 3e-5, 1e-4),
+    alphas=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0),
+    coarse_alphas=(2.0, 4.0, 6.0),
+    etas=(0.675,),
+    targeted_alphas=(),
+    pipelines=(0, 1, 2),
+    seeds=(0,),
+    max_new_tokens=32,
+)
 
 QUICK = Budget(
     authors=10,
@@ -138,7 +164,9 @@ class Pipeline:
         self.pipeline, self.budget, self.data = pipeline, budget, data
         self.split = data / budget.split
         self.wd = work / f"pipeline-{pipeline}"
-        self.tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+        self.tok = AutoTokenizer.from_pretrained(
+            work / budget.base if budget.base else data / "tokenizer"
+        )
         self.ecfg = EvalConfig(
             max_new_tokens=budget.max_new_tokens, verbmem_max_new_tokens=budget.max_new_tokens
         )
@@ -152,11 +180,17 @@ class Pipeline:
     def log(self, msg: str) -> None:
         print(f"[pipeline-{self.pipeline} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def config(self, epochs: float, lr: float, seed: int):
+    def config(self, epochs: float, lr: float, seed: int, batch_size: int = 32):
         from moxkit.train import TrainConfig
 
         return TrainConfig(
-            epochs=epochs, lr=lr, seed=seed, warmup_epochs=1.0, bf16=False, progress=False
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            batch_size=batch_size,
+            warmup_epochs=1.0,
+            bf16=False,
+            progress=False,
         )
 
     def measure(self, model, sets=("val",), full=False) -> dict:
@@ -203,7 +237,7 @@ def train_stage(job: tuple) -> float:
     if path.is_dir():
         return 0.0
     t = time.time()
-    base = pl.wd / "base"
+    base = work / budget.base if budget.base else pl.wd / "base"
     if not base.is_dir():
         save_tiny_model(
             build_tiny_llama(
@@ -299,13 +333,39 @@ def run_seed(job: tuple) -> dict:
     retain = str(pl.split / "unlearn_retain.jsonl")
     t_seed = time.time()
     points: list[dict] = []
-    makers: list = []  # rebuilds the model of each point (the chosen ones are measured)
+    # rebuilds the model of each point the rule may still choose (None once it cannot: a
+    # sweep over a large model must not hold every checkpoint)
+    makers: list = []
+    choices: dict[str, Choice] = {}
+    chosen: dict[str, dict] = {}
 
     def add(point: dict, model, maker) -> None:
         points.append({**point, **pl.measure(model)})
         makers.append(maker)
+        for family in family_names(points[-1]):
+            choices.setdefault(family, Choice(anchors["reference_utility"]))
+            choices[family].offer(len(points) - 1, points[-1]["val"])
+        prune()
 
-    ul = pl.config(budget.unlearn_epochs, budget.mox_lr, seed)
+    def prune() -> None:
+        alive = set().union(*(c.candidates for f, c in choices.items() if f not in chosen))
+        for j in range(len(makers)):
+            if j not in alive:
+                makers[j] = None
+
+    def settle() -> None:
+        """The rule's choice for every family whose sweep has ended, measured in full."""
+        for family, choice in choices.items():
+            if family not in chosen:
+                i, ok = choice.result()
+                chosen[family] = {
+                    "point": i,
+                    "qualified": ok,
+                    **pl.measure(makers[i](), ("val", "test"), full=True),
+                }
+        prune()
+
+    ul = pl.config(budget.unlearn_epochs, budget.mox_lr, seed, budget.unlearn_batch)
     snaps: list[dict] = []  # θ_mem after each epoch, for MOX's trajectory
     mem = train_mem(
         ref_dir,
@@ -325,6 +385,7 @@ def run_seed(job: tuple) -> dict:
             return extrapolate_model(ref_model, mem, alpha)
 
         add({"method": "mox", "alpha": alpha, "lr": budget.mox_lr}, mox(), mox)
+    settle()
     if budget.task_vector:
         tv = train_mem(ref_dir, forget, None, None, config=ul, loss=LossConfig(kl_weight=0.0)).model
         for alpha in budget.coarse_alphas:
@@ -337,6 +398,7 @@ def run_seed(job: tuple) -> dict:
                 task_vector(),
                 task_vector,
             )
+        settle()
     for eta in budget.etas:
         one = unlearn(
             ref_dir,
@@ -358,6 +420,7 @@ def run_seed(job: tuple) -> dict:
                 momentum(),
                 momentum,
             )
+    settle()
     for alpha in budget.targeted_alphas:
         targeted = unlearn(
             ref_dir,
@@ -374,6 +437,7 @@ def run_seed(job: tuple) -> dict:
             targeted,
             lambda targeted=targeted: targeted,
         )
+    settle()
     pl.log(f"seed {seed}: MOX and its variants swept")
     for method in [m for m in budget.baselines if m in UNLEARN_METHODS]:
         for lr in budget.lrs:
@@ -394,19 +458,12 @@ def run_seed(job: tuple) -> dict:
                 retain,
                 None,
                 method=method,
-                config=pl.config(budget.unlearn_epochs, lr, seed),
+                config=pl.config(budget.unlearn_epochs, lr, seed, budget.unlearn_batch),
                 callbacks=[on_epoch_end(keep)],
             )
+        settle()
         pl.log(f"seed {seed}: {method} swept")
 
-    chosen = {}
-    for method, idx in families(points).items():
-        i, ok = choose([points[j] for j in idx], anchors["reference_utility"])
-        chosen[method] = {
-            "point": idx[i],
-            "qualified": ok,
-            **pl.measure(makers[idx[i]](), ("val", "test"), full=True),
-        }
     alpha = points[chosen["mox"]["point"]]["alpha"]
     trajectory = []
     for epoch, state in enumerate(snaps[:-1], 1):
@@ -486,15 +543,12 @@ def collect(budget: Budget, work: Path) -> list[dict]:
     return out
 
 
-def families(points: list[dict]) -> dict[str, list[int]]:
-    """Indices of a run's operating points by method (momentum: one family per η, and one
-    over every η, where the rule also picks η)."""
-    out: dict[str, list[int]] = {}
-    for i, p in enumerate(points):
-        out.setdefault(p["method"], []).append(i)
-        if p["method"] == "mox-momentum":
-            out.setdefault(f"mox-momentum η={p['eta']:g}", []).append(i)
-    return out
+def family_names(point: dict) -> list[str]:
+    """The families the rule chooses within that hold this point: its method (momentum also one
+    family per η, besides the one over every η, where the rule also picks η)."""
+    if point["method"] == "mox-momentum":
+        return [point["method"], f"mox-momentum η={point['eta']:g}"]
+    return [point["method"]]
 
 
 # --- the rule applied, statistics, tables and plots ------------------------------------------
@@ -931,8 +985,13 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/moxkit-unlearning-mini"))
+    ap.add_argument("--work", type=Path, default=None, help="models and cached stages")
     ap.add_argument("--quick", action="store_true", help="the CI form: tiny and fast")
+    ap.add_argument(
+        "--real",
+        action="store_true",
+        help="tofu-mini fine-tuned into SmolLM2-135M-Instruct (needs `make real`): REAL budget",
+    )
     ap.add_argument(
         "--report-only",
         action="store_true",
@@ -945,13 +1004,24 @@ def main(argv: list[str] | None = None) -> dict:
         help="worker processes (one thread each); the pipelines × seeds runs are independent",
     )
     args = ap.parse_args(argv)
-    budget = QUICK if args.quick else Budget()
-    prefix = "unlearning_mini_quick" if args.quick else "unlearning_mini"
+    budget = QUICK if args.quick else REAL if args.real else Budget()
+    prefix = "real_tofu" if args.real else "unlearning_mini"
+    prefix += "_quick" if args.quick else ""
+    if args.work is None:
+        args.work = Path(f"/tmp/moxkit-{prefix.replace('_', '-')}")
+    return run_budget(budget, prefix, args)
 
+
+def run_budget(budget: Budget, prefix: str, args: argparse.Namespace) -> dict:
+    """Run (or report) one budget: the data, the models, the runs, then tables and plots."""
     from moxkit.tofu_mini import write
 
     t0 = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
+    if budget.base and not (args.work / budget.base).is_dir():
+        from moxkit.real_model import export_packaged
+
+        export_packaged(budget.base, args.work / budget.base, dtype="fp32")
     data = args.work / f"data-{budget.authors}"
     if not data.is_dir():
         write(data, n_authors=budget.authors)

@@ -96,3 +96,33 @@ def test_intervals_are_t_intervals_over_pipeline_means(study):
         ),
         abs=1e-12,
     )
+
+
+def test_a_pretrained_base_replaces_the_tiny_llama_and_its_tokenizer(study, tmp_path):
+    """The REAL budget's path (a packaged pretrained model under --work) on a stand-in: every
+    pipeline fine-tunes the base itself, read by the base's own tokenizer, with no pretraining."""
+    import argparse
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from moxkit.tiny import build_tiny_llama, save_tiny_model
+    from moxkit.tofu_mini import write
+
+    module, _, _ = study
+    budget = replace(module.QUICK, base="stand-in", pipelines=(0, 1), lrs=(1e-3,))
+    work = tmp_path / "work"
+    data = write(work / f"data-{budget.authors}", n_authors=budget.authors, vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+    hidden = 2 * budget.hidden  # not the tiny Llama the budget would build
+    save_tiny_model(
+        build_tiny_llama(len(tok), hidden_size=hidden, num_layers=1, seed=7), tok, work / "stand-in"
+    )
+    args = argparse.Namespace(work=work, out=tmp_path / "out", jobs=1, report_only=False)
+    record = module.run_budget(budget, "stand_in", args)
+    for p in budget.pipelines:
+        assert not (work / f"pipeline-{p}" / "base").exists()
+        reference = AutoConfig.from_pretrained(work / f"pipeline-{p}" / "reference")
+        assert reference.hidden_size == hidden
+    assert len(record["results"]) == 2
+    assert (tmp_path / "out" / "stand_in_tables.md").is_file()
