@@ -26,17 +26,26 @@
  * An input mapped from a file that another process truncates faults (SIGBUS) when the loop
  * reads past the new end; a per-thread guard turns that into the MOX_INPUT_CHANGED result.
  *
+ * moxkit_extrapolate_to_file writes the result into a file itself: block by block into a
+ * buffer that stays in cache, each block then copied into the page cache with pwrite. The
+ * result never goes to memory and back, and each write is small (see moxkit/writer.py,
+ * WRITE_BLOCK, for why the size of a write matters).
+ *
  * Loaded with ctypes: no Python C API, so one binary serves every Python version.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 enum { MOX_F32 = 0, MOX_BF16 = 1, MOX_F16 = 2 };
 enum { PATH_GENERIC = 0, PATH_AVX2 = 1, PATH_AVX512 = 2, N_PATHS = 3 };
 #define MOX_INPUT_CHANGED (-1)
+#define MOX_WRITE_FAILED (-2) /* moxkit_extrapolate_to_file: a write failed; errno in *error */
 #define STAGE 1024              /* elements per fp32 staging block (mixed input dtypes) */
 #define COUNT_SPAN (1 << 20)    /* elements per 32-bit non-finite count (no lane overflows) */
 #define STREAM_MIN_BYTES (4 << 20) /* outputs at least this large use non-temporal stores */
@@ -455,12 +464,57 @@ static int64_t run(const path_t *path, void *out, int out_dtype, const void *ref
     return bad;
 }
 
-/* out = the contract applied to ref, mem (and prev, unless NULL), n elements of the given
- * dtypes (0 fp32, 1 bf16, 2 fp16). Returns how many stored values are not finite, or
- * MOX_INPUT_CHANGED (-1) when reading an input faulted (its file shrank while mapped). */
-int64_t moxkit_extrapolate(void *out, int out_dtype, const void *ref, int ref_dtype,
-                           const void *mem, int mem_dtype, const void *prev, int prev_dtype,
-                           int64_t n, float a, float b, float e, float c, uint32_t nan_bits) {
+/* Where results go when the caller gives a file: computed `block` bytes at a time into
+ * `buffer`, each block written at `offset` onwards. */
+typedef struct {
+    int fd;
+    int64_t offset;
+    int64_t block;
+    void *buffer;
+    int error; /* errno of the failed write */
+} sink_t;
+
+/* One write at a time: two threads writing one file meet on its inode lock, and the kernel
+ * spins the waiter on a CPU (rwsem_spin_on_owner: 13% of a run's samples); a waiter here
+ * sleeps and leaves the core to the other threads. */
+static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int write_all(int fd, const char *data, int64_t nbytes, int64_t offset) {
+    pthread_mutex_lock(&write_lock);
+    int error = 0;
+    while (nbytes > 0 && !error) {
+        ssize_t done = pwrite(fd, data, (size_t)nbytes, offset);
+        if (done < 0 && errno == EINTR) continue;
+        if (done <= 0) error = done < 0 ? errno : EIO; /* 0: no progress, do not spin */
+        else data += done, offset += done, nbytes -= done;
+    }
+    pthread_mutex_unlock(&write_lock);
+    return error;
+}
+
+static int64_t run_to_file(const path_t *path, sink_t *sink, int out_dtype, const void *ref,
+                           int ref_dtype, const void *mem, int mem_dtype, const void *prev,
+                           int prev_dtype, int64_t n, const coeffs_t *k) {
+    int64_t step = sink->block / ITEMSIZE[out_dtype], bad = 0;
+    for (int64_t s = 0; s < n; s += step) {
+        int64_t len = n - s < step ? n - s : step;
+        bad += run(path, sink->buffer, out_dtype, at(ref, ref_dtype, s), ref_dtype,
+                   at(mem, mem_dtype, s), mem_dtype, at(prev, prev_dtype, s), prev_dtype, len, k);
+        int error = write_all(sink->fd, sink->buffer, len * ITEMSIZE[out_dtype],
+                              sink->offset + s * ITEMSIZE[out_dtype]);
+        if (error) {
+            sink->error = error;
+            return MOX_WRITE_FAILED;
+        }
+    }
+    return bad;
+}
+
+/* The loop (into `out`, or through `sink` where given) under the SIGBUS guard and the
+ * default MXCSR. */
+static int64_t guarded(void *out, sink_t *sink, int out_dtype, const void *ref, int ref_dtype,
+                       const void *mem, int mem_dtype, const void *prev, int prev_dtype,
+                       int64_t n, float a, float b, float e, float c, uint32_t nan_bits) {
     coeffs_t k = {a, b, e, c, nan_bits, prev != 0};
     const path_t *path = &PATHS[moxkit_cpu_path()];
 #ifdef HAVE_VECTOR_PATHS
@@ -472,13 +526,47 @@ int64_t moxkit_extrapolate(void *out, int out_dtype, const void *ref, int ref_dt
     guard_enter();
     if (sigsetjmp(jump, 1) == 0) {
         guard_jump = &jump;
-        result = run(path, out, out_dtype, ref, ref_dtype, mem, mem_dtype, prev, prev_dtype, n,
-                     &k);
+        if (sink)
+            result = run_to_file(path, sink, out_dtype, ref, ref_dtype, mem, mem_dtype, prev,
+                                 prev_dtype, n, &k);
+        else
+            result = run(path, out, out_dtype, ref, ref_dtype, mem, mem_dtype, prev, prev_dtype,
+                         n, &k);
     }
     guard_jump = 0;
     guard_leave();
 #ifdef HAVE_VECTOR_PATHS
     _mm_setcsr(csr);
 #endif
+    return result;
+}
+
+/* out = the contract applied to ref, mem (and prev, unless NULL), n elements of the given
+ * dtypes (0 fp32, 1 bf16, 2 fp16). Returns how many stored values are not finite, or
+ * MOX_INPUT_CHANGED (-1) when reading an input faulted (its file shrank while mapped). */
+int64_t moxkit_extrapolate(void *out, int out_dtype, const void *ref, int ref_dtype,
+                           const void *mem, int mem_dtype, const void *prev, int prev_dtype,
+                           int64_t n, float a, float b, float e, float c, uint32_t nan_bits) {
+    return guarded(out, 0, out_dtype, ref, ref_dtype, mem, mem_dtype, prev, prev_dtype, n, a, b,
+                   e, c, nan_bits);
+}
+
+/* The same result written to file descriptor fd at byte `offset` onwards, `block` bytes per
+ * write (a multiple of 4). Returns as moxkit_extrapolate, or MOX_WRITE_FAILED (-2) with the
+ * write's errno in *error; bytes before the failed write may have been written. */
+int64_t moxkit_extrapolate_to_file(int fd, int64_t offset, int64_t block, int out_dtype,
+                                   const void *ref, int ref_dtype, const void *mem,
+                                   int mem_dtype, const void *prev, int prev_dtype, int64_t n,
+                                   float a, float b, float e, float c, uint32_t nan_bits,
+                                   int *error) {
+    sink_t sink = {fd, offset, block, malloc((size_t)block), 0};
+    if (!sink.buffer) {
+        *error = ENOMEM;
+        return MOX_WRITE_FAILED;
+    }
+    int64_t result = guarded(0, &sink, out_dtype, ref, ref_dtype, mem, mem_dtype, prev,
+                             prev_dtype, n, a, b, e, c, nan_bits);
+    free(sink.buffer);
+    *error = sink.error;
     return result;
 }

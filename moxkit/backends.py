@@ -21,13 +21,16 @@ import numpy as np
 
 from .errors import MoxError
 from .formula import CANONICAL_NAN_BITS, Coefficients
+from .writer import WRITE_BLOCK
 
 # dtype codes of the C library; bf16 travels in numpy as its uint16 bit patterns
 _C_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}
 _TORCH_NAMES = {"float32": 0, "bfloat16": 1, "float16": 2}
 _C_ITEMSIZE = {0: 4, 1: 2, 2: 2}
 _C_NAMES = {0: "F32", 1: "BF16", 2: "F16"}
+_C_CODE_OF_NAME = {name: code for code, name in _C_NAMES.items()}
 _INPUT_CHANGED = -1  # the C loop's result when reading a mapped input faulted (SIGBUS)
+_WRITE_FAILED = -2  # moxkit_extrapolate_to_file's result when a write failed (errno given)
 CPU_PATHS = ("generic", "avx2", "avx512")  # the C loop's paths, in its numbering
 MIN_ELEMS_PER_THREAD = 1 << 18  # below this, starting a thread costs more than it saves
 
@@ -37,6 +40,9 @@ class Backend(Protocol):
 
     name: str
     maps_inputs: bool  # True: inputs may be read-only windows mapped from the page cache
+    # True: the backend also has extrapolate_to_file, which writes the result into the output
+    # file itself (the engine then holds no output buffers and makes no copy of its own)
+    writes_files: bool
 
     def allocate_host(self, nbytes: int) -> Any:
         """A 1-D uint8 host buffer of exactly `nbytes` that extrapolate accepts views of."""
@@ -76,6 +82,11 @@ class CpuBackend:
         self.threads = max(1, threads or min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None  # started by the first large chunk
 
+    @property
+    def writes_files(self) -> bool:
+        """extrapolate_to_file needs the C library (the torch path fills buffers only)."""
+        return self._lib is not None
+
     def allocate_host(self, nbytes: int) -> np.ndarray:
         return np.empty(nbytes, dtype=np.uint8)
 
@@ -84,10 +95,7 @@ class CpuBackend:
         (NaN or ±inf, including overflow from rounding). Returns or raises (Ctrl-C included)
         only once no pool thread reads the operands or writes `out` any more."""
         n = _length(out)
-        if _length(ref) != n or _length(mem) != n or (prev is not None and _length(prev) != n):
-            raise ValueError("extrapolate: operands differ in length")
-        if coeffs.momentum and prev is None:
-            raise ValueError("extrapolate: momentum needs prev")
+        _check_operands(n, ref, mem, prev, coeffs)
         if self._lib is None:
             if self._torch_path is None:
                 from .torch_path import TorchBlockPath
@@ -96,15 +104,48 @@ class CpuBackend:
             return self._torch_path.extrapolate(out, ref, mem, prev, coeffs)
         operands = [_c_operand(x) for x in (out, ref, mem)]
         operands.append(_c_operand(prev) if coeffs.momentum else (None, 0))
-        scales = (coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight)
-        nan_bits = CANONICAL_NAN_BITS[_C_NAMES[operands[0][1]]]
+        fixed = (*_scales(coeffs), CANONICAL_NAN_BITS[_C_NAMES[operands[0][1]]])
 
         def run(start: int, count: int) -> int:
-            args = []
-            for address, code in operands:
-                args += [address + start * _C_ITEMSIZE[code] if address else None, code]
-            return self._lib.moxkit_extrapolate(*args, count, *scales, nan_bits)
+            return self._lib.moxkit_extrapolate(*_offset_args(operands, start), count, *fixed)
 
+        return self._in_parts(n, run)
+
+    def extrapolate_to_file(
+        self, fd: int, offset: int, out_dtype: str, ref, mem, prev, coeffs: Coefficients
+    ) -> bool:
+        """Write the result, in safetensors dtype `out_dtype`, to file descriptor `fd` from
+        byte `offset` on, in WRITE_BLOCK writes computed in a buffer that stays in cache.
+        Returns as extrapolate; a failed write raises OSError (its errno), after the other
+        threads have stopped. Needs the C library (writes_files)."""
+        n = _length(ref)
+        _check_operands(n, ref, mem, prev, coeffs)
+        code = _C_CODE_OF_NAME[out_dtype]
+        operands = [_c_operand(x) for x in (ref, mem)]
+        operands.append(_c_operand(prev) if coeffs.momentum else (None, 0))
+        fixed = (*_scales(coeffs), CANONICAL_NAN_BITS[out_dtype])
+
+        def run(start: int, count: int) -> int:
+            error = ctypes.c_int(0)
+            result = self._lib.moxkit_extrapolate_to_file(
+                fd,
+                offset + start * _C_ITEMSIZE[code],
+                WRITE_BLOCK,
+                code,
+                *_offset_args(operands, start),
+                count,
+                *fixed,
+                ctypes.byref(error),
+            )
+            if result == _WRITE_FAILED:
+                raise OSError(error.value, os.strerror(error.value))
+            return result
+
+        return self._in_parts(n, run)
+
+    def _in_parts(self, n: int, run) -> bool:
+        """run(start, count) over [0, n), split over the pool's threads when large; True if
+        every value was finite."""
         parts = min(self.threads, max(1, n // MIN_ELEMS_PER_THREAD))
         if parts == 1:
             counts = [run(0, n)]
@@ -156,6 +197,25 @@ def _length(x) -> int:
     return x.size if isinstance(x, np.ndarray) else x.numel()
 
 
+def _check_operands(n: int, ref, mem, prev, coeffs: Coefficients) -> None:
+    if _length(ref) != n or _length(mem) != n or (prev is not None and _length(prev) != n):
+        raise ValueError("extrapolate: operands differ in length")
+    if coeffs.momentum and prev is None:
+        raise ValueError("extrapolate: momentum needs prev")
+
+
+def _scales(coeffs: Coefficients) -> tuple[float, float, float, float]:
+    return coeffs.ref_scale, coeffs.mem_scale, coeffs.new_weight, coeffs.prev_weight
+
+
+def _offset_args(operands: list[tuple[int | None, int]], start: int) -> list:
+    """(address, code) pairs as the C library takes them, each `start` elements in."""
+    args = []
+    for address, code in operands:
+        args += [address + start * _C_ITEMSIZE[code] if address else None, code]
+    return args
+
+
 def _c_operand(x) -> tuple[int, int]:
     """(address, dtype code) of a contiguous CPU array for the C library."""
     if isinstance(x, np.ndarray):
@@ -191,6 +251,14 @@ def _load_library(path: str) -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,
         ctypes.c_uint32,
+    ]  # fmt: skip
+    to_file = lib.moxkit_extrapolate_to_file
+    to_file.restype = ctypes.c_int64
+    to_file.argtypes = [
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+        ctypes.c_uint32, ctypes.POINTER(ctypes.c_int),
     ]  # fmt: skip
     for name in ("moxkit_cpu_paths", "moxkit_cpu_path"):
         getattr(lib, name).restype = ctypes.c_int

@@ -4,7 +4,10 @@ A fixed ring of slots is sized once from the memory budget. While the backend co
 i in one slot, a reader thread loads chunk i+1 into the next (a read-only mapping of the input
 bytes for the CPU backend, which computes on the page cache in place; a pread into pinned
 buffers for CUDA) and a writer thread drains chunk i-1 (pwrite into the output shards, whose
-headers were written first), then releases the slot. The output is assembled in a temporary
+headers were written first), then releases the slot. The CPU backend writes its results
+itself, from a cache-sized block straight into the output file (Backend.writes_files): no
+output buffer, no second pass over the result; the writer thread then only writes tensors
+copied from REF and releases slots. The output is assembled in a temporary
 directory beside OUT and renamed into place only when complete: an error, Ctrl-C or SIGTERM
 leaves no OUT and no temporary (moxkit.atomic).
 
@@ -350,13 +353,16 @@ def _write_output(
 
 
 class _Slot:
-    """One chunk in flight: an output buffer, and its inputs either mapped from the input
-    files (CPU backend: the arithmetic reads the page cache directly, no copy) or read into
-    preallocated buffers (CUDA backend: pinned memory the GPU can copy from)."""
+    """One chunk in flight: its inputs, either mapped from the input files (CPU backend: the
+    arithmetic reads the page cache directly, no copy) or read into preallocated buffers (CUDA
+    backend: pinned memory the GPU can copy from), and an output buffer unless the backend
+    writes the output file itself."""
 
     def __init__(self, backend, chunk_elems: int, sizes: dict[str, int], reader: FileReader):
         self.maps_inputs = getattr(backend, "maps_inputs", False)
-        owned = {"out"} if self.maps_inputs else {"ref", "mem", "prev", "out"}
+        owned = set() if self.maps_inputs else {"ref", "mem", "prev"}
+        if not getattr(backend, "writes_files", False):
+            owned.add("out")
         self.raw = {
             role: backend.allocate_host(chunk_elems * size)
             for role, size in sizes.items()
@@ -409,6 +415,7 @@ def _run_pipeline(
 ) -> None:
     chunks = cut_chunks(job.plans, chunk_elems)
     sizes = buffer_itemsizes(job.plans)
+    writes_files = getattr(backend, "writes_files", False)
     reader = FileReader()
     slots: list[_Slot] = []
     read_pool = ThreadPoolExecutor(1, thread_name_prefix="moxkit-read")
@@ -427,17 +434,33 @@ def _run_pipeline(
                     raise _changed_input(info.file, exc) from None
         reached("read")
 
+    def compute(chunk: Chunk, slot: _Slot) -> bool:
+        """The arithmetic on one chunk, into the slot's output buffer or (writes_files)
+        straight into the output file."""
+        t = chunk.tensor
+        inputs = (
+            slot.view("ref", t.ref.dtype, chunk.count),
+            slot.view("mem", t.mem.dtype, chunk.count),
+            slot.view("prev", t.prev.dtype, chunk.count) if t.prev else None,
+        )
+        if not writes_files:
+            out = slot.view("out", t.out_dtype, chunk.count)
+            return backend.extrapolate(out, *inputs, job.coeffs)
+        with writer.target(t.name, chunk.start * DTYPE_SIZES[t.out_dtype]) as (fd, offset):
+            return backend.extrapolate_to_file(fd, offset, t.out_dtype, *inputs, job.coeffs)
+
     def write(chunk: Chunk, slot: _Slot) -> None:
         t = chunk.tensor
         size = DTYPE_SIZES[t.out_dtype]
-        data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
-        try:
-            writer.write(t.name, chunk.start * size, data)
-        except OSError as exc:
-            if exc.errno == errno.EFAULT:  # the mapped input shrank under us
-                raise _changed_input(t.ref.file, exc) from None
-            raise
-        del data
+        if t.is_copy or not writes_files:
+            data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
+            try:
+                writer.write(t.name, chunk.start * size, data)
+            except OSError as exc:
+                if exc.errno == errno.EFAULT:  # the mapped input shrank under us
+                    raise _changed_input(t.ref.file, exc) from None
+                raise
+            del data
         slot.release()
         reached("write")
         in_bytes = chunk.count * sum(i.itemsize for i in (t.ref, t.mem, t.prev) if i is not None)
@@ -461,13 +484,7 @@ def _run_pipeline(
             if not t.is_copy:
                 reached("compute")
                 try:
-                    finite = backend.extrapolate(
-                        slot.view("out", t.out_dtype, chunk.count),
-                        slot.view("ref", t.ref.dtype, chunk.count),
-                        slot.view("mem", t.mem.dtype, chunk.count),
-                        slot.view("prev", t.prev.dtype, chunk.count) if t.prev else None,
-                        job.coeffs,
-                    )
+                    finite = compute(chunk, slot)
                 except MoxError as exc:  # the backend knows no names: say which tensor, files
                     files = ", ".join(sorted({str(i.file) for i in (t.ref, t.mem, t.prev) if i}))
                     raise MoxError(f"tensor {t.name!r} ({files}): {exc}") from None

@@ -22,6 +22,12 @@ from .errors import MoxError
 from .units import check_headroom
 
 MAX_OPEN_SHARDS = 16  # output descriptors held at once, however many shards (ulimit -n)
+# Bytes per write into the page cache. ext4 sizes the page-cache folios it allocates for a write
+# by the write's length (up to 2 MiB); on our KVM guest, 64 MiB writes of the same bytes cost
+# from as little as 256 KiB writes to 4x more CPU time, run to run (the copy into fresh large
+# folios stalls), while 256 KiB writes stayed within 30% of their best and 64 KiB ones were no
+# cheaper: benchmarks/results/extrapolate_e2e_warm_profile.md.
+WRITE_BLOCK = 256 * 2**10
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,11 @@ def index_json(shards: list[Shard]) -> str:
 
 
 class ShardWriter:
-    """Creates the shard files (header written, data region sized) and writes chunks of tensor
-    bytes at their offsets. pwrite carries no file position, so chunks may arrive from any
-    thread in any order. At most MAX_OPEN_SHARDS descriptors are open at once (the least
+    """Creates the shard files (header written first) and writes chunks of tensor bytes at
+    their offsets, or hands out the descriptor and offset to a caller that writes them itself.
+    pwrite carries no file position, so chunks may arrive from any thread in any order; a
+    file grows as its bytes are written, so a full disk or a file-size limit is met by the
+    write that reaches it. At most MAX_OPEN_SHARDS descriptors are open at once (the least
     recently written shard is closed first): chunks arrive shard after shard, so a model of
     thousands of shards runs under a small `ulimit -n`."""
 
@@ -152,7 +160,6 @@ class ShardWriter:
                 with self._fd(path, create=True) as fd:
                     prefix = len(shard.header).to_bytes(8, "little") + shard.header
                     _pwrite_all(fd, memoryview(prefix), 0)
-                    os.ftruncate(fd, shard.file_size)
                 for t in shard.tensors:
                     self._where[t.name] = (path, shard.offsets[t.name])
         except BaseException:
@@ -160,9 +167,17 @@ class ShardWriter:
             raise
 
     def write(self, tensor: str, byte_offset: int, data: memoryview) -> None:
+        with self.target(tensor, byte_offset) as (fd, offset):
+            _pwrite_all(fd, data, offset)
+
+    @contextlib.contextmanager
+    def target(self, tensor: str, byte_offset: int) -> Iterator[tuple[int, int]]:
+        """(descriptor, file offset) of `tensor`'s bytes from byte_offset on, for a caller
+        that writes them itself; the descriptor stays open, and other writes wait, until the
+        block ends."""
         path, start = self._where[tensor]
         with self._fd(path) as fd:
-            _pwrite_all(fd, data, start + byte_offset)
+            yield fd, start + byte_offset
 
     @contextlib.contextmanager
     def _fd(self, path: Path, create: bool = False) -> Iterator[int]:
@@ -185,7 +200,7 @@ class ShardWriter:
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done, total = 0, len(data)
     while done < total:
-        done += os.pwrite(fd, data[done:], offset + done)
+        done += os.pwrite(fd, data[done : done + WRITE_BLOCK], offset + done)
 
 
 def write_index(directory: Path, shards: list[Shard]) -> None:

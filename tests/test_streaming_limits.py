@@ -84,15 +84,15 @@ def test_write_failure_cleans_up(tmp_path, monkeypatch):
     save_file(t, tmp_path / "ref.safetensors")
     save_file(t, tmp_path / "mem.safetensors")
     calls = {"n": 0}
-    original = moxkit.writer.ShardWriter.write
+    original = moxkit.writer.ShardWriter.target
 
-    def failing_write(self, *args):
-        calls["n"] += 1
+    def failing_target(self, *args):
+        calls["n"] += 1  # every write, the engine's or the C loop's, starts here
         if calls["n"] == 3:
             raise OSError(28, os.strerror(28))  # ENOSPC: disk full
         return original(self, *args)
 
-    monkeypatch.setattr(moxkit.writer.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(moxkit.writer.ShardWriter, "target", failing_target)
     with pytest.raises(moxkit.MoxError, match="cannot write output: No space left on device"):
         moxkit.extrapolate(
             tmp_path / "ref.safetensors",
