@@ -60,13 +60,16 @@ published: list[Path] = []  # outputs this process put in place, for "interrupte
 # ---------------------------------------------------------------------------------- checks
 
 
-def check_output(out: str | os.PathLike, *, force: bool, inputs: Iterable = ()) -> Path:
+def check_output(
+    out: str | os.PathLike, *, force: bool, inputs: Iterable = (), folder: bool = True
+) -> Path:
     """The output path to write (a link is followed to its target), or MoxError saying in
     one line why OUT cannot be written. `inputs` are paths (files or folders) that OUT must
-    neither be, contain, nor lie inside."""
+    neither be, contain, nor lie inside. A folder output may be named with a trailing slash
+    (`-o out/`); a file output may not."""
     given = Path(out)
-    if given.name in ("", ".", "..") or str(out).endswith(os.sep):
-        raise MoxError(f"{given}: not a name for a new output (name a file or folder to create)")
+    if given.name in ("", ".", "..") or (not folder and str(out).endswith(os.sep)):
+        raise MoxError(f"{out}: not a name for a new output (name a file or folder to create)")
     path = Path(os.path.abspath(given))
     if os.path.islink(path):  # False, not OSError, for a name past NAME_MAX
         target = Path(os.path.realpath(path))
@@ -264,7 +267,7 @@ def staged_file(out: str | os.PathLike, *, force: bool, fsync: bool = False) -> 
 
 @contextlib.contextmanager
 def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
-    out = check_output(out, force=force)
+    out = check_output(out, force=force, folder=directory)
     with interruptible():
         created: list[Path] = []
         lock = -1
@@ -285,7 +288,7 @@ def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
                 move_into_place(tmp, out, force)
                 tmp = None
                 if fsync:
-                    _fsync_path(out.parent)
+                    _fsync_published(out)
             finally:
                 _state.held -= _main_thread()
         except BaseException:
@@ -406,6 +409,18 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_published(out: Path) -> None:
+    """fsync OUT's folder entry after the rename. OUT is complete and in place by now, so a
+    failure here must not read as a failed write: it says what is and is not durable."""
+    try:
+        _fsync_path(out.parent)
+    except OSError as exc:
+        raise MoxError(
+            f"{out}: written and in place, but syncing its folder {out.parent} failed "
+            f"({exc.strerror or exc}): the new name may not survive a power loss"
+        ) from None
 
 
 def _fsync_tree(root: Path) -> None:

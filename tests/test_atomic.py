@@ -104,6 +104,34 @@ def test_check_output_refuses_in_one_line(tmp_path, monkeypatch, make, message):
     assert "\n" not in str(exc.value)
 
 
+def test_a_trailing_slash_names_a_folder_output_but_never_a_file(tmp_path):
+    with atomic.staged_dir(f"{tmp_path / 'out'}/", force=False) as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "out" / "x").read_text() == "x"
+    with pytest.raises(MoxError, match="not a name for a new output"):
+        with atomic.staged_file(f"{tmp_path / 'report.json'}/", force=False):
+            pass
+    assert names(tmp_path) == ["out"]
+
+
+def test_a_failed_fsync_after_publishing_says_out_is_in_place(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_fsync = atomic._fsync_path
+
+    def failing_on_the_folder(path):
+        if Path(path) == tmp_path:
+            raise OSError(5, "Input/output error")
+        real_fsync(path)
+
+    monkeypatch.setattr(atomic, "_fsync_path", failing_on_the_folder)
+    with pytest.raises(MoxError, match="written and in place, but syncing its folder") as exc:
+        with atomic.staged_dir(out, force=False, fsync=True) as tmp:
+            (tmp / "x").write_text("done")
+    assert "\n" not in str(exc.value) and "Input/output error" in str(exc.value)
+    assert (out / "x").read_text() == "done"
+    assert names(tmp_path) == ["out"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_check_output_refuses_a_read_only_folder(tmp_path):
     folder = tmp_path / "ro"

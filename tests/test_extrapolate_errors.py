@@ -318,6 +318,12 @@ def test_dry_run_and_summary_lines(cli, tmp_path, pair):
     assert run_ok(cli, *pair, "-a", 4, "-o", tmp_path / "out", "-q") == ""
 
 
+def test_a_trailing_slash_on_out_is_the_same_folder(cli, tmp_path, pair):
+    out = run_ok(cli, *pair, "-a", 4, "-o", f"{tmp_path / 'out'}/")
+    assert out.startswith(f"wrote {tmp_path / 'out'} ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[-1] == "model.safetensors"
+
+
 @pytest.mark.parametrize(
     "make_out, message",
     [
