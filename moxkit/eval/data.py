@@ -78,35 +78,8 @@ class EvalData:
 
 
 def read_rows(path: Path, name: str) -> list[object]:
-    """The records of a row file: JSON Lines (also TOFU's `.json` files, which hold one
-    object per line), a JSON list, or Parquet; a `*` pattern (Hugging Face's parquet shards)
-    reads its files in name order, one after the other."""
-    if "*" in path.name:
-        return [rec for shard in sorted(path.parent.glob(path.name))
-                for rec in read_rows(shard, name)]  # fmt: skip
-    if path.suffix.lower() == ".json":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MoxError(f"{name} {path}: cannot read: {exc}") from None
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # several documents: JSON Lines under a .json name
-        except (RecursionError, ValueError):
-            raise MoxError(f"{name} {path}: invalid JSON") from None
-        if isinstance(whole, list):
-            return whole
-        if whole is not None and not isinstance(whole, dict):
-            raise MoxError(f"{name} {path}: expected a JSON list or one object per line")
-        out = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except (json.JSONDecodeError, RecursionError, ValueError) as exc:
-                    raise MoxError(f"{path}: line {lineno}: invalid JSON ({exc})") from None
-        return out
+    """The records of a row file (moxkit.records: JSON Lines, TOFU's JSON-Lines `.json`, a JSON
+    list, Parquet, `*` shards)."""
     return [rec for _, rec in read_records(path, name)]
 
 
