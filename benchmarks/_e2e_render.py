@@ -119,6 +119,13 @@ def headline(name: str, rows: dict[str, dict], doubled: dict[str, dict] | None) 
         f"- moxkit at {mox['x_floor']:.2f}× the I/O floor, copying the same bytes "
         "(goal: within 1.2×)"
     )
+    for label, row in rows.items():
+        if label.startswith("before:") and row["seconds_median"]:
+            speedup = row["seconds_median"] / mox["seconds_median"]
+            lines.append(
+                f"- {label.removeprefix('before: ')} (same run): {row['x_floor']:.2f}× the floor; "
+                f"moxkit now takes {1 / speedup:.2f}× its time"
+            )
     if "mergekit" in rows:
         speedup = rows["mergekit"]["seconds_median"] / mox["seconds_median"]
         lines.append(f"- moxkit {speedup:.1f}× faster than mergekit (goal: at least 5×)")
@@ -159,6 +166,12 @@ def render_7b(report: dict) -> list[str]:
             f"- moxkit at {mox['x_floor']:.2f}× the cold-cache I/O floor (goal: within 1.5×), "
             f"peak RSS {fmt_gib(mox['peak_rss_bytes'])} (budget 1 GiB)"
         )
+        lines += [
+            f"- {label.removeprefix('before: ')} (same run): {row['x_floor']:.2f}× the floor, "
+            f"peak RSS {fmt_gib(row['peak_rss_bytes'])}"
+            for label, row in rows.items()
+            if label.startswith("before:") and row.get("x_floor")
+        ]
     plain = rows.get("plain script")
     if plain and plain.get("killed_by_guard"):
         lines.append(

@@ -11,6 +11,8 @@ peak resident memory of its process tree. benchmarks/_e2e_render.py makes the ta
     mergekit   mergekit-yaml, task_arithmetic with base REF and MEM at weight -alpha, from its
                own venv (benchmarks/.cache/mergekit-venv)
     startup    python -c 'import torch', for reference: the fixed cost inside each Python tool
+    before     with --before REV: moxkit as of commit REV (a git worktree under
+               benchmarks/.cache/trees, run by benchmarks/_checkout.py), right before moxkit
 
 Then floor, moxkit and the plain script again on a pair twice the size, to show that
 moxkit's peak memory does not grow. `--big7b` instead runs the case moxkit exists for, once: a
@@ -27,6 +29,8 @@ mergekit comes from PyPI into its own venv (its pins are not moxkit's):
     .venv/bin/python benchmarks/extrapolate_e2e.py --dtypes bf16,fp16 --tools floor,moxkit
     .venv/bin/python benchmarks/extrapolate_e2e.py --params 50M --tools floor,plain,mergekit
     .venv/bin/python benchmarks/extrapolate_e2e.py --big7b
+    .venv/bin/python benchmarks/extrapolate_e2e.py --dtypes bf16,fp16 --tools floor,moxkit \
+        --before HEAD~1 --no-double                                  # old and new side by side
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ HERE = Path(__file__).resolve().parent
 MERGEKIT_VENV = CACHE / "mergekit-venv"
 ALPHA = 4.0
 TOOLS = ("floor", "startup", "moxkit", "plain", "mergekit")
+TREES = CACHE / "trees"  # worktrees of earlier commits, for --before
+COMPARED = ("moxkit", "before", "plain", "mergekit")  # tools whose outputs are compared
 WARM_PROGRAMS = "import torch, safetensors.torch, moxkit.stream, moxkit.cli.extrapolate"
 NOTE = (
     "KVM guest; the cores are shared with other engineers running tests, so the figures "
@@ -75,6 +81,21 @@ NOTE = (
 def moxkit_bin() -> str:
     local = Path(sys.executable).parent / "moxkit"
     return str(local) if local.exists() else (shutil.which("moxkit") or "moxkit")
+
+
+def before_tree(rev: str) -> Path:
+    """A worktree of commit `rev` with its C loop built in place (made once, then reused)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", f"{rev}^{{commit}}"],
+        cwd=HERE, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    tree = TREES / commit
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=HERE,
+                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree,
+                       check=True, capture_output=True)  # fmt: skip
+    return tree
 
 
 def mergekit_config(ref: Path, mem: Path, path: Path) -> Path:
@@ -112,10 +133,14 @@ def commands(
         return [("floor (cat, then cp)", seq), ("floor (cat ∥ cp)", par)]
     if tool == "startup":
         return [("python start-up + import torch", [sys.executable, "-c", "import torch"])]
+    job = ["extrapolate", str(ref), str(mem), "--alpha", str(ALPHA), "-o", str(out), "--quiet",
+           "--device", args.device, "--max-memory", "1GiB"]  # fmt: skip
     if tool == "moxkit":
-        cmd = [moxkit_bin(), "extrapolate", str(ref), str(mem), "--alpha", str(ALPHA), "-o",
-               str(out), "--quiet", "--device", args.device, "--max-memory", "1GiB"]  # fmt: skip
-        return [("moxkit", cmd)]
+        return [("moxkit", [moxkit_bin(), *job])]
+    if tool == "before":
+        tree = before_tree(args.before)
+        checkout = [sys.executable, str(HERE / "_checkout.py"), str(tree)]
+        return [(f"before: moxkit at {tree.name}", [*checkout, *job])]
     if tool == "plain":
         script = HERE / "plain_extrapolate.py"
         return [("plain script", [sys.executable, str(script), str(ref), str(mem), str(out),
@@ -195,6 +220,9 @@ def run_case(
                     print(f"  {label}: killed, available memory fell under {args.guard_gib} GiB")
                 elif run.returncode != 0:
                     sys.exit(f"{label} failed (exit {run.returncode}); see above")
+                if repeat > 0 or tool not in COMPARED:
+                    # one output at a time in the page cache: the next run needs the memory
+                    shutil.rmtree(out, ignore_errors=True)
         if repeat == 0:
             done = [t for t in tools if all(r.returncode == 0 for r in runs_of(case, t))]
             case.agreement = compare_outputs(done)
@@ -221,7 +249,7 @@ def compare_outputs(tools: list[str]) -> dict:
     moxkit is not run): how many are bit-identical, how many values differ, and the largest
     difference in units in the last place of the 2-byte dtype (as bit patterns of same-sign
     values)."""
-    outs = {t: CACHE / "runs" / t for t in tools if t in ("moxkit", "plain", "mergekit")}
+    outs = {t: CACHE / "runs" / t for t in tools if t in COMPARED}
     if len(outs) < 2:
         return {}
     reference = next(iter(outs))
@@ -324,6 +352,8 @@ def main_case(args) -> None:
     tools = [t for t in args.tools.split(",") if t]
     if args.skip_mergekit and "mergekit" in tools:
         tools.remove("mergekit")
+    if args.before:
+        tools.insert(tools.index("moxkit") if "moxkit" in tools else len(tools), "before")
     check_tools(tools)
     cases = []
     for dtype in args.dtypes.split(","):
@@ -379,7 +409,7 @@ def big7b(args) -> None:
     try:
         pair = ensure_pair(config)
         case = Case("Llama-2-7B shapes, cold cache", params, weight_bytes(pair / "ref"), cold=True)
-        tools = ["floor", "startup", "moxkit"]
+        tools = ["floor", "startup", *(["before"] if args.before else []), "moxkit"]
         tools += ["plain"] if "plain" in args.tools.split(",") else []
         run_case(case, pair, tools, args.repeats, args, once=("plain",))
     finally:
@@ -411,6 +441,8 @@ def main() -> None:
     parser.add_argument("--no-double", dest="double", action="store_false",
                         help="skip the twice-the-model run")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", metavar="REV",
+                        help="also run moxkit as of commit REV, side by side")  # fmt: skip
     parser.add_argument("--guard-gib", type=float, default=1.5,
                         help="kill a run when available memory falls under this")  # fmt: skip
     parser.add_argument("--big7b", action="store_true",

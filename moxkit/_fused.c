@@ -464,31 +464,48 @@ static int64_t run(const path_t *path, void *out, int out_dtype, const void *ref
     return bad;
 }
 
-/* Where results go when the caller gives a file: computed `block` bytes at a time into
- * `buffer`, each block written at `offset` onwards. */
+/* Where results go when the caller gives a file: computed `block` bytes at a time, each block
+ * written at `offset` onwards. */
 typedef struct {
     int fd;
     int64_t offset;
     int64_t block;
-    void *buffer;
-    int error; /* errno of the failed write */
+    char *buffer; /* two blocks: one can wait for the write lock while the next is computed */
+    int error;    /* errno of the failed write */
 } sink_t;
 
-/* One write at a time: two threads writing one file meet on its inode lock, and the kernel
- * spins the waiter on a CPU (rwsem_spin_on_owner: 13% of a run's samples); a waiter here
- * sleeps and leaves the core to the other threads. */
+typedef struct {
+    const char *data;
+    int64_t nbytes, offset;
+} pending_t;
+
+/* One write at a time. Two threads writing one file meet on its inode lock, where the kernel
+ * spins the waiter on its CPU (rwsem_spin_on_owner: 13% of a run's samples) and sleeping on a
+ * mutex instead costs a wake-up per block; so a thread that finds the lock taken computes its
+ * next block, and waits only when both its buffers hold blocks to write. */
 static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static int write_all(int fd, const char *data, int64_t nbytes, int64_t offset) {
-    pthread_mutex_lock(&write_lock);
-    int error = 0;
-    while (nbytes > 0 && !error) {
+static int pwrite_all(int fd, const char *data, int64_t nbytes, int64_t offset) {
+    while (nbytes > 0) {
         ssize_t done = pwrite(fd, data, (size_t)nbytes, offset);
         if (done < 0 && errno == EINTR) continue;
-        if (done <= 0) error = done < 0 ? errno : EIO; /* 0: no progress, do not spin */
-        else data += done, offset += done, nbytes -= done;
+        if (done <= 0) return done < 0 ? errno : EIO; /* 0: no progress, do not spin */
+        data += done, offset += done, nbytes -= done;
     }
+    return 0;
+}
+
+/* Write the pending blocks, if the lock is free (or, with wait, once it is). Returns 0 or the
+ * errno of a failed write. */
+static int flush(int fd, pending_t *pending, int *count, int wait) {
+    if (*count == 0) return 0;
+    if (wait) pthread_mutex_lock(&write_lock);
+    else if (pthread_mutex_trylock(&write_lock) != 0) return 0;
+    int error = 0;
+    for (int i = 0; i < *count && !error; i++)
+        error = pwrite_all(fd, pending[i].data, pending[i].nbytes, pending[i].offset);
     pthread_mutex_unlock(&write_lock);
+    *count = 0;
     return error;
 }
 
@@ -496,16 +513,21 @@ static int64_t run_to_file(const path_t *path, sink_t *sink, int out_dtype, cons
                            int ref_dtype, const void *mem, int mem_dtype, const void *prev,
                            int prev_dtype, int64_t n, const coeffs_t *k) {
     int64_t step = sink->block / ITEMSIZE[out_dtype], bad = 0;
-    for (int64_t s = 0; s < n; s += step) {
+    pending_t pending[2];
+    int count = 0, error = 0, half = 0;
+    for (int64_t s = 0; s < n && !error; s += step, half ^= 1) {
         int64_t len = n - s < step ? n - s : step;
-        bad += run(path, sink->buffer, out_dtype, at(ref, ref_dtype, s), ref_dtype,
+        char *buffer = sink->buffer + half * sink->block;
+        bad += run(path, buffer, out_dtype, at(ref, ref_dtype, s), ref_dtype,
                    at(mem, mem_dtype, s), mem_dtype, at(prev, prev_dtype, s), prev_dtype, len, k);
-        int error = write_all(sink->fd, sink->buffer, len * ITEMSIZE[out_dtype],
-                              sink->offset + s * ITEMSIZE[out_dtype]);
-        if (error) {
-            sink->error = error;
-            return MOX_WRITE_FAILED;
-        }
+        pending[count++] = (pending_t){buffer, len * ITEMSIZE[out_dtype],
+                                       sink->offset + s * ITEMSIZE[out_dtype]};
+        error = flush(sink->fd, pending, &count, count == 2);
+    }
+    if (!error) error = flush(sink->fd, pending, &count, 1);
+    if (error) {
+        sink->error = error;
+        return MOX_WRITE_FAILED;
     }
     return bad;
 }
@@ -559,7 +581,7 @@ int64_t moxkit_extrapolate_to_file(int fd, int64_t offset, int64_t block, int ou
                                    int mem_dtype, const void *prev, int prev_dtype, int64_t n,
                                    float a, float b, float e, float c, uint32_t nan_bits,
                                    int *error) {
-    sink_t sink = {fd, offset, block, malloc((size_t)block), 0};
+    sink_t sink = {fd, offset, block, malloc(2 * (size_t)block), 0};
     if (!sink.buffer) {
         *error = ENOMEM;
         return MOX_WRITE_FAILED;
