@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 import moxkit.backends
 from moxkit.backends import CpuBackend
+from moxkit.errors import MoxError
 from moxkit.formula import PAPER_ETA, Coefficients
 from moxkit.writer import WRITE_BLOCK
 
@@ -207,3 +208,23 @@ def test_ctrl_c_while_a_worker_writes_releases_nothing_early(tmp_path):
     assert result.returncode == 130, (result.returncode, result.stderr)
     assert "write failed" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_input_truncated_while_mapped_is_a_moxerror(tmp_path, monkeypatch, threads):
+    """Another process shrinks an input the loop reads while writing: the fault (SIGBUS) in
+    any thread is one MoxError, and the backend stays usable."""
+    monkeypatch.setattr(moxkit.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
+    n = 1 << 18
+    path = tmp_path / "ref.bin"
+    np.arange(n, dtype=np.float32).tofile(path)
+    ref, mem = np.memmap(path, dtype=np.float32, mode="r"), np.ones(n, dtype=np.float32)
+    os.truncate(path, 4096)  # the first page stays; every other one is gone
+    backend = CpuBackend(threads=threads)
+    with open(tmp_path / "out.bin", "wb") as fh:
+        with pytest.raises(MoxError, match="changed while being read"):
+            backend.extrapolate_to_file(fh.fileno(), 0, "F32", ref, mem, None, Coefficients(4.0))
+        ok = np.ones(n, dtype=np.float32)
+        assert backend.extrapolate_to_file(fh.fileno(), 0, "F32", ok, mem, None, Coefficients(4.0))
+    backend.close()
+    assert (np.fromfile(tmp_path / "out.bin", dtype=np.float32) == 1).all()
