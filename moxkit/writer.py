@@ -23,10 +23,9 @@ from .units import check_headroom
 
 MAX_OPEN_SHARDS = 16  # output descriptors held at once, however many shards (ulimit -n)
 # Bytes per write into the page cache. ext4 sizes the page-cache folios it allocates for a write
-# by the write's length (up to 2 MiB); on our KVM guest, 64 MiB writes of the same bytes cost
-# from as little as 256 KiB writes to 4x more CPU time, run to run (the copy into fresh large
-# folios stalls), while 256 KiB writes stayed within 30% of their best and 64 KiB ones were no
-# cheaper: benchmarks/results/extrapolate_e2e_warm_profile.md.
+# by the write's length (up to 2 MiB), and on our KVM guest the copy into fresh large folios
+# stalls: 64 MiB writes took a median 1.27 s of system time per 0.87 GB, 256 KiB ones 0.48 s
+# (benchmarks/extrapolate_write_paths.py; extrapolate_e2e_warm_profile.md in the results).
 WRITE_BLOCK = 256 * 2**10
 
 
