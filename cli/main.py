@@ -4,13 +4,20 @@ is instant and one command's heavy imports never slow another."""
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
-import click
+# numpy's OpenBLAS starts a thread per core at import and they spin for a while after: 0.1-0.25 s
+# of CPU per `moxkit extrapolate` on 2 cores, competing with the pipeline (measured by the issue
+# 14 work). moxkit's only numpy linear algebra is the adapters' rank-sized QR/SVD; torch uses MKL.
+# A user's own setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from moxkit import __version__, atomic
-from moxkit.errors import MoxError
+import click  # noqa: E402
+
+from moxkit import __version__, atomic  # noqa: E402
+from moxkit.errors import MoxError  # noqa: E402
 
 # command name -> module in moxkit.cli that defines a click command called `command`
 COMMANDS = {
