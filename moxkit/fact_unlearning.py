@@ -308,7 +308,7 @@ def real_demo(name: str, out: str | os.PathLike, log: Callable[[str], None] = pr
     log(
         f"{len(facts)} facts the model knows; forgetting {len(splits['forget_val']) * 2}, "
         f"keeping {len(splits['retain'])} (trained on) and "
-        f"{len(splits['heldout_val']) * 2} (never seen); a few minutes per point on a CPU"
+        f"{len(splits['heldout_val']) * 2} (never seen); seconds per point on a quiet CPU"
     )
     study = run_study(model, tokenizer, splits, DEMO, log)
     (work / "real_demo.json").write_text(json.dumps(study, indent=1) + "\n")
