@@ -20,6 +20,7 @@ rule):
 
     .venv/bin/python benchmarks/unlearning_mini.py            # the committed results
     .venv/bin/python benchmarks/unlearning_mini.py --quick    # the CI form (seconds)
+    .venv/bin/python benchmarks/unlearning_mini.py --real     # on SmolLM2-135M (`make real`)
 
 Writes unlearning_mini.json (every point of every run), unlearning_mini_tables.md and plots
 into --out. Models and per-pipeline results are cached under --work, so an interrupted run
@@ -1002,10 +1003,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--jobs",
         type=int,
-        default=9,
-        help="worker processes (one thread each); the pipelines × seeds runs are independent",
+        default=None,
+        help="worker processes (one thread each; the pipelines × seeds runs are independent): "
+        "default 9, or 2 with --real, where each worker holds about 7 GB while it trains",
     )
     args = ap.parse_args(argv)
+    if args.jobs is None:
+        args.jobs = 2 if args.real else 9
     budget = QUICK if args.quick else REAL if args.real else Budget()
     prefix = "real_tofu" if args.real else "unlearning_mini"
     prefix += "_quick" if args.quick else ""
