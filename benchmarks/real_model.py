@@ -174,6 +174,48 @@ SUMMARY = (
 )
 
 
+def setting_table(reports: list[dict]) -> list[str]:
+    """Markdown rows: every setting run in all seeds, the mean over seeds ± the 95 % t
+    half-width (scipy), forget and held-out accuracy pooled over validation and test facts."""
+    from scipy import stats
+
+    values: dict[tuple, list[tuple[float, ...]]] = {}
+    for r in reports:
+        for p in r["study"]["points"][1:]:  # [0] is the reference
+            m = p["metrics"]
+            values.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
+                (
+                    (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
+                    (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
+                    m["retain_acc"],
+                    m["general_nll"],
+                )
+            )
+
+    def cell(xs: list[float], digits: int) -> str:
+        mean = sum(xs) / len(xs)
+        if len(xs) < 2:
+            return f"{mean:.{digits}f}"
+        half = stats.t.ppf(0.975, len(xs) - 1) * stats.sem(xs)
+        return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+    lines = [
+        "| method | strength | seeds | forget acc | held-out acc | retain acc | text NLL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, lr, alpha, step), rows in sorted(values.items(), key=lambda kv: str(kv[0])):
+        if len(rows) < len(reports):
+            continue  # not run in every seed
+        knob = f"α={alpha:g}, " if alpha is not None else ""
+        cols = list(zip(*rows, strict=True))
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {knob}lr={lr:g}, step {step} | {len(rows)} | "
+            + " | ".join(cell(list(c), 3 if i == 3 else 2) for i, c in enumerate(cols))
+            + " |"
+        )
+    return lines
+
+
 def write_report(out: Path) -> None:
     """Per-seed tables and plots, and real_model.md over all seeds, from the JSON files."""
     paths = sorted(
@@ -249,6 +291,8 @@ def write_report(out: Path) -> None:
         "Every setting, mean over seeds (forget and held-out pool validation and test facts here):",
         "",
         "![every setting](real_model_mean_frontier.png)",
+        "",
+        *setting_table(reports),
         "",
         "Trajectories over steps, seed 0: ![trajectories](real_model_trajectories.png)",
     ]

@@ -380,3 +380,44 @@ def test_demo_model_option_runs_the_real_model_story(monkeypatch, tmp_path, cli)
     header, *rows = result.out.splitlines()[: len(methods) + 1]
     assert header.split()[:2] == ["method", "strength"]
     assert [r.split()[0] for r in rows] == methods
+
+
+def test_the_every_setting_table_is_the_mean_and_scipy_t_half_width_over_seeds():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from scipy import stats
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py"
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("real_model_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def point(method, forget, heldout, nll, alpha=None):
+        return {
+            "method": method,
+            "lr": 3e-5,
+            "alpha": alpha,
+            "step": 6,
+            "metrics": {
+                "forget_val_acc": forget,
+                "forget_test_acc": forget,
+                "heldout_val_acc": heldout,
+                "heldout_test_acc": 1.0,
+                "retain_acc": 1.0,
+                "general_nll": nll,
+            },
+        }
+
+    reports = [
+        {"study": {"points": [point("reference", 1, 1, 3.4), point("mox", f, 0.5, 3.5, 2.0)]}}
+        for f in (0.2, 0.4, 0.9)
+    ]
+    reports[0]["study"]["points"].append(point("ga", 0.1, 0.1, 3.6))  # one seed only: left out
+    rows = bench.setting_table(reports)
+    assert len(rows) == 3 and not any("| GA |" in r for r in rows)
+    half = stats.t.ppf(0.975, 2) * stats.sem([0.2, 0.4, 0.9])
+    assert rows[2].startswith("| MOX | α=2, lr=3e-05, step 6 | 3 | ")
+    assert f"{0.5:.2f} ± {half:.2f}" in rows[2] and "| 0.75 ± 0.00 |" in rows[2]
