@@ -44,6 +44,14 @@ METHOD_NAMES = {
     "simnpo": "SimNPO",
 }
 
+COLORS = {  # one colour per method in every plot
+    "mox": "tab:blue",
+    "ga": "tab:red",
+    "graddiff": "tab:orange",
+    "npo": "tab:green",
+    "simnpo": "tab:purple",
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -179,19 +187,6 @@ def setting_table(reports: list[dict]) -> list[str]:
     half-width (scipy), forget and held-out accuracy pooled over validation and test facts."""
     from scipy import stats
 
-    values: dict[tuple, list[tuple[float, ...]]] = {}
-    for r in reports:
-        for p in r["study"]["points"][1:]:  # [0] is the reference
-            m = p["metrics"]
-            values.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
-                (
-                    (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
-                    (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
-                    m["retain_acc"],
-                    m["general_nll"],
-                )
-            )
-
     def cell(xs: list[float], digits: int) -> str:
         mean = sum(xs) / len(xs)
         if len(xs) < 2:
@@ -203,14 +198,17 @@ def setting_table(reports: list[dict]) -> list[str]:
         "| method | strength | seeds | forget acc | held-out acc | retain acc | text NLL |",
         "|---|---|---|---|---|---|---|",
     ]
+    values = _setting_values(reports)
     for (method, lr, alpha, step), rows in sorted(values.items(), key=lambda kv: str(kv[0])):
-        if len(rows) < len(reports):
-            continue  # not run in every seed
+        if method == "reference" or len(rows) < len(reports):
+            continue  # the starting point, or not run in every seed
         knob = f"α={alpha:g}, " if alpha is not None else ""
-        cols = list(zip(*rows, strict=True))
         lines.append(
             f"| {METHOD_NAMES[method]} | {knob}lr={lr:g}, step {step} | {len(rows)} | "
-            + " | ".join(cell(list(c), 3 if i == 3 else 2) for i, c in enumerate(cols))
+            + " | ".join(
+                cell([row[key] for row in rows], 3 if key == "nll" else 2)
+                for key in ("forget", "heldout", "retain", "nll")
+            )
             + " |"
         )
     return lines
@@ -354,14 +352,14 @@ def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def _setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
-    """Each setting (method, lr, α, step) with its metrics averaged over the seeds that ran it;
-    forget and held-out accuracy pool validation and test facts (a description, not a choice)."""
-    sums: dict[tuple, list[dict]] = {}
+def _setting_values(reports: list[dict]) -> dict[tuple, list[dict[str, float]]]:
+    """Each setting (method, lr, α, step) with its metrics in every seed that ran it; forget
+    and held-out accuracy pool validation and test facts (a description, not a choice)."""
+    values: dict[tuple, list[dict]] = {}
     for r in reports:
         for p in r["study"]["points"]:
             m = p["metrics"]
-            sums.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
+            values.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
                 {
                     "forget": (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
                     "heldout": (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
@@ -369,9 +367,14 @@ def _setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
                     "nll": m["general_nll"],
                 }
             )
+    return values
+
+
+def _setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Each setting with its metrics averaged over the seeds that ran it."""
     return {
         k: {key: sum(d[key] for d in v) / len(v) for key in v[0]} | {"seeds": len(v)}
-        for k, v in sums.items()
+        for k, v in _setting_values(reports).items()
     }
 
 
@@ -382,14 +385,7 @@ def plot_means(reports: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     means = _setting_means(reports)
-    colors = {
-        "mox": "tab:blue",
-        "ga": "tab:red",
-        "graddiff": "tab:orange",
-        "npo": "tab:green",
-        "simnpo": "tab:purple",
-        "reference": "k",
-    }
+    colors = {**COLORS, "reference": "k"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for (method, lr, alpha, step), m in sorted(means.items(), key=lambda kv: kv[0][0]):
         label = METHOD_NAMES[method]
@@ -518,13 +514,7 @@ def plot(report: dict, stem: Path) -> None:
     study = report["study"]
     points = study["points"]
     ref = points[0]["metrics"]
-    colors = {
-        "mox": "tab:blue",
-        "ga": "tab:red",
-        "graddiff": "tab:orange",
-        "npo": "tab:green",
-        "simnpo": "tab:purple",
-    }
+    colors = COLORS
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method, color in colors.items():
         ps = [p for p in points if p["method"] == method]
