@@ -402,16 +402,22 @@ def run_seed(job: tuple) -> dict:
                 task_vector,
             )
         settle()
-    for eta in budget.etas:
-        one = unlearn(
+
+    def unlearn_mox(extrapolation, **options):
+        """MOX end to end (a variant) under the run's data and budget: the trained model."""
+        return unlearn(
             ref_dir,
             forget,
             retain,
             None,
             method="mox",
             config=ul,
-            extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta),
+            extrapolation=extrapolation,
+            **options,
         ).model
+
+    for eta in budget.etas:
+        one = unlearn_mox(ExtrapolationConfig(alpha=1.0, eta=eta))
         average = momentum_average(ref_model, one)
         for alpha in budget.coarse_alphas:
 
@@ -425,16 +431,7 @@ def run_seed(job: tuple) -> dict:
             )
     settle()
     for alpha in budget.targeted_alphas:
-        targeted = unlearn(
-            ref_dir,
-            forget,
-            retain,
-            None,
-            method="mox",
-            config=ul,
-            extrapolation=ExtrapolationConfig(alpha=alpha),
-            target_answer=REFUSAL,
-        ).model
+        targeted = unlearn_mox(ExtrapolationConfig(alpha=alpha), target_answer=REFUSAL)
         add(
             {"method": "mox-targeted", "alpha": alpha, "lr": budget.mox_lr},
             targeted,
