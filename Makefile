@@ -29,7 +29,10 @@ $(REAL_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/moxkit demo
 
+# the versions a run used, first in its log: an upstream release that breaks us is named there
+VERSIONS := torch transformers accelerate peft safetensors kernels huggingface_hub tokenizers triton
 test: $(STAMP)
+	@$(PY) -c "import importlib.metadata as m, sys; print('tested with: python ' + sys.version.split()[0], *(f'{d} {m.version(d)}' if any(True for _ in m.distributions(name=d)) else f'{d} absent' for d in sys.argv[1:]), sep=', ')" $(VERSIONS)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

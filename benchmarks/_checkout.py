@@ -4,19 +4,21 @@ measure two commits side by side:
     python benchmarks/_checkout.py TREE extrapolate REF MEM --alpha 4 -o OUT
 
 TREE is a git worktree with its C loop built in place (`python setup.py build_ext --inplace`);
-its moxkit, moxkit.cli and moxkit.kernels packages are imported in place of the installed
-ones, laid out as pyproject.toml maps them."""
+its moxkit package is imported in place of the installed one. Trees from before the move of
+cli/ and kernels/ into moxkit/ kept them at the top (mapped by pyproject.toml): those are found
+there too."""
 
 from __future__ import annotations
 
 import sys
 from importlib.machinery import ModuleSpec, PathFinder
 
-PACKAGES = ("moxkit", "moxkit.cli", "moxkit.kernels")  # found in TREE as moxkit/, cli/, kernels/
+PACKAGES = ("moxkit", "moxkit.cli", "moxkit.kernels")  # TREE/moxkit, then TREE/cli, TREE/kernels
 
 
 class TreeFinder:
-    """Finds the three top packages in TREE (their submodules follow from their __path__)."""
+    """Finds moxkit in TREE, and cli/ and kernels/ at TREE's top where an old tree has them
+    (otherwise moxkit's own __path__ finds them; submodules follow from their __path__)."""
 
     def __init__(self, tree: str) -> None:
         self.tree = tree

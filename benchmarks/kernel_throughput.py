@@ -36,7 +36,7 @@ GPU_CONFIGS = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8)]
 SWEEP_MB = 256
 # the code whose speed this measures: a change elsewhere does not make the figures stale
 MEASURED_PATHS = (
-    "kernels",
+    "moxkit/kernels",
     "moxkit/backends.py",
     "moxkit/_fused.c",
     "moxkit/torch_path.py",

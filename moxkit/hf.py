@@ -77,12 +77,12 @@ def check_model_dir(
 
 def load_tokenizer(path: str | os.PathLike, name: str) -> Any:
     p = check_model_dir(path, name)
-    from transformers import AutoTokenizer
-
     try:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(p)
     except Exception as exc:  # transformers raises many types for a broken tokenizer
-        raise MoxError(f"{name} {p}: cannot load the tokenizer: {first_line(exc)}") from None
+        raise loading_error(exc, f"{name} {p}: cannot load the tokenizer") from None
 
 
 def load_model(
@@ -116,14 +116,14 @@ def load_model(
     path = check_model_dir(model, name, need_tokenizer=tokenizer is None, revision=revision)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, name)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         config = AutoConfig.from_pretrained(path)
         with no_transformers_bars():
             loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as exc:  # OSError, ValueError, KeyError, safetensors errors, ...
-        raise MoxError(f"{name} {path}: cannot load the model: {first_line(exc)}") from None
+        raise loading_error(exc, f"{name} {path}: cannot load the model") from None
     return Loaded(loaded.to(dev).eval(), tokenizer, path, stored_dtype(config))
 
 
@@ -135,6 +135,36 @@ def stored_dtype(config: Any) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def loading_error(exc: BaseException, doing: str) -> MoxError:
+    """The error for a loader that failed. A package that fails to import while transformers
+    loads (a missing extra, or a folder in the working directory shadowing an installed
+    package) is the environment's fault, not the input's: say which package and where Python
+    found it, instead of blaming the model or its tokenizer."""
+    cause = import_failure(exc)
+    if cause is None:
+        return MoxError(f"{doing}: {first_line(exc)}")
+    package = cause.name or "a package"
+    if isinstance(cause, ModuleNotFoundError):
+        where = "not installed"
+    else:
+        where = f"found at {cause.path}" if cause.path else "found"
+    return MoxError(
+        f"{doing}: a Python package failed to import ({package}, {where}): "
+        f"{first_line(cause)}; this is the environment, not the input"
+    )
+
+
+def import_failure(exc: BaseException | None) -> ImportError | None:
+    """The ImportError in `exc`'s chain (transformers re-raises some inside its own types)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ImportError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def first_line(exc: BaseException) -> str:

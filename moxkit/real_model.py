@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MoxError
-from .hf import first_line, no_transformers_bars
+from .hf import first_line, import_failure, loading_error, no_transformers_bars
 
 DTYPES = ("bf16", "fp32")
 
@@ -115,10 +115,13 @@ def _load_gguf(src: Path, dtype: str, install_hint: str):
         loaded = AutoModelForCausalLM.from_pretrained(
             src.parent, gguf_file=src.name, dtype=torch.float32
         )
-    except ImportError as exc:  # transformers needs the `gguf` package to read the file
-        raise MoxError(f"{src}: cannot read GGUF ({first_line(exc)}): {install_hint}") from None
     except Exception as exc:  # a corrupt or unsupported file: transformers raises many types
-        raise MoxError(f"{src}: cannot load as a model: {first_line(exc)}") from None
+        cause = import_failure(exc)
+        if cause is not None and cause.name in (None, "gguf") and "gguf" in str(cause).lower():
+            # transformers needs the `gguf` package to read the file
+            reason = first_line(cause)
+            raise MoxError(f"{src}: cannot read GGUF ({reason}): {install_hint}") from None
+        raise loading_error(exc, f"{src}: cannot load as a model") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantised: plain floats
