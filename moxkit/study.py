@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .text import token_span
+
 KEEP = 0.9
 ALPHAS = tuple(1.0 + 0.5 * i for i in range(15))  # 1, 1.5, ..., 8
 
@@ -89,38 +91,52 @@ def _spans(text: str, needle: str) -> list[tuple[int, int]]:
     return out
 
 
+def answer_token_kinds(tokenizer, row: dict) -> tuple[list[int], list[str | None]]:
+    """The token ids of `question answer` and, per token, "name" (it spells part of the
+    subject's name, at any of its places in the answer), "value" (part of the fact's value, at
+    its last place in the answer) or None.
+
+    A token is in a span when the characters it spells, whitespace stripped (text.token_span),
+    lie inside it: byte-level BPE's "Ġpoetry" is the value "poetry" though its offsets hold the
+    space before it, as are sentencepiece's "▁poetry" and a word-level "poetry". Tokens of
+    whitespace only (a lone "Ġ" or "▁") are in no span. A token that spells characters both
+    inside and outside a span ("Ġpoetry" for the value "poet") is in neither: it is not a
+    prediction of the value alone, and a row whose value has no token of its own is left out
+    of the value mean rather than scored on a token that is partly something else."""
+    text = f"{row['question']} {row['answer']}"
+    offset = len(row["question"]) + 1
+    enc = tokenizer(text, return_offsets_mapping=True)
+    spans = {
+        "name": _spans(row["answer"], row["subject"]),
+        "value": _spans(row["answer"], row["value"])[-1:],
+    }
+    spans = {k: [(a + offset, b + offset) for a, b in ss] for k, ss in spans.items()}
+    chars = [token_span(text, s, e) for s, e in enc["offset_mapping"]]
+    kinds = [
+        next((k for k, ss in spans.items() if any(a <= c[0] and c[1] <= b for a, b in ss)), None)
+        if c
+        else None
+        for c in chars
+    ]
+    return list(enc["input_ids"]), kinds
+
+
 @torch.inference_mode()
 def name_value_probs(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> dict:
     """Per-token answer probability of a QA set split by what the tokens spell: the subject's
     name (which the question also contains, so a model can copy it) and the fact's value (which
-    only a model that knows the fact can predict). Rows need question, answer, subject, value.
-    Returns {"name_prob", "value_prob"}: means over rows of the per-token geometric mean."""
+    only a model that knows the fact can predict); tokens as `answer_token_kinds` assigns them.
+    Rows need question, answer, subject, value. Returns {"name_prob", "value_prob"}: means over
+    rows of the per-token geometric mean."""
     device = next(model.parameters()).device
     per_row: dict[str, list[float]] = {"name": [], "value": []}
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         encodings, kinds = [], []
         for r in batch:
-            text = f"{r['question']} {r['answer']}"
-            offset = len(r["question"]) + 1
-            enc = tokenizer(text, return_offsets_mapping=True)
-            spans = {
-                "name": _spans(r["answer"], r["subject"]),
-                "value": _spans(r["answer"], r["value"])[-1:],
-            }
-            spans = {k: [(a + offset, b + offset) for a, b in ss] for k, ss in spans.items()}
-            kinds.append(
-                [
-                    next(
-                        (k for k, ss in spans.items() if any(a <= s and e <= b for a, b in ss)),
-                        None,
-                    )
-                    if e > s
-                    else None
-                    for s, e in enc["offset_mapping"]
-                ]
-            )
-            encodings.append(enc["input_ids"])
+            ids, row_kinds = answer_token_kinds(tokenizer, r)
+            encodings.append(ids)
+            kinds.append(row_kinds)
         width = max(len(e) for e in encodings)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(batch), width), pad, dtype=torch.long)

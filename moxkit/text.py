@@ -96,6 +96,21 @@ def _to_row(rec: object, where: str) -> Row:
     )
 
 
+def token_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The characters a token spells in `text`, from its offsets [start, end), without the
+    whitespace at either end; None for a token of whitespace only (or none: a special token's
+    (0, 0)). Tokenizers put a word's space in different places: byte-level BPE (GPT-2, SmolLM2,
+    Llama-3: "Ġpoetry") holds it in the word's offsets, sentencepiece ("▁poetry") may or may not,
+    word-level never. Stripped, they agree on which characters a token spells, so a test of
+    whether a token lies in a span of the text means the same for all of them."""
+    s, e = start, end
+    while s < e and text[s].isspace():
+        s += 1
+    while e > s and text[e - 1].isspace():
+        e -= 1
+    return (s, e) if s < e else None
+
+
 def encode(rows: Sequence[Row], tokenizer, max_length: int, chat_template: bool) -> list[Example]:
     """Tokenize prompt + completion in one pass and mask the prompt by character offsets, which
     is exact for any fast tokenizer, merges at the boundary included. EOS ends each row; rows
@@ -122,11 +137,15 @@ def encode(rows: Sequence[Row], tokenizer, max_length: int, chat_template: bool)
             return_offsets_mapping=True,
         )
         ids = list(enc["input_ids"])
+        # A token is the answer's when what it spells starts after the prompt: the answer's
+        # first token may hold the prompt's last space ("Q: " + "Paris" -> "ĠParis").
+        # Whitespace-only tokens go by their offsets (they are trained on, as any other).
         boundary = len(prompt)
-        labels = [
-            tok if start >= boundary and end > start else IGNORE
-            for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
-        ]
+        labels = []
+        for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
+            chars = token_span(text, start, end)
+            first = chars[0] if chars else start
+            labels.append(tok if end > start and first >= boundary else IGNORE)
         if eos is not None:
             ids.append(eos)
             labels.append(eos)
