@@ -10,9 +10,11 @@ The one way moxkit writes an output (a model folder, a data set, a report, a plo
 
 - check_output: the single place that refuses an output: "OUT: already exists (use --force
   to replace it)", an OUT that is, contains or lies inside an input (compared by device and
-  inode, so bind mounts and links are caught), `-o .`, an OUT under a regular file or in a
-  folder we cannot write, a name too long once the temp prefix is added, a dangling link.
-  An OUT that is a link is followed: the link's target is what gets replaced.
+  inode, so bind mounts and links are caught; tree_inputs lists a folder's entries so that
+  what they link to counts too), `-o .`, an OUT under a regular file or in a folder we
+  cannot write (tried, not asked: access() says yes to root on /sys), a folder where a file
+  goes, a name too long once the temp prefix is added, a dangling link. An OUT that is a
+  link is followed: the link's target is what gets replaced.
 - staged_dir / staged_file: build in `.OUT.moxkit-tmp-XXXX` beside OUT (same file system,
   mode from the umask) and rename into place on a clean exit. The temp is locked (flock on
   the temp itself, released by the kernel when its process dies, even by SIGKILL), so a later
@@ -20,13 +22,17 @@ The one way moxkit writes an output (a model folder, a data set, a report, a plo
   with RENAME_NOREPLACE (a file that appeared meanwhile is never overwritten); with force, by
   RENAME_EXCHANGE, so there is no moment with neither the old nor the new OUT (where the file
   system lacks it: two renames, with signals held in between). fsync=True syncs the files and
-  folders before and after the rename, so a finished OUT survives a power loss.
+  folders before and after the rename, so a finished OUT survives a power loss. Files and
+  folders in a staged folder get at least the modes the umask allows (libraries that write
+  through private temporaries leave 0600 behind).
 - Signals: inside interruptible() (which staged_* enter, and the CLI enters for a whole
   command) SIGTERM acts like Ctrl-C: the first SIGINT/SIGTERM raises KeyboardInterrupt;
   any later one, and any that arrives inside shielded() (cleanup, publishing), is held, so
   cleanup always runs to the end. A signal held while OUT was being published raises
   KeyboardInterrupt once OUT is in place; `published` lists the outputs completed, so the
-  CLI can say that OUT is complete rather than merely "interrupted".
+  CLI can say that OUT is complete rather than merely "interrupted". An output put in place
+  inside a folder being staged or marked scratch() (a momentum tick, a sweep's forget
+  model) is an intermediate, not an output: it is not listed.
 - Test hook: reached(point) marks a named point of the work; tests set HOOK (in process) or
   MOXKIT_TEST_SIGNALS="point:SIGNAL[,point:SIGNAL...]" (read at import, for subprocesses) to
   have a signal sent to the process the first time each point is reached.
@@ -42,6 +48,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -55,6 +62,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 published: list[Path] = []  # outputs this process put in place, for "interrupted" messages
+_scratch: list[Path] = []  # folders whose contents are intermediates (staged temps, scratch())
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -96,9 +104,50 @@ def check_output(
     if cwd == str(path) or cwd.startswith(str(path).rstrip(os.sep) + os.sep):
         raise MoxError(f"{given}: would replace the current folder or one above it")
     _check_against_inputs(given, path, inputs)
+    if not folder and os.path.isdir(path):
+        raise MoxError(f"{given}: is a folder; the output is a file (name a file)")
     if os.path.lexists(path) and not force:
         raise MoxError(f"{given}: already exists (use --force to replace it)")
+    _try_writing(given, existing)
     return path
+
+
+def _try_writing(given: Path, folder: Path) -> None:
+    """Create and remove a file in `folder`: a read-only file system, /sys or /proc (where
+    access() tells root yes) or an immutable folder is found now, not after the work."""
+    probe = folder / f".moxkit-probe-{secrets.token_hex(8)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise MoxError(f"{given}: cannot write in {folder} ({exc.strerror})") from None
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+MAX_TREE_ENTRIES = 100_000  # a folder with more entries is no model or data folder
+
+
+def tree_inputs(*paths: str | os.PathLike | None) -> list[Path]:
+    """Each path and, for a folder, each entry in it, for check_output's `inputs`: an
+    entry that links elsewhere (a hub cache snapshot's files link into ../../blobs) makes
+    its target an input too, since inputs are compared by what they resolve to."""
+    found: list[Path] = []
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        found.append(path)
+        if not path.is_dir():
+            continue
+        try:
+            with os.scandir(path) as entries:
+                for i, entry in enumerate(entries):
+                    if i >= MAX_TREE_ENTRIES:
+                        raise MoxError(f"{path}: more than {MAX_TREE_ENTRIES:,} entries")
+                    found.append(Path(entry.path))
+        except OSError as exc:
+            raise MoxError(f"{path}: cannot list the folder ({exc.strerror})") from None
+    return found
 
 
 def _first_existing(folder: Path) -> Path:
@@ -279,13 +328,17 @@ def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
             remove_stale_temps(out)
             with shielded():
                 tmp, lock = _new_temp(out, directory)
+                _scratch.append(tmp)
             yield tmp
             _state.held += _main_thread()
             try:
                 reached("publish")
+                if directory:
+                    _umask_modes(tmp)
                 if fsync:
                     _fsync_tree(tmp)
                 move_into_place(tmp, out, force)
+                _scratch.remove(tmp)
                 tmp = None
                 if fsync:
                     _fsync_published(out)
@@ -296,6 +349,7 @@ def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
             try:
                 reached("cleanup")
                 if tmp is not None:
+                    _scratch.remove(tmp)
                     _remove(tmp)
                 for folder in reversed(created):
                     with contextlib.suppress(OSError):
@@ -306,11 +360,55 @@ def _staged(out, force: bool, fsync: bool, directory: bool) -> Iterator[Path]:
                     os.close(lock)
             raise
         os.close(lock)
-        published.append(out)
+        _record_published(out)
         if _main_thread() and _state.pending and not _state.interrupted:
             _state.pending.clear()
             _state.interrupted = True
             raise KeyboardInterrupt  # held while publishing; OUT is complete (see published)
+
+
+@contextlib.contextmanager
+def scratch(folder: str | os.PathLike) -> Iterator[None]:
+    """Outputs put in place under `folder` while the block runs are intermediates of the
+    work (removed by it), not outputs: an interrupt message never names them."""
+    folder = Path(os.path.abspath(folder))
+    _scratch.append(folder)
+    try:
+        yield
+    finally:
+        _scratch.remove(folder)
+
+
+def _record_published(out: Path) -> None:
+    out = Path(os.path.abspath(out))
+    if not any(out == f or f in out.parents for f in _scratch):
+        published.append(out)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _umask_modes(root: Path) -> None:
+    """Add the permission bits the umask allows to every file (0o666) and folder (0o777)
+    under `root`: what a plain open() or mkdir() would have given them."""
+    allowed = ~_umask()
+    for folder, dirs, files in os.walk(root):
+        for name, bits in [(n, 0o777) for n in dirs] + [(n, 0o666) for n in files]:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                mode = st.st_mode & 0o7777
+                if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                    if mode | (bits & allowed) != mode:
+                        os.chmod(path, mode | (bits & allowed))
 
 
 def _temp_name(out: Path, token: str) -> str:

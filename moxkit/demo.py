@@ -76,6 +76,22 @@ QUICK = DemoConfig(
 )
 
 
+# MUSE's PrivLeak compares how well forget texts, the texts unlearning removed, are told from a
+# holdout of the same kind, against the retain-only model. The demo unlearns the forget
+# authors' QA rows, not the bios its membership sets hold, so every model (the reference, each
+# method) still knows them: PrivLeak read -100 for all, measuring a removal nobody asked for,
+# on so few bios that the AUC moves in steps of 1/(forget x holdout). Left out, and said so.
+PRIVLEAK_LEFT_OUT = (
+    "PrivLeak left out: MUSE computes it on the texts unlearning removes; the demo unlearns the "
+    "forget authors' QA rows, not the {forget} forget and {holdout} holdout bios the membership "
+    "test reads (an AUC in steps of 1/{pairs})"
+)
+
+
+def _count_rows(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 @dataclass
 class DemoResult:
     rows: list[dict]  # one per model: name, chosen setting, test summary metrics
@@ -85,8 +101,15 @@ class DemoResult:
 
 
 def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
-    """Results under OUT are reused only if they were made with the same settings."""
+    """Results under OUT are reused only if they were made with the same settings; --force
+    starts over, which deletes OUT: only a folder a demo made (it holds CONFIG_FILE), and
+    never the current folder or one above it."""
+    from .atomic import check_output
+
     path = out / CONFIG_FILE
+    check_output(out, force=True)
+    if out.exists() and not path.is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise MoxError(f"{out}: exists and holds no demo ({CONFIG_FILE}); choose another --out")
     wanted = json.loads(json.dumps(asdict(cfg)))
     if path.is_file() and not force:
         if json.loads(path.read_text()) != wanted:
@@ -99,7 +122,7 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
         import shutil
 
         shutil.rmtree(out)
-    write_json(path, wanted)
+    write_json(path, wanted, force=True)
 
 
 def _extrapolates(method: str) -> bool:
@@ -229,7 +252,7 @@ def run_demo(
         with torch.no_grad():
             rep = evaluate_model(model, tok, where, retain=ref, cfg=ecfg)
         rep["model"] = str(model_dir)
-        write_json(file, rep)
+        write_json(file, rep, force=True)
         return rep
 
     retain_val = report("retain.val", retain_dir, val_dir, None)
@@ -303,7 +326,8 @@ def run_demo(
         i, qualified = choose(points, reference_u)
         write_json(
             reports / f"{method}.sweep.json",
-            {
+            force=True,
+            obj={
                 "rule": "moxkit.study.choose",
                 "reference_utility": reference_u,
                 "chosen": i,
@@ -346,12 +370,22 @@ def run_demo(
         {"name": m, "setting": setting(m), **report(m, chosen[m], split, ref_test)["summary"]}
         for m in cfg.methods
     ]
+    for row in rows:  # see PRIVLEAK_LEFT_OUT
+        row.pop("privleak", None)
+    texts = {n: _count_rows(split / f"{n}_text.jsonl") for n in ("forget", "holdout")}
+    note = PRIVLEAK_LEFT_OUT.format(**texts, pairs=texts["forget"] * texts["holdout"])
     table = format_table(rows, {"setting": "setting (val)", **HEADLINE}, "name")
+    table += f"\n{note}"
     plot = plot_methods(
         rows,
         out / "demo.png",
         f"tofu-mini {cfg.split}, test authors: each method at the setting the "
         "rule chose on the validation authors",
+        force=True,
     )
-    summary = write_json(out / "demo_summary.json", {"config": asdict(cfg), "rows": rows})
+    summary = write_json(
+        out / "demo_summary.json",
+        {"config": asdict(cfg), "rows": rows, "notes": {"privleak": note}},
+        force=True,
+    )
     return DemoResult(rows, table, plot, summary)

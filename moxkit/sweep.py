@@ -10,6 +10,7 @@ folder) is checked before the first evaluation, so no step fails after hours of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -19,9 +20,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import hf
+from .atomic import check_output, scratch
 from .errors import MoxError
 from .eval.config import EvalConfig
-from .eval.data import EvalData, preflight, resolve_model
+from .eval.data import EvalData, inputs_of, preflight, resolve_model
 from .eval.report import HEADLINE, format_table, write_json
 from .formula import check_alpha
 
@@ -30,6 +32,7 @@ FORGET_METRICS = ("forget_prob", "forget_rouge_recall", "knowmem_forget", "verbm
 IN_MEMORY_LIMIT = 2 << 30  # weights up to this size are extrapolated in memory
 STUDY_ALPHAS = "1:8:0.5"  # the study's grid (issue 9): MOX's peak lies between the old 2 and 4
 MAX_ALPHAS = 200
+OUT_FILES = ("sweep.json", "sweep.png")  # what a sweep writes into its -o folder
 
 
 @dataclass
@@ -147,11 +150,12 @@ def check_sweep(
     cfg: EvalConfig,
     metric: str,
     revision: str | None = None,
+    force: bool = False,
 ) -> tuple[Path, Path, Path | None, EvalData]:
     """Every check a sweep needs, before any model is loaded: the settings and evaluation sets,
     REF, MEM and --retain-model (hub ids resolved to local paths, returned), REF and MEM as a
     pair the engine accepts (a dry run: headers only), and that OUT's report and plot can be
-    written."""
+    written: not over an existing one without `force`, never inside or over an input."""
     if metric not in FORGET_METRICS:
         raise MoxError(f"--metric {metric}: choose one of {', '.join(FORGET_METRICS)}")
     if not alphas:
@@ -175,10 +179,9 @@ def check_sweep(
         extrapolate(ref, mem, Path(tmp) / "forget", alphas[-1], device="cpu", dry_run=True,
                     progress=False)  # fmt: skip
     if out is not None:
-        from .atomic import check_output
-
-        for name in ("sweep.json", "sweep.png"):
-            check_output(Path(out) / name, force=True)
+        inputs = inputs_of(data, ref, mem, retain_model)
+        for name in OUT_FILES:
+            check_output(Path(out) / name, force=force, inputs=inputs, folder=False)
     return ref, mem, retain_model, data
 
 
@@ -196,13 +199,15 @@ def sweep(
     device: str = "auto",
     progress: bool = True,
     revision: str | None = None,
+    force: bool = False,
 ) -> SweepResult:
     """Evaluate REF and (1+α)·REF − α·MEM for each α on `data_dir`; with `retain_model`, pick α
-    by the rule (see pick_alpha); with `out`, write sweep.json and sweep.png there. REF, MEM
-    and `retain_model` may be hub ids (org/name[@revision])."""
+    by the rule (see pick_alpha); with `out`, write sweep.json and sweep.png in that folder
+    (replacing earlier ones only with `force`). REF, MEM and `retain_model` may be hub ids
+    (org/name[@revision])."""
     cfg = cfg or EvalConfig()
     ref, mem, retain_model, data = check_sweep(
-        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, revision
+        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, revision, force
     )
     from .eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
 
@@ -210,17 +215,18 @@ def sweep(
     if on_disk is None:
         on_disk = 3 * _weights_bytes(ref) > IN_MEMORY_LIMIT
     rows = []
-    scratch = Path(tempfile.mkdtemp(prefix=".moxkit-sweep-")) if on_disk else None
+    work = Path(tempfile.mkdtemp(prefix=".moxkit-sweep-")) if on_disk else None
     try:
-        models = _forget_models(ref, mem, alphas, on_disk, device, scratch)
-        for alpha, model, tok in tqdm(
-            models, total=len(alphas) + 1, desc="sweep", unit="α", disable=not progress
-        ):
-            report = evaluate_model(model, tok, data, retain=retain, cfg=cfg)
-            rows.append({"alpha": alpha, **report["summary"]})
+        with scratch(work) if work is not None else contextlib.nullcontext():
+            models = _forget_models(ref, mem, alphas, on_disk, device, work)
+            for alpha, model, tok in tqdm(
+                models, total=len(alphas) + 1, desc="sweep", unit="α", disable=not progress
+            ):
+                report = evaluate_model(model, tok, data, retain=retain, cfg=cfg)
+                rows.append({"alpha": alpha, **report["summary"]})
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     retain_summary = retain["summary"] if retain else {}
     result = SweepResult(
         rows,
@@ -233,7 +239,8 @@ def sweep(
         out = Path(out)
         result.report = write_json(
             out / "sweep.json",
-            {
+            force=force,
+            obj={
                 "ref": str(ref),
                 "mem": str(mem),
                 "data": str(data_dir),
@@ -248,5 +255,5 @@ def sweep(
         )
         from .eval.plots import plot_sweep
 
-        result.plot = plot_sweep(result, out / "sweep.png", metric)
+        result.plot = plot_sweep(result, out / "sweep.png", metric, force=force)
     return result

@@ -39,21 +39,41 @@ def evaluation_options(fn):
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
-              help="Write the JSON report (per item and summary) here.")  # fmt: skip
+@click.option(
+    "-o",
+    "--out",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Write the JSON report (per item and summary) to this file.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the -o file if it exists (never an input, never a folder).",
+)
 @evaluation_options
-def command(model, out, data_dir, retain_model, revision, device, quiet, **kw) -> None:
+def command(model, out, force, data_dir, retain_model, revision, device, quiet, **kw) -> None:
     """TOFU and MUSE metrics of MODEL (a folder or a hub id) on the sets in --data."""
     from moxkit.eval.data import preflight
 
     cfg = config_from(EvalConfig, kw)
-    preflight(model, data_dir, retain_model, cfg, revision)  # before torch is imported
+    # before torch is imported: the inputs, and that -o can be written and touches none
+    preflight(model, data_dir, retain_model, cfg, revision, out=out, force=force)
 
     from moxkit.eval.evaluate import evaluate
-    from moxkit.eval.report import summary_table, write_json
+    from moxkit.eval.report import summary_table
 
-    report = evaluate(model, data_dir, retain_model=retain_model, cfg=cfg, device=device,
-                      progress=not quiet, revision=revision)  # fmt: skip
+    report = evaluate(
+        model,
+        data_dir,
+        retain_model=retain_model,
+        cfg=cfg,
+        device=device,
+        progress=not quiet,
+        revision=revision,
+        out=out,
+        force=force,
+    )
     click.echo(summary_table(report))
     if out:
-        click.echo(f"report: {write_json(out, report)}")
+        click.echo(f"report: {out}")

@@ -35,6 +35,7 @@ from moxkit.sweep import FORGET_METRICS, STUDY_ALPHAS
     type=click.Path(path_type=str),
     help="Folder for sweep.json and sweep.png.",
 )
+@click.option("--force", is_flag=True, help="Replace sweep.json and sweep.png in the -o folder.")
 @click.option(
     "--on-disk/--in-memory",
     default=None,
@@ -43,7 +44,19 @@ from moxkit.sweep import FORGET_METRICS, STUDY_ALPHAS
 )
 @evaluation_options
 def command(
-    ref, mem, alphas, data_dir, retain_model, metric, out, on_disk, revision, device, quiet, **kw
+    ref,
+    mem,
+    alphas,
+    data_dir,
+    retain_model,
+    metric,
+    out,
+    force,
+    on_disk,
+    revision,
+    device,
+    quiet,
+    **kw,
 ) -> None:
     """Evaluate the forget model (1+α)·REF − α·MEM at each α and pick one."""
     from moxkit.sweep import parse_alphas, sweep
@@ -55,6 +68,7 @@ def command(
         data_dir,
         retain_model=retain_model,
         out=out,
+        force=force,
         cfg=config_from(EvalConfig, kw),
         metric=metric,
         on_disk=on_disk,

@@ -57,18 +57,11 @@ def train_and_loss_options(loss_exclude: tuple[str, ...] = ()):
 
 def request_inputs(kw: dict, loss_exclude: tuple[str, ...] = ()) -> dict:
     """The Request fields every training command takes from its parsed options."""
-    from moxkit.errors import MoxError
-    from moxkit.text import load_answers
-
-    text, path = kw.pop("target_answer"), kw.pop("target_file")
-    if text is not None and path is not None:
-        raise MoxError("--target-answer and --target-file: give one, not both")
-    target = load_answers(path, "--target-file") if path is not None else text
     return {
         "model": kw.pop("model"), "forget": kw.pop("forget"), "retain": kw.pop("retain"),
         "out": kw.pop("out"), "force": kw.pop("force"), "init_from": kw.pop("init_from"),
         "revision": kw.pop("revision"),
-        "target_answer": target,
+        "target_answer": kw.pop("target_answer"), "target_file": kw.pop("target_file"),
         "config": config_from(TrainConfig, kw, progress=not kw["quiet"]),
         "loss": config_from(LossConfig, kw, exclude=loss_exclude), "cli": True,
     }  # fmt: skip

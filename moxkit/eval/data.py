@@ -21,14 +21,17 @@ Every set but the forget QA set is cut to its first `max_items` rows (TOFU's ds_
 
 from __future__ import annotations
 
-import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import hf
+from ..atomic import check_output, tree_inputs
 from ..errors import MoxError
 from ..fields import check
 from ..records import read_records
+from ..sources import shown
 
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 SECONDARY_SETS = ("real_authors", "world_facts", "general")  # scored against the answer
@@ -70,11 +73,17 @@ class EvalData:
     verbmem_source: str = ""
     texts: dict[str, list[str]] = field(default_factory=dict)  # membership: forget, holdout
     files: list[str] = field(default_factory=list)  # what was read, for the report
+    paths: list[Path] = field(default_factory=list)  # what was read, for output checks
 
     def used(self, path: Path, rows: int, total: int) -> str:
         note = f"{path} ({rows} rows" + (f" of {total})" if rows < total else ")")
         self.files.append(note)
+        self.paths += sorted(path.parent.glob(path.name)) if "*" in path.name else [path]
         return note
+
+    def inputs(self) -> list[Path]:
+        """The evaluation folder and every file read from it (a file may link elsewhere)."""
+        return [Path(self.directory), *self.paths]
 
 
 def read_rows(path: Path, name: str) -> list[object]:
@@ -298,22 +307,66 @@ def resolve_retain(retain_model: str | Path, revision: str | None = None) -> Pat
     return resolve_model(retain_model, revision, "--retain-model")
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def retain_summary(report: object, where: str) -> dict:
+    """What a retain-only model's `moxkit eval` report (parsed) offers for comparison,
+    checked: its summary (numbers only), its forget-set truth ratios (finite, positive;
+    None without a forget set) and membership AUC (in [0, 1]; None without one). A report
+    is a file from elsewhere: a string where a number belongs must not reach the KS test."""
+    bad = f"{where}: not a `moxkit eval` report"
+    if not isinstance(report, dict):
+        raise MoxError(bad)
+    summary, sets = report.get("summary"), report.get("sets")
+    if not isinstance(summary, dict) or not isinstance(sets, dict):
+        raise MoxError(f"{bad} (no summary and sets objects)")
+    for key, value in summary.items():
+        if not _number(value):
+            raise MoxError(f"{where}: summary {key!r} is {type(value).__name__}, not a number")
+    auc = summary.get("mia_auc")
+    if auc is not None and not 0 <= auc <= 1:
+        raise MoxError(f"{where}: summary 'mia_auc' is {auc!r}, not an AUC in [0, 1]")
+    forget = sets.get("forget")
+    ratios = None
+    if forget is not None:
+        items = forget.get("items") if isinstance(forget, dict) else None
+        if not isinstance(items, list):
+            raise MoxError(f"{bad} (sets.forget has no list of items)")
+        ratios = []
+        for i, item in enumerate(items, 1):
+            ratio = item.get("truth_ratio") if isinstance(item, dict) else None
+            if not (_number(ratio) and math.isfinite(ratio) and ratio > 0):
+                raise MoxError(f"{where}: sets.forget item {i}: truth_ratio {ratio!r:.40} is "
+                               "not a finite positive number")  # fmt: skip
+            ratios.append(float(ratio))
+    return {"truth_ratios": ratios, "mia_auc": auc, "summary": summary}
+
+
+def read_retain_report(path: str | os.PathLike) -> dict:
+    """A saved `moxkit eval` report, read within moxkit's JSON bounds (size, nesting, a
+    regular file) and checked by retain_summary."""
+    from ..sources import read_json, user_file
+
+    where = f"--retain-model {shown(path)}"
+    try:
+        report = read_json(user_file(Path(path)), "report")
+    except MoxError as exc:
+        raise MoxError(f"--retain-model {exc}") from None
+    return retain_summary(report, where)
+
+
 def check_retain_source(retain: str | Path) -> dict | None:
-    """A saved `moxkit eval` report (returned, parsed), or None for a model folder (checked,
-    not loaded); otherwise one clear line."""
+    """The checked comparison values of a saved `moxkit eval` report (see retain_summary),
+    or None for a model folder (checked, not loaded); otherwise one clear line."""
     path = Path(retain)
-    if path.is_file():
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(report["summary"], dict) or not isinstance(report["sets"], dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            raise MoxError(f"--retain-model {path}: not a `moxkit eval` report") from None
-        return report
-    if path.suffix.lower() == ".json" or not path.exists():
-        raise MoxError(f"--retain-model {path}: no such file or directory")
-    hf.check_model_dir(path, "--retain-model")
-    return None
+    if path.is_dir():
+        hf.check_model_dir(path, "--retain-model")
+        return None
+    if os.path.lexists(path):
+        return read_retain_report(path)
+    raise MoxError(f"--retain-model {shown(path)}: no such file or directory")
 
 
 def preflight(
@@ -323,11 +376,14 @@ def preflight(
     cfg,
     revision: str | None = None,
     model_name: str = "MODEL",
+    out: str | Path | None = None,
+    force: bool = False,
 ) -> tuple[EvalData, Path, Path | None]:
     """Every check that needs no model, before anything heavy is imported or loaded: the
     settings, the evaluation sets, then MODEL and --retain-model (hub ids resolved through
-    moxkit.sources, so a download happens only once the cheap checks passed). Returns the sets
-    and the two local paths."""
+    moxkit.sources, so a download happens only once the cheap checks passed), and the
+    report file `out` against everything read (see moxkit.atomic.check_output). Returns the
+    sets and the two local paths."""
     check(cfg)
     data = load_eval_data(data_dir, split=cfg.split, max_items=cfg.max_items)
     model_dir = hf.check_model_dir(resolve_model(model, revision, model_name), model_name)
@@ -335,4 +391,12 @@ def preflight(
     if retain_model is not None:
         retain = resolve_retain(retain_model, revision)
         check_retain_source(retain)
+    if out is not None:
+        check_output(out, force=force, inputs=inputs_of(data, model_dir, retain), folder=False)
     return data, model_dir, retain
+
+
+def inputs_of(data: EvalData, *models: Path | None) -> list[Path]:
+    """Every path an evaluation reads: the sets' folder and files, each model folder (or
+    report file) with its entries."""
+    return [*data.inputs(), *tree_inputs(*models)]

@@ -33,7 +33,15 @@ from .config import (
     TOFU_UTILITY_SETS,
     EvalConfig,
 )
-from .data import EvalData, KnowMemSet, QASet, check_retain_source, load_eval_data, preflight
+from .data import (
+    EvalData,
+    KnowMemSet,
+    QASet,
+    check_retain_source,
+    load_eval_data,
+    preflight,
+    retain_summary,
+)
 from .generation import (
     cut_at_next_question,
     decode_as_muse,
@@ -42,6 +50,7 @@ from .generation import (
     greedy_generate_ids,
     greedy_text_continuations,
 )
+from .report import write_json
 from .rouge import rouge_l
 from .scoring import answer_logprobs, text_token_stats
 
@@ -330,20 +339,18 @@ def retain_reference(
     retain: str | Path | dict, data: str | Path | EvalData, cfg: EvalConfig, device: str = "auto"
 ) -> dict:
     """What forget quality and PrivLeak compare against: the retain-only model's forget-set truth
-    ratios and membership AUC, from a saved `moxkit eval` report (a .json file or dict) or by
-    evaluating the retain-only model directory on the forget and membership sets. Its summary
-    comes along: a sweep compares forget metrics with it."""
-    report = retain if isinstance(retain, dict) else check_retain_source(retain)
-    if report is None:
-        model, tokenizer = load_model(retain, device, "--retain-model")
-        report = evaluate_model(model, tokenizer, data, cfg=cfg, only=RETAIN_REFERENCE_SETS)
-    forget = report["sets"].get("forget")
-    ratios = [it["truth_ratio"] for it in forget["items"]] if forget else None
-    return {
-        "truth_ratios": ratios,
-        "mia_auc": report["summary"].get("mia_auc"),
-        "summary": report["summary"],
-    }
+    ratios and membership AUC, from a saved `moxkit eval` report (a .json file or dict, checked
+    by moxkit.eval.data.retain_summary) or by evaluating the retain-only model directory on the
+    forget and membership sets. Its summary comes along: a sweep compares forget metrics with
+    it."""
+    if isinstance(retain, dict):
+        return retain_summary(retain, "retain report")
+    checked = check_retain_source(retain)
+    if checked is not None:
+        return checked
+    model, tokenizer = load_model(retain, device, "--retain-model")
+    report = evaluate_model(model, tokenizer, data, cfg=cfg, only=RETAIN_REFERENCE_SETS)
+    return retain_summary(report, "--retain-model")
 
 
 def evaluate(
@@ -355,14 +362,22 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     revision: str | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
 ) -> dict:
     """Evaluate the model `model_dir` (a folder or a hub id) on `data_dir` (any layout
     moxkit.eval.data reads). `retain_model`: the retain-only model (folder or hub id) or its
-    saved report. Every input is checked before a model is loaded."""
+    saved report. With `out`, the report is also written there as JSON (an existing file only
+    with `force`, never an input). Every input and `out` are checked before a model is
+    loaded."""
     cfg = cfg or EvalConfig()
-    data, model_path, retain_path = preflight(model_dir, data_dir, retain_model, cfg, revision)
+    data, model_path, retain_path = preflight(
+        model_dir, data_dir, retain_model, cfg, revision, out=out, force=force
+    )
     ref = retain_reference(retain_path, data, cfg, device) if retain_path else None
     model, tokenizer = load_model(model_path, device)
     report = evaluate_model(model, tokenizer, data, retain=ref, cfg=cfg, progress=progress)
     report["model"] = str(model_dir)
+    if out is not None:
+        write_json(out, report, force=force)
     return report

@@ -19,9 +19,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    """Render through a staged file (moxkit.atomic), replacing an existing picture."""
-    with staged_file(path, force=True) as tmp:
+def _save(fig, path: Path, force: bool) -> Path:
+    """Render through a staged file (moxkit.atomic); an existing picture is replaced only
+    with `force`."""
+    with staged_file(path, force=force) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
     return path
 
@@ -31,7 +32,7 @@ def _fq(value: float | None) -> float:
     return max(value, 1e-12) if value is not None else math.nan
 
 
-def plot_methods(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+def plot_methods(rows: Sequence[dict], path: str | Path, title: str, *, force: bool) -> Path:
     """Forget quality (log scale, higher = closer to the retain-only model) against model
     utility, one labelled point per row (keys: name, forget_quality, model_utility)."""
     plt = _pyplot()
@@ -68,12 +69,12 @@ def plot_methods(rows: Sequence[dict], path: str | Path, title: str) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     try:
-        return _save(fig, Path(path))
+        return _save(fig, Path(path), force)
     finally:
         plt.close(fig)
 
 
-def plot_sweep(result, path: str | Path, metric: str) -> Path:
+def plot_sweep(result, path: str | Path, metric: str, *, force: bool) -> Path:
     """Three panels against α (REF at α = 0): the rule's forget metric with the retain-only
     model's level, model utility, and forget quality; the picked α marked in each."""
     plt = _pyplot()
@@ -105,6 +106,6 @@ def plot_sweep(result, path: str | Path, metric: str) -> Path:
     fig.suptitle(f"α sweep: picked {picked} ({result.rule})", fontsize=10)
     fig.tight_layout()
     try:
-        return _save(fig, Path(path))
+        return _save(fig, Path(path), force)
     finally:
         plt.close(fig)

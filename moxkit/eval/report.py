@@ -77,10 +77,11 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | Path, obj) -> Path:
+def write_json(path: str | Path, obj, *, force: bool) -> Path:
     """Write JSON through a staged file (moxkit.atomic): a reader never sees half a report,
-    an interrupted run leaves nothing, and an existing report is replaced."""
-    with staged_file(path, force=True) as tmp:
+    an interrupted run leaves nothing, and an existing file is replaced only with `force`.
+    Check `path` against the inputs with check_output before the work that makes `obj`."""
+    with staged_file(path, force=force) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, ensure_ascii=False)
             f.write("\n")

@@ -65,9 +65,9 @@ def finetune(
     config.validate()
     train_rows = load_rows(rows, "rows")
     if out is not None:
-        from moxkit.atomic import check_output
+        from moxkit.atomic import check_output, tree_inputs
 
-        check_output(out, force=force, inputs=_paths(model, rows))
+        check_output(out, force=force, inputs=tree_inputs(*_paths(model, rows)))
     with Run(out, force, config, len(train_rows)) as run:
         run.write_args("finetune", {"model": _described(model), "rows": _described(rows)})
         base = load_model(model, "model", tokenizer=tokenizer)
@@ -228,6 +228,7 @@ def _arguments(request: Request) -> dict:
            "forget": _described(request.forget), "retain": _described(request.retain),
            "init_from": _described(request.init_from), "save_mem": _described(request.save_mem),
            "target_answer": _described(request.target_answer),
+           "target_file": _described(request.target_file),
            "loss": asdict(request.loss)}  # fmt: skip
     if request.method.extrapolates or request.targeted:
         out["extrapolation"] = asdict(request.extrapolation)

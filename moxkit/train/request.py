@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moxkit.errors import MoxError
-from moxkit.text import Row, load_rows
+from moxkit.text import Row, load_answers, load_rows
 
 from .config import ExtrapolationConfig, LossConfig, TrainConfig
 from .methods import Method
@@ -40,6 +40,7 @@ class Request:
     force: bool = False
     revision: str | None = None  # for hub ids (MODEL, init_from) without their own @revision
     cli: bool = False  # name inputs in errors by their command-line flags
+    target_file: str | os.PathLike | None = None  # replacement answers, one row per forget row
 
     def label(self, name: str) -> str:
         """How errors name an input or setting: its API name, or its flag for the CLI."""
@@ -49,7 +50,7 @@ class Request:
 
     @property
     def targeted(self) -> bool:
-        return self.target_answer is not None
+        return self.target_answer is not None or self.target_file is not None
 
     def check(self) -> Checked:
         """Everything that can be known wrong before loading a model; returns the rows."""
@@ -59,6 +60,7 @@ class Request:
         self.method.check(self.loss, self.extrapolation, targeted=self.targeted, label=self.label)
         if self.config.merge and not self.config.lora:
             raise MoxError(f"{self.label('merge')}: only with {self.label('lora')}")
+        from moxkit.atomic import tree_inputs
         from moxkit.hf import check_model_dir
 
         inputs: list[Path] = []
@@ -68,14 +70,14 @@ class Request:
             if isinstance(value, (str, os.PathLike)):
                 found[name] = check_model_dir(value, self.label(name), name == "model",
                                               self.revision)  # fmt: skip
-                inputs.append(found[name])
+                inputs += tree_inputs(found[name])  # its files may link elsewhere
         if self.retain is None and self.method.needs_retain(self.loss):
             raise MoxError(f"{self.label('retain')}: needed by {self._retain_user()}")
         forget_rows = load_rows(self.forget, self.label("forget"))
         retain_rows = None
         if self.retain is not None:
             retain_rows = load_rows(self.retain, self.label("retain"))
-        for data in (self.forget, self.retain):
+        for data in (self.forget, self.retain, self.target_file):
             if isinstance(data, (str, os.PathLike)):
                 inputs.append(Path(data))
         targets = self._target_rows(forget_rows)
@@ -90,18 +92,24 @@ class Request:
         return f"{self.method.title} (its retain NLL term)"
 
     def _target_rows(self, forget_rows: list[Row]) -> list[Row] | None:
-        """Replacement answers: one for all forget rows, or one per row, in order."""
-        if self.target_answer is None:
+        """Replacement answers: one for all forget rows, or one per row, in order (given,
+        or read from target_file)."""
+        if not self.targeted:
             return None
-        given = self.target_answer
+        if self.target_answer is not None and self.target_file is not None:
+            raise MoxError(
+                f"{self.label('target_answer')} and {self.label('target_file')}: give one, not both"
+            )
+        given, name = self.target_answer, self.label("target_answer")
+        if self.target_file is not None:
+            name = self.label("target_file")
+            given = load_answers(self.target_file, name)
         answers = [given] * len(forget_rows) if isinstance(given, str) else list(given)
         if len(answers) != len(forget_rows):
-            raise MoxError(f"{self.label('target_answer')}: {len(answers)} replacement answers for "
+            raise MoxError(f"{name}: {len(answers)} replacement answers for "
                            f"{len(forget_rows)} forget rows")  # fmt: skip
         if not all(isinstance(a, str) and a.strip() for a in answers):
-            raise MoxError(
-                f"{self.label('target_answer')}: replacement answers must be non-empty text"
-            )
+            raise MoxError(f"{name}: replacement answers must be non-empty text")
         rows = [
             {"prompt": r.prompt, "completion": a} for r, a in zip(forget_rows, answers, strict=True)
         ]
@@ -116,8 +124,11 @@ class Request:
         outs = [p for p in (self.out, self.save_mem) if p is not None]
         for out in outs:
             check_output(out, force=self.force, inputs=inputs)
-        if len(outs) == 2 and Path(os.path.abspath(outs[0])) == Path(os.path.abspath(outs[1])):
-            raise MoxError(f"{self.label('save_mem')} {outs[1]}: the same path as the output")
+        if len(outs) == 2:
+            out, mem = (Path(os.path.abspath(p)) for p in outs)
+            if out == mem or out in mem.parents or mem in out.parents:
+                raise MoxError(f"{self.label('save_mem')} {outs[1]}: the same path as the "
+                               "output, inside it or holding it")  # fmt: skip
 
     def _check_disk_extrapolation(self, model: ModelArg) -> None:
         """What extrapolating on disk will need after training: MODEL as a folder of
