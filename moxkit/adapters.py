@@ -23,7 +23,11 @@ rounding to the output dtype, under the same memory budget as `moxkit extrapolat
 Adapters are read strictly: plain LoRA on linear layers (nn.Linear; GPT-2's Conv1D through
 fan_in_fan_out) and embeddings. Anything whose effect is not θ_ref + s·B·A (DoRA, trained biases,
 PiSSA-style initialisations that rewrite the base, trained modules_to_save copies, trainable
-tokens, settings this version does not know) is refused in one line naming the setting.
+tokens, settings this version does not know) is refused in one line naming the setting. The
+config is hostile until checked: pattern keys are matched without a regex engine
+(PatternMatcher), numbers must have finite float values, and factors with NaN/inf (or a product
+past float32's range) are refused on every path unless allow_nonfinite. Memory budgets are
+checked before any factor is read, the same way in a dry run.
 """
 
 from __future__ import annotations
@@ -66,10 +70,15 @@ from .writer import OutputTensor, ShardWriter, layout, split_shards, write_index
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is a few KB
+MAX_PATTERN_KEYS = 4096  # per rank_pattern / alpha_pattern: one per module of a 585-layer model
+MAX_PATTERN_KEY_CHARS = 512
+MAX_RANK = 1 << 20
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 KEY_PREFIX = "base_model.model."
-_FACTOR_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_(embedding_)?([AB])(\.weight)?$")
+_FACTOR_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(embedding_)?([AB])(\.weight)?")
 COPY_CHUNK_BYTES = 64 << 20
 MAX_TILE_ELEMS = 8 << 20
+MIN_TILE_ELEMS = 64 * 1024
 RESERVED_BYTES = 64 << 20  # Python objects, torch's allocator slack: outside the tile buffers
 
 # Settings that only say which modules were adapted, how they were trained or which PEFT wrote
@@ -217,7 +226,7 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
     kinds: dict[str, bool] = {}
     full: dict[str, TensorInfo] = {}
     for key, info in tensors.items():
-        match = _FACTOR_KEY.match(key)
+        match = _FACTOR_KEY.fullmatch(key)
         if match is None:
             if not key.startswith(KEY_PREFIX) or not key.endswith(".weight"):
                 raise MoxError(f"{weights_path}: tensor {key!r} is not a LoRA factor")
@@ -233,9 +242,12 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
             )
         if kinds.setdefault(module, bool(embedding)) != bool(embedding):
             raise MoxError(f"{weights_path}: module {module!r} has both linear and embedding LoRA")
-        factors.setdefault(module, {})[side] = info
+        if side in factors.setdefault(module, {}):
+            raise MoxError(f"{weights_path}: module {module!r} has two lora_{side} factors")
+        factors[module][side] = info
     if not factors:
         raise MoxError(f"{weights_path}: holds no LoRA factors")
+    patterns = _matchers(config_path, config)
     modules = {}
     for name, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
@@ -247,15 +259,16 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
                 f"{weights_path}: module {name!r}: lora_B {list(b.shape)} and lora_A "
                 f"{list(a.shape)} do not multiply"
             )
-        rank = _module_rank_alpha(config, name)[0]
+        rank = _module_rank_alpha(config, name, patterns)[0]
         if rank != a.shape[0]:
             raise MoxError(
                 f"{config_path}: module {name!r} has rank {a.shape[0]} in its factors but "
                 f"{rank} in the config"
             )
         modules[name] = LoraModule(
-            name, a, b, _scaling(config, name), kinds[name], bool(config.get("fan_in_fan_out"))
-        )
+            name, a, b, _scaling(config, name, patterns), kinds[name],
+            bool(config.get("fan_in_fan_out")),
+        )  # fmt: skip
     return Adapter(path, config, modules, full, checkpoint)
 
 
@@ -285,53 +298,172 @@ def _check_settings(path: Path, config: dict) -> None:
             "BASE + s·B·A; convert the adapter first (PEFT: path_initial_model_for_weight_"
             "conversion)"
         )
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise MoxError(f"{path}: r {r!r} is not a positive integer")
-    alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise MoxError(f"{path}: lora_alpha {alpha!r} is not a finite number")
-    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+    _nonfinite_in(path, config)
+    _check_rank(path, "r", config.get("r"))
+    _check_alpha_value(path, "lora_alpha", config.get("lora_alpha"))
+    for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-            isinstance(k, str) and len(k) <= 512 and isinstance(v, kind)
-            and not isinstance(v, bool) and math.isfinite(v)
-            for k, v in pattern.items()
-        ):  # fmt: skip
+        if not isinstance(pattern, dict):
             raise MoxError(f"{path}: {key} must map module patterns to numbers")
+        for name, value in pattern.items():
+            where = f"{key}[{_short(name)}]"
+            (_check_rank if key == "rank_pattern" else _check_alpha_value)(path, where, value)
 
 
-def _module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    """r and lora_alpha of one module, with PEFT's pattern rule: the first key K of
-    rank_pattern/alpha_pattern for which `(.*\\.)?K$` matches the module path."""
-
-    def lookup(pattern: dict, default):
-        for key, value in pattern.items():
-            try:
-                if re.match(rf"(.*\.)?({key})$", module):
-                    return value
-            except re.error:
-                raise MoxError(f"{CONFIG_NAME}: {key!r} is not a regular expression") from None
-        return default
-
-    return (
-        lookup(config.get("rank_pattern") or {}, config["r"]),
-        lookup(config.get("alpha_pattern") or {}, config["lora_alpha"]),
-    )
+def _short(value: object) -> str:
+    """repr of a config value for a message: long ones (a 4,000-digit integer) cut short."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "<huge>"
+    return text if len(text) <= 64 else text[:60] + "..."
 
 
-def _scaling(config: dict, module: str) -> float:
+def _check_rank(path: Path, what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise MoxError(f"{path}: {what} {_short(value)} is not an integer from 1 to {MAX_RANK:,}")
+
+
+def _check_alpha_value(path: Path, what: str, value: object) -> None:
+    """A finite number whose float value exists (a 400-digit integer has none)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise MoxError(f"{path}: {what} {_short(value)} is not a finite number")
+
+
+def _nonfinite_in(path: Path, config: dict) -> None:
+    """Refuse NaN/Infinity anywhere in the config (Python's json reads them; PEFT would copy
+    them into the forget adapter's config, which then is not JSON)."""
+    stack: list[tuple[str, object]] = [(k, v) for k, v in config.items()]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MoxError(f"{path}: {where} is {value!r}: not a finite number")
+        if isinstance(value, dict):
+            stack += [(f"{where}[{_short(k)}]", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+
+class PatternMatcher:
+    """PEFT's rank_pattern/alpha_pattern rule (peft.utils.other.get_pattern_key): the first key K
+    for which `re.match(rf"(.*\\.)?({K})$", module)` holds. moxkit evaluates it without a regex
+    engine, on the subset of keys where that is exact and linear: letters, digits, `_`, `-`, `.`
+    (any character, as in the regex), `\\.` (a dot), an optional leading `^` and trailing `$`.
+    Such a key matches a fixed number of characters, so only the module path's tail of that
+    length, after a `.` or at the start, can match: one dictionary lookup per distinct
+    (length, anchoring, wildcard positions) among the keys. Quantifiers, groups, alternation and
+    classes are refused in one line: a key like `(a+)+b` takes a backtracking engine
+    exponential time on a module path of 40 characters. At most MAX_PATTERN_KEYS keys."""
+
+    def __init__(self, where: str, pattern: dict):
+        if len(pattern) > MAX_PATTERN_KEYS:
+            raise MoxError(
+                f"{where}: {len(pattern):,} keys; moxkit reads at most {MAX_PATTERN_KEYS:,}"
+            )
+        self.keys = list(pattern)
+        self._tables: dict[tuple[int, bool, tuple[int, ...]], dict[str, int]] = {}
+        for order, key in enumerate(self.keys):
+            length, anchored, wild, text = _parse_pattern_key(where, key)
+            self._tables.setdefault((length, anchored, wild), {}).setdefault(text, order)
+
+    def first_match(self, module: str) -> str | None:
+        best = None
+        for (length, anchored, wild), table in self._tables.items():
+            cut = len(module) - length
+            if cut < 0 or (cut and (anchored or module[cut - 1] != ".")):
+                continue
+            tail = module[cut:]
+            if wild:
+                chars = list(tail)
+                for i in wild:
+                    chars[i] = "\0"
+                tail = "".join(chars)
+            order = table.get(tail)
+            if order is not None and (best is None or order < best):
+                best = order
+        return None if best is None else self.keys[best]
+
+
+def _parse_pattern_key(where: str, key: str) -> tuple[int, bool, tuple[int, ...], str]:
+    """(length, anchored, wildcard positions, text with NUL at the wildcards) of a key in
+    PatternMatcher's subset; MoxError otherwise."""
+    if len(key) > MAX_PATTERN_KEY_CHARS:
+        raise MoxError(
+            f"{where}: pattern key {_short(key)} is longer than {MAX_PATTERN_KEY_CHARS} characters"
+        )
+    body, anchored = (key[1:], True) if key.startswith("^") else (key, False)
+    if body.endswith("$") and not body.endswith("\\$"):
+        body = body[:-1]
+    chars: list[str] = []
+    wild: list[int] = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and body[i + 1 : i + 2] in (".", "-", "_"):
+            chars.append(body[i + 1])
+            i += 2
+            continue
+        if c == ".":
+            wild.append(len(chars))
+            chars.append("\0")
+        elif c.isascii() and (c.isalnum() or c in "_-"):
+            chars.append(c)
+        else:
+            raise MoxError(
+                f"{where}: pattern key {_short(key)} uses {c!r}; moxkit reads module paths or "
+                "their tails (letters, digits, _ - . \\. and a leading ^), not quantifiers, "
+                "groups, alternation or classes"
+            )
+        i += 1
+    if not chars:
+        raise MoxError(f"{where}: pattern key {_short(key)} is empty")
+    return len(chars), anchored, tuple(wild), "".join(chars)
+
+
+def _module_rank_alpha(
+    config: dict, module: str, patterns: dict[str, PatternMatcher]
+) -> tuple[int, float]:
+    """r and lora_alpha of one module, with PEFT's pattern rule (PatternMatcher)."""
+    values = []
+    for key, default in (("rank_pattern", config["r"]), ("alpha_pattern", config["lora_alpha"])):
+        found = patterns[key].first_match(module)
+        values.append(default if found is None else config[key][found])
+    return values[0], values[1]
+
+
+def _matchers(path: Path, config: dict) -> dict[str, PatternMatcher]:
+    return {
+        key: PatternMatcher(f"{path}: {key}", config.get(key) or {})
+        for key in ("rank_pattern", "alpha_pattern")
+    }
+
+
+def _scaling(config: dict, module: str, patterns: dict[str, PatternMatcher]) -> float:
     """s as PEFT computes it: lora_alpha / r, or lora_alpha / √r with rsLoRA."""
-    rank, alpha = _module_rank_alpha(config, module)
+    rank, alpha = _module_rank_alpha(config, module, patterns)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def _folded_config(config: dict, alpha: float) -> dict:
-    """The forget adapter's config: every lora_alpha (and alpha_pattern entry) times −α."""
+    """The forget adapter's config: every lora_alpha (and alpha_pattern entry) times −α,
+    each a finite float (or MoxError: a lora_alpha near the float limit times α is not)."""
+
+    def fold(what: str, value: float) -> float:
+        folded = -alpha * float(value)
+        if not math.isfinite(folded):
+            raise MoxError(
+                f"{CONFIG_NAME}: {what} {_short(value)} times -{alpha:g} is not a finite number"
+            )
+        return folded
+
     folded = dict(config)
-    folded["lora_alpha"] = -alpha * config["lora_alpha"]
+    folded["lora_alpha"] = fold("lora_alpha", config["lora_alpha"])
     if config.get("alpha_pattern"):
-        folded["alpha_pattern"] = {k: -alpha * v for k, v in config["alpha_pattern"].items()}
+        folded["alpha_pattern"] = {
+            k: fold(f"alpha_pattern[{_short(k)}]", v) for k, v in config["alpha_pattern"].items()
+        }
     return folded
 
 
@@ -421,32 +553,44 @@ def write_forget_adapter(
     force: bool = False,
     fsync: bool = False,
     dry_run: bool = False,
+    max_memory: str | int | None = None,
+    allow_nonfinite: bool = False,
 ) -> AdapterReport:
     """The forget adapter of a LoRA-trained θ_mem: θ_ref − α·s·B·A, as a PEFT adapter folder.
 
     `source` is an adapter folder or an in-memory PEFT model (what `train-mem --lora` trains;
     it is saved to a temporary folder first). With `base` (the model the adapter was trained
     on), every adapted weight is checked against it, and adapters carrying full tensors
-    (modules_to_save) are accepted when those equal the base; without it they are refused."""
+    (modules_to_save) are accepted when those equal the base; without it they are refused.
+    Factors with NaN or inf, or whose product s·B·A (or α·s·B·A) may overflow float32, are
+    refused unless `allow_nonfinite`; a dry run reads and checks them as the run does."""
     if hasattr(source, "peft_config") and hasattr(source, "save_pretrained"):
         with tempfile.TemporaryDirectory(prefix="moxkit-adapter-") as tmp:
             source.save_pretrained(tmp, safe_serialization=True)
             return write_forget_adapter(
-                tmp, alpha, out, base=base, force=force, fsync=fsync, dry_run=dry_run
-            )
+                tmp, alpha, out, base=base, force=force, fsync=fsync, dry_run=dry_run,
+                max_memory=max_memory, allow_nonfinite=allow_nonfinite,
+            )  # fmt: skip
     alpha = check_alpha(alpha, "--alpha")
+    budget = _budget(max_memory)
     adapter = open_adapter(source)
     out = check_output(out, force=force, inputs=[adapter.path] + ([base] if base else []))
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    _check_budget(budget, _scan_bytes([adapter], base_ckpt), "read and copy the adapter")
     reader = FileReader()
     try:
-        if base is not None:
-            _check_against_base(adapter, open_checkpoint(base), reader)
+        if base_ckpt is not None:
+            _check_against_base(adapter, base_ckpt, reader)
         elif adapter.full:
             raise MoxError(
                 f"{adapter.path}: holds full tensors (modules_to_save); give the base model "
                 "to check them against"
             )
         config = _folded_config(adapter.config, alpha)
+        if not allow_nonfinite:
+            for m in adapter.modules.values():
+                b, a = _read_array(reader, m.b), _read_array(reader, m.a)
+                _check_low_rank(adapter.path, m.name, b, a, max(1.0, alpha) * abs(m.scaling))
         report = AdapterReport(
             out=out,
             kind="forget adapter",
@@ -485,6 +629,8 @@ def momentum_forget_adapter(
     base: str | os.PathLike | None = None,
     force: bool = False,
     fsync: bool = False,
+    max_memory: str | int | None = None,
+    allow_nonfinite: bool = False,
 ) -> AdapterReport:
     """MOX-Mo over adapter snapshots (oldest first): θ_ref − α·Σ_k w_k·s_k·B_k·A_k, one adapter
     of concatenated rank, or of rank `rank` by a truncated SVD (error in the report)."""
@@ -495,7 +641,10 @@ def momentum_forget_adapter(
     terms = list(zip(momentum_weights(len(adapters), eta), adapters, strict=True))
     formula = f"BASE − {alpha:g}·Σ_k w_k·s_k·B_k·A_k over {len(adapters)} snapshots, η = {eta:g}"
     inputs = [a.path for a in adapters]
-    return _write_combined(terms, alpha, eta, rank, out, base, force, formula, inputs, fsync=fsync)
+    return _write_combined(
+        terms, alpha, eta, rank, out, base, force, formula, inputs, fsync=fsync,
+        max_memory=max_memory, allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
 
 
 def extrapolate_adapter(
@@ -530,8 +679,10 @@ def extrapolate_adapter(
         if dtype is not None:
             raise MoxError("--dtype applies to --merge; a forget adapter keeps the factors' dtype")
         return write_forget_adapter(
-            adapter, alpha, out, base=base, force=force, fsync=fsync, dry_run=dry_run
-        )
+            adapter, alpha, out, base=base, force=force, fsync=fsync, dry_run=dry_run,
+            max_memory=max_memory, allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
+    budget = _budget(max_memory)
     new = open_adapter(adapter)
     if prev is None:
         terms, eta_used = [(1.0, new)], None
@@ -553,19 +704,29 @@ def extrapolate_adapter(
             raise MoxError("--dtype applies to --merge; forget adapters are written in fp32")
         return _write_combined(
             terms, alpha, eta_used, rank, out, base, force, formula, inputs,
-            fsync=fsync, dry_run=dry_run,
+            fsync=fsync, dry_run=dry_run, max_memory=max_memory, allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
     base_ckpt = open_checkpoint(base)
+    single = len(terms) == 1 and rank is None  # PEFT's merge of the forget adapter, op for op
+    parts = _combine_parts(terms, rank)
+    if single:
+        held, transient = sum(4 * _factor_elems(m) for m in new.modules.values()), 0
+    else:
+        held, transient = _combine_bytes(parts, rank)
+    _check_merge_budget(budget, held, transient, [t[1] for t in terms], base_ckpt)
     reader = FileReader()
     try:
         for _, found in terms:
             _check_against_base(found, base_ckpt, reader)
-        if len(terms) == 1 and rank is None:  # PEFT's merge of the forget adapter, op for op
+        if single:
             folded = _folded_config(new.config, alpha)
-            combined, errors = _raw_factors(new, reader), {}
-            scale: float | dict[str, float] = {n: _scaling(folded, n) for n in new.modules}
+            patterns = _matchers(new.path / CONFIG_NAME, folded)
+            scale: float | dict[str, float] = {
+                n: _scaling(folded, n, patterns) for n in new.modules
+            }
+            combined, errors = _raw_factors(new, reader, scale, allow_nonfinite), {}
         else:
-            combined, errors = _combine(terms, alpha, rank, reader)
+            combined, errors = _combine(parts, alpha, rank, reader, allow_nonfinite)
             scale = -alpha
     finally:
         reader.close()
@@ -592,15 +753,22 @@ def _write_combined(
     *,
     fsync: bool = False,
     dry_run: bool = False,
+    max_memory: str | int | None = None,
+    allow_nonfinite: bool = False,
 ) -> AdapterReport:
     """θ_ref − α·Σ weight·s·B·A over the terms as one adapter (scaling −α, blocks weighted)."""
+    budget = _budget(max_memory)
     out = check_output(out, force=force, inputs=inputs + ([base] if base else []))
+    parts = _combine_parts(terms, rank)
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    held, transient = _combine_bytes(parts, rank)
+    scan = _scan_bytes([t[1] for t in terms], base_ckpt)
+    _check_budget(budget, held + max(transient, scan), "combine the adapters")
     reader = FileReader()
     try:
         newest = terms[-1][1]
         full = newest.full
-        if base is not None:
-            base_ckpt = open_checkpoint(base)
+        if base_ckpt is not None:
             for _, found in terms:
                 _check_against_base(found, base_ckpt, reader)
         elif any(found.full for _, found in terms):
@@ -608,7 +776,7 @@ def _write_combined(
                 f"{newest.path}: holds full tensors (modules_to_save); give the base model "
                 "to check them against"
             )
-        combined, errors = _combine(terms, alpha, rank, reader)
+        combined, errors = _combine(parts, alpha, rank, reader, allow_nonfinite)
         out_rank = max(c.a.shape[0] for c in combined.values())
         config = _combined_config(newest.config, combined, out_rank, alpha)
         named: list[tuple[str, TensorInfo | np.ndarray]] = [(k, v) for k, v in full.items()]
@@ -641,19 +809,18 @@ def _write_combined(
         reader.close()
 
 
-def _combine(
-    terms: list[tuple[float, Adapter]], alpha: float, rank: int | None, reader: FileReader
-) -> tuple[dict[str, _LowRank], dict[str, tuple[float, float]]]:
-    """Σ_terms weight·s·B·A per module as B_cat·A_cat (the caller's scaling −α outside):
-    blocks weight·s·B computed in fp64 and rounded once to fp32. With `rank`, each sum is
-    replaced by its best rank-`rank` approximation (fp64 from the fp32 blocks); errors maps
-    module -> (‖ΔW−ΔW_r‖_F², ‖ΔW‖_F²)."""
+_Parts = dict[str, list[tuple[float, "LoraModule", Path]]]
+
+
+def _combine_parts(terms: list[tuple[float, Adapter]], rank: int | None) -> _Parts:
+    """module -> [(weight, module of one input, that input's folder)], the terms' modules
+    checked to agree in kind and shape; no factor read yet."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise MoxError(f"--rank {rank!r}: must be a positive integer")
-    parts: dict[str, list[tuple[float, LoraModule]]] = {}
+    parts: _Parts = {}
     for weight, found in terms:
         for name, module in found.modules.items():
-            known = parts.setdefault(name, [(weight, module)])[0][1]
+            known = parts.setdefault(name, [(weight, module, found.path)])[0][1]
             if known is not module and (
                 known.embedding != module.embedding
                 or (known.b.shape[0], known.a.shape[1]) != (module.b.shape[0], module.a.shape[1])
@@ -663,20 +830,40 @@ def _combine(
                     "adapters'"
                 )
             if known is not module:
-                parts[name].append((weight, module))
+                parts[name].append((weight, module, found.path))
+    return parts
+
+
+def _combine(
+    parts: _Parts, alpha: float, rank: int | None, reader: FileReader, allow_nonfinite: bool
+) -> tuple[dict[str, _LowRank], dict[str, tuple[float, float]]]:
+    """Σ_parts weight·s·B·A per module as B_cat·A_cat (the caller's scaling −α outside):
+    blocks weight·s·B computed in fp64 and rounded once to fp32. With `rank`, each sum is
+    replaced by its best rank-`rank` approximation (fp64 from the fp32 blocks); errors maps
+    module -> (‖ΔW−ΔW_r‖_F², ‖ΔW‖_F²). Non-finite blocks, or a sum −α·B·A that may overflow
+    float32, are refused unless `allow_nonfinite`; with `rank` non-finite blocks always are."""
     combined, errors = {}, {}
     for name, items in parts.items():
         newest = items[-1][1]
-        total = sum(m.rank for _, m in items)
+        total = sum(m.rank for _, m, _ in items)
         b = np.empty((newest.b.shape[0], total), np.float32)
         a = np.empty((total, newest.a.shape[1]), np.float32)
         col = 0
-        for weight, m in items:  # each block: fp64 product, one rounding into place
+        for weight, m, _ in items:  # each block: fp64 product, one rounding into place
             block = slice(col, col + m.rank)
             factor = weight * m.scaling
-            np.multiply(_read_array(reader, m.b), factor, out=b[:, block], dtype=np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):  # inf is checked below
+                np.multiply(_read_array(reader, m.b), factor, out=b[:, block], dtype=np.float64)
             a[block] = _read_array(reader, m.a)
             col += m.rank
+        where = items[-1][2]
+        if not allow_nonfinite:
+            _check_low_rank(where, name, b, a, alpha, "weighted factors w·s·B, A")
+        if rank is not None and not (np.isfinite(b).all() and np.isfinite(a).all()):
+            raise MoxError(
+                f"{where}: module {name!r}: the weighted factors have non-finite values (NaN or "
+                "inf); --rank cannot re-compress them"
+            )
         if rank is not None:
             with threadpool_limits(1):  # 48-wide panels: BLAS threads only add spinning
                 b64, a64, errors[name] = _truncate(b.astype(np.float64), a.astype(np.float64), rank)
@@ -685,11 +872,113 @@ def _combine(
     return combined, errors
 
 
-def _raw_factors(adapter: Adapter, reader: FileReader) -> dict[str, _LowRank]:
-    return {
-        name: _LowRank(m, _read_array(reader, m.b), _read_array(reader, m.a))
-        for name, m in adapter.modules.items()
-    }
+def _raw_factors(
+    adapter: Adapter, reader: FileReader, scale: dict[str, float], allow_nonfinite: bool
+) -> dict[str, _LowRank]:
+    """Each module's factors as they are (fp32), checked as write_forget_adapter checks them."""
+    found = {}
+    for name, m in adapter.modules.items():
+        b, a = _read_array(reader, m.b), _read_array(reader, m.a)
+        if not allow_nonfinite:
+            _check_low_rank(adapter.path, name, b, a, abs(scale[name]))
+        found[name] = _LowRank(m, b, a)
+    return found
+
+
+def _factor_elems(m: LoraModule) -> int:
+    return m.a.numel + m.b.numel
+
+
+def _check_low_rank(
+    where: Path, name: str, b: np.ndarray, a: np.ndarray, scale: float, what: str = "factors"
+) -> None:
+    """MoxError if B or A holds NaN/inf, or if scale·B·A may leave float32's range: its entries
+    are at most |scale| · (largest row sum of |B|) · (largest |A|), bounded in fp64."""
+    why = f"non-finite {what} (NaN or inf"
+    why += "; lora_alpha/r too large for float32?)" if what != "factors" else ")"
+    if np.isfinite(b).all() and np.isfinite(a).all():
+        if not b.size or not a.size:
+            return
+        row = float(np.abs(b).sum(axis=1, dtype=np.float64).max())
+        bound = abs(scale) * row * float(np.abs(a).max())
+        if bound <= FLOAT32_MAX:
+            return
+        why = f"a product that may overflow float32 to non-finite values (up to {bound:.3g})"
+    raise MoxError(f"{where}: module {name!r} has {why}; pass --allow-nonfinite to keep them")
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def _budget(max_memory: str | int | None) -> int | None:
+    return parse_size(max_memory, "--max-memory") if max_memory is not None else None
+
+
+def _check_budget(budget: int | None, extra: int, doing: str) -> None:
+    """Refuse before any work when what a stage will allocate, beside what the process holds
+    and RESERVED_BYTES of slack, does not fit under --max-memory."""
+    if budget is None:
+        return
+    resident = psutil.Process().memory_info().rss
+    need = extra + RESERVED_BYTES
+    if resident + need > budget:
+        raise MoxError(
+            f"--max-memory {format_bytes(budget)} is too small to {doing}: it needs about "
+            f"{format_bytes(need)} beside the {format_bytes(resident)} this process holds; "
+            f"allow at least {format_bytes(resident + need)}"
+        )
+
+
+def _scan_bytes(found: list[Adapter], base: Checkpoint | None) -> int:
+    """What reading one module's factors (raw bytes, widened to fp32, the checks' temporaries:
+    16 bytes an element) or comparing and copying tensors in chunks costs at once."""
+    scan = max((16 * _factor_elems(m) for f in found for m in f.modules.values()), default=0)
+    largest = max((i.nbytes for f in found for i in f.checkpoint.tensors.values()), default=0)
+    if base is not None:
+        largest = max([largest, *(base.tensors[n].nbytes for f in found for n in _full_names(f)
+                                  if n in base.tensors)])  # fmt: skip
+    return max(scan, 2 * min(COPY_CHUNK_BYTES, largest))
+
+
+def _full_names(found: Adapter) -> list[str]:
+    return [k[len(KEY_PREFIX) :].replace(".base_layer.", ".") for k in found.full]
+
+
+def _combine_bytes(parts: _Parts, rank: int | None) -> tuple[int, int]:
+    """(held, transient) bytes of _combine and of writing its result: every module's fp32
+    factors (and their copies padded to one rank) are held; one module at a time needs its
+    fp32 blocks and, with `rank`, their fp64 copies, both QR factorizations, the core's SVD."""
+    ranks = {}
+    for name, items in parts.items():
+        m = items[-1][1]
+        total = sum(i[1].rank for i in items)
+        ranks[name] = min(rank, total, m.b.shape[0], m.a.shape[1]) if rank else total
+    out_rank = max(ranks.values(), default=0)
+    held = transient = 0
+    for name, items in parts.items():
+        m = items[-1][1]
+        rows_cols = m.b.shape[0] + m.a.shape[1]
+        held += 4 * rows_cols * (ranks[name] + out_rank)
+        total = sum(i[1].rank for i in items)
+        need = 4 * rows_cols * total + max(16 * _factor_elems(i[1]) for i in items)
+        if rank:
+            need += 8 * (3 * rows_cols * total + 5 * total * total)
+        transient = max(transient, need)
+    return held, transient
+
+
+def _check_merge_budget(
+    budget: int | None, held: int, transient: int, found: list[Adapter], base: Checkpoint
+) -> None:
+    """The merge's budget, checked before any factor is read, the same in a dry run: torch
+    (imported first, as the merge needs it), the factors it holds, the larger of reading them
+    and the smallest tile (64 Ki elements, 16 bytes each) or copy chunk."""
+    if budget is None:
+        return
+    import torch  # noqa: F401  (what the real merge holds before its first tile)
+
+    scan = _scan_bytes(found, base)
+    _check_budget(budget, held + max(transient, scan, 16 * MIN_TILE_ELEMS), "merge the adapter")
 
 
 def _truncate(
@@ -698,9 +987,12 @@ def _truncate(
     """Best rank-`rank` factors of B·A (fp64): B = Q_B·R_B, Aᵀ = Q_A·R_A, SVD of the small
     core R_B·R_Aᵀ = U·S·Vᵀ, then B' = Q_B·U_r·√S_r, A' = √S_r·V_rᵀ·Q_Aᵀ. The discarded
     singular values give the error exactly (Eckart–Young)."""
-    q_b, r_b = np.linalg.qr(b)
-    q_a, r_a = np.linalg.qr(a.T)
-    u, s, vt = np.linalg.svd(r_b @ r_a.T)
+    try:
+        q_b, r_b = np.linalg.qr(b)
+        q_a, r_a = np.linalg.qr(a.T)
+        u, s, vt = np.linalg.svd(r_b @ r_a.T)
+    except np.linalg.LinAlgError as exc:  # finite input converges; kept as a one-line error
+        raise MoxError(f"--rank {rank}: the truncated SVD failed ({exc})") from None
     k = min(rank, len(s))
     root = np.sqrt(s[:k])
     new_b = (q_b @ u[:, :k]) * root
@@ -793,6 +1085,10 @@ def _write_adapter(
         for name, v in named
     ]
     (shard,) = layout([outputs], metadata, [WEIGHTS_NAME])
+    try:  # strict JSON: the checks above leave no NaN or inf in a config moxkit writes
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise MoxError(f"{out}: the forget adapter's config is not strict JSON ({exc})") from None
     with staged_dir(out, force=force, fsync=fsync) as tmp:
         writer = ShardWriter([shard], [tmp / shard.filename])
         try:
@@ -806,8 +1102,8 @@ def _write_adapter(
                     writer.write(name, start, memoryview(buf))
         finally:
             writer.close()
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return shard.file_size + len(json.dumps(config, indent=2, sort_keys=True)) + 1
+        (tmp / CONFIG_NAME).write_text(text)
+    return shard.file_size + len(text.encode())
 
 
 # --------------------------------------------------------------------------- streamed merge
@@ -833,13 +1129,15 @@ def merge_adapter(
     merge_and_unload gives, without holding the model in memory."""
     base_ckpt = open_checkpoint(base)
     found = open_adapter(adapter)
+    held = sum(4 * _factor_elems(m) for m in found.modules.values())
+    _check_merge_budget(_budget(max_memory), held, 0, [found], base_ckpt)
+    scales = {name: m.scaling for name, m in found.modules.items()}
     reader = FileReader()
     try:
         _check_against_base(found, base_ckpt, reader)
-        combined = _raw_factors(found, reader)
+        combined = _raw_factors(found, reader, scales, allow_nonfinite)
     finally:
         reader.close()
-    scales = {name: m.scaling for name, m in found.modules.items()}
     return _merge(
         base_ckpt, combined, scales, Path(out), "BASE + s·B·A", [found.path],
         dtype=dtype, max_memory=max_memory, max_shard_size=max_shard_size, device=device,
@@ -974,11 +1272,11 @@ def _tile_elems(budget: int | None) -> int:
         return MAX_TILE_ELEMS
     resident = psutil.Process().memory_info().rss
     elems = min(MAX_TILE_ELEMS, (budget - resident - RESERVED_BYTES) // 16)
-    if elems < 64 * 1024:
+    if elems < MIN_TILE_ELEMS:
         raise MoxError(
             f"--max-memory {format_bytes(budget)} is too small: this process already holds "
             f"{format_bytes(resident)}; allow at least "
-            f"{format_bytes(resident + RESERVED_BYTES + 16 * 64 * 1024)}"
+            f"{format_bytes(resident + RESERVED_BYTES + 16 * MIN_TILE_ELEMS)}"
         )
     return elems
 
@@ -1024,10 +1322,12 @@ class _TileMerge:
 
 
 def _copy_tensor(reader, writer, info: TensorInfo, out_code: str, tile_elems: int, torch) -> None:
-    """Unadapted tensors: bytes copied, or (with --dtype) converted chunk by chunk."""
+    """Unadapted tensors: bytes copied, or (with --dtype) converted chunk by chunk; a chunk
+    costs what a tile may (16 bytes an element)."""
     if out_code == info.dtype:
-        for start in range(0, info.nbytes, COPY_CHUNK_BYTES):
-            buf = bytearray(min(COPY_CHUNK_BYTES, info.nbytes - start))
+        chunk = min(COPY_CHUNK_BYTES, 16 * tile_elems)
+        for start in range(0, info.nbytes, chunk):
+            buf = bytearray(min(chunk, info.nbytes - start))
             reader.read_into(info.file, info.start + start, memoryview(buf))
             writer.write(info.name, start, memoryview(buf))
         return
