@@ -8,18 +8,33 @@ one clear line when offline and not cached.
 Everything found inside a model folder is hostile until checked here, once:
 - names an index gives must be plain file names (no separators, no '..', not absolute);
 - links are followed only where the target stays inside the model's own tree: the folder
-  itself, or for a hub cache snapshot (snapshots/REV/ whose files link into ../../blobs) the
-  repo folder models--ORG--NAME; symlink loops and dangling links are refused;
+  itself, or for a hub cache snapshot (models--ORG--NAME/snapshots/REV/, whose files link into
+  ../../blobs) that snapshot and its own repository's blobs/; symlink loops and dangling links
+  are refused;
 - only regular files are read (a FIFO named *.safetensors must not hang the run, and
   /proc files or devices must never be copied into an output);
 - every JSON file is read through read_json: a size cap, a depth cap, Python's cap on the
   digits of an integer, an object at the top, duplicate keys refused, one-line errors.
+- the model files besides the weights (model_files: config, tokenizer, generation config,
+  chat template) are the MODEL_FILE_PATTERNS names only, each at most MAX_MODEL_FILE_BYTES;
+  one that breaks a rule is left out with a warning naming it.
 A file is remembered as a ModelFile (device, inode, size), so a reader can tell when it was
 replaced or truncated after it was checked.
+
+A hub id is resolved here, not by huggingface_hub, whose cache reader follows whatever the
+cache holds (a ref holding a path, a snapshot linking elsewhere, a FIFO, a device): the
+revision must be a commit hash or a plain ref name (check_revision); a ref file must be a
+small regular file of the repository itself, opened without following links or blocking,
+holding exactly a commit hash in ASCII; the snapshot must be the folder
+models--ORG--NAME/snapshots/COMMIT itself, not a link. Offline, nothing else in the cache is
+read (huggingface_hub's trees/*.json listings never are); online, the parts of the cache the
+hub library reads itself (the ref, snapshots/, trees/) are checked before it is called, and
+what it downloaded is resolved again by the same rules.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import logging
@@ -37,6 +52,10 @@ log = logging.getLogger("moxkit")
 MAX_JSON_BYTES = 100_000_000  # safetensors' own header limit; no model's JSON comes near
 MAX_JSON_DEPTH = 64  # configs nest a handful of levels; Python's recursion limit is ~1000
 JSON_PARSE_FACTOR = 7  # peak bytes per JSON byte: 6.0 measured on a 1.3M-tensor index
+# a model file besides the weights (the largest tokenizer.json known is ~35 MB); read whole
+# by transformers, so a bigger one is left out rather than loaded or carried
+MAX_MODEL_FILE_BYTES = 100_000_000
+MAX_REF_BYTES = 4096  # a cache ref holds a 40-digit commit hash; room for whitespace only
 
 # files of a model besides its weights: what a hub download fetches and what OUT carries over
 MODEL_FILE_PATTERNS = (
@@ -57,7 +76,15 @@ MODEL_FILE_PATTERNS = (
     "adapter_config.json",
 )
 
-_HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]{0,95})/([A-Za-z0-9][\w.-]{0,95})(?:@([\w./-]{1,128}))?")
+# org/name[@revision]; the revision is checked by check_revision, which names what is wrong
+_HUB_ID = re.compile(
+    r"([A-Za-z0-9][\w.-]{0,95})/([A-Za-z0-9][\w.-]{0,95})(?:@(.+))?", re.ASCII | re.DOTALL
+)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# one '/'-separated part of a ref name: what git and the hub allow, minus anything that could
+# act as a path ('.', '..', empty parts) or look like an option
+_REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", re.ASCII)
+MAX_REVISION_CHARS = 128
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -101,7 +128,8 @@ class ModelFile:
 
 def tree_root(folder: Path) -> Path:
     """The tree links inside `folder` may point into: the folder itself, or for a hub cache
-    snapshot (models--ORG--NAME/snapshots/REV) the repo folder that holds blobs/."""
+    snapshot (models--ORG--NAME/snapshots/REV) the repo folder that holds blobs/ (member
+    then narrows it to the snapshot itself and blobs/)."""
     real = Path(_realpath(folder))
     snapshots, repo = real.parent, real.parent.parent
     if snapshots.name == "snapshots" and repo.name.startswith("models--"):
@@ -134,12 +162,52 @@ def member(folder: Path, name: str, root: Path | None = None) -> ModelFile:
     root = root if root is not None else tree_root(folder)
     path = folder / name
     real = _realpath(path)
-    if not _inside(real, root):
+    snapshot = _snapshot_in(folder, root)
+    if snapshot is not None:
+        if not (_inside(real, root / "blobs") or _inside(real, snapshot)):
+            raise MoxError(
+                f"{shown(path)}: links to {shown(real)}, outside this cache snapshot and its "
+                "repository's blobs/; moxkit follows links only into them"
+            )
+    elif not _inside(real, root):
         raise MoxError(
             f"{shown(path)}: links to {shown(real)}, outside the model's folder; moxkit "
             "follows links only within it"
         )
     return _checked(path, real)
+
+
+def _snapshot_in(folder: Path, root: Path) -> Path | None:
+    """`folder` (links resolved) when it is a snapshot of the hub cache repository `root`."""
+    if not root.name.startswith("models--"):
+        return None
+    real = Path(os.path.realpath(folder))
+    return real if real.parent == root / "snapshots" else None
+
+
+def model_files(folder: Path, left_out: str) -> list[ModelFile]:
+    """The files of `folder` besides its weights that a model needs (MODEL_FILE_PATTERNS),
+    checked: each that breaks a rule is named in a warning saying it is `left_out` ("not
+    carried over") and skipped, so that nothing it links to is ever read."""
+    root = tree_root(folder)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise MoxError(f"{shown(folder)}: cannot list: {exc.strerror or exc}") from None
+    files = []
+    for name in filter(is_model_file, names):
+        try:
+            file = member(folder, name, root)
+            if file.size > MAX_MODEL_FILE_BYTES:
+                raise MoxError(
+                    f"{file}: {file.size:,} bytes; moxkit reads model files besides the "
+                    f"weights up to {MAX_MODEL_FILE_BYTES:,} bytes"
+                )
+        except MoxError as exc:
+            log.warning("moxkit: warning: %s: %s", left_out, exc)
+            continue
+        files.append(file)
+    return files
 
 
 def user_file(path: Path) -> ModelFile:
@@ -321,10 +389,38 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None) 
             log.debug("revision %s ignored for the local path %s", revision, text)
         return path
     match = _HUB_ID.fullmatch(text)
-    if match is None or ".." in text:
+    if match is None or ".." in match[1] + "/" + match[2]:
         raise MoxError(f"{shown(text)}: no such file or directory")
     repo_id = f"{match[1]}/{match[2]}"
-    return _hub_snapshot(repo_id, match[3] or revision)
+    revision = match[3] if match[3] is not None else revision
+    if revision is not None:
+        check_revision(revision, repo_id)
+    return _hub_snapshot(repo_id, revision)
+
+
+def check_revision(revision: object, where: str) -> str:
+    """`revision` if it is a commit hash or a ref name (a branch, a tag, refs/pr/N): at
+    most MAX_REVISION_CHARS, '/'-separated parts of ASCII letters, digits and `_ . + -`,
+    each starting with a letter, digit or '_', none ending in '.' or '.lock', no '..'.
+    Anything else (a path, '..', an empty part, a control character) is MoxError: the
+    revision names a file under refs/, and must never name one elsewhere."""
+    ok = (
+        isinstance(revision, str)
+        and 0 < len(revision) <= MAX_REVISION_CHARS
+        and all(
+            _REF_PART.fullmatch(part) and ".." not in part and not part.endswith((".", ".lock"))
+            for part in revision.split("/")
+        )
+    )
+    if not ok:
+        given = (
+            revision[:80] + "..." if isinstance(revision, str) and len(revision) > 80 else revision
+        )
+        raise MoxError(
+            f"{where}: revision {_quote(given)} is not a commit hash or a ref name (a branch "
+            "or tag: letters, digits and _ . + - in '/'-separated parts, no '..')"
+        )
+    return revision
 
 
 def _cache_dir() -> str:
@@ -342,20 +438,9 @@ def _offline() -> bool:
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    import huggingface_hub
-    from huggingface_hub import errors as hub_errors
-
     cache = _cache_dir()
     label = f"{repo_id}" + (f"@{revision}" if revision else "")
-    cached: Path | None = None
-    try:
-        cached = Path(
-            huggingface_hub.snapshot_download(
-                repo_id, revision=revision, cache_dir=cache, local_files_only=True
-            )
-        )
-    except (hub_errors.LocalEntryNotFoundError, hub_errors.HFValidationError, OSError):
-        cached = None
+    cached = _cached_snapshot(_CacheRepo(cache, repo_id, label), revision or "main")
     if cached is not None and _has_weights(cached):
         return cached
     if _offline():
@@ -367,12 +452,125 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     return _download(repo_id, revision, cache, label)
 
 
+@dataclass(frozen=True)
+class _CacheRepo:
+    """A model's folder in the hub cache, models--ORG--NAME, and how errors name it."""
+
+    cache: str
+    repo_id: str
+    label: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cache) / ("models--" + self.repo_id.replace("/", "--"))
+
+    def real(self) -> str | None:
+        """The folder with links resolved (the cache itself may live behind a link), or
+        None when the cache does not hold this model."""
+        if not os.path.lexists(self.path):
+            return None
+        real = _realpath(self.path)
+        if not os.path.isdir(real):
+            raise MoxError(f"{self.label}: {shown(self.path)} is not a folder")
+        return real
+
+    def own(self, path: Path, root: str) -> None:
+        """MoxError unless `path` is where it claims to be in the repository: no link on
+        the way (a refs/ or snapshots/ linking elsewhere, a snapshot linking to a folder
+        outside the cache)."""
+        real = _realpath(path)
+        expected = os.path.join(root, os.path.relpath(path, self.path))
+        if real != expected:
+            raise MoxError(
+                f"{self.label}: {shown(path)} leads to {shown(real)} through a link; moxkit "
+                f"reads the hub cache only as huggingface_hub lays it out in {shown(self.path)}"
+            )
+
+
+def _cached_snapshot(repo: _CacheRepo, revision: str) -> Path | None:
+    """The snapshot folder of `revision` (a checked revision) in the local cache, or None
+    when the cache does not hold it; MoxError when what it holds breaks the rules."""
+    root = repo.real()
+    if root is None:
+        return None
+    commit = revision if _COMMIT.fullmatch(revision) else _read_ref(repo, root, revision)
+    if commit is None:
+        return None
+    snapshot = repo.path / "snapshots" / commit
+    if not os.path.lexists(snapshot):
+        return None
+    repo.own(snapshot, root)
+    if not os.path.isdir(snapshot):
+        raise MoxError(f"{repo.label}: {shown(snapshot)} is not a folder")
+    return snapshot
+
+
+def _read_ref(repo: _CacheRepo, root: str, revision: str) -> str | None:
+    """The commit hash refs/`revision` holds, or None when there is no such ref. Opened
+    without following links and without blocking (a FIFO), fstat'ed before reading (a
+    device, a huge file), decoded strictly: whatever it holds, one line."""
+    ref = repo.path / "refs" / revision
+    if not os.path.lexists(ref):
+        return None
+    repo.own(ref.parent, root)
+    where = f"{repo.label}: {shown(ref)}"
+    try:
+        fd = os.open(ref, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MoxError(f"{where} is a link; a ref is a file holding a commit hash") from None
+        raise MoxError(f"{where}: cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MoxError(f"{where}: not a regular file; a ref is a file holding a commit hash")
+        if st.st_size > MAX_REF_BYTES:
+            raise MoxError(f"{where} is {st.st_size:,} bytes; a ref holds a 40-digit commit hash")
+        raw = os.read(fd, MAX_REF_BYTES + 1)
+    except OSError as exc:
+        raise MoxError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise MoxError(f"{where} is not ASCII text; a ref holds a commit hash") from None
+    if len(raw) > MAX_REF_BYTES or not _COMMIT.fullmatch(text):
+        raise MoxError(f"{where} holds {ascii(text[:60])}, not a commit hash (40 hex digits)")
+    return text
+
+
+def _check_before_hub(repo: _CacheRepo, revision: str) -> None:
+    """What huggingface_hub reads in the repository by itself when it downloads, checked
+    first by moxkit's rules: the ref it updates, the snapshot folders it writes links into
+    (real folders, no links elsewhere) and its tree listings trees/*.json (regular files of
+    the repository, bounded JSON)."""
+    root = repo.real()
+    if root is None:
+        return
+    if not _COMMIT.fullmatch(revision):
+        _read_ref(repo, root, revision)
+    for sub in ("snapshots", "trees", "blobs"):
+        if os.path.lexists(repo.path / sub):
+            repo.own(repo.path / sub, root)
+    if os.path.lexists(repo.path / "snapshots"):
+        for name in os.listdir(repo.path / "snapshots"):
+            repo.own(repo.path / "snapshots" / name, root)
+    if os.path.lexists(repo.path / "trees"):
+        for name in sorted(os.listdir(repo.path / "trees")):
+            try:
+                read_json(member(repo.path / "trees", name, Path(root)), "tree listing")
+            except MoxError as exc:
+                raise MoxError(f"{repo.label}: {exc}") from None
+
+
 def _download(repo_id: str, revision: str | None, cache: str, label: str) -> Path:
     """Fetch the model's small files first, then exactly the weights its index names."""
     import huggingface_hub
 
+    repo = _CacheRepo(cache, repo_id, label)
     patterns = [*MODEL_FILE_PATTERNS, "*.safetensors.index.json"]
-    snapshot = Path(_fetch(huggingface_hub, repo_id, revision, cache, patterns, label))
+    snapshot = _fetch(huggingface_hub, repo, revision, patterns)
     index = snapshot / "model.safetensors.index.json"
     if index.is_file():
         data = read_json(member(snapshot, index.name), "index")
@@ -383,7 +581,7 @@ def _download(repo_id: str, revision: str | None, cache: str, label: str) -> Pat
         weights = sorted({check_file_name(shard, where) for shard in weight_map.values()})
     else:
         weights = ["model.safetensors", "adapter_model.safetensors"]
-    _fetch(huggingface_hub, repo_id, revision, cache, weights, label)
+    _fetch(huggingface_hub, repo, revision, weights)
     if not _has_weights(snapshot):
         raise MoxError(
             f"{label}: no safetensors weights on the hub (moxkit never downloads .bin or "
@@ -392,12 +590,16 @@ def _download(repo_id: str, revision: str | None, cache: str, label: str) -> Pat
     return snapshot
 
 
-def _fetch(hub, repo_id, revision, cache, patterns, label) -> str:
+def _fetch(hub, repo: _CacheRepo, revision: str | None, patterns) -> Path:
+    """Let huggingface_hub download into the cache (after checking what it will read
+    there), then find the snapshot again by moxkit's own rules, not by the path it returns."""
     from huggingface_hub import errors as hub_errors
 
+    label = repo.label
+    _check_before_hub(repo, revision or "main")
     try:
-        return hub.snapshot_download(
-            repo_id, revision=revision, cache_dir=cache, allow_patterns=list(patterns)
+        hub.snapshot_download(
+            repo.repo_id, revision=revision, cache_dir=repo.cache, allow_patterns=list(patterns)
         )
     except hub_errors.RepositoryNotFoundError:
         raise MoxError(f"{label}: no such model on the Hugging Face hub (or private)") from None
@@ -408,6 +610,10 @@ def _fetch(hub, repo_id, revision, cache, patterns, label) -> str:
     except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MoxError(f"{label}: download failed: {first}") from None
+    snapshot = _cached_snapshot(repo, revision or "main")
+    if snapshot is None:
+        raise MoxError(f"{label}: downloaded, but the cache holds no snapshot for it")
+    return snapshot
 
 
 def _has_weights(snapshot: Path) -> bool:
@@ -416,9 +622,10 @@ def _has_weights(snapshot: Path) -> bool:
     if os.path.lexists(index):
         try:
             weight_map = read_json(member(snapshot, index.name), "index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                return True
+            shards = {check_file_name(s, "index") for s in weight_map.values()}
         except MoxError:
             return True  # broken: let the checkpoint reader say so, naming the file
-        if not isinstance(weight_map, dict):
-            return True
-        return all(os.path.exists(snapshot / str(s)) for s in set(weight_map.values()))
+        return all(os.path.exists(snapshot / s) for s in shards)
     return any(name.endswith(".safetensors") for name in os.listdir(snapshot))
