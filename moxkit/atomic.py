@@ -219,10 +219,13 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible(final: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt, once; later ones wait until the block is
     left (cleanup is never cut short). Outside the main thread it does nothing: Python runs
-    signal handlers in the main thread only."""
+    signal handlers in the main thread only. `final`: the process ends with the block (a
+    command's entry point), so the signals are ignored from then on instead of going back to
+    their defaults: a burst of SIGTERMs after "interrupted" was printed must not kill the
+    process by the signal in the moment between the two."""
     if not _main_thread():
         yield
         return
@@ -238,7 +241,7 @@ def interruptible() -> Iterator[None]:
         _state.depth -= 1
         if _state.depth == 0:
             for s, handler in _state.previous.items():
-                signal.signal(s, handler)
+                signal.signal(s, signal.SIG_IGN if final else handler)
             _state.interrupted = False
             _state.pending.clear()
 

@@ -29,13 +29,12 @@ def read_records(path: Path, name: str) -> list[tuple[str, object]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path).to_pylist()
-            return [(f"row {i + 1}", rec) for i, rec in enumerate(table)]
+            return [(f"row {i + 1}", rec) for i, rec in enumerate(_parquet_rows(path, name))]
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise MoxError(f"{name} {path}: cannot read: {_one_line(exc)}") from None
+    except MoxError:
+        raise
     except Exception as exc:  # pyarrow raises its own types for corrupt files
         raise MoxError(f"{name} {path}: not a readable Parquet file: {_one_line(exc)}") from None
     records = _parse(text, f"{name} {path}", several=_SEVERAL) if suffix == ".json" else _SEVERAL
@@ -52,6 +51,60 @@ def read_records(path: Path, name: str) -> list[tuple[str, object]]:
         if line.strip():
             out.append((f"line {lineno}", _parse(line, f"{name} {path}: line {lineno}")))
     return out
+
+
+# Parquet packs rows far below a byte each (dictionary and run-length encoding: a 12 KB file
+# holds 1.7 M rows, which cost 9 GiB as Python objects), so what a file may unfold into is
+# bounded by its size on disk, not by what its metadata claims, and by fixed limits.
+PARQUET_ROWS_PER_BYTE = 1  # a row of text takes at least a byte of a real file
+PARQUET_MAX_ROWS = 10_000_000
+PARQUET_TEXT_PER_BYTE = 100  # decoded text per byte of file (real text compresses ~3-10x)
+PARQUET_MIN_TEXT = 64 << 20  # ... but a small file may always unfold to this much
+PARQUET_MAX_TEXT = 2 << 30
+PARQUET_BATCH_ROWS = 1024
+
+
+def _parquet_rows(path: Path, name: str) -> list[object]:
+    """The rows of a Parquet file, refused in one line when they would unfold into more rows
+    or text than the file's size allows (see PARQUET_*), checked batch by batch before each
+    batch becomes Python objects."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = path.stat().st_size
+    with pq.ParquetFile(path) as f:  # text columns read as dictionaries: nothing unfolds yet
+        text_columns = [c.name for c in f.schema_arrow if pa.types.is_string(c.type)]
+    with pq.ParquetFile(path, read_dictionary=text_columns) as f:
+        claimed = f.metadata.num_rows
+        max_rows = min(PARQUET_MAX_ROWS, size * PARQUET_ROWS_PER_BYTE)
+        if claimed > max_rows:
+            raise MoxError(f"{name} {path}: {claimed:,} rows in {size:,} bytes; moxkit reads at "
+                           f"most {max_rows:,} rows from a Parquet file this size")  # fmt: skip
+        max_text = min(PARQUET_MAX_TEXT, max(PARQUET_MIN_TEXT, size * PARQUET_TEXT_PER_BYTE))
+        rows: list[object] = []
+        text = 0
+        for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            text += sum(_unfolded_bytes(column) for column in batch.columns)
+            if text > max_text or len(rows) + batch.num_rows > max_rows:
+                raise MoxError(f"{name} {path}: unfolds into more than {max_text:,} bytes or "
+                               f"{max_rows:,} rows ({size:,} bytes on disk)")  # fmt: skip
+            rows += batch.to_pylist()
+    return rows
+
+
+def _unfolded_bytes(column) -> int:
+    """Bytes a column's values take once every dictionary entry is written out per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(column.type):
+        values = column.dictionary
+        if pa.types.is_string(values.type) or pa.types.is_binary(values.type):
+            lengths = pc.binary_length(values)
+        else:
+            lengths = pa.array([values.nbytes // max(1, len(values))] * len(values))
+        return int(pc.sum(pc.take(lengths, column.indices)).as_py() or 0) + 8 * len(column)
+    return column.nbytes
 
 
 _SEVERAL = object()  # _parse's answer for text holding several documents: JSON Lines

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str] | None, published: int) -> None:
-    with atomic.interruptible():  # reports are printed inside: settle() holds later signals
+    # reports are printed inside: settle() holds later signals; as the process's entry point
+    # (argv None) the signals stay ignored after the block, never back to their defaults
+    with atomic.interruptible(final=argv is None):
         try:
             code = cli.main(args=argv, standalone_mode=False)  # ctx.exit(n) returns n here
         except (click.exceptions.Abort, KeyboardInterrupt):

@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import psutil
@@ -260,4 +261,8 @@ def _with_lora(model, rank: int):
     except ImportError:
         raise MoxError("lora: needs PEFT: pip install 'moxkit[lora]'") from None
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on
+        # every --lora run that the user can do nothing about (and -q must keep quiet)
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        return get_peft_model(model, config)
