@@ -1,5 +1,14 @@
 """One way to load a Hugging Face model and tokenizer, for training and evaluation alike.
 
+transformers never sees the model folder itself: it loads from a checked view (checked_view),
+a temporary folder of links to exactly the files that passed moxkit.sources' trust rules (the
+weights moxkit.checkpoint validated, and the model files of sources.model_files, every JSON
+one read through read_json first). A tokenizer file or chat template linking to
+/proc/self/environ or to a private file, a FIFO, or a file transformers would choke on never
+reaches the loader, so it can never be re-saved into an output either (training writes the
+tokenizer and generation config from what was loaded, not by copying). adapter_config.json
+is left out of the view: transformers would load the base model it names, from anywhere.
+
 Every failure a user can cause (a folder that is not a model, a broken tokenizer, weights
 transformers refuses) becomes a MoxError naming the input; transformers raises many exception
 types for these, so loading catches them all and keeps the first line of the message. The
@@ -11,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +32,9 @@ if TYPE_CHECKING:
     import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# model files a loader must not see: transformers follows adapter_config.json to the base
+# model it names (any path), instead of the folder it was given
+NOT_LOADED = ("adapter_config.json",)
 
 
 @dataclass
@@ -68,21 +82,68 @@ def check_model_dir(
     if not p.is_dir():
         what = "no such folder" if not p.exists() else "not a folder"
         raise MoxError(f"{name} {p}: {what} (expected a transformers model folder)")
-    if not (p / "config.json").is_file():
+    if not os.path.lexists(p / "config.json"):
         raise MoxError(f"{name} {p}: no config.json (not a transformers model folder)")
-    if need_tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+    _checked(p, "config.json", name)
+    if need_tokenizer and not any(os.path.lexists(p / f) for f in TOKENIZER_FILES):
         raise MoxError(f"{name} {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return p
 
 
+def _checked(folder: Path, file: str, name: str):
+    from .sources import member
+
+    try:
+        return member(folder, file)
+    except MoxError as exc:
+        raise MoxError(f"{name} {exc}") from None
+
+
+def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder of links to the files of the model `folder` that transformers may
+    load: its weights as moxkit.checkpoint validated them (the index too when sharded) and
+    the model files that pass the trust rules (others are left out with a warning; JSON
+    that breaks read_json's bounds is MoxError naming the file). Links point at the checked
+    files with every link resolved, so nothing is followed again."""
+    from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
+    from .sources import model_files, read_json
+
+    files = [f for f in model_files(folder, "not loaded") if f.name not in NOT_LOADED]
+    try:
+        for file in files:
+            if file.name.endswith(".json"):
+                read_json(file, "model file")
+        checkpoint = open_checkpoint(folder)
+        weights = {t.file.name: t.file for t in checkpoint.tensors.values()}
+        if not os.path.lexists(folder / SINGLE_NAME) and os.path.lexists(folder / INDEX_NAME):
+            weights[INDEX_NAME] = _checked(folder, INDEX_NAME, name)
+    except MoxError as exc:
+        message = str(exc)
+        raise MoxError(message if message.startswith(name) else f"{name} {message}") from None
+    view = tempfile.TemporaryDirectory(prefix="moxkit-model-")
+    for file in [*files, *weights.values()]:
+        os.symlink(file.real, os.path.join(view.name, file.name))
+    return view
+
+
 def load_tokenizer(path: str | os.PathLike, name: str) -> Any:
     p = check_model_dir(path, name)
+    return _tokenizer(checked_view(p, name), p, name)
+
+
+def _tokenizer(view: tempfile.TemporaryDirectory, folder: Path, name: str) -> Any:
+    """The tokenizer in `view`; the view lives as long as the tokenizer does (a slow
+    tokenizer reopens its vocabulary file when it is saved)."""
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(p)
+        tokenizer = AutoTokenizer.from_pretrained(view.name)
     except Exception as exc:  # transformers raises many types for a broken tokenizer
-        raise loading_error(exc, f"{name} {p}: cannot load the tokenizer") from None
+        view.cleanup()
+        error = loading_error(exc, f"{name} {folder}: cannot load the tokenizer")
+        raise MoxError(str(error).replace(view.name, str(folder))) from None
+    weakref.finalize(tokenizer, view.cleanup)
+    return tokenizer
 
 
 def load_model(
@@ -114,16 +175,22 @@ def load_model(
         return Loaded(copied.to(dev).eval(), tokenizer, None, stored)
 
     path = check_model_dir(model, name, need_tokenizer=tokenizer is None, revision=revision)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(path, name)
+    view = checked_view(path, name)
+    own_tokenizer = tokenizer is None
+    if own_tokenizer:
+        tokenizer = _tokenizer(view, path, name)
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(view.name)
         with no_transformers_bars():
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            loaded = AutoModelForCausalLM.from_pretrained(view.name, dtype=dtype)
     except Exception as exc:  # OSError, ValueError, KeyError, safetensors errors, ...
-        raise loading_error(exc, f"{name} {path}: cannot load the model") from None
+        view.cleanup()
+        error = loading_error(exc, f"{name} {path}: cannot load the model")
+        raise MoxError(str(error).replace(view.name, str(path))) from None
+    if not own_tokenizer:
+        view.cleanup()  # the model is in memory; only a tokenizer may reopen its files
     return Loaded(loaded.to(dev).eval(), tokenizer, path, stored_dtype(config))
 
 

@@ -3,8 +3,9 @@ files carried over (config, tokenizer, generation config, chat template: sources
 MODEL_FILE_PATTERNS, never moxkit's own run records), and a model card that says how the
 model was made.
 
-Carried files are read under sources' trust rules: only regular files, and a link only where
-its target stays inside the model's tree. A file that breaks them is left out with a warning
+Carried files are read under sources' trust rules (sources.model_files: only regular files of
+bounded size, and a link only where its target stays inside the model's tree, for a hub cache
+snapshot its repository's blobs/). A file that breaks them is left out with a warning
 (a tokenizer.json linking to /proc/self/environ or to a private file must never be copied
 into an output that users publish)."""
 
@@ -22,7 +23,7 @@ from .checkpoint import Checkpoint
 from .errors import MoxError
 from .formula import Coefficients
 from .plan import CONFIG_DTYPE_NAMES
-from .sources import ModelFile, is_model_file, member, open_checked, read_json, tree_root
+from .sources import ModelFile, model_files, open_checked, read_json
 
 log = logging.getLogger("moxkit")
 
@@ -62,15 +63,7 @@ def carried_files(src: Path, budget: int | None = None) -> list[ModelFile]:
     must be a JSON object within read_json's bounds (OUT's config may have to be rewritten,
     and a model whose config does not parse does not load): MoxError now, not after the
     weights are computed."""
-    root = tree_root(src)
-    carried = []
-    for name in sorted(os.listdir(src)):
-        if not is_model_file(name):
-            continue
-        try:
-            carried.append(member(src, name, root))
-        except MoxError as exc:
-            log.warning("moxkit: warning: not carried over: %s", exc)
+    carried = model_files(src, "not carried over")
     for file in carried:
         if file.name == "config.json":
             read_json(file, "config", budget=budget)

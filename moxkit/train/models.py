@@ -9,6 +9,7 @@ over unchanged.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class CheckpointNames:
             for name in missing:
                 by_file.setdefault(self.checkpoint.tensors[name].file, []).append(name)
             for file, names in by_file.items():
-                with safe_open(str(file), "pt") as f:
+                with safe_open(os.fspath(file), "pt") as f:
                     renamed.update({n: f.get_tensor(n) for n in names})
         return renamed
 
