@@ -18,6 +18,7 @@ import click  # noqa: E402
 
 from moxkit import __version__, atomic  # noqa: E402
 from moxkit.errors import MoxError  # noqa: E402
+from moxkit.extras import missing_extra  # noqa: E402
 
 # command name -> module in moxkit.cli that defines a click command called `command`
 COMMANDS = {
@@ -88,6 +89,13 @@ def _run(argv: list[str] | None, published: int) -> None:
         except MoxError as exc:
             atomic.settle()
             click.echo(one_line(f"moxkit: error: {exc}"), err=True)
+            sys.exit(1)
+        except ModuleNotFoundError as exc:  # an optional part of moxkit not installed
+            fix = missing_extra(exc)
+            if fix is None:
+                raise
+            atomic.settle()
+            click.echo(one_line(f"moxkit: error: {fix}"), err=True)
             sys.exit(1)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
