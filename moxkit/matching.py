@@ -148,9 +148,12 @@ class AlphaLine:
     engine's arithmetic (bit-identical to moxkit.extrapolate and extrapolate_model)."""
 
     def __init__(self, ref: Any, mem: Any):
+        """ref: a model or its CPU fp32 state by name (θ_ref kept aside before training);
+        mem: the model θ_mem."""
         from .backends import CpuBackend
 
-        self.ref, self.mem = fp32_state(ref), fp32_state(mem)
+        self.ref = dict(ref) if isinstance(ref, Mapping) else fp32_state(ref)
+        self.mem = fp32_state(mem)
         if self.ref.keys() != self.mem.keys() or any(
             self.ref[n].shape != self.mem[n].shape for n in self.ref
         ):
@@ -206,3 +209,32 @@ def match_between(model: Any, before: Mapping[str, torch.Tensor],
     match = bisect_level(lambda s: level(load(s)), target, BETWEEN_GRID, iterations)
     load(match.strength if match.reached else 1.0)
     return match
+
+
+def stop_at_level(level: Callable[[Any], float], target: float):
+    """A transformers callback for a trained baseline: the level after every optimizer step;
+    training stops at the first step at or past `target`. It keeps that checkpoint (`after`)
+    and the one before it (`before`, the starting weights before the first step), the two
+    ends match_between needs; `after` stays None if the run never reached the target."""
+    from transformers import TrainerCallback
+
+    class StopAtLevel(TrainerCallback):
+        def __init__(self):
+            self.before: dict[str, torch.Tensor] | None = None
+            self.after: dict[str, torch.Tensor] | None = None
+            self.step: int | None = None
+            self.path: list[tuple[int, float]] = []  # (step, level)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.before = fp32_state(model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            value = level(model)
+            self.path.append((state.global_step, value))
+            if _past(value, target):
+                self.after, self.step = fp32_state(model), state.global_step
+                control.should_training_stop = True
+            else:
+                self.before = fp32_state(model)
+
+    return StopAtLevel()

@@ -2,6 +2,7 @@
 
     train_mem(model, forget, retain, out, config=TrainConfig(...))   θ_mem
     unlearn(model, forget, retain, out, method="mox", extrapolation=ExtrapolationConfig(...))
+    unlearn(..., match=MatchConfig(match_rows=..., match_target=...))  α / stop at a level
     finetune(model, rows, out, config=...)                           plain NLL fine-tuning
     extrapolate_model(ref_model, mem_model, alpha)                   θ_for in memory
     METHODS                                                          what each method is
@@ -22,6 +23,7 @@ _WHERE = {
     "TrainConfig": "config",
     "LossConfig": "config",
     "ExtrapolationConfig": "config",
+    "MatchConfig": "config",
     "TrainResult": "api",
     "UnlearnResult": "api",
     "extrapolate_model": "api",

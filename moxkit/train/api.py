@@ -9,17 +9,20 @@ distributed run calls the same function; only the main process writes files.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moxkit.errors import MoxError
 from moxkit.hf import load_model
 from moxkit.text import encode, load_rows
 
-from .config import ExtrapolationConfig, LossConfig, TrainConfig
+from .config import ExtrapolationConfig, LossConfig, MatchConfig, TrainConfig
 from .data import PairDataset
 from .methods import METHODS, get_method
 from .momentum import InMemoryExtrapolator, cpu_fp32_state, default_every
@@ -47,6 +50,7 @@ class UnlearnResult(TrainResult):
     method: str = "mox"
     alpha: float | None = None
     eta: float | None = None
+    match: dict | None = None  # matched forgetting: strength, level, target, gap, evaluations
 
 
 def finetune(
@@ -128,6 +132,7 @@ def unlearn(
     tokenizer: Any = None,
     force: bool = False,
     callbacks: Sequence[Any] = (),
+    match: MatchConfig | None = None,
 ) -> UnlearnResult:
     """Unlearn the forget set from MODEL with a method of METHODS (moxkit.train.methods).
 
@@ -135,10 +140,14 @@ def unlearn(
     extrapolation.eta (MOX-Mo), θ_for is updated every extrapolate_every optimizer steps and
     at the last step. Extrapolated models are saved in MODEL's dtype, trained ones (the
     baselines) in fp32; extrapolate_on="disk" streams θ_ref, θ_mem and θ_for through
-    `moxkit.extrapolate` instead of holding two fp32 copies in RAM."""
+    `moxkit.extrapolate` instead of holding two fp32 copies in RAM. With `match`
+    (matched forgetting, moxkit.matching), MOX's α, or the point where a baseline's training
+    stops, is found so that the level on match.match_rows reaches match.match_target;
+    result.match says where and how close."""
     request = Request(get_method(method), model, forget, retain, out, config or TrainConfig(),
                       loss or LossConfig(), extrapolation or ExtrapolationConfig(),
-                      target_answer, init_from, save_mem, force, revision)  # fmt: skip
+                      target_answer, init_from, save_mem, force, revision,
+                      match=match or MatchConfig())  # fmt: skip
     return run(request, tokenizer=tokenizer, callbacks=callbacks)
 
 
@@ -185,7 +194,14 @@ def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = No
             reference.to(ref.stored_dtype).eval().requires_grad_(False)
         dataset = PairDataset(forget_ex, retain_ex, targets)
 
-        extra, extrapolator = [], None
+        extra, extrapolator, level, target, stop = [], None, None, None, None
+        if rows.match_rows is not None:
+            level, target = _match_level(rows, ref, config, run)
+            if not method.extrapolates:
+                from moxkit.matching import stop_at_level
+
+                stop = stop_at_level(level, target)
+                extra.append(stop)
         if method.extrapolates:
             extrapolator = run.extrapolator(ref, ext.alpha, ext.eta, ext.extrapolate_on)
             if ext.eta is not None:
@@ -194,12 +210,18 @@ def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = No
                     extrapolator, ext.extrapolate_every or default_every(total)))  # fmt: skip
         trainer = run.train(start, dataset, spec, reference, [*extra, *callbacks])
         steps = trainer.state.global_step
+        matched = None
         if not method.extrapolates:
+            if stop is not None:
+                matched = _match_baseline(stop, run, level, target, method, steps, request)
             run.save_trained(tok)
             result_model = run.model.eval()
         else:
             if request.save_mem is not None:
                 run.save_elsewhere(tok, Path(request.save_mem))
+            if level is not None:
+                matched = _match_mox(extrapolator, run, level, target, request)
+                ext = dataclasses.replace(ext, alpha=matched["strength"])
             run.log.event({"step": steps, "event": "extrapolate", "alpha": ext.alpha,
                            "eta": ext.eta, "tick": extrapolator.ticks + 1})  # fmt: skip
             result_model = run.finish_extrapolation(extrapolator, tok, ref.stored_dtype)
@@ -208,8 +230,81 @@ def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = No
     return UnlearnResult(
         result_model, tok, run.result_path, steps, run.log.records, method=method.name,
         alpha=ext.alpha if method.extrapolates else None,
-        eta=ext.eta if method.extrapolates else None,
+        eta=ext.eta if method.extrapolates else None, match=matched,
     )  # fmt: skip
+
+
+def _match_level(rows: Checked, ref, config: TrainConfig, run) -> tuple[Any, float]:
+    """The level function of matched forgetting (mean answer log-probability of the match
+    rows, encoded as for training) and the target level, from a number, another model's level
+    on the same rows, or MODEL's own level on rows it does not know."""
+    from moxkit.matching import answer_logprob
+
+    if run.args.world_size > 1:
+        raise MoxError("matched forgetting: runs in one process (not under torchrun/FSDP) yet")
+
+    def as_dicts(found):
+        return [{"prompt": r.prompt, "completion": r.completion} for r in found]
+
+    match_rows, tok = as_dicts(rows.match_rows), ref.tokenizer
+
+    def level(model) -> float:
+        with torch.no_grad():
+            return answer_logprob(model, tok, match_rows, chat_template=config.chat_template)
+
+    if rows.target_kind == "level":
+        target = float(rows.target)
+    elif rows.target_kind == "unknown":
+        with torch.no_grad():
+            target = answer_logprob(ref.model, tok, as_dicts(rows.target),
+                                    chat_template=config.chat_template)  # fmt: skip
+    else:
+        other = load_model(rows.target, "match_target model:", tokenizer=tok,
+                           device=next(ref.model.parameters()).device)  # fmt: skip
+        target = level(other.model)
+        del other
+    return level, target
+
+
+def _match_mox(extrapolator, run, level, target: float, request: Request) -> dict:
+    """α at which θ_for reaches the target (bisection, the engine's arithmetic); the
+    extrapolator then builds the forget model at that α."""
+    from moxkit.matching import match_alpha
+
+    if not isinstance(extrapolator, InMemoryExtrapolator):
+        raise MoxError(f"{request.label('match_rows')}: matched forgetting extrapolates in "
+                       "memory; this model goes to disk (too large for RAM)")  # fmt: skip
+    match, _ = match_alpha(extrapolator.ref, run.model, level, target)
+    if not match.reached:
+        raise MoxError(
+            f"{request.label('match_target')}: no α up to {match.evaluations[-1][0]:g} brings "
+            f"the level to {target:.4g} (at that α: {match.level:.4g}); θ_mem may need more "
+            "training"
+        )
+    extrapolator.alpha = match.strength
+    return _matched(run, match)
+
+
+def _match_baseline(stop, run, level, target: float, method, steps: int, request) -> dict:
+    """The point between the last two optimizer steps where the level reaches the target."""
+    from moxkit.matching import match_between
+
+    if stop.after is None:
+        last = f"{stop.path[-1][1]:.4g}" if stop.path else "unmeasured"
+        raise MoxError(
+            f"{request.label('match_target')}: {method.title} did not bring the level to "
+            f"{target:.4g} in {steps} steps (last: {last}); train longer or at a higher lr"
+        )
+    match = match_between(run.model, stop.before, stop.after, level, target)
+    return {**_matched(run, match), "step": stop.step}
+
+
+def _matched(run, match) -> dict:
+    out = {"strength": match.strength, "level": match.level, "target": match.target,
+           "gap": match.gap, "evaluations": len(match.evaluations)}  # fmt: skip
+    # the level reached and how close: the log and args of OUT say what "forgotten" meant
+    run.log.event({"event": "match", **out})
+    return out
 
 
 def _total_steps(n_forget: int, config: TrainConfig) -> int:

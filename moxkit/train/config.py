@@ -5,9 +5,11 @@ generates its options from them, so no setting is declared twice."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from moxkit.errors import MoxError
 from moxkit.fields import check, setting
 from moxkit.formula import PAPER_ETA, check_alpha, check_eta
 
@@ -122,3 +124,53 @@ class ExtrapolationConfig:
         check_alpha(self.alpha, "alpha")
         if self.eta is not None:
             check_eta(self.eta, "eta")
+
+
+@dataclass
+class MatchConfig:
+    """Matched forgetting (moxkit.matching): instead of a strength chosen by hand, the point
+    where the forget model's level on validation forget rows reaches a target. MOX: α, by
+    bisection; a baseline: training stops at the first optimizer step at or past the target
+    and the output lies between that step and the one before."""
+
+    match_rows: str | None = setting(  # the API also takes rows given directly
+        None,
+        "Validation forget rows (JSONL/JSON/Parquet, as --forget); their mean answer "
+        "log-probability is the forget level. With --match-target: MOX's α, or where a "
+        "baseline stops, is found to reach it (--alpha is then not given).",
+    )
+    match_target: str | None = setting(
+        None,
+        "The level to reach: a number (nats), model:PATH (that model's level on the rows, "
+        "e.g. a retain-only model) or unknown:FILE (MODEL's own level on rows it does not "
+        "know).",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.match_rows is not None or self.match_target is not None
+
+    def validate(self) -> None:
+        check(self)
+        if self.active and (self.match_rows is None or self.match_target is None):
+            raise MoxError("match_rows and match_target: give both, or neither")
+        if self.match_target is not None:
+            parse_target(self.match_target)
+
+
+def parse_target(spec: str) -> tuple[str, float | str]:
+    """("level", x), ("model", PATH) or ("unknown", FILE) from a match_target."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("model", "unknown"):
+        if not rest:
+            raise MoxError(f"match_target {spec!r}: {kind}: needs a path")
+        return kind, rest
+    try:
+        level = float(spec)
+    except ValueError:
+        raise MoxError(
+            f"match_target {spec!r}: expected a number, model:PATH or unknown:FILE"
+        ) from None
+    if not math.isfinite(level):
+        raise MoxError(f"match_target {spec!r}: must be a finite number")
+    return "level", level

@@ -16,7 +16,7 @@ from typing import Any
 from moxkit.errors import MoxError
 from moxkit.text import Row, load_answers, load_rows
 
-from .config import ExtrapolationConfig, LossConfig, TrainConfig
+from .config import ExtrapolationConfig, LossConfig, MatchConfig, TrainConfig, parse_target
 from .methods import Method
 
 Rows = Sequence[dict]  # rows given directly, as a JSONL file would hold them
@@ -41,6 +41,7 @@ class Request:
     revision: str | None = None  # for hub ids (MODEL, init_from) without their own @revision
     cli: bool = False  # name inputs in errors by their command-line flags
     target_file: str | os.PathLike | None = None  # replacement answers, one row per forget row
+    match: MatchConfig = field(default_factory=MatchConfig)
 
     def label(self, name: str) -> str:
         """How errors name an input or setting: its API name, or its flag for the CLI."""
@@ -81,10 +82,49 @@ class Request:
             if isinstance(data, (str, os.PathLike)):
                 inputs.append(Path(data))
         targets = self._target_rows(forget_rows)
+        match = self._match(inputs)
         self._check_outputs(inputs)
         if self.method.extrapolates and self.extrapolation.extrapolate_on == "disk":
             self._check_disk_extrapolation(found["model"])
-        return Checked(found["model"], found["init_from"], forget_rows, retain_rows, targets)
+        return Checked(found["model"], found["init_from"], forget_rows, retain_rows, targets,
+                       *match)  # fmt: skip
+
+    def _match(self, inputs: list[Path]) -> tuple:
+        """(match rows, target kind, target value: a level, a checked model folder or rows)
+        for matched forgetting; (None, None, None) without it. What a match cannot do yet is
+        refused here, before any training."""
+        self.match.validate()
+        if not self.match.active:
+            return None, None, None
+        name = self.label("match_rows")
+        if self.method.name == "memorize":
+            raise MoxError(f"{name}: for unlearn (train-mem makes no forget model)")
+        why = None
+        if self.method.extrapolates and self.extrapolation.eta is not None:
+            why = f"with {self.label('eta')} (momentum)"
+        elif self.targeted:
+            why = "with replacement answers (targeted MOX)"
+        elif self.config.lora:
+            why = f"with {self.label('lora')}"
+        elif self.method.extrapolates and self.extrapolation.extrapolate_on == "disk":
+            why = f"with {self.label('extrapolate_on')} disk"
+        if why is not None:
+            raise MoxError(f"{name}: matched forgetting does not work {why} yet")
+        rows = load_rows(self.match.match_rows, name)
+        if isinstance(self.match.match_rows, (str, os.PathLike)):
+            inputs.append(Path(self.match.match_rows))
+        kind, value = parse_target(self.match.match_target)
+        target_name = self.label("match_target")
+        if kind == "model":
+            from moxkit.atomic import tree_inputs
+            from moxkit.hf import check_model_dir
+
+            value = check_model_dir(value, f"{target_name} model:", True, self.revision)
+            inputs += tree_inputs(value)
+        elif kind == "unknown":
+            inputs.append(Path(value))
+            value = load_rows(value, f"{target_name} unknown:")
+        return rows, kind, value
 
     def _retain_user(self) -> str:
         if self.method.retain_loss == "kl":
@@ -152,3 +192,6 @@ class Checked:
     forget: list[Row]
     retain: list[Row] | None
     targets: list[Row] | None
+    match_rows: list[Row] | None = None
+    target_kind: str | None = None  # "level", "model" or "unknown"
+    target: Any = None  # the level, the target model's folder, or rows MODEL does not know
