@@ -238,3 +238,22 @@ def stop_at_level(level: Callable[[Any], float], target: float):
                 self.before = fp32_state(model)
 
     return StopAtLevel()
+
+
+def target_level(kind: str, value: Any, *, reference: Any, level: Callable[[Any], float],
+                 level_of_rows: Callable[[Any, Any], float],
+                 load: Callable[[Any], Any]) -> float:  # fmt: skip
+    """The level to reach, from a parsed match target (moxkit.train.config.parse_target):
+    ("level", x) is x; ("model", folder) is that model's level on the match rows (load(folder)
+    gives the model); ("unknown", rows) is the reference's own level on rows it does not know
+    (level_of_rows(model, rows))."""
+    with torch.no_grad():
+        if kind == "level":
+            return float(value)
+        if kind == "unknown":
+            return level_of_rows(reference, value)
+        other = load(value)
+        try:
+            return level(other)
+        finally:
+            del other

@@ -44,6 +44,7 @@ class SweepResult:
     notes: dict[str, str] = field(default_factory=dict)  # departures from the benchmarks
     plot: Path | None = None
     report: Path | None = None
+    match: dict | None = None  # matched forgetting: α, level, target, gap, evaluations
 
     def table(self) -> str:
         rows = [
@@ -110,6 +111,66 @@ def _weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
+def on_disk_needed(ref: Path) -> bool:
+    """Three fp32-sized copies (REF, MEM, the forget model) do not fit the in-memory limit."""
+    return 3 * _weights_bytes(ref) > IN_MEMORY_LIMIT
+
+
+def match_inputs(match, revision: str | None) -> list[Path]:
+    """Check a matched-forgetting request before any model loads; the paths it reads."""
+    from .atomic import tree_inputs
+    from .text import load_rows
+    from .train.config import parse_target
+
+    match.validate()
+    load_rows(match.match_rows, "--match-rows")
+    paths = [Path(match.match_rows)]
+    kind, value = parse_target(match.match_target)
+    if kind == "model":
+        paths += tree_inputs(hf.check_model_dir(value, "--match-target model:", True, revision))
+    elif kind == "unknown":
+        load_rows(value, "--match-target unknown:")
+        paths.append(Path(value))
+    return paths
+
+
+def matched_alpha(ref: Path, mem: Path, match, revision: str | None, device: str) -> dict:
+    """The α at which (1+α)·REF − α·MEM reaches the match target (moxkit.matching)."""
+    import torch
+
+    from .eval.evaluate import load_model
+    from .matching import answer_logprob, match_alpha, target_level
+    from .text import load_rows
+    from .train.config import parse_target
+
+    def rows_of(source) -> list[dict]:
+        return [{"prompt": r.prompt, "completion": r.completion}
+                for r in load_rows(source, "--match-rows")]  # fmt: skip
+
+    ref_model, tok = load_model(ref, device, "REF")
+    mem_model, _ = load_model(mem, device, "MEM")
+    rows = rows_of(match.match_rows)
+
+    def level(model) -> float:
+        with torch.no_grad():
+            return answer_logprob(model, tok, rows)
+
+    kind, value = parse_target(match.match_target)
+    if kind == "model":
+        value = hf.check_model_dir(value, "--match-target model:", True, revision)
+    target = target_level(
+        kind, value, reference=ref_model, level=level,
+        level_of_rows=lambda model, source: answer_logprob(model, tok, rows_of(source)),
+        load=lambda folder: load_model(folder, device, "--match-target model:")[0],
+    )  # fmt: skip
+    found, _ = match_alpha(ref_model, mem_model, level, target)
+    if not found.reached:
+        raise MoxError(f"--match-target: no α up to {found.evaluations[-1][0]:g} brings the "
+                       f"level to {target:.4g} (at that α: {found.level:.4g})")  # fmt: skip
+    return {"strength": found.strength, "level": found.level, "target": target,
+            "gap": found.gap, "evaluations": len(found.evaluations)}  # fmt: skip
+
+
 def _forget_models(
     ref: Path, mem: Path, alphas: list[float], on_disk: bool, device: str, scratch: Path | None
 ):
@@ -151,6 +212,7 @@ def check_sweep(
     metric: str,
     revision: str | None = None,
     force: bool = False,
+    match=None,
 ) -> tuple[Path, Path, Path | None, EvalData]:
     """Every check a sweep needs, before any model is loaded: the settings and evaluation sets,
     REF, MEM and --retain-model (hub ids resolved to local paths, returned), REF and MEM as a
@@ -175,11 +237,18 @@ def check_sweep(
                        "that measures it")  # fmt: skip
     from .stream import extrapolate
 
+    if match is not None and match.active:
+        if on_disk_needed(ref):
+            raise MoxError("--match-rows: matched forgetting extrapolates in memory; REF is too "
+                           "large for the in-memory sweep")  # fmt: skip
+        match_inputs(match, revision)
     with tempfile.TemporaryDirectory(prefix=".moxkit-sweep-check-") as tmp:
         extrapolate(ref, mem, Path(tmp) / "forget", alphas[-1], device="cpu", dry_run=True,
                     progress=False)  # fmt: skip
     if out is not None:
         inputs = inputs_of(data, ref, mem, retain_model)
+        if match is not None and match.active:
+            inputs += match_inputs(match, revision)
         for name in OUT_FILES:
             check_output(Path(out) / name, force=force, inputs=inputs, folder=False)
     return ref, mem, retain_model, data
@@ -200,6 +269,7 @@ def sweep(
     progress: bool = True,
     revision: str | None = None,
     force: bool = False,
+    match=None,
 ) -> SweepResult:
     """Evaluate REF and (1+α)·REF − α·MEM for each α on `data_dir`; with `retain_model`, pick α
     by the rule (see pick_alpha); with `out`, write sweep.json and sweep.png in that folder
@@ -207,13 +277,18 @@ def sweep(
     (org/name[@revision])."""
     cfg = cfg or EvalConfig()
     ref, mem, retain_model, data = check_sweep(
-        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, revision, force
+        ref, mem, alphas, data_dir, retain_model, out, cfg, metric, revision, force, match
     )
     from .eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
 
+    matched = None
+    if match is not None and match.active:
+        matched = matched_alpha(ref, mem, match, revision, device)
+        alphas = sorted({*alphas, matched["strength"]})
+        on_disk = False
     retain = retain_reference(retain_model, data, cfg, device) if retain_model else None
     if on_disk is None:
-        on_disk = 3 * _weights_bytes(ref) > IN_MEMORY_LIMIT
+        on_disk = on_disk_needed(ref)
     rows = []
     work = Path(tempfile.mkdtemp(prefix=".moxkit-sweep-")) if on_disk else None
     try:
@@ -235,6 +310,10 @@ def sweep(
         retain_summary,
         report["notes"],
     )
+    if matched is not None:
+        result.picked, result.match = matched["strength"], matched
+        result.rule = (f"matched forgetting: the α where the mean answer log-probability of "
+                       f"the match rows reaches {matched['target']:.4g}")  # fmt: skip
     if out is not None:
         out = Path(out)
         result.report = write_json(
@@ -248,6 +327,7 @@ def sweep(
                 "config": asdict(cfg),
                 "rule": result.rule,
                 "picked_alpha": result.picked,
+                "match": result.match,
                 "retain_model": retain_summary,
                 "notes": result.notes,
                 "rows": rows,

@@ -180,3 +180,34 @@ def test_sweep_checks_everything_before_any_work(models, tmp_path, monkeypatch, 
         err = capsys.readouterr().err
         assert exc.value.code == 1 and needle in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_sweep_matched_forgetting_picks_the_matched_alpha(models, tmp_path, capsys):
+    """--match-rows/--match-target: the α found by bisection is evaluated and picked; its
+    forget model's level equals the reported one (recomputed here from the fp32 formula)."""
+    from moxkit.matching import answer_logprob
+    from moxkit.train import extrapolate_model
+
+    root, data, ref, mem = models
+    rows = [json.loads(x) for x in (data / "forget.jsonl").read_text().splitlines()]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": r["question"], "completion": r["answer"]}) + "\n"
+                           for r in rows[:3]))  # fmt: skip
+    r_model, tok = load_model(ref, "cpu")
+    m_model, _ = load_model(mem, "cpu")
+    base = answer_logprob(r_model, tok, val)
+    target = base - 1.0
+    main(["sweep", str(ref), str(mem), "--data", str(data), "--alphas", "1", "--match-rows",
+          str(val), "--match-target", repr(target), "-o", str(tmp_path / "out"), "-q",
+          *FAST])  # fmt: skip
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    m = report["match"]
+    assert report["picked_alpha"] == m["strength"] and m["target"] == target
+    assert m["strength"] in [r["alpha"] for r in report["rows"]]
+    forget = extrapolate_model(r_model, m_model, m["strength"])
+    assert answer_logprob(forget, tok, val) == m["level"] <= target
+    assert "matched: α = " in out
+    with pytest.raises(SystemExit):  # both or neither
+        main(["sweep", str(ref), str(mem), "--data", str(data), "--match-rows", str(val)])
+    assert "give both" in capsys.readouterr().err

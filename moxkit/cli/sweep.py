@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from moxkit.cli.evaluate import evaluation_options
-from moxkit.cli.options import config_from
+from moxkit.cli.options import config_from, options_from
 from moxkit.eval.config import EvalConfig
 from moxkit.sweep import FORGET_METRICS, STUDY_ALPHAS
+from moxkit.train.config import MatchConfig
 
 
 @click.command("sweep")
@@ -42,6 +43,7 @@ from moxkit.sweep import FORGET_METRICS, STUDY_ALPHAS
     help="Extrapolate through the streaming engine into a scratch folder, or in "
     "memory (default: in memory when three copies fit in 2 GiB).",
 )
+@options_from(MatchConfig)
 @evaluation_options
 def command(
     ref,
@@ -61,6 +63,7 @@ def command(
     """Evaluate the forget model (1+α)·REF − α·MEM at each α and pick one."""
     from moxkit.sweep import parse_alphas, sweep
 
+    match = config_from(MatchConfig, kw)
     result = sweep(
         ref,
         mem,
@@ -75,8 +78,14 @@ def command(
         device=device,
         progress=not quiet,
         revision=revision,
+        match=match,
     )
     click.echo(result.table())
+    if result.match is not None:
+        m = result.match
+        click.echo(f"matched: α = {m['strength']:.6g}; level {m['level']:.4f} for target "
+                   f"{m['target']:.4f} (gap {m['gap']:+.2g} nats, {m['evaluations']} "
+                   "evaluations)")  # fmt: skip
     if result.picked is None:
         why = "no retain-only model given" if not retain_model else "no α qualifies"
         click.echo(f"picked: none ({why}; rule: {result.rule})")

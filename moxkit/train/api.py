@@ -238,7 +238,7 @@ def _match_level(rows: Checked, ref, config: TrainConfig, run) -> tuple[Any, flo
     """The level function of matched forgetting (mean answer log-probability of the match
     rows, encoded as for training) and the target level, from a number, another model's level
     on the same rows, or MODEL's own level on rows it does not know."""
-    from moxkit.matching import answer_logprob
+    from moxkit.matching import answer_logprob, target_level
 
     if run.args.world_size > 1:
         raise MoxError("matched forgetting: runs in one process (not under torchrun/FSDP) yet")
@@ -252,17 +252,13 @@ def _match_level(rows: Checked, ref, config: TrainConfig, run) -> tuple[Any, flo
         with torch.no_grad():
             return answer_logprob(model, tok, match_rows, chat_template=config.chat_template)
 
-    if rows.target_kind == "level":
-        target = float(rows.target)
-    elif rows.target_kind == "unknown":
-        with torch.no_grad():
-            target = answer_logprob(ref.model, tok, as_dicts(rows.target),
-                                    chat_template=config.chat_template)  # fmt: skip
-    else:
-        other = load_model(rows.target, "match_target model:", tokenizer=tok,
-                           device=next(ref.model.parameters()).device)  # fmt: skip
-        target = level(other.model)
-        del other
+    target = target_level(
+        rows.target_kind, rows.target, reference=ref.model, level=level,
+        level_of_rows=lambda model, found: answer_logprob(
+            model, tok, as_dicts(found), chat_template=config.chat_template),
+        load=lambda folder: load_model(folder, "match_target model:", tokenizer=tok,
+                                       device=next(ref.model.parameters()).device).model,
+    )  # fmt: skip
     return level, target
 
 
