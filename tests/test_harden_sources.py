@@ -381,3 +381,56 @@ def test_accepted_revisions_stay_inside_refs(revision):
     assert os.path.normpath(revision) == revision and not os.path.isabs(revision)
     assert not any(part in ("", ".", "..") for part in revision.split("/"))
     assert revision.isascii() and revision.isprintable() and " " not in revision
+
+
+TARGETS = ["blob", "blob-fifo", "refs", "other-snapshot-file", "other-repo-blob", "outside",
+           "proc", "dir", "loop", "dangling", "plain"]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(links=st.dictionaries(st.sampled_from(["config.json", "tokenizer.json", "vocab.json",
+                                              "chat_template.jinja", "merges.txt"]),
+                             st.sampled_from(TARGETS), max_size=5))  # fmt: skip
+def test_fuzzed_snapshot_links(tmp_path_factory, links):
+    """Whatever the files of a cache snapshot link to, the model files moxkit reads are
+    regular files inside that snapshot or its own repository's blobs/, and every other one
+    is left out (never an exception other than none at all)."""
+    base = tmp_path_factory.mktemp("links")
+    cache = base / "hf-cache"
+    repo = hub_cache(cache, "org/tiny", model_folder(base / "tiny", 0)).parent.parent
+    other = hub_cache(cache, "org/other", model_folder(base / "other", 7), OTHER)
+    snapshot = repo / "snapshots" / REV
+    (repo / "snapshots" / OTHER).mkdir()
+    (repo / "snapshots" / OTHER / "file").write_text("{}")
+    (base / "outside").write_text("{}")
+    os.mkfifo(repo / "blobs" / "fifo")
+    (repo / "blobs" / "json").write_text("{}")
+    where = {
+        "blob": repo / "blobs" / "json",
+        "blob-fifo": repo / "blobs" / "fifo",
+        "refs": repo / "refs" / "main",
+        "other-snapshot-file": repo / "snapshots" / OTHER / "file",
+        "other-repo-blob": next((other.parent.parent / "blobs").iterdir()),
+        "outside": base / "outside",
+        "proc": Path("/proc/self/environ"),
+        "dir": repo / "blobs",
+        "dangling": repo / "blobs" / "absent",
+    }
+    for name, target in links.items():
+        if os.path.lexists(snapshot / name):
+            (snapshot / name).unlink()
+        if target == "loop":
+            (snapshot / name).symlink_to(name)
+        elif target == "plain":
+            (snapshot / name).write_text("{}")
+        else:
+            (snapshot / name).symlink_to(os.path.relpath(where[target], snapshot))
+    with no_hang(30):
+        files = carried_files(snapshot)
+    blobs, own = str(repo.resolve() / "blobs") + os.sep, str(snapshot.resolve()) + os.sep
+    for file in files:
+        assert file.real.startswith((blobs, own))
+        assert Path(file.real).is_file() and not Path(file.real).is_fifo()
+    kept = {f.name for f in files}
+    for name, target in links.items():
+        assert (name in kept) == (target in ("blob", "plain")), (name, target)

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_harden_sources import no_hang
 from test_sources import REV, hub_cache
 
 from moxkit.cli.main import main
 from moxkit.errors import MoxError
-from moxkit.hf import load_model, load_tokenizer
+from moxkit.hf import NOT_LOADED, checked_view, load_model, load_tokenizer
+from moxkit.sources import MAX_MODEL_FILE_BYTES
 from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 
 ROWS = tiny_facts(8)
@@ -236,3 +239,67 @@ def test_tensors_carried_from_model_are_read_from_the_checked_file(built, tmp_pa
     assert code == 0, err
     torch.testing.assert_close(load_file(out / "model.safetensors")["extra.buffer"],
                                torch.arange(4.0), rtol=0, atol=0)  # fmt: skip
+
+
+ENTRIES = ["fifo", "outside", "proc", "dir", "huge", "nested", "plain", "loop", "inside-link"]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(entries=st.dictionaries(
+    st.sampled_from(["generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                     "tokenizer.model", "adapter_config.json"]),
+    st.sampled_from(ENTRIES), max_size=4))  # fmt: skip
+def test_fuzzed_checked_view(built, tmp_path_factory, entries):
+    """Whatever MODEL's files are, the loader's view holds links only to regular files of
+    the model's tree (nothing else is there for transformers to find), or the view is
+    refused with one line naming a JSON file that breaks read_json's bounds."""
+    base = tmp_path_factory.mktemp("view")
+    ref = Path(shutil.copytree(built / "ref", base / "ref"))
+    (base / "outside.json").write_text("{}")
+    (ref / "sub").mkdir()
+    (ref / "sub" / "real.json").write_text("{}")
+    for name, entry in entries.items():
+        path = ref / name
+        if os.path.lexists(path):
+            path.unlink()
+        if entry == "fifo":
+            os.mkfifo(path)
+        elif entry == "outside":
+            path.symlink_to(base / "outside.json")
+        elif entry == "proc":
+            path.symlink_to("/proc/self/environ")
+        elif entry == "dir":
+            path.mkdir()
+        elif entry == "huge":
+            with open(path, "wb") as f:
+                f.truncate(MAX_MODEL_FILE_BYTES + 1)
+        elif entry == "nested":
+            path.write_bytes(b"[" * 5000 + b"]" * 5000)
+        elif entry == "plain":
+            path.write_text("{}")
+        elif entry == "loop":
+            path.symlink_to(name)
+        else:
+            path.symlink_to("sub/real.json")
+    nested_json = [n for n, e in entries.items() if e == "nested" and n.endswith(".json")
+                   and n not in NOT_LOADED]  # fmt: skip
+    try:
+        with no_hang(30):
+            view = checked_view(ref, "MODEL")
+    except MoxError as exc:
+        assert "\n" not in str(exc) and any(n in str(exc) for n in nested_json), str(exc)
+        return
+    assert not nested_json
+    try:
+        names = set(os.listdir(view.name))
+        tree = str(ref.resolve()) + os.sep
+        for name in names:
+            target = os.readlink(os.path.join(view.name, name))
+            assert target.startswith(tree) and Path(target).is_file(), (name, target)
+        for name, entry in entries.items():
+            expected = entry in ("plain", "inside-link", "nested") and name not in NOT_LOADED
+            assert (name in names) == expected, (name, entry)
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    finally:
+        view.cleanup()
