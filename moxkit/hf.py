@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import MoxError
+from .sources import member
 
 if TYPE_CHECKING:
     import torch
@@ -84,19 +85,13 @@ def check_model_dir(
         raise MoxError(f"{name} {p}: {what} (expected a transformers model folder)")
     if not os.path.lexists(p / "config.json"):
         raise MoxError(f"{name} {p}: no config.json (not a transformers model folder)")
-    _checked(p, "config.json", name)
+    try:
+        member(p, "config.json")
+    except MoxError as exc:
+        raise MoxError(f"{name} {exc}") from None
     if need_tokenizer and not any(os.path.lexists(p / f) for f in TOKENIZER_FILES):
         raise MoxError(f"{name} {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return p
-
-
-def _checked(folder: Path, file: str, name: str):
-    from .sources import member
-
-    try:
-        return member(folder, file)
-    except MoxError as exc:
-        raise MoxError(f"{name} {exc}") from None
 
 
 def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
@@ -114,15 +109,18 @@ def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
             if file.name.endswith(".json"):
                 read_json(file, "model file")
         checkpoint = open_checkpoint(folder)
-        weights = {t.file.name: t.file for t in checkpoint.tensors.values()}
+        files += {t.file.name: t.file for t in checkpoint.tensors.values()}.values()
         if not os.path.lexists(folder / SINGLE_NAME) and os.path.lexists(folder / INDEX_NAME):
-            weights[INDEX_NAME] = _checked(folder, INDEX_NAME, name)
+            files.append(member(folder, INDEX_NAME))
     except MoxError as exc:
-        message = str(exc)
-        raise MoxError(message if message.startswith(name) else f"{name} {message}") from None
+        raise MoxError(f"{name} {exc}") from None
     view = tempfile.TemporaryDirectory(prefix="moxkit-model-")
-    for file in [*files, *weights.values()]:
-        os.symlink(file.real, os.path.join(view.name, file.name))
+    try:
+        for file in files:
+            os.symlink(file.real, os.path.join(view.name, file.name))
+    except OSError as exc:
+        view.cleanup()
+        raise MoxError(f"{name} {folder}: cannot prepare it for loading: {exc}") from None
     return view
 
 
