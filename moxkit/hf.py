@@ -97,17 +97,17 @@ def check_model_dir(
 def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
     """A temporary folder of links to the files of the model `folder` that transformers may
     load: its weights as moxkit.checkpoint validated them (the index too when sharded) and
-    the model files that pass the trust rules (others are left out with a warning; JSON
-    that breaks read_json's bounds is MoxError naming the file). Links point at the checked
+    the model files that pass the trust rules (others are left out with a warning; one a
+    loader could not read whole within bounds, sources.check_loadable, is MoxError naming
+    the file). Links point at the checked
     files with every link resolved, so nothing is followed again."""
     from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
-    from .sources import model_files, read_json
+    from .sources import check_loadable, model_files
 
     files = [f for f in model_files(folder, "not loaded") if f.name not in NOT_LOADED]
     try:
         for file in files:
-            if file.name.endswith(".json"):
-                read_json(file, "model file")
+            check_loadable(file)
         checkpoint = open_checkpoint(folder)
         files += {t.file.name: t.file for t in checkpoint.tensors.values()}.values()
         if not os.path.lexists(folder / SINGLE_NAME) and os.path.lexists(folder / INDEX_NAME):

@@ -16,8 +16,9 @@ Everything found inside a model folder is hostile until checked here, once:
 - every JSON file is read through read_json: a size cap, a depth cap, Python's cap on the
   digits of an integer, an object at the top, duplicate keys refused, one-line errors.
 - the model files besides the weights (model_files: config, tokenizer, generation config,
-  chat template) are the MODEL_FILE_PATTERNS names only, each at most MAX_MODEL_FILE_BYTES;
-  one that breaks a rule is left out with a warning naming it.
+  chat template) are the MODEL_FILE_PATTERNS names only; one that breaks a rule is left out
+  with a warning naming it; one a loader reads whole must pass check_loadable (JSON within
+  read_json's bounds, anything else at most MAX_MODEL_FILE_BYTES).
 A file is remembered as a ModelFile (device, inode, size), so a reader can tell when it was
 replaced or truncated after it was checked.
 
@@ -52,8 +53,8 @@ log = logging.getLogger("moxkit")
 MAX_JSON_BYTES = 100_000_000  # safetensors' own header limit; no model's JSON comes near
 MAX_JSON_DEPTH = 64  # configs nest a handful of levels; Python's recursion limit is ~1000
 JSON_PARSE_FACTOR = 7  # peak bytes per JSON byte: 6.0 measured on a 1.3M-tensor index
-# a model file besides the weights (the largest tokenizer.json known is ~35 MB); read whole
-# by transformers, so a bigger one is left out rather than loaded or carried
+# a model file besides the weights that a loader reads whole (tokenizer.model, merges.txt;
+# the largest tokenizer files known are ~35 MB); JSON is bounded by MAX_JSON_BYTES
 MAX_MODEL_FILE_BYTES = 100_000_000
 MAX_REF_BYTES = 4096  # a cache ref holds a 40-digit commit hash; room for whitespace only
 
@@ -197,17 +198,22 @@ def model_files(folder: Path, left_out: str) -> list[ModelFile]:
     files = []
     for name in filter(is_model_file, names):
         try:
-            file = member(folder, name, root)
-            if file.size > MAX_MODEL_FILE_BYTES:
-                raise MoxError(
-                    f"{file}: {file.size:,} bytes; moxkit reads model files besides the "
-                    f"weights up to {MAX_MODEL_FILE_BYTES:,} bytes"
-                )
+            files.append(member(folder, name, root))
         except MoxError as exc:
             log.warning("moxkit: warning: %s: %s", left_out, exc)
-            continue
-        files.append(file)
     return files
+
+
+def check_loadable(file: ModelFile) -> None:
+    """MoxError unless a loader may read `file` whole: JSON within read_json's bounds, any
+    other file at most MAX_MODEL_FILE_BYTES."""
+    if file.name.endswith(".json"):
+        read_json(file, "model file")
+    elif file.size > MAX_MODEL_FILE_BYTES:
+        raise MoxError(
+            f"{file}: {file.size:,} bytes; moxkit loads model files besides the weights up "
+            f"to {MAX_MODEL_FILE_BYTES:,} bytes"
+        )
 
 
 def user_file(path: Path) -> ModelFile:
