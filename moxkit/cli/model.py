@@ -30,7 +30,12 @@ CHECK_QUESTION = "What is the capital of France?"
     help=f"Load the written folder and print its answer to {CHECK_QUESTION!r}.",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def command(name, out, dtype, check, force) -> None:
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Write weights that are NaN or inf (refused by default).",
+)
+def command(name, out, dtype, check, force, allow_nonfinite) -> None:
     """Write NAME as a Hugging Face folder (safetensors, config, tokenizer, chat template).
 
     NAME is a packaged model (smollm2-135m: SmolLM2-135M-Instruct, from
@@ -39,10 +44,11 @@ def command(name, out, dtype, check, force) -> None:
 
     from moxkit.real_model import PACKAGED, chat_answer, convert_gguf, export_packaged
 
+    options = {"dtype": dtype, "force": force, "allow_nonfinite": allow_nonfinite}
     if name in PACKAGED or not name.endswith(".gguf"):
-        path = export_packaged(name, out, dtype=dtype, force=force)
+        path = export_packaged(name, out, **options)
     else:
-        path = convert_gguf(Path(name), out, dtype=dtype, force=force)
+        path = convert_gguf(Path(name), out, **options)
     click.echo(f"{path}: written ({dtype})")
     if check:
         click.echo(f"check: {CHECK_QUESTION} -> {chat_answer(path, CHECK_QUESTION)!r}")
