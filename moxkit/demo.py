@@ -26,7 +26,7 @@ MOMENTUM = "mox-momentum"  # the demo's name for MOX with momentum (η = DemoCon
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and budgets: one pipeline and one seed of benchmarks/unlearning_mini.py (same data,
+    """Sizes and budgets: one pipeline and one seed of studies/unlearning_mini.py (same data,
     methods, training schedule and rule; a wider model, 96 instead of 64, pretrained 8 epochs
     instead of 5), 2 min 40 s on two free CPU cores. Every strength is chosen at
     run time by the rule (moxkit.study.choose) on this run's validation authors, never on the

@@ -1,5 +1,5 @@
 """The pre-registered operating-point rule and tofu-mini's name/value scoring, shared by
-benchmarks/unlearning_mini.py and `moxkit demo`.
+studies/unlearning_mini.py and `moxkit demo`.
 
 Every unlearning method has a strength knob (MOX: α; gradient-ascent baselines: learning rate
 and how long they train). Comparing methods at one arbitrary setting each, or at the setting that

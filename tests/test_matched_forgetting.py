@@ -1,4 +1,4 @@
-"""benchmarks/matched_forgetting.py: the retain kept at equal forgetting, per pipeline, read
+"""studies/matched_forgetting.py: the retain kept at equal forgetting, per pipeline, read
 off a study's sweeps exactly as its docstring defines it."""
 
 import importlib.util
@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "matched_forgetting.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "matched_forgetting.py"
 
 
 def _module():

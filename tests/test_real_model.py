@@ -389,7 +389,7 @@ def test_the_every_setting_table_is_the_mean_and_scipy_t_half_width_over_seeds()
 
     from scipy import stats
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py"
+    script = Path(__file__).resolve().parents[1] / "studies" / "real_model.py"
     sys.path.insert(0, str(script.parent))
     spec = importlib.util.spec_from_file_location("real_model_bench", script)
     bench = importlib.util.module_from_spec(spec)

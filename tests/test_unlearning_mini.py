@@ -1,4 +1,4 @@
-"""benchmarks/unlearning_mini.py --quick (the CI form): every sweep has the points the
+"""studies/unlearning_mini.py --quick (the CI form): every sweep has the points the
 protocol lists, every choice is the rule's on the validation numbers, and the intervals are
 scipy's t-intervals over the pipeline means."""
 
@@ -14,7 +14,7 @@ from scipy import stats
 
 from moxkit.study import KEEP
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning_mini.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "unlearning_mini.py"
 
 
 @pytest.fixture(scope="module")
