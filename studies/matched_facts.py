@@ -349,8 +349,8 @@ def cmd_run(args) -> None:
         sys.exit("the tree has uncommitted changes: commit the code before the study runs")
     c = dict(CONSTANTS)
     if quick:
-        c.update(sizes=QUICK_SIZES, epochs=2, batch_size=4, lrs=[1e-3, 3e-3], alpha_grid=[0, 1, 4, 16],
-                 iterations=4)  # fmt: skip
+        c.update(sizes=QUICK_SIZES, epochs=2, batch_size=4, lrs=[1e-3, 3e-3],
+                 alpha_grid=[0, 1, 4, 16], iterations=4)  # fmt: skip
     out = args.out or (OUT if not (quick or pilot) else Path("/tmp/moxkit-matched-pilot"))
     (out / "seeds").mkdir(parents=True, exist_ok=True)
     seeds = parse_seeds(args.seeds)
