@@ -27,6 +27,19 @@ def digest(path: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+def cache_snapshot(model: Path, root: Path) -> tuple[Path, Path]:
+    """`model` laid out as a Hugging Face cache repo: snapshots/REV/* link into ../../blobs
+    (the links moxkit follows). Returns (snapshot, blobs)."""
+    repo = root / "models--org--name"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in model.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    return snapshot, blobs
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("harden")
@@ -102,13 +115,7 @@ def test_eval_output_through_a_link_to_an_input(cli, setup, no_model_loads, tmp_
     link = tmp_path / "out.json"
     link.symlink_to(data / "forget.jsonl")
     assert "would overwrite the input" in one_line(_eval(cli, setup, link, "--force"))
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    model = tmp_path / "model"
-    model.mkdir()
-    for f in ref.iterdir():
-        (blobs / f.name).write_bytes(f.read_bytes())
-        (model / f.name).symlink_to(blobs / f.name)
+    model, blobs = cache_snapshot(ref, tmp_path)
     before = digest(blobs)
     for out in (blobs / "model.safetensors", blobs):
         result = cli("eval", model, "--data", data, "--retain-model", report, *FAST, "-o", out,
@@ -231,12 +238,7 @@ def test_train_output_through_a_link_to_the_model(cli, train_inputs, tmp_path, m
     """MODEL's files linking elsewhere (a hub snapshot) make their targets inputs."""
     _no_training(monkeypatch)
     ref, forget = train_inputs
-    blobs, model = tmp_path / "blobs", tmp_path / "model"
-    blobs.mkdir()
-    model.mkdir()
-    for f in ref.iterdir():
-        (blobs / f.name).write_bytes(f.read_bytes())
-        (model / f.name).symlink_to(blobs / f.name)
+    model, blobs = cache_snapshot(ref, tmp_path)
     before = digest(blobs)
     result = cli("train-mem", model, "--forget", forget, "--kl-weight", "0", "-o", blobs,
                  "--force", *SMALL)  # fmt: skip
