@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -198,6 +199,9 @@ def run_seed(seed: int, model, tokenizer, facts, target: float, c: dict, log) ->
     if chosen is not None:
         t0 = time.perf_counter()
         lr = chosen["lr"]
+        for other in [x for x in mox_states if x != lr]:  # memory: only the chosen lr's ticks
+            del mox_states[other]
+        gc.collect()
         mem = copy.deepcopy(model)
         load_state(mem, mox_states[lr][steps])
         chosen["trajectory"] = trajectory(model, mem, mox_states[lr], ticks, chosen["strength"],
@@ -242,10 +246,12 @@ def trajectory(ref, mem, states, ticks, alpha, tokenizer, splits) -> list[dict]:
     snapshot = copy.deepcopy(mem)
     for step in ticks:
         load_state(snapshot, states[step])
-        model = AlphaLine(ref, snapshot).load(alpha)
-        m = measure(model, tokenizer, splits)
+        line = AlphaLine(ref, snapshot)
+        m = measure(line.load(alpha), tokenizer, splits)
         out.append({"step": step, **{k: m[k] for k in m if k.endswith("logprob")},
                     "general_nll": m["general_nll"]})  # fmt: skip
+        del line  # four model-sized tensors: one line alive at a time
+        gc.collect()
     return out
 
 
@@ -267,6 +273,8 @@ def momentum(ref, mem, states, ticks, level, target, tokenizer, splits, c) -> di
             combined[k] += w * (states[step][k] - base[k])
     avg = copy.deepcopy(mem)
     load_state(avg, combined)
+    del base, combined  # memory
+    gc.collect()
     match, model = match_alpha(ref, avg, level, target, grid=c["alpha_grid"],
                                iterations=c["iterations"])  # fmt: skip
     out = {"eta": eta, "ticks": ticks, "weight_sum": sum(weights), "alpha": match.strength,
