@@ -151,6 +151,7 @@ def test_a_broken_tokenizer_is_still_blamed_on_the_tokenizer(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "tokenizer.json").write_text("{not json")
-    with pytest.raises(MoxError, match="cannot load the tokenizer: ") as info:
+    with pytest.raises(MoxError, match="tokenizer") as info:  # the file, or the loader
         load_tokenizer(model, "MODEL")
     assert "failed to import" not in str(info.value)
+    assert "environment" not in str(info.value)
