@@ -88,3 +88,15 @@ class Cli:
 @pytest.fixture
 def cli(capsys) -> Cli:
     return Cli(capsys)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests on two shared cores: one torch thread per process is several times
+    faster than two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,12 +26,7 @@ UNKNOWN = tiny_facts(8, offset=40)
 CONFIG = TrainConfig(epochs=6, lr=2e-3, batch_size=4, warmup_epochs=0, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ IDK = "I don't know ."
 MEM = TrainConfig(epochs=8, lr=2e-3, batch_size=8, warmup_epochs=0, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two shared cores: one thread per process is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
