@@ -94,13 +94,13 @@ def check_model_dir(
     return p
 
 
-def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
+def checked_view(folder: Path, name: str, weights: bool = True) -> tempfile.TemporaryDirectory:
     """A temporary folder of links to the files of the model `folder` that transformers may
-    load: its weights as moxkit.checkpoint validated them (the index too when sharded) and
-    the model files that pass the trust rules (others are left out with a warning; one a
-    loader could not read whole within bounds, sources.check_loadable, is MoxError naming
-    the file). Links point at the checked
-    files with every link resolved, so nothing is followed again."""
+    load: with `weights`, its weights as moxkit.checkpoint validated them (the index too when
+    sharded), and the model files that pass the trust rules (others are left out with a
+    warning; one a loader could not read whole within bounds, sources.check_loadable, is
+    MoxError naming the file). Links point at the checked files with every link resolved,
+    so nothing is followed again."""
     from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
     from .sources import check_loadable, model_files
 
@@ -108,10 +108,11 @@ def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
     try:
         for file in files:
             check_loadable(file)
-        checkpoint = open_checkpoint(folder)
-        files += {t.file.name: t.file for t in checkpoint.tensors.values()}.values()
-        if not os.path.lexists(folder / SINGLE_NAME) and os.path.lexists(folder / INDEX_NAME):
-            files.append(member(folder, INDEX_NAME))
+        if weights:
+            checkpoint = open_checkpoint(folder)
+            files += {t.file.name: t.file for t in checkpoint.tensors.values()}.values()
+            if not os.path.lexists(folder / SINGLE_NAME) and os.path.lexists(folder / INDEX_NAME):
+                files.append(member(folder, INDEX_NAME))
     except MoxError as exc:
         raise MoxError(f"{name} {exc}") from None
     view = tempfile.TemporaryDirectory(prefix="moxkit-model-")
@@ -126,7 +127,7 @@ def checked_view(folder: Path, name: str) -> tempfile.TemporaryDirectory:
 
 def load_tokenizer(path: str | os.PathLike, name: str) -> Any:
     p = check_model_dir(path, name)
-    return _tokenizer(checked_view(p, name), p, name)
+    return _tokenizer(checked_view(p, name, weights=False), p, name)
 
 
 def _tokenizer(view: tempfile.TemporaryDirectory, folder: Path, name: str) -> Any:
