@@ -97,12 +97,14 @@ def bisect_level(
 @torch.inference_mode()
 def answer_logprob(model: Any, tokenizer: Any, rows: Any, *, chat_template: bool = False,
                    batch_size: int = 64) -> float:  # fmt: skip
-    """Mean over `rows` (anything moxkit.text.load_rows reads) of each answer's summed
-    log-probability, EOS excluded, with the rows encoded exactly as the trainer encodes them."""
+    """Mean over `rows` (anything moxkit.text.load_rows reads, or the Rows it returned) of
+    each answer's summed log-probability, EOS excluded, with the rows encoded exactly as the
+    trainer encodes them."""
     from .eval.scoring import batched, pair_examples
-    from .text import IGNORE, load_rows, pad_id
+    from .text import IGNORE, Row, load_rows, pad_id
 
-    loaded = load_rows(rows, "rows")
+    is_rows = isinstance(rows, list) and all(isinstance(r, Row) for r in rows)
+    loaded = rows if is_rows else load_rows(rows, "rows")  # checked once, not per bisection step
     if not loaded:
         raise MoxError("matched forgetting: no rows to measure the level on")
     examples = pair_examples(tokenizer, [r.prompt for r in loaded],

@@ -143,13 +143,9 @@ def matched_alpha(ref: Path, mem: Path, match, revision: str | None, device: str
     from .text import load_rows
     from .train.config import parse_target
 
-    def rows_of(source) -> list[dict]:
-        return [{"prompt": r.prompt, "completion": r.completion}
-                for r in load_rows(source, "--match-rows")]  # fmt: skip
-
     ref_model, tok = load_model(ref, device, "REF")
     mem_model, _ = load_model(mem, device, "MEM")
-    rows = rows_of(match.match_rows)
+    rows = load_rows(match.match_rows, "--match-rows")
 
     def level(model) -> float:
         with torch.no_grad():
@@ -160,7 +156,7 @@ def matched_alpha(ref: Path, mem: Path, match, revision: str | None, device: str
         value = hf.check_model_dir(value, "--match-target model:", True, revision)
     target = target_level(
         kind, value, reference=ref_model, level=level,
-        level_of_rows=lambda model, source: answer_logprob(model, tok, rows_of(source)),
+        level_of_rows=lambda model, source: answer_logprob(model, tok, source),
         load=lambda folder: load_model(folder, device, "--match-target model:")[0],
     )  # fmt: skip
     found, _ = match_alpha(ref_model, mem_model, level, target)

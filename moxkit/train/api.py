@@ -243,19 +243,16 @@ def _match_level(rows: Checked, ref, config: TrainConfig, run) -> tuple[Any, flo
     if run.args.world_size > 1:
         raise MoxError("matched forgetting: runs in one process (not under torchrun/FSDP) yet")
 
-    def as_dicts(found):
-        return [{"prompt": r.prompt, "completion": r.completion} for r in found]
-
-    match_rows, tok = as_dicts(rows.match_rows), ref.tokenizer
+    tok = ref.tokenizer
 
     def level(model) -> float:
         with torch.no_grad():
-            return answer_logprob(model, tok, match_rows, chat_template=config.chat_template)
+            return answer_logprob(model, tok, rows.match_rows, chat_template=config.chat_template)
 
     target = target_level(
         rows.target_kind, rows.target, reference=ref.model, level=level,
         level_of_rows=lambda model, found: answer_logprob(
-            model, tok, as_dicts(found), chat_template=config.chat_template),
+            model, tok, found, chat_template=config.chat_template),
         load=lambda folder: load_model(folder, "match_target model:", tokenizer=tok,
                                        device=next(ref.model.parameters()).device).model,
     )  # fmt: skip
