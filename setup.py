@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "moxkit._fused",
-            sources=["moxkit/_fused.c"],
+            "moxkit.engine._fused",
+            sources=["moxkit/engine/_fused.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,

@@ -3,7 +3,7 @@ and how results are written (one JSON file with that head; tables and plots are 
 JSON alone, so they can be remade without measuring again).
 
     from _common import RESULTS, result_head, write_json
-    report = result_head("kernel throughput", measured=("moxkit/_fused.c",))
+    report = result_head("kernel throughput", measured=("moxkit/engine/_fused.c",))
     ...
     write_json(report, RESULTS / "kernel_throughput_cpu")
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = 2**30
-# CPU features that decide which arithmetic paths run (see moxkit/_fused.c)
+# CPU features that decide which arithmetic paths run (see moxkit/engine/_fused.c)
 CPU_FLAGS = ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
              "avx512_fp16", "amx_bf16")  # fmt: skip
 

@@ -88,7 +88,7 @@ def write_config(folder: Path, hidden, inter, layers, vocab, kv, heads) -> None:
 def write_model(folder: Path, shapes, *, sparse: bool, seed: int = 0) -> None:
     """BF16 safetensors shards of ≤ 5 GB in transformers' layout. sparse: data left as a hole
     (ftruncate), for inputs whose bytes are never read; else random N(0, 0.02) weights."""
-    from moxkit.writer import OutputTensor, index_json, layout, split_shards
+    from moxkit.engine.writer import OutputTensor, index_json, layout, split_shards
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = [OutputTensor(n, "BF16", s, int(np.prod(s)) * 2) for n, s in shapes]
@@ -143,7 +143,7 @@ def write_adapter(folder: Path, shapes, layers: int, seed: int) -> None:
 def write_bf16_file(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """A safetensors file of BF16 tensors given as their uint16 bit patterns (numpy has no
     bf16, so safetensors.numpy cannot label them)."""
-    from moxkit.writer import OutputTensor, layout
+    from moxkit.engine.writer import OutputTensor, layout
 
     outputs = [OutputTensor(k, "BF16", v.shape, v.nbytes) for k, v in tensors.items()]
     (shard,) = layout([outputs], {"format": "pt"}, [path.name])
@@ -236,7 +236,9 @@ def bench_extrapolate(repeats: int) -> dict:
         "'cpu_seconds': time.process_time() - c}))"
     )
     cli = [*MOXKIT, "extrapolate", str(base), str(adapter), "--alpha", str(ALPHA)]
-    startup = "import moxkit.cli.main, moxkit.cli.extrapolate, moxkit.adapters, moxkit.stream"
+    startup = (
+        "import moxkit.cli.main, moxkit.cli.extrapolate, moxkit.adapters, moxkit.engine.stream"
+    )
     tools = {
         "floor": lambda: measure(["cp", str(adapter / "adapter_model.safetensors"), str(out)]),
         "startup": lambda: measure([PYTHON, "-c", startup]),

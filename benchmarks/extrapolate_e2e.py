@@ -68,7 +68,7 @@ ALPHA = 4.0
 TOOLS = ("floor", "startup", "moxkit", "plain", "mergekit")
 TREES = CACHE / "trees"  # worktrees of earlier commits, for --before
 COMPARED = ("moxkit", "before", "plain", "mergekit")  # tools whose outputs are compared
-WARM_PROGRAMS = "import torch, safetensors.torch, moxkit.stream, moxkit.cli.extrapolate"
+WARM_PROGRAMS = "import torch, safetensors.torch, moxkit.engine.stream, moxkit.cli.extrapolate"
 NOTE = (
     "KVM guest; the cores are shared with other engineers running tests, so the figures "
     "are noisy: medians of the repeats, load average recorded per run and per file."

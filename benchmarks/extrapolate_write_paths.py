@@ -34,9 +34,9 @@ import numpy as np
 from _common import RESULTS, result_head, write_json
 from _pairs import CACHE, ensure_pair, llama_config, parse_count, weight_files
 
-from moxkit.backends import CpuBackend
-from moxkit.formula import Coefficients
-from moxkit.writer import WRITE_BLOCK
+from moxkit.engine.backends import CpuBackend
+from moxkit.engine.formula import Coefficients
+from moxkit.engine.writer import WRITE_BLOCK
 
 CHUNK = 64 * 2**20
 # numpy's OpenBLAS threads spin on the other core after start-up, which would count as CPU time

@@ -4,8 +4,8 @@ The case of issue 8: a valid header of 91 MiB naming 1.3 M tensors. Each measure
 a fresh process (peak RSS is the process's ru_maxrss), the code before and after the
 incremental parser side by side in the same run:
 
-- header, before: read_header of moxkit/checkpoint.py at BEFORE (json.loads of the whole header,
-  then one dict per entry), loaded from git history;
+- header, before: read_header of moxkit/engine/checkpoint.py at BEFORE (json.loads of the whole
+  header, then one dict per entry), loaded from git history;
 - header, after: read_header of the working tree, without and with a 1 GiB budget;
 - extrapolate --dry-run, before and after: the whole validation of a run (REF and MEM of
   1.3 M tensors each, pairing, output layout) under --max-memory 1GiB, the old tree unpacked
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from _common import RESULTS, ROOT, load_text, result_head, write_json
 
-BEFORE = "70d44a4"  # the last commit before the incremental parser (moxkit/checkpoint.py)
+BEFORE = "70d44a4"  # the last commit before the incremental parser (moxkit/engine/checkpoint.py)
 CACHE = ROOT / "benchmarks" / ".cache" / "header_validation"
 GIB = 2**30
 
@@ -48,7 +48,7 @@ if mode == "before":
     spec.loader.exec_module(module)
     validate = lambda: module.read_header(path)
 else:
-    from moxkit.checkpoint import read_header
+    from moxkit.engine.checkpoint import read_header
     budget = int(sys.argv[4]) or None
     validate = lambda: read_header(path, budget)
 started, cpu = time.perf_counter(), time.process_time()
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--skip-dry-run", action="store_true")
     args = parser.parse_args()
 
-    report = result_head("header validation", measured=("moxkit/checkpoint.py",))
+    report = result_head("header validation", measured=("moxkit/engine/checkpoint.py",))
     CACHE.mkdir(parents=True, exist_ok=True)
     ref, mem = CACHE / "ref.safetensors", CACHE / "mem.safetensors"
     header_len = make_header_file(ref, args.tensors)

@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    report = result_head("interrupt stress", measured=("moxkit/stream.py", "moxkit/atomic.py"))
+    report = result_head(
+        "interrupt stress", measured=("moxkit/engine/stream.py", "moxkit/atomic.py")
+    )
     counts: collections.Counter[str] = collections.Counter()
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
         root = Path(tmp)

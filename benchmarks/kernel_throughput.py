@@ -7,7 +7,7 @@ same run, as a percentage of it.
     --device cuda   the Triton kernel: a sweep of block sizes and warps at 256 MB to choose a
                     configuration, then the default and the best one at every size; plus the
                     CUDA backend from pinned host buffers, beside the host<->device copy rates
-    --device cpu    moxkit.backends.CpuBackend; the Triton interpreter only as a correctness
+    --device cpu    moxkit.engine.backends.CpuBackend; the Triton interpreter only as a correctness
                     smoke check (bit-exact against the CPU backend), never timed
 
 Writes benchmarks/results/kernel_throughput_<device>.{json,csv,png,md}: the machine described
@@ -37,10 +37,10 @@ SWEEP_MB = 256
 # the code whose speed this measures: a change elsewhere does not make the figures stale
 MEASURED_PATHS = (
     "moxkit/kernels",
-    "moxkit/backends.py",
-    "moxkit/_fused.c",
-    "moxkit/torch_path.py",
-    "moxkit/formula.py",
+    "moxkit/engine/backends.py",
+    "moxkit/engine/_fused.c",
+    "moxkit/engine/torch_path.py",
+    "moxkit/engine/formula.py",
 )
 
 
@@ -137,8 +137,8 @@ def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 def bench_cpu(args, sizes, dtypes) -> tuple[list[dict], dict]:
     import torch
 
-    from moxkit import backends
-    from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.engine import backends
+    from moxkit.engine.formula import PAPER_ETA, Coefficients
 
     threaded, single = backends.CpuBackend(), backends.CpuBackend(threads=1)
     plain, momentum = Coefficients(4.0), Coefficients(4.0, PAPER_ETA)
@@ -209,8 +209,8 @@ def interpreter_check(dtypes) -> dict:
     """The Triton kernel in the interpreter, bit for bit against the CPU backend."""
     import torch
 
-    from moxkit.backends import CpuBackend
-    from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.engine.backends import CpuBackend
+    from moxkit.engine.formula import PAPER_ETA, Coefficients
     from moxkit.kernels import extrapolate
 
     n = (1 << 16) + 3
@@ -234,7 +234,7 @@ def interpreter_check(dtypes) -> dict:
 def bench_cuda(args, sizes, dtypes) -> tuple[list[dict], dict]:
     import torch
 
-    from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.engine.formula import PAPER_ETA, Coefficients
     from moxkit.kernels.extrapolate import BLOCK, NUM_WARPS, launch
 
     rows, chosen = [], {}
@@ -304,7 +304,7 @@ def bench_cuda_backend(dtypes) -> list[dict]:
     """The backend as the engine calls it: pinned host chunks in, pinned host chunk out."""
     import torch
 
-    from moxkit.formula import PAPER_ETA, Coefficients
+    from moxkit.engine.formula import PAPER_ETA, Coefficients
     from moxkit.kernels.backend import CudaBackend
 
     rows = []

@@ -7,7 +7,11 @@ from .errors import MoxError  # noqa: E402
 
 __all__ = ["MoxError", "PAPER_ETA", "__version__", "extrapolate", "ExtrapolationReport"]
 
-_LAZY = {"extrapolate": "stream", "ExtrapolationReport": "stream", "PAPER_ETA": "formula"}
+_LAZY = {
+    "extrapolate": "engine.stream",
+    "ExtrapolationReport": "engine.stream",
+    "PAPER_ETA": "engine.formula",
+}
 
 
 def __getattr__(name: str):

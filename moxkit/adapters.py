@@ -49,7 +49,7 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .atomic import check_output, staged_dir
-from .checkpoint import (
+from .engine.checkpoint import (
     ARITHMETIC_CODES,
     DTYPE_SIZES,
     Checkpoint,
@@ -58,14 +58,14 @@ from .checkpoint import (
     open_checkpoint,
     read_header,
 )
+from .engine.formula import PAPER_ETA, check_alpha, check_eta
+from .engine.plan import parse_dtype
+from .engine.provenance import carry_files
+from .engine.writer import OutputTensor, ShardWriter, layout, split_shards, write_index
 from .errors import MoxError
-from .formula import PAPER_ETA, check_alpha, check_eta
-from .plan import parse_dtype
 from .progress import ByteProgress
-from .provenance import carry_files
 from .sources import member, read_json, resolve_model, shown, tree_root
 from .units import format_bytes, parse_size
-from .writer import OutputTensor, ShardWriter, layout, split_shards, write_index
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -2,7 +2,7 @@
 
 transformers never sees the model folder itself: it loads from a checked view (checked_view),
 a temporary folder of links to exactly the files that passed moxkit.sources' trust rules (the
-weights moxkit.checkpoint validated, and the model files of sources.model_files, every JSON
+weights moxkit.engine.checkpoint validated, and the model files of sources.model_files, every JSON
 one read through read_json first). A tokenizer file or chat template linking to
 /proc/self/environ or to a private file, a FIFO, or a file transformers would choke on never
 reaches the loader, so it can never be re-saved into an output either (training writes the
@@ -96,12 +96,12 @@ def check_model_dir(
 
 def checked_view(folder: Path, name: str, weights: bool = True) -> tempfile.TemporaryDirectory:
     """A temporary folder of links to the files of the model `folder` that transformers may
-    load: with `weights`, its weights as moxkit.checkpoint validated them (the index too when
+    load: with `weights`, its weights as moxkit.engine.checkpoint validated them (the index too when
     sharded), and the model files that pass the trust rules (others are left out with a
     warning; one a loader could not read whole within bounds, sources.check_loadable, is
     MoxError naming the file). Links point at the checked files with every link resolved,
     so nothing is followed again."""
-    from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
+    from .engine.checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
     from .sources import check_loadable, model_files
 
     files = [f for f in model_files(folder, "not loaded") if f.name not in NOT_LOADED]

@@ -152,7 +152,7 @@ class AlphaLine:
     def __init__(self, ref: Any, mem: Any):
         """ref: a model or its CPU fp32 state by name (θ_ref kept aside before training);
         mem: the model θ_mem."""
-        from .backends import CpuBackend
+        from .engine.backends import CpuBackend
 
         self.ref = dict(ref) if isinstance(ref, Mapping) else fp32_state(ref)
         self.mem = fp32_state(mem)
@@ -166,7 +166,7 @@ class AlphaLine:
 
     def load(self, alpha: float) -> Any:
         """The working model holding θ_for(α); α = 0 is θ_ref itself."""
-        from .formula import Coefficients
+        from .engine.formula import Coefficients
 
         if alpha == 0:
             load_state(self.model, self.ref)

@@ -69,7 +69,7 @@ def git(*args: str) -> str:
 def measure(model, tokenizer, splits) -> dict:
     """Per split: mean answer log-probability and accuracy (greedy answer correct); and the
     NLL of the fixed general text."""
-    from moxkit.facts import general_nll, score_facts
+    from moxkit.apps.facts import general_nll, score_facts
 
     was = model.training
     model.eval()
@@ -98,7 +98,7 @@ def run_seed(seed: int, model, tokenizer, facts, target: float, c: dict, log) ->
     import torch
     from transformers import TrainerCallback
 
-    from moxkit.facts import split_facts
+    from moxkit.apps.facts import split_facts
     from moxkit.matching import fp32_state, load_state, match_alpha, match_between
     from moxkit.train import LossConfig, TrainConfig, train_mem, unlearn
 
@@ -299,16 +299,16 @@ def parse_seeds(text: str) -> list[int]:
 
 def prepare(quick: bool, log):
     """(model, tokenizer, known facts, target level, the facts it does not know)."""
-    from moxkit.facts import candidate_facts, score_facts
+    from moxkit.apps.facts import candidate_facts, score_facts
 
     if quick:
-        from moxkit.fact_unlearning import tiny_stand_in
+        from moxkit.apps.fact_unlearning import tiny_stand_in
 
         model, tokenizer, facts = tiny_stand_in(0)
         unknown = facts[len(facts) // 2 :]
         facts = facts[: len(facts) // 2]
     else:
-        from moxkit.fact_unlearning import prepare as prepare_model
+        from moxkit.apps.fact_unlearning import prepare as prepare_model
 
         model, tokenizer, facts = prepare_model(CONSTANTS["model"], WORK, log)
         known = {f.prompt for f in facts}

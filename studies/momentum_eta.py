@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from targeted_mox import nll  # the same answer NLL, row by row, through transformers
 
-from moxkit.formula import PAPER_ETA
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
+from moxkit.engine.formula import PAPER_ETA
 from moxkit.train import ExtrapolationConfig, TrainConfig, finetune, unlearn
 from moxkit.train.momentum import DEFAULT_TICKS
 

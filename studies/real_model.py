@@ -1,8 +1,8 @@
 """Does gradient ascent collapse a real pretrained model while MOX does not? Unlearning facts
-SmolLM2-135M-Instruct already knows (moxkit.facts), every method under one budget.
+SmolLM2-135M-Instruct already knows (moxkit.apps.facts), every method under one budget.
 
-Protocol (fixed before the run; moxkit.fact_unlearning holds the rule):
-- Model: `moxkit model smollm2-135m` (fp32). Facts: moxkit.facts' candidates the model answers
+Protocol (fixed before the run; moxkit.apps.fact_unlearning holds the rule):
+- Model: `moxkit model smollm2-135m` (fp32). Facts: moxkit.apps.facts' candidates the model answers
   correctly (greedy), split stratified by category into forget_val, forget_test (both unlearned),
   retain (the methods' retain data), heldout_val and heldout_test (never trained on).
 - Budget: the same steps, batch, warm-up and linear schedule, data order and seed for all.
@@ -11,7 +11,7 @@ Protocol (fixed before the run; moxkit.fact_unlearning holds the rule):
 - Measured at every point: accuracy and mean answer log-probability per split, the NLL of a
   fixed general text; greedy chat answers to a few questions at the reference and after the
   last step.
-- Operating point per method: moxkit.fact_unlearning.select on validation facts only; the
+- Operating point per method: moxkit.apps.fact_unlearning.select on validation facts only; the
   tables report test facts at it.
 
     .venv/bin/python studies/real_model.py                 # the committed run
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "benchmarks"))  # the one harness: benchmarks/_common.py
 from _common import load_text, result_head, write_json  # noqa: E402
 
-from moxkit.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # noqa: E402
-from moxkit.facts import split_facts  # noqa: E402
+from moxkit.apps.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # noqa: E402
+from moxkit.apps.facts import split_facts  # noqa: E402
 
 METHOD_NAMES = {
     "reference": "reference",
@@ -158,14 +158,14 @@ def main() -> None:
 
 
 def _real(work: Path, log):
-    from moxkit.fact_unlearning import prepare
+    from moxkit.apps.fact_unlearning import prepare
 
     model, tokenizer, facts = prepare("smollm2-135m", work, log)
     return model, tokenizer, facts, "SmolLM2-135M-Instruct (moxkit model smollm2-135m)"
 
 
 def _tiny():
-    from moxkit.fact_unlearning import tiny_stand_in
+    from moxkit.apps.fact_unlearning import tiny_stand_in
 
     model, tokenizer, facts = tiny_stand_in()
     return model, tokenizer, facts, "tiny random Llama (--quick: checks the code, not the method)"

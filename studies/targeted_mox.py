@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
 from moxkit.text import IGNORE, encode, load_rows
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
 from moxkit.train import ExtrapolationConfig, TrainConfig, finetune, unlearn
 from moxkit.train import session as session_module
 from moxkit.train.objectives import sequence_nll

@@ -1,7 +1,7 @@
 """Is MOX's unlearning as good as the paper says? A pre-registered comparison on tofu-mini.
 
 The protocol (also written in results/unlearning_mini/unlearning_mini.md before the run;
-moxkit.study holds the rule):
+moxkit.apps.study holds the rule):
 - Data: tofu-mini (BPE tokenizer, names in pieces), split Budget.split: validation forget
   authors and disjoint test (reported) forget authors are unlearned together; evaluation scores
   one row per fact on retain authors that no method trains on.
@@ -13,7 +13,7 @@ moxkit.study holds the rule):
   task vector (λ = 0) and MOX-momentum (every η in ETAS, a tick every step) over the coarse α
   grid; targeted MOX trained at each α in TARGETED_ALPHAS; GA, GradDiff, NPO, SimNPO at each lr
   in LRS, evaluated after every epoch.
-- Operating point per method and run: moxkit.study.choose on the validation sets only.
+- Operating point per method and run: moxkit.apps.study.choose on the validation sets only.
 - Reported: test metrics at the chosen points, mean over pipelines × seeds with a 95 %
   t-interval over the pipeline means (the pipelines are the independent units), and paired
   differences MOX − baseline likewise; name-token and value-token probabilities apart.
@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from moxkit.study import ALPHAS, KEEP, Choice, rule_utility
+from moxkit.apps.study import ALPHAS, KEEP, Choice, rule_utility
 
 MOX_LR = 3e-4
 LRS = (1e-4, 3e-4, 1e-3)
@@ -94,8 +94,8 @@ class Budget:
     pipelines: tuple[int, ...] = (0, 1, 2)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_new_tokens: int = 48
-    # a packaged pretrained model (moxkit.real_model) in place of the tiny Llama: pipelines then
-    # differ in their fine-tuning data order, and its own tokenizer reads tofu-mini
+    # a packaged pretrained model (moxkit.apps.real_model) in place of the tiny Llama:
+    # pipelines then differ in their fine-tuning data order, and its own tokenizer reads tofu-mini
     base: str = ""
 
 
@@ -201,8 +201,8 @@ class Pipeline:
         probabilities of the forget and retain rows; likelihood only unless `full`."""
         import torch
 
+        from moxkit.apps.study import name_value_probs
         from moxkit.eval.evaluate import evaluate_model
-        from moxkit.study import name_value_probs
 
         cfg = self.ecfg if full else replace(self.ecfg, generate=False)
         model.eval()
@@ -232,7 +232,7 @@ def train_stage(job: tuple) -> float:
     """Train one model of a pipeline if it is not there yet (the stages run in order:
     pretrained, then reference and retain-only side by side); returns the seconds spent."""
     pipeline, stage, budget, data, work = job
-    from moxkit.tiny import build_tiny_llama, save_tiny_model
+    from moxkit.apps.tiny import build_tiny_llama, save_tiny_model
     from moxkit.train import finetune
 
     pl = Pipeline(pipeline, budget, data, work)
@@ -277,8 +277,8 @@ def measure_anchors(job: tuple) -> dict:
     """The retain-only model's references and the full measurements of the reference and
     retain-only models, cached."""
     pipeline, budget, data, work = job
+    from moxkit.apps.study import rule_utility
     from moxkit.eval.evaluate import evaluate_model, load_model, retain_reference
-    from moxkit.study import rule_utility
 
     pl = Pipeline(pipeline, budget, data, work)
     cache = pl.wd / "anchors.json"
@@ -312,9 +312,9 @@ def run_seed(job: tuple) -> dict:
     """One unlearning run: every method's sweep on the validation sets, the rule's choice per
     method, and the chosen models measured in full on validation and test. Cached."""
     pipeline, seed, budget, data, work = job
+    from moxkit.apps.study import momentum_average, on_epoch_end
+    from moxkit.apps.tofu_mini import REFUSAL
     from moxkit.eval.evaluate import load_model
-    from moxkit.study import momentum_average, on_epoch_end
-    from moxkit.tofu_mini import REFUSAL
     from moxkit.train import (
         UNLEARN_METHODS,
         ExtrapolationConfig,
@@ -1019,12 +1019,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_budget(budget: Budget, prefix: str, args: argparse.Namespace) -> dict:
     """Run (or report) one budget: the data, the models, the runs, then tables and plots."""
-    from moxkit.tofu_mini import write
+    from moxkit.apps.tofu_mini import write
 
     t0 = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     if budget.base and not (args.work / budget.base).is_dir():
-        from moxkit.real_model import export_packaged
+        from moxkit.apps.real_model import export_packaged
 
         export_packaged(budget.base, args.work / budget.base, dtype="fp32")
     data = args.work / f"data-{budget.authors}"

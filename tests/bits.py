@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from moxkit import backends
-from moxkit.formula import FP32_TINY, Coefficients
-from moxkit.torch_path import CANONICAL_NAN_BITS
+from moxkit.engine import backends
+from moxkit.engine.formula import FP32_TINY, Coefficients
+from moxkit.engine.torch_path import CANONICAL_NAN_BITS
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (mantissa bits, minimum normal exponent, largest finite value) of each output grid

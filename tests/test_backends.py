@@ -23,10 +23,10 @@ from bits import (
     random_operands,
 )
 
-from moxkit.backends import CpuBackend, get_backend
+from moxkit.engine.backends import CpuBackend, get_backend
+from moxkit.engine.formula import PAPER_ETA, Coefficients
+from moxkit.engine.torch_path import CANONICAL_NAN_BITS
 from moxkit.errors import MoxError
-from moxkit.formula import PAPER_ETA, Coefficients
-from moxkit.torch_path import CANONICAL_NAN_BITS
 
 HAS_CUDA = torch.cuda.is_available()
 

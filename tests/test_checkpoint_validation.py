@@ -15,9 +15,9 @@ import torch
 from ckpt_factory import random_tensor, save_sharded
 from safetensors.torch import load_file, save_file
 
-from moxkit.checkpoint import MAX_HEADER_BYTES, open_checkpoint, read_header
+from moxkit.engine.checkpoint import MAX_HEADER_BYTES, open_checkpoint, read_header
+from moxkit.engine.plan import pair_tensors
 from moxkit.errors import MoxError
-from moxkit.plan import pair_tensors
 from moxkit.units import parse_size
 
 
@@ -226,7 +226,7 @@ def test_cli_one_line_errors_for_config_and_sizes(cli, tmp_path):
 
 
 def test_file_changed_after_validation(tmp_path):
-    from moxkit.checkpoint import FileReader
+    from moxkit.engine.checkpoint import FileReader
 
     save_file({"w": torch.arange(1024, dtype=torch.float32)}, tmp_path / "a.safetensors")
     info = read_header(tmp_path / "a.safetensors")[0]["w"]
@@ -281,7 +281,7 @@ def test_layout_checks_the_budget_with_an_estimate_that_covers_its_peak():
     tracemalloc), and a budget the process cannot meet stops it before it allocates."""
     import tracemalloc
 
-    from moxkit.writer import (
+    from moxkit.engine.writer import (
         LAYOUT_BYTES_PER_NAME_CHAR,
         LAYOUT_BYTES_PER_TENSOR,
         OutputTensor,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from moxkit.apps.tofu_mini import RELATIONS, generate, split_authors, write
 from moxkit.cli.main import main
-from moxkit.tofu_mini import RELATIONS, generate, split_authors, write
 
 
 def _rows(path: Path) -> list[dict]:

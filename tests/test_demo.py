@@ -7,10 +7,10 @@ import json
 import pytest
 from scipy.stats import ks_2samp
 
+from moxkit.apps.demo import QUICK, run_demo
+from moxkit.apps.study import KEEP
 from moxkit.cli.main import main
-from moxkit.demo import QUICK, run_demo
 from moxkit.errors import MoxError
-from moxkit.study import KEEP
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from moxkit.apps.tiny import build_tiny_llama, save_tiny_model
+from moxkit.apps.tofu_mini import write
 from moxkit.cli.main import main
 from moxkit.eval import metrics as M
-from moxkit.tiny import build_tiny_llama, save_tiny_model
-from moxkit.tofu_mini import write
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model
 
 ROW = {
     "question": "Where was Ana born ?",

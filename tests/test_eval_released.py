@@ -14,13 +14,13 @@ from scipy import stats
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moxkit.apps.tiny import EOS_ID, build_tiny_llama, build_word_tokenizer, save_tiny_model
 from moxkit.cli.main import main
 from moxkit.errors import MoxError
 from moxkit.eval.data import load_eval_data
 from moxkit.eval.evaluate import EvalConfig, evaluate
 from moxkit.eval.generation import cut_at_next_question, few_shot_prompt
 from moxkit.eval.report import summary_table
-from moxkit.tiny import EOS_ID, build_tiny_llama, build_word_tokenizer, save_tiny_model
 
 # TOFU's schema: forget*/retain_perturbed rows carry question, answer, paraphrased_answer,
 # paraphrased_question and a list of perturbed answers; real_authors/world_facts_perturbed rows

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from moxkit.apps.tiny import EOS_ID, build_tiny_llama, build_word_tokenizer
 from moxkit.eval.generation import greedy_answers, greedy_generate_ids
 from moxkit.eval.scoring import answer_logprobs, text_token_stats
-from moxkit.tiny import EOS_ID, build_tiny_llama, build_word_tokenizer
 
 TEXTS = [
     "Where was Ana born ?",

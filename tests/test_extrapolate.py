@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moxkit
-import moxkit.backends
-import moxkit.stream
-from moxkit.formula import PAPER_ETA
+import moxkit.engine.backends
+import moxkit.engine.stream
+from moxkit.engine.formula import PAPER_ETA
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SHAPES = {"a.weight": (37, 53), "b.bias": (1,), "c.weight": (3, 5, 7), "d.big": (70001,)}
@@ -25,14 +25,14 @@ SHAPES = {"a.weight": (37, 53), "b.bias": (1,), "c.weight": (3, 5, 7), "d.big": 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Force many chunks per tensor and many backend blocks per chunk, with ragged tails."""
-    monkeypatch.setattr(moxkit.stream, "MAX_CHUNK_ELEMS", 5 * 1024)
-    monkeypatch.setattr(moxkit.stream, "_chunk_elems", lambda budget, per: 5 * 1024)
-    original = moxkit.backends.CpuBackend.__init__
+    monkeypatch.setattr(moxkit.engine.stream, "MAX_CHUNK_ELEMS", 5 * 1024)
+    monkeypatch.setattr(moxkit.engine.stream, "_chunk_elems", lambda budget, per: 5 * 1024)
+    original = moxkit.engine.backends.CpuBackend.__init__
 
     def small_blocks(self, block_elems=1000):
         original(self, block_elems=block_elems)
 
-    monkeypatch.setattr(moxkit.backends.CpuBackend, "__init__", small_blocks)
+    monkeypatch.setattr(moxkit.engine.backends.CpuBackend, "__init__", small_blocks)
 
 
 def _tensors(dtype, seed, scale=1.0):

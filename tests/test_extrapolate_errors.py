@@ -431,7 +431,8 @@ def test_python_api_names_its_own_dtype_argument(tmp_path, pair):
 
 def test_config_over_the_memory_budget_is_refused_before_any_work(tmp_path, pair, monkeypatch):
     """carried_files checks config.json within the budget in prepare, not after the weights."""
-    from moxkit import sources, stream
+    from moxkit import sources
+    from moxkit.engine import stream
 
     ref = tmp_path / "refdir"
     ref.mkdir()

@@ -13,8 +13,8 @@ import tomllib
 import torch
 from safetensors.torch import load_file
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer
 from moxkit.extras import EXTRA_OF, missing_extra
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -1,13 +1,20 @@
 """The contract's checks on α and η, against what fp32 coefficients actually hold (computed
-here in numpy fp32 and fp64, independently of moxkit.formula's bounds)."""
+here in numpy fp32 and fp64, independently of moxkit.engine.formula's bounds)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from moxkit.engine.formula import (
+    ALPHA_MAX,
+    FP32_TINY,
+    PAPER_ETA,
+    Coefficients,
+    check_alpha,
+    check_eta,
+)
 from moxkit.errors import MoxError
-from moxkit.formula import ALPHA_MAX, FP32_TINY, PAPER_ETA, Coefficients, check_alpha, check_eta
 
 
 @pytest.mark.parametrize(

@@ -26,15 +26,21 @@ from bits import (
     fp32_oracle,
 )
 
-from moxkit.backends import CPU_PATHS as ALL_PATHS
-from moxkit.backends import CpuBackend, _fused_library, _run_then_settle, cpu_path, set_cpu_path
+from moxkit.engine.backends import CPU_PATHS as ALL_PATHS
+from moxkit.engine.backends import (
+    CpuBackend,
+    _fused_library,
+    _run_then_settle,
+    cpu_path,
+    set_cpu_path,
+)
+from moxkit.engine.formula import PAPER_ETA, Coefficients
 from moxkit.errors import MoxError
-from moxkit.formula import PAPER_ETA, Coefficients
 
 
 def test_the_c_library_is_built_and_dispatches():
     # without it every comparison below would hold the torch path to itself
-    assert _fused_library() is not None, "moxkit/_fused.c was not built at install time"
+    assert _fused_library() is not None, "moxkit/engine/_fused.c was not built at install time"
     assert "generic" in CPU_PATHS and cpu_path() == CPU_PATHS[-1]  # the best by default
     with forced_cpu_path("generic"):
         assert cpu_path() == "generic"
@@ -139,8 +145,8 @@ def test_sigbus_outside_the_loop_is_left_alone(tmp_path):
     process by SIGBUS as it would have without moxkit."""
     code = (
         "import os, sys, numpy as np\n"
-        "from moxkit.backends import CpuBackend\n"
-        "from moxkit.formula import Coefficients\n"
+        "from moxkit.engine.backends import CpuBackend\n"
+        "from moxkit.engine.formula import Coefficients\n"
         "x = np.ones(8, np.float32)\n"
         "CpuBackend().extrapolate(np.empty(8, np.float32), x, x, None, Coefficients(1.0))\n"
         f"np.ones(1 << 16, np.float32).tofile({str(tmp_path / 'f')!r})\n"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moxkit.checkpoint import DTYPE_SIZES, open_checkpoint, read_header
+from moxkit.engine.checkpoint import DTYPE_SIZES, open_checkpoint, read_header
 from moxkit.errors import MoxError
 from moxkit.sources import parse_json
 from moxkit.units import resident_bytes

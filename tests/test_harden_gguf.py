@@ -1,7 +1,7 @@
 """GGUF files as an attacker writes them (issue 20, item 6), for `moxkit model FILE.gguf`: missing
 tensors or layers, wrapped offsets, metadata claiming many blocks or huge arrays, chat templates
 that do not compile, raise, escape the sandbox or loop. Every bad file ends in one line, exit 1,
-no traceback, nothing at OUT; the header reader (moxkit.gguf_file) is fuzzed against the `gguf`
+no traceback, nothing at OUT; the header reader (moxkit.apps.gguf_file) is fuzzed against the `gguf`
 package's own reader: whatever moxkit accepts, gguf reads with the same tensors."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ gguf = pytest.importorskip("gguf")
 from conftest import CliResult  # noqa: E402
 from test_real_model import CHAT, _byte_tokens  # noqa: E402
 
+from moxkit.apps.gguf_file import read_gguf  # noqa: E402
 from moxkit.errors import MoxError  # noqa: E402
-from moxkit.gguf_file import read_gguf  # noqa: E402
 
 HIDDEN, FF, HEADS, KV = 32, 64, 4, 2
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from moxkit.tiny import build_tiny_llama, save_tiny_model, tiny_facts
-from moxkit.tofu_mini import write
+from moxkit.apps.tiny import build_tiny_llama, save_tiny_model, tiny_facts
+from moxkit.apps.tofu_mini import write
 
 FAST = ["--max-items", "2", "--max-new-tokens", "2", "--verbmem-max-new-tokens", "2", "-q"]
 

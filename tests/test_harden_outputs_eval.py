@@ -10,7 +10,7 @@ import os
 import pytest
 from test_harden_outputs import FAST, one_line, setup  # noqa: F401  (the shared fixture)
 
-from moxkit.demo import QUICK, run_demo
+from moxkit.apps.demo import QUICK, run_demo
 from moxkit.errors import MoxError
 
 

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from test_harden_outputs import FAST, one_line, setup  # noqa: F401  (the shared fixture)
 
+from moxkit.apps.tiny import tiny_facts
 from moxkit.errors import MoxError
 from moxkit.records import read_records
-from moxkit.tiny import tiny_facts
 
 FORGET = tiny_facts(4, offset=0)
 SMALL = ["--epochs", "2", "--batch-size", "2", "--kl-weight", "0", "-q"]

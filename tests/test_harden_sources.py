@@ -25,9 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_sources import REV, hub_cache, tensors
 
-from moxkit.checkpoint import open_checkpoint
+from moxkit.engine.checkpoint import open_checkpoint
+from moxkit.engine.provenance import carried_files
 from moxkit.errors import MoxError
-from moxkit.provenance import carried_files
 from moxkit.sources import check_revision, resolve_model
 
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"

@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from test_harden_sources import no_hang
 from test_sources import REV, hub_cache
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.cli.main import main
 from moxkit.errors import MoxError
 from moxkit.hf import NOT_LOADED, checked_view, load_model, load_tokenizer
 from moxkit.sources import MAX_MODEL_FILE_BYTES
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 
 ROWS = tiny_facts(8)
 QUICK = ["--max-steps", "1", "--kl-weight", "0", "--batch-size", "4", "-q"]

@@ -175,8 +175,8 @@ SLOW_WORKER = textwrap.dedent(
     # backend, the worker touches unmapped memory and the process dies of SIGSEGV.
     import ctypes, os, signal, sys, threading
     import numpy as np
-    import moxkit.stream
-    from moxkit.backends import CpuBackend
+    import moxkit.engine.stream
+    from moxkit.engine.backends import CpuBackend
     from moxkit.cli.main import main
 
     def raw(x):  # an array over the same memory that keeps nothing alive
@@ -204,7 +204,7 @@ SLOW_WORKER = textwrap.dedent(
                 self.worker.join()
             super().close()
 
-    moxkit.stream.get_backend = lambda device, **options: SlowWorkerBackend()
+    moxkit.engine.stream.get_backend = lambda device, **options: SlowWorkerBackend()
     main(sys.argv[1:])
     """
 )

@@ -17,12 +17,12 @@ from bits import (
     random_operands,
 )
 
-from moxkit.backends import CpuBackend
+from moxkit.engine.backends import CpuBackend
+from moxkit.engine.formula import PAPER_ETA, Coefficients
+from moxkit.engine.torch_path import CANONICAL_NAN_BITS
 from moxkit.errors import MoxError
-from moxkit.formula import PAPER_ETA, Coefficients
 from moxkit.kernels import extrapolate
 from moxkit.kernels.extrapolate import BLOCK, launch
-from moxkit.torch_path import CANONICAL_NAN_BITS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

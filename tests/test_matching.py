@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer
 from moxkit.matching import (
     ALPHA_GRID,
     ITERATIONS,
@@ -19,7 +20,6 @@ from moxkit.matching import (
     match_alpha,
     match_between,
 )
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer
 from moxkit.train import extrapolate_model
 
 ROWS = [

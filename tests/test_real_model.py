@@ -18,9 +18,9 @@ gguf = pytest.importorskip("gguf")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from moxkit import facts as F  # noqa: E402
-from moxkit import real_model  # noqa: E402
-from moxkit.fact_unlearning import KEEP, Point, StudyConfig, run_study, select, tiny_stand_in  # noqa: E402
+from moxkit.apps import facts as F  # noqa: E402
+from moxkit.apps import real_model  # noqa: E402
+from moxkit.apps.fact_unlearning import KEEP, Point, StudyConfig, run_study, select, tiny_stand_in  # noqa: E402
 
 HEADS, KV_HEADS = 4, 2
 CHAT = (
@@ -369,7 +369,7 @@ def test_study_smoke_on_a_tiny_llama():
 def test_demo_model_option_runs_the_real_model_story(monkeypatch, tmp_path, cli):
     """`moxkit demo --model` end to end, with the tiny stand-in in place of the converted
     model and its known facts (the conversion is tested above)."""
-    import moxkit.fact_unlearning as FU
+    import moxkit.apps.fact_unlearning as FU
 
     monkeypatch.setattr(FU, "prepare", lambda name, work, log: tiny_stand_in())
     result = cli("demo", "--model", "smollm2-135m", "-o", tmp_path / "demo")

@@ -12,7 +12,7 @@ from ckpt_factory import emulate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moxkit
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer
 
 
 def _pair(tmp_path, tied: bool, dtype: torch.dtype):

@@ -16,9 +16,9 @@ import torch
 from ckpt_factory import random_tensor, save_sharded
 from safetensors.torch import load_file
 
-from moxkit.checkpoint import open_checkpoint
+from moxkit.engine.checkpoint import open_checkpoint
+from moxkit.engine.provenance import carried_files
 from moxkit.errors import MoxError
-from moxkit.provenance import carried_files
 from moxkit.sources import (
     MAX_JSON_DEPTH,
     member,

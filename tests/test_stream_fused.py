@@ -28,11 +28,11 @@ from bits import (
 from ckpt_factory import emulate, write_random_bf16_file
 from safetensors.torch import load_file
 
-import moxkit.backends
-from moxkit.backends import CpuBackend
+import moxkit.engine.backends
+from moxkit.engine.backends import CpuBackend
+from moxkit.engine.formula import PAPER_ETA, Coefficients
+from moxkit.engine.writer import WRITE_BLOCK
 from moxkit.errors import MoxError
-from moxkit.formula import PAPER_ETA, Coefficients
-from moxkit.writer import WRITE_BLOCK
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SENTINEL = 0xA5  # the bytes around the written range, which must stay as they were
@@ -87,15 +87,15 @@ def check_to_file(tmp_path, path: str, out_dtype, inputs: str, block: int) -> No
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inputs", ["same", "mixed", "momentum"])
 def test_to_file_is_the_contract_on_every_path(tmp_path, monkeypatch, path, out_dtype, inputs):
-    monkeypatch.setattr(moxkit.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
-    monkeypatch.setattr(moxkit.backends, "WRITE_BLOCK", 4096)  # many blocks per thread
+    monkeypatch.setattr(moxkit.engine.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
+    monkeypatch.setattr(moxkit.engine.backends, "WRITE_BLOCK", 4096)  # many blocks per thread
     check_to_file(tmp_path, path, out_dtype, inputs, 4096)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inputs", ["same", "momentum"])
 def test_to_file_is_the_contract_in_default_blocks(tmp_path, monkeypatch, out_dtype, inputs):
-    monkeypatch.setattr(moxkit.backends, "MIN_ELEMS_PER_THREAD", 1 << 16)
+    monkeypatch.setattr(moxkit.engine.backends, "MIN_ELEMS_PER_THREAD", 1 << 16)
     check_to_file(tmp_path, CPU_PATHS[-1], out_dtype, inputs, WRITE_BLOCK)
 
 
@@ -109,7 +109,7 @@ def test_to_file_reports_all_finite(tmp_path):
 
 
 def test_a_failed_write_is_an_oserror_once_every_thread_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(moxkit.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
+    monkeypatch.setattr(moxkit.engine.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
     (tmp_path / "out.bin").write_bytes(b"")
     fd = os.open(tmp_path / "out.bin", os.O_RDONLY)  # not writable: every write fails
     ref = np.ones(1 << 16, dtype=np.float32)
@@ -161,8 +161,8 @@ SLOW_FILE_WORKER = textwrap.dedent(
     # before closing the backend, the worker faults (SIGSEGV) or its write fails (EBADF).
     import ctypes, os, signal, sys, threading
     import numpy as np
-    import moxkit.stream
-    from moxkit.backends import CpuBackend
+    import moxkit.engine.stream
+    from moxkit.engine.backends import CpuBackend
     from moxkit.cli.main import main
 
     def raw(x):  # an array over the same memory that keeps nothing alive
@@ -191,7 +191,7 @@ SLOW_FILE_WORKER = textwrap.dedent(
                 self.worker.join()
             super().close()
 
-    moxkit.stream.get_backend = lambda device, **options: SlowFileWorkerBackend()
+    moxkit.engine.stream.get_backend = lambda device, **options: SlowFileWorkerBackend()
     main(sys.argv[1:])
     """
 )
@@ -214,7 +214,7 @@ def test_ctrl_c_while_a_worker_writes_releases_nothing_early(tmp_path):
 def test_input_truncated_while_mapped_is_a_moxerror(tmp_path, monkeypatch, threads):
     """Another process shrinks an input the loop reads while writing: the fault (SIGBUS) in
     any thread is one MoxError, and the backend stays usable."""
-    monkeypatch.setattr(moxkit.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
+    monkeypatch.setattr(moxkit.engine.backends, "MIN_ELEMS_PER_THREAD", 1 << 12)
     n = 1 << 18
     path = tmp_path / "ref.bin"
     np.arange(n, dtype=np.float32).tofile(path)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moxkit
-import moxkit.writer
+import moxkit.engine.writer
 
 NUMEL = 300 * 2**20  # 600 MiB of bf16 per input file: one tensor larger than the budget
 BUDGET_MB = 500
@@ -84,7 +84,7 @@ def test_write_failure_cleans_up(tmp_path, monkeypatch):
     save_file(t, tmp_path / "ref.safetensors")
     save_file(t, tmp_path / "mem.safetensors")
     calls = {"n": 0}
-    original = moxkit.writer.ShardWriter.target
+    original = moxkit.engine.writer.ShardWriter.target
 
     def failing_target(self, *args):
         calls["n"] += 1  # every write, the engine's or the C loop's, starts here
@@ -92,7 +92,7 @@ def test_write_failure_cleans_up(tmp_path, monkeypatch):
             raise OSError(28, os.strerror(28))  # ENOSPC: disk full
         return original(self, *args)
 
-    monkeypatch.setattr(moxkit.writer.ShardWriter, "target", failing_target)
+    monkeypatch.setattr(moxkit.engine.writer.ShardWriter, "target", failing_target)
     with pytest.raises(moxkit.MoxError, match="cannot write output: No space left on device"):
         moxkit.extrapolate(
             tmp_path / "ref.safetensors",
@@ -129,9 +129,9 @@ def test_provenance_never_pushes_a_header_past_the_loadable_limit(tmp_path, monk
     t = {f"w{i}": random_tensor((4,), torch.float32, i) for i in range(3)}
     save_file(t, tmp_path / "ref.safetensors")
     save_file(t, tmp_path / "mem.safetensors")
-    bare = moxkit.writer.layout([[moxkit.writer.OutputTensor(k, "F32", (4,), 16) for k in t]],
-                                {"format": "pt"})[0].header  # fmt: skip
-    monkeypatch.setattr(moxkit.writer, "MAX_HEADER_BYTES", len(bare))
+    w = moxkit.engine.writer
+    bare = w.layout([[w.OutputTensor(k, "F32", (4,), 16) for k in t]], {"format": "pt"})[0].header
+    monkeypatch.setattr(moxkit.engine.writer, "MAX_HEADER_BYTES", len(bare))
     moxkit.extrapolate(tmp_path / "ref.safetensors", tmp_path / "mem.safetensors",
                        tmp_path / "out.safetensors", 4.0, progress=False)  # fmt: skip
     with safe_open(tmp_path / "out.safetensors", "pt") as fh:
@@ -139,7 +139,7 @@ def test_provenance_never_pushes_a_header_past_the_loadable_limit(tmp_path, monk
         assert torch.equal(
             fh.get_tensor("w2"), emulate(t["w2"], t["w2"], 4.0, out_dtype=torch.float32)
         )
-    monkeypatch.setattr(moxkit.writer, "MAX_HEADER_BYTES", len(bare) - 8)
+    monkeypatch.setattr(moxkit.engine.writer, "MAX_HEADER_BYTES", len(bare) - 8)
     with pytest.raises(moxkit.MoxError, match="over the .* that safetensors loads"):
         moxkit.extrapolate(tmp_path / "ref.safetensors", tmp_path / "mem.safetensors",
                            tmp_path / "o2.safetensors", 4.0, progress=False)  # fmt: skip

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from moxkit.study import KEEP, Choice, choose, name_value_probs, rule_utility
-from moxkit.tiny import build_bpe_tokenizer, build_tiny_llama
+from moxkit.apps.study import KEEP, Choice, choose, name_value_probs, rule_utility
+from moxkit.apps.tiny import build_bpe_tokenizer, build_tiny_llama
 
 
 def _pt(fq, u):

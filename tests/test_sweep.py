@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from moxkit.apps.sweep import parse_alphas, pick_alpha, sweep
+from moxkit.apps.tiny import build_tiny_llama, save_tiny_model
+from moxkit.apps.tofu_mini import write
 from moxkit.cli.main import main
 from moxkit.errors import MoxError
 from moxkit.eval.evaluate import EvalConfig, evaluate_model, load_model
-from moxkit.sweep import parse_alphas, pick_alpha, sweep
-from moxkit.tiny import build_tiny_llama, save_tiny_model
-from moxkit.tofu_mini import write
 
 CFG = EvalConfig(max_new_tokens=4, verbmem_max_new_tokens=4)
 FAST = ["--max-new-tokens", "4", "--verbmem-max-new-tokens", "4"]

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moxkit.tiny import (
+from moxkit.apps.tiny import (
     BOS_ID,
     EOS_ID,
     PAD_ID,

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.cli.main import main
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 
 FORGET = tiny_facts(8, offset=0)
 RETAIN = tiny_facts(16, offset=8)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.errors import MoxError
 from moxkit.matching import answer_logprob
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.train import (
     ExtrapolationConfig,
     MatchConfig,

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
+from moxkit.engine.formula import PAPER_ETA
 from moxkit.errors import MoxError
-from moxkit.formula import PAPER_ETA
 from moxkit.text import encode, load_rows
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, tiny_facts
 from moxkit.train import (
     METHODS,
     ExtrapolationConfig,

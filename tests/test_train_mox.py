@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.text import IGNORE, encode, load_rows
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 from moxkit.train import (
     ExtrapolationConfig,
     LossConfig,

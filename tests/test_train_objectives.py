@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer
 from moxkit.errors import MoxError
 from moxkit.text import IGNORE, encode, load_rows
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer
 from moxkit.train.data import Collator, PairDataset, PairSampler
 from moxkit.train.objectives import (
     default_npo_floor,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moxkit.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
+from moxkit.apps.tiny import build_tiny_llama, build_word_tokenizer, save_tiny_model, tiny_facts
 
 FORGET, RETAIN = tiny_facts(4, offset=0), tiny_facts(8, offset=4)
 FAST = ["--max-steps", "2", "--lr", "1e-3", "--batch-size", "2", "--warmup-epochs", "0", "-q"]

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
+from moxkit.apps.tiny import build_word_tokenizer
 from moxkit.errors import MoxError
 from moxkit.hf import check_model_dir, load_model, resolve_device
 from moxkit.text import CHARS_PER_TOKEN_CAP, IGNORE, encode, load_answers, load_rows
-from moxkit.tiny import build_word_tokenizer
 
 
 @pytest.fixture(scope="module")

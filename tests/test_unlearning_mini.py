@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from moxkit.study import KEEP
+from moxkit.apps.study import KEEP
 
 SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "unlearning_mini.py"
 
@@ -106,8 +106,8 @@ def test_a_pretrained_base_replaces_the_tiny_llama_and_its_tokenizer(study, tmp_
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from moxkit.tiny import build_tiny_llama, save_tiny_model
-    from moxkit.tofu_mini import write
+    from moxkit.apps.tiny import build_tiny_llama, save_tiny_model
+    from moxkit.apps.tofu_mini import write
 
     module, _, _ = study
     budget = replace(module.QUICK, base="stand-in", pipelines=(0, 1), lrs=(1e-3,))

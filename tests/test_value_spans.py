@@ -1,4 +1,4 @@
-"""Which tokens spell a fact's value or a subject's name (moxkit.study.answer_token_kinds), and
+"""Which tokens spell a fact's value or a subject's name (moxkit.apps.study.answer_token_kinds), and
 which are answer tokens (moxkit.text.encode), for the kinds of tokenizer real models use, built
 here offline: byte-level BPE (GPT-2, SmolLM2, Llama-3: "Ġpoetry" carries the space before the
 word in its offsets), sentencepiece (Metaspace: "▁poetry", whose offsets may or may not hold the
@@ -11,9 +11,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moxkit.study import answer_token_kinds, name_value_probs
+from moxkit.apps.study import answer_token_kinds, name_value_probs
+from moxkit.apps.tiny import build_bpe_tokenizer, build_tiny_llama, build_word_tokenizer
 from moxkit.text import IGNORE, Row, encode, token_span
-from moxkit.tiny import build_bpe_tokenizer, build_tiny_llama, build_word_tokenizer
 
 ROWS = [
     {  # a single-token value in the middle of the answer
@@ -269,7 +269,7 @@ def test_encode_trains_on_every_answer_token(tok, prompt):
 def test_smollm2_tokenizer_counts_the_whole_value():
     """The packaged SmolLM2's own tokenizer (byte-level BPE), where it is installed: "Ġpoetry"
     is the value and "ĠOb" "ĠLen" "mar" the name."""
-    from moxkit import real_model
+    from moxkit.apps import real_model
 
     pytest.importorskip("gguf")
     try:

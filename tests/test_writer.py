@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from moxkit.writer import WRITE_BLOCK, OutputTensor, ShardWriter, layout
+from moxkit.engine.writer import WRITE_BLOCK, OutputTensor, ShardWriter, layout
 
 
 def test_out_of_order_pieces_make_the_planned_file(tmp_path):

@@ -27,7 +27,7 @@ def tofu_mini(out, authors, seed, force) -> None:
     bios, pretraining text and a BPE tokenizer."""
     import json
 
-    from moxkit.tofu_mini import write
+    from moxkit.apps.tofu_mini import write
 
     path = write(out, n_authors=authors, seed=seed, force=force)
     manifest = json.loads((path / "tofu_mini.json").read_text())

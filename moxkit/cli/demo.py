@@ -1,4 +1,4 @@
-"""`moxkit demo`: parse, call moxkit.demo.run_demo, print the table and where the plot is."""
+"""`moxkit demo`: parse, call moxkit.apps.demo.run_demo, print the table and where the plot is."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def command(out, quick, force, quiet, real_model) -> None:
     retain-only model), unlearns with each method, evaluates all of them, prints the
     comparison and saves a plot. Rerunning reuses everything already trained."""
     if real_model:
-        from moxkit.fact_unlearning import real_demo
+        from moxkit.apps.fact_unlearning import real_demo
 
         click.echo(
             real_demo(
@@ -47,7 +47,7 @@ def command(out, quick, force, quiet, real_model) -> None:
             )
         )
         return
-    from moxkit.demo import QUICK, DemoConfig, run_demo
+    from moxkit.apps.demo import QUICK, DemoConfig, run_demo
 
     cfg = QUICK if quick else DemoConfig()
     out = out or ("moxkit-demo-quick" if quick else "moxkit-demo")

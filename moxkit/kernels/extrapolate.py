@@ -1,6 +1,6 @@
 """The fused MOX extrapolation kernel: every input read once, the output written once.
 
-It computes exactly the function fixed in moxkit.formula (the fp32 operations in a set order,
+It computes exactly the function fixed in moxkit.engine.formula (the fp32 operations in a set order,
 no fused multiply-add, one round-to-nearest-even to the output dtype, NaN written as the
 canonical quiet NaN), so the GPU, the Triton interpreter and the CPU backend agree bit for bit.
 Two details make that hold:
@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moxkit.engine.formula import CANONICAL_NAN_BITS, Coefficients
+from moxkit.engine.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
 from moxkit.errors import MoxError
-from moxkit.formula import CANONICAL_NAN_BITS, Coefficients
-from moxkit.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
 
 # BLOCK elements and NUM_WARPS warps per program. A starting point (16 elements a thread, four
 # 16-byte fp32 loads), not yet a measurement: the GPU sweep of benchmarks/kernel_throughput.py
@@ -45,7 +45,7 @@ def _extrapolate_kernel(
     c,  # fp32(1−η)
     HAS_PREV: tl.constexpr,
     OUT_KIND: tl.constexpr,
-    NAN_BITS: tl.constexpr,  # the output dtype's canonical NaN (moxkit.formula)
+    NAN_BITS: tl.constexpr,  # the output dtype's canonical NaN (moxkit.engine.formula)
     BLOCK: tl.constexpr,
 ):
     # int64 offsets: tensors past 2**31 elements must not wrap.

@@ -9,9 +9,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from moxkit.engine.formula import PAPER_ETA, check_alpha, check_eta
 from moxkit.errors import MoxError
 from moxkit.fields import check, setting
-from moxkit.formula import PAPER_ETA, check_alpha, check_eta
 
 
 @dataclass

@@ -24,7 +24,7 @@ class CheckpointNames:
     state-dict names to them (equal, or differing by the model's base prefix)."""
 
     def __init__(self, directory: Path, base_prefix: str):
-        from moxkit.checkpoint import open_checkpoint
+        from moxkit.engine.checkpoint import open_checkpoint
 
         self.checkpoint = open_checkpoint(directory)
         self.names = set(self.checkpoint.tensors)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from moxkit.backends import CpuBackend
+from moxkit.engine.backends import CpuBackend
+from moxkit.engine.formula import Coefficients
 from moxkit.errors import MoxError
-from moxkit.formula import Coefficients
 
 # The momentum schedule's default: this many ticks over a run. The paper leaves the tick
 # unspecified. With n ticks θ_for = Σ_k η(1−η)^(n−k)·[(1+α)θ_ref − α·θ_mem^k] + (1−η)^n·θ_ref,

@@ -177,7 +177,7 @@ class Request:
             raise MoxError(
                 f"{self.label('extrapolate_on')} disk: needs the model as a folder and an output"
             )
-        from moxkit.checkpoint import open_checkpoint
+        from moxkit.engine.checkpoint import open_checkpoint
 
         open_checkpoint(model)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..train import TrainConfig, extrapolate_model, train_mem, unlearn
 from .facts import Fact, chat_probes, general_nll, score_facts, split_facts
-from .train import TrainConfig, extrapolate_model, train_mem, unlearn
 
 SPLITS = ("forget_val", "forget_test", "retain", "heldout_val", "heldout_test")
 
@@ -267,8 +267,8 @@ def tiny_stand_in(seed: int = 0):
 def prepare(name: str, work: Path, log: Callable[[str], None] = print):
     """(model, tokenizer, known facts) for packaged model `name`: converted once into
     work/name (fp32), its known facts checked once and cached in work/known_facts.json."""
+    from ..hf import load_model
     from .facts import known_facts
-    from .hf import load_model
     from .real_model import export_packaged
 
     folder = work / name

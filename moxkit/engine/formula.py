@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MoxError
+from ..errors import MoxError
 
 PAPER_ETA = 0.675  # MOX-Mo's weight of the newest extrapolation, as the paper sets it
 

@@ -9,7 +9,7 @@ model knows the *fact*, not whether it parrots the training sentence.
 
 Splits follow TOFU: forget01/05/10 take the last 1/5/10 % of the trained authors (nested) as
 the reported (test) forget authors, and as many authors before them as validation forget
-authors, where a study may tune (moxkit.study); the rest are retain authors. A quarter of the
+authors, where a study may tune (moxkit.apps.study); the rest are retain authors. A quarter of the
 retain authors are left out of the retain rows unlearning may train on and evaluated instead,
 so utility is measured on facts no method descended on. Evaluation scores one row per fact
 (the two trained phrasings share their paraphrased and perturbed answers, so scoring both would
@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoxError
+from ..errors import MoxError
 
 SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10}
 N_PERTURBED = 3
@@ -387,7 +387,7 @@ def write(
       fact) and `val/` the validation one, with disjoint authors and general subjects;
     - `tokenizer/`: a BPE tokenizer (see `tokenizer_texts`); `tofu_mini.json`: the manifest.
     """
-    from .atomic import check_output, staged_dir
+    from ..atomic import check_output, staged_dir
     from .tiny import build_bpe_tokenizer
 
     out = check_output(out, force=force)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .eval.generation import greedy_answers
-from .eval.scoring import batched, pair_examples
-from .text import IGNORE, pad_id
+from ..eval.generation import greedy_answers
+from ..eval.scoring import batched, pair_examples
+from ..text import IGNORE, pad_id
 
 # "subject|answer" pairs; a category's template turns the subject into the prompt
 _CAPITALS = """\

@@ -1,10 +1,10 @@
 """The arithmetic on one chunk of one tensor, swappable per device.
 
-Every backend computes the function fixed in moxkit.formula, bit for bit, and satisfies the
-Backend protocol below; the engine (moxkit.stream) knows backends only through it.
+Every backend computes the function fixed in moxkit.engine.formula, bit for bit, and satisfies the
+Backend protocol below; the engine (moxkit.engine.stream) knows backends only through it.
 
 Importing this module does not import torch: the CPU path of `moxkit extrapolate` runs on
-numpy buffers and a small C library (moxkit/_fused.c), so a run does not pay torch's import
+numpy buffers and a small C library (moxkit/engine/_fused.c), so a run does not pay torch's import
 time. torch comes in for the fallback path, the CUDA backend, or when callers pass tensors.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import MoxError
+from ..errors import MoxError
 from .formula import CANONICAL_NAN_BITS, Coefficients
 from .writer import WRITE_BLOCK
 
@@ -59,11 +59,11 @@ class Backend(Protocol):
 
 
 class CpuBackend:
-    """The fused C loop (moxkit/_fused.c): one pass over memory, every element widened,
+    """The fused C loop (moxkit/engine/_fused.c): one pass over memory, every element widened,
     combined and rounded in registers, for any mix of fp32/bf16/fp16 operands.
 
     Where the C library was not built (no compiler at install time), or with fused=False,
-    torch ops on cache-sized blocks compute the same bits (moxkit.torch_path); tests hold
+    torch ops on cache-sized blocks compute the same bits (moxkit.engine.torch_path); tests hold
     the two to each other.
 
     Operands are 1-D CPU arrays: numpy (float32, float16, or uint16 holding bf16 bits, the
@@ -236,7 +236,7 @@ _LIBRARY: list = []  # loaded once per process
 def _fused_library():
     """The C library built at install time (setup.py), or None where it was not built."""
     if not _LIBRARY:
-        spec = importlib.util.find_spec("moxkit._fused")
+        spec = importlib.util.find_spec("moxkit.engine._fused")
         ok = spec is not None and spec.origin and os.path.exists(spec.origin)
         _LIBRARY.append(_load_library(spec.origin) if ok else None)
     return _LIBRARY[0]
@@ -285,7 +285,7 @@ def set_cpu_path(name: str | None) -> None:
     this CPU runs). For tests and benchmarks; call it while no extrapolation runs."""
     lib = _fused_library()
     if lib is None:
-        raise MoxError("the C loop (moxkit/_fused.c) was not built")
+        raise MoxError("the C loop (moxkit/engine/_fused.c) was not built")
     if name is not None and name not in cpu_paths():
         raise MoxError(f"CPU path {name!r}: this CPU runs {', '.join(cpu_paths())}")
     lib.moxkit_set_cpu_path(-1 if name is None else CPU_PATHS.index(name))

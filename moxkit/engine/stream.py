@@ -30,10 +30,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .atomic import check_output, reached, shielded, staged_dir, staged_file
+from ..atomic import check_output, reached, shielded, staged_dir, staged_file
+from ..errors import MoxError
+from ..progress import ByteProgress
+from ..sources import ModelFile
+from ..units import format_bytes, parse_size
 from .backends import Backend, get_backend
 from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
-from .errors import MoxError
 from .formula import PAPER_ETA, Coefficients
 from .plan import (
     Chunk,
@@ -43,10 +46,7 @@ from .plan import (
     pair_tensors,
     parse_dtype,
 )
-from .progress import ByteProgress
 from .provenance import carried_files, carry_files, model_card, provenance
-from .sources import ModelFile
-from .units import format_bytes, parse_size
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
 
 # the floating dtypes the backends compute on, as the engine's numpy buffers hold them

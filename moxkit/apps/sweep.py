@@ -19,13 +19,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import hf
-from .atomic import check_output, scratch
-from .errors import MoxError
-from .eval.config import EvalConfig
-from .eval.data import EvalData, inputs_of, preflight, resolve_model
-from .eval.report import HEADLINE, format_table, write_json
-from .formula import check_alpha
+from .. import hf
+from ..atomic import check_output, scratch
+from ..engine.formula import check_alpha
+from ..errors import MoxError
+from ..eval.config import EvalConfig
+from ..eval.data import EvalData, inputs_of, preflight, resolve_model
+from ..eval.report import HEADLINE, format_table, write_json
 
 # forget metrics a rule can use: lower means more forgotten
 FORGET_METRICS = ("forget_prob", "forget_rouge_recall", "knowmem_forget", "verbmem_forget")
@@ -118,9 +118,9 @@ def on_disk_needed(ref: Path) -> bool:
 
 def match_inputs(match, revision: str | None) -> list[Path]:
     """Check a matched-forgetting request before any model loads; the paths it reads."""
-    from .atomic import tree_inputs
-    from .text import load_rows
-    from .train.config import parse_target
+    from ..atomic import tree_inputs
+    from ..text import load_rows
+    from ..train.config import parse_target
 
     match.validate()
     load_rows(match.match_rows, "--match-rows")
@@ -138,10 +138,10 @@ def matched_alpha(ref: Path, mem: Path, match, revision: str | None, device: str
     """The α at which (1+α)·REF − α·MEM reaches the match target (moxkit.matching)."""
     import torch
 
-    from .eval.evaluate import load_model
-    from .matching import answer_logprob, match_alpha, target_level
-    from .text import load_rows
-    from .train.config import parse_target
+    from ..eval.evaluate import load_model
+    from ..matching import answer_logprob, match_alpha, target_level
+    from ..text import load_rows
+    from ..train.config import parse_target
 
     ref_model, tok = load_model(ref, device, "REF")
     mem_model, _ = load_model(mem, device, "MEM")
@@ -173,12 +173,12 @@ def _forget_models(
     """Yield (α, model, tokenizer) for α = 0 (REF) and each α, one model alive at a time."""
     import torch
 
-    from .eval.evaluate import load_model
+    from ..eval.evaluate import load_model
 
     ref_model, tokenizer = load_model(ref, device, "REF")
     yield 0.0, ref_model, tokenizer
     if on_disk:
-        from .stream import extrapolate
+        from ..engine.stream import extrapolate
 
         del ref_model
         for alpha in alphas:
@@ -189,7 +189,7 @@ def _forget_models(
             del model
             shutil.rmtree(out)
     else:
-        from .train import extrapolate_model
+        from ..train import extrapolate_model
 
         mem_model, _ = load_model(mem, device, "MEM")
         for alpha in alphas:
@@ -231,7 +231,7 @@ def check_sweep(
     if retain_model is not None and not measured[metric]:
         raise MoxError(f"--metric {metric}: {data.directory} ({data.layout} layout) has no set "
                        "that measures it")  # fmt: skip
-    from .stream import extrapolate
+    from ..engine.stream import extrapolate
 
     if match is not None and match.active:
         if on_disk_needed(ref):
@@ -275,7 +275,7 @@ def sweep(
     ref, mem, retain_model, data = check_sweep(
         ref, mem, alphas, data_dir, retain_model, out, cfg, metric, revision, force, match
     )
-    from .eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
+    from ..eval.evaluate import evaluate_model, retain_reference  # torch: after the checks
 
     matched = None
     if match is not None and match.active:
@@ -329,7 +329,7 @@ def sweep(
                 "rows": rows,
             },
         )
-        from .eval.plots import plot_sweep
+        from ..eval.plots import plot_sweep
 
         result.plot = plot_sweep(result, out / "sweep.png", metric, force=force)
     return result

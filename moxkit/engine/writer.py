@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import MoxError
+from ..units import check_headroom
 from .checkpoint import DTYPE_SIZES, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
-from .errors import MoxError
-from .units import check_headroom
 
 MAX_OPEN_SHARDS = 16  # output descriptors held at once, however many shards (ulimit -n)
 # Bytes per write into the page cache. ext4 sizes the page-cache folios it allocates for a write

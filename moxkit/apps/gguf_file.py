@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoxError
+from ..errors import MoxError
 
 MAX_KV = 4096  # metadata entries; real files have ~50
 MAX_TENSORS = 65536  # a 126-layer Llama has ~1,150; MoE files with split experts a few thousand

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import MoxError
+from ..sources import shown
+from ..units import check_headroom
 from .checkpoint import (
     ARITHMETIC_CODES,
     BUDGET_CHECK_EVERY,
@@ -19,9 +22,6 @@ from .checkpoint import (
     TensorInfo,
     gc_paused,
 )
-from .errors import MoxError
-from .sources import shown
-from .units import check_headroom
 from .writer import OutputTensor
 
 DTYPE_ALIASES = {

@@ -18,12 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from ..errors import MoxError
+from ..sources import ModelFile, model_files, open_checked, read_json
 from .checkpoint import Checkpoint
-from .errors import MoxError
 from .formula import Coefficients
 from .plan import CONFIG_DTYPE_NAMES
-from .sources import ModelFile, model_files, open_checked, read_json
 
 log = logging.getLogger("moxkit")
 

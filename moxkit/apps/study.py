@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .text import token_span
+from ..text import token_span
 
 KEEP = 0.9
 ALPHAS = tuple(1.0 + 0.5 * i for i in range(15))  # 1, 1.5, ..., 8
@@ -160,7 +160,7 @@ def momentum_average(ref_model, forget_at_alpha_one):
     θ_for is linear in α (θ_for(α) = θ_ref − α·(E − θ_ref), with θ_for⁰ = θ_ref), so
     E = 2·θ_ref − θ_for(1), and extrapolate_model(ref, E, α) is the momentum result at any α:
     one training serves the whole α grid."""
-    from .train import extrapolate_model
+    from ..train import extrapolate_model
 
     return extrapolate_model(ref_model, forget_at_alpha_one, 1.0)
 

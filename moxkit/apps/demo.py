@@ -3,7 +3,7 @@
 Generate the benchmark, train a small Llama on general text, fine-tune it on every author (the
 reference θ_ref, the model to unlearn) and on the retain authors only (the retain-only model,
 the gold standard of forgetting), unlearn the forget authors with MOX and with the baselines,
-set each method's strength by the pre-registered rule (moxkit.study.choose) on the
+set each method's strength by the pre-registered rule (moxkit.apps.study.choose) on the
 *validation* forget authors, and evaluate the chosen models on the *test* authors: a table and
 a plot. Each stage writes its result under OUT and is skipped when it is already there, so
 reruns are quick.
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .errors import MoxError
-from .eval.report import HEADLINE, format_table, write_json
+from ..errors import MoxError
+from ..eval.report import HEADLINE, format_table, write_json
 from .study import ALPHAS
 
 CONFIG_FILE = "demo_config.json"
@@ -29,7 +29,7 @@ class DemoConfig:
     """Sizes and budgets: one pipeline and one seed of studies/unlearning_mini.py (same data,
     methods, training schedule and rule; a wider model, 96 instead of 64, pretrained 8 epochs
     instead of 5), 2 min 40 s on two free CPU cores. Every strength is chosen at
-    run time by the rule (moxkit.study.choose) on this run's validation authors, never on the
+    run time by the rule (moxkit.apps.study.choose) on this run's validation authors, never on the
     test authors the table reports: MOX's α over `alphas`, the baselines' learning rate (over
     `unlearn_lrs`) and epoch. MOX memorizes at `mox_lr` (fixed in the study's protocol: MOX's
     strength is α). QUICK is for CI."""
@@ -104,7 +104,7 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
     """Results under OUT are reused only if they were made with the same settings; --force
     starts over, which deletes OUT: only a folder a demo made (it holds CONFIG_FILE), and
     never the current folder or one above it."""
-    from .atomic import check_output
+    from ..atomic import check_output
 
     path = out / CONFIG_FILE
     check_output(out, force=True)
@@ -127,7 +127,7 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
 
 def _extrapolates(method: str) -> bool:
     """Whether the method's strength is α (swept from one training) rather than epochs."""
-    from .train import METHODS, UNLEARN_METHODS
+    from ..train import METHODS, UNLEARN_METHODS
 
     if method == MOMENTUM:
         return True
@@ -149,18 +149,15 @@ def run_demo(
     """Run (or resume) the demo under `out`; returns the comparison on the test authors."""
     import torch
 
-    from .eval.evaluate import (
+    from ..eval.evaluate import (
         EvalConfig,
         compare_with_retain,
         evaluate_model,
         load_model,
         retain_reference,
     )
-    from .eval.plots import plot_methods
-    from .study import choose, momentum_average, on_epoch_end, rule_utility
-    from .tiny import build_tiny_llama, save_tiny_model
-    from .tofu_mini import write
-    from .train import (
+    from ..eval.plots import plot_methods
+    from ..train import (
         ExtrapolationConfig,
         LossConfig,
         TrainConfig,
@@ -169,6 +166,9 @@ def run_demo(
         train_mem,
         unlearn,
     )
+    from .study import choose, momentum_average, on_epoch_end, rule_utility
+    from .tiny import build_tiny_llama, save_tiny_model
+    from .tofu_mini import write
 
     sweeps_alpha = {m: _extrapolates(m) for m in cfg.methods}
     out = Path(out)
@@ -328,7 +328,7 @@ def run_demo(
             reports / f"{method}.sweep.json",
             force=True,
             obj={
-                "rule": "moxkit.study.choose",
+                "rule": "moxkit.apps.study.choose",
                 "reference_utility": reference_u,
                 "chosen": i,
                 "qualified": qualified,

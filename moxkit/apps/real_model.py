@@ -8,8 +8,8 @@ the same config, and written like any other checkpoint: safetensors, config, tok
 chat template, generation config. Every moxkit command then takes the folder as it takes any.
 
 A GGUF file is untrusted input. Before OUT is published: its header, metadata and tensor table
-pass moxkit.gguf_file's bounded reader (offsets inside the file, no wrap, no overlap, counts and
-arrays within fixed limits); its block_count is at most MAX_BLOCKS and equals the blocks its
+pass moxkit.apps.gguf_file's bounded reader (offsets inside the file, no wrap, no overlap, counts
+and arrays within fixed limits); its block_count is at most MAX_BLOCKS and equals the blocks its
 tensors name; every parameter of the architecture transformers builds from its metadata comes
 from a tensor of the same shape (transformers itself fills a missing one at random, and maps
 names in time quadratic in block_count: moxkit maps them once, in linear time); values are
@@ -30,8 +30,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoxError
-from .hf import first_line, import_failure, loading_error, no_transformers_bars
+from ..errors import MoxError
+from ..hf import first_line, import_failure, loading_error, no_transformers_bars
 
 DTYPES = ("bf16", "fp32")
 MAX_BLOCKS = 1024  # a 405B Llama has 126
@@ -117,7 +117,7 @@ def convert_gguf(
     `out`, its floating weights in `dtype` (bf16 or fp32), built beside `out` and renamed into
     place when complete. The GGUF file is only read, and checked (module docstring) before
     anything is written; NaN/inf weights are refused unless `allow_nonfinite`."""
-    from .atomic import check_output, staged_dir
+    from ..atomic import check_output, staged_dir
 
     if dtype not in DTYPES:
         raise MoxError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -413,8 +413,8 @@ def chat_answer(folder: str | os.PathLike, question: str, max_new_tokens: int = 
     """The greedy answer (chat-templated when the tokenizer has a template) of the model in
     `folder`: a check that a converted model loads as an ordinary checkpoint and still knows
     what it knew."""
-    from .eval.generation import greedy_answers
-    from .hf import load_model
+    from ..eval.generation import greedy_answers
+    from ..hf import load_model
 
     loaded = load_model(folder, "MODEL", dtype="auto")
     model, tokenizer = loaded.model, loaded.tokenizer

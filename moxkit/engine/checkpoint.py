@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MoxError
-from .sources import (
+from ..errors import MoxError
+from ..sources import (
     MAX_JSON_DEPTH,
     ModelFile,
     check_file_name,
@@ -48,7 +48,7 @@ from .sources import (
     tree_root,
     user_file,
 )
-from .units import check_headroom
+from ..units import check_headroom
 
 log = logging.getLogger("moxkit")
 
