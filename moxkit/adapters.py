@@ -49,17 +49,9 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .atomic import check_output, staged_dir
-from .engine.checkpoint import (
-    ARITHMETIC_CODES,
-    DTYPE_SIZES,
-    Checkpoint,
-    FileReader,
-    TensorInfo,
-    open_checkpoint,
-    read_header,
-)
+from .engine.checkpoint import Checkpoint, FileReader, TensorInfo, open_checkpoint, read_header
+from .engine.dtypes import ARITHMETIC_CODES, SIZES, TABLE, parse_dtype, to_float32
 from .engine.formula import PAPER_ETA, check_alpha, check_eta
-from .engine.plan import parse_dtype
 from .engine.provenance import carry_files
 from .engine.writer import OutputTensor, ShardWriter, layout, split_shards, write_index
 from .errors import MoxError
@@ -471,12 +463,7 @@ def _read_array(reader: FileReader, info: TensorInfo) -> np.ndarray:
     """A whole (small) tensor widened exactly to fp32: factors are MBs, never GBs."""
     raw = np.empty(info.nbytes, dtype=np.uint8)
     reader.read_into(info.file, info.start, memoryview(raw))
-    if info.dtype == "BF16":
-        bits = raw.view(np.uint16).astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(info.shape)
-    if info.dtype == "F16":
-        return raw.view(np.float16).astype(np.float32).reshape(info.shape)
-    return raw.view(np.float32).reshape(info.shape)  # a fresh buffer: no copy needed
+    return to_float32(raw, info.dtype).reshape(info.shape)  # F32: a view of the fresh buffer
 
 
 def _check_against_base(adapter: Adapter, base: Checkpoint, reader: FileReader) -> None:
@@ -1179,7 +1166,7 @@ def _merge(
             raise MoxError(
                 f"{info.file}: tensor {name!r} is {info.dtype}; merging needs F32/F16/BF16"
             )
-        outputs.append(OutputTensor(name, code, info.shape, info.numel * DTYPE_SIZES[code]))
+        outputs.append(OutputTensor(name, code, info.shape, info.numel * SIZES[code]))
     shards = layout(split_shards(outputs, shard_limit), _merge_metadata(formula, inputs, base))
     report = AdapterReport(
         out=out,
@@ -1281,14 +1268,11 @@ def _tile_elems(budget: int | None) -> int:
     return elems
 
 
-_TORCH_CODES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 def _load_rows(reader: FileReader, info: TensorInfo, row0: int, rows: int, torch):
     cols = info.numel // info.shape[0] if info.shape and info.shape[0] else 0
     raw = bytearray(rows * cols * info.itemsize)
     reader.read_into(info.file, info.start + row0 * cols * info.itemsize, memoryview(raw))
-    return torch.frombuffer(raw, dtype=getattr(torch, _TORCH_CODES[info.dtype])).view(rows, cols)
+    return torch.frombuffer(raw, dtype=getattr(torch, TABLE[info.dtype].torch)).view(rows, cols)
 
 
 class _TileMerge:
@@ -1306,7 +1290,7 @@ class _TileMerge:
         torch = self.torch
         rows, cols = info.shape
         step = max(1, tile_elems // max(cols, 1))
-        out_type = getattr(torch, _TORCH_CODES[out_code])
+        out_type = getattr(torch, TABLE[out_code].torch)
         finite = True
         for row0 in range(0, rows, step):
             n = min(step, rows - row0)
@@ -1317,7 +1301,7 @@ class _TileMerge:
             del delta
             finite &= bool(torch.isfinite(w).all())
             result = w.to(out_type).cpu().contiguous()
-            writer.write(info.name, row0 * cols * DTYPE_SIZES[out_code], _bytes_of(result, torch))
+            writer.write(info.name, row0 * cols * SIZES[out_code], _bytes_of(result, torch))
         return finite
 
 
@@ -1332,11 +1316,11 @@ def _copy_tensor(reader, writer, info: TensorInfo, out_code: str, tile_elems: in
             writer.write(info.name, start, memoryview(buf))
         return
     flat = TensorInfo(info.name, info.dtype, (info.numel, 1), info.file, info.start, info.nbytes)
-    out_type = getattr(torch, _TORCH_CODES[out_code])
+    out_type = getattr(torch, TABLE[out_code].torch)
     for row0 in range(0, info.numel, tile_elems):
         n = min(tile_elems, info.numel - row0)
         chunk = _load_rows(reader, flat, row0, n, torch).to(out_type).contiguous()
-        writer.write(info.name, row0 * DTYPE_SIZES[out_code], _bytes_of(chunk, torch))
+        writer.write(info.name, row0 * SIZES[out_code], _bytes_of(chunk, torch))
 
 
 def _bytes_of(t, torch) -> memoryview:

@@ -88,8 +88,8 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     REF and MEM (and PREV) are .safetensors files or Hugging Face model directories, sharded
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
     from moxkit.adapters import is_adapter_dir
+    from moxkit.engine.dtypes import parse_dtype
     from moxkit.engine.formula import PAPER_ETA, check_alpha, check_eta
-    from moxkit.engine.plan import parse_dtype
     from moxkit.engine.stream import extrapolate
     from moxkit.sources import resolve_model
     from moxkit.units import parse_size

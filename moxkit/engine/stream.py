@@ -36,21 +36,13 @@ from ..progress import ByteProgress
 from ..sources import ModelFile
 from ..units import format_bytes, parse_size
 from .backends import Backend, get_backend
-from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
+from .checkpoint import Checkpoint, FileReader, open_checkpoint
+from .dtypes import SIZES, TABLE, dtype_name, numpy_view, parse_dtype
 from .formula import PAPER_ETA, Coefficients
-from .plan import (
-    Chunk,
-    TensorPlan,
-    buffer_itemsizes,
-    cut_chunks,
-    pair_tensors,
-    parse_dtype,
-)
+from .plan import Chunk, TensorPlan, buffer_itemsizes, cut_chunks, pair_tensors
 from .provenance import carried_files, carry_files, model_card, provenance
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
 
-# the floating dtypes the backends compute on, as the engine's numpy buffers hold them
-NUMPY_VIEWS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16: its bits
 N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
 RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
@@ -215,7 +207,7 @@ def prepare(
     """Open and validate the inputs against each other and OUT, and fix the output layout:
     everything that can be refused is refused here, before any work."""
     coeffs = Coefficients(alpha, eta if prev is not None else None)
-    out_dtype = parse_dtype(_dtype_name(dtype))
+    out_dtype = parse_dtype(dtype_name(dtype))
     shard_limit = parse_size(max_shard_size, "max_shard_size")
     budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
     ref_ckpt = open_checkpoint(ref, budget=budget)
@@ -287,13 +279,6 @@ def run(
         return report
     finally:
         backend.close()
-
-
-def _dtype_name(dtype) -> str | None:
-    """A dtype name from a string or a torch dtype (torch.bfloat16 -> "bfloat16")."""
-    if dtype is None or isinstance(dtype, str):
-        return dtype
-    return str(dtype).removeprefix("torch.")
 
 
 def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
@@ -387,12 +372,12 @@ class _Slot:
         return self._bytes[role][:nbytes]
 
     def view(self, role: str, dtype: str, count: int):
-        nbytes = count * DTYPE_SIZES[dtype]
+        nbytes = count * SIZES[dtype]
         if role in self._maps or isinstance(self.raw[role], np.ndarray):
-            return np.frombuffer(self.bytes(role, nbytes), dtype=NUMPY_VIEWS[dtype])
-        from .torch_path import TORCH_DTYPES
+            return np.frombuffer(self.bytes(role, nbytes), dtype=numpy_view(dtype))
+        import torch
 
-        return self.raw[role][:nbytes].view(TORCH_DTYPES[dtype])
+        return self.raw[role][:nbytes].view(getattr(torch, TABLE[dtype].torch))
 
     def release(self) -> None:
         """Unmap this chunk's inputs (they count towards resident memory while mapped). A
@@ -446,12 +431,12 @@ def _run_pipeline(
         if not writes_files:
             out = slot.view("out", t.out_dtype, chunk.count)
             return backend.extrapolate(out, *inputs, job.coeffs)
-        with writer.target(t.name, chunk.start * DTYPE_SIZES[t.out_dtype]) as (fd, offset):
+        with writer.target(t.name, chunk.start * SIZES[t.out_dtype]) as (fd, offset):
             return backend.extrapolate_to_file(fd, offset, t.out_dtype, *inputs, job.coeffs)
 
     def write(chunk: Chunk, slot: _Slot) -> None:
         t = chunk.tensor
-        size = DTYPE_SIZES[t.out_dtype]
+        size = SIZES[t.out_dtype]
         if t.is_copy or not writes_files:
             data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
             try:

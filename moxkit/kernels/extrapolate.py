@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moxkit.engine.formula import CANONICAL_NAN_BITS, Coefficients
+from moxkit.engine.dtypes import TABLE
+from moxkit.engine.formula import Coefficients
 from moxkit.engine.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
 from moxkit.errors import MoxError
 
@@ -27,8 +28,9 @@ from moxkit.errors import MoxError
 BLOCK = 4096
 NUM_WARPS = 8
 
-# Output kinds, a compile-time constant of the kernel: how the result is rounded and stored.
-_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Output kinds, a compile-time constant of the kernel: how the result is rounded and stored
+# (the C loop's numbering, from the dtype table).
+_OUT_KIND = {dtype: TABLE[code].c_code for dtype, code in DTYPE_NAMES.items()}
 
 
 @triton.jit
@@ -128,7 +130,7 @@ def launch(
         coeffs.prev_weight,
         HAS_PREV=has_prev,
         OUT_KIND=_OUT_KIND[out.dtype],
-        NAN_BITS=CANONICAL_NAN_BITS[DTYPE_NAMES[out.dtype]],
+        NAN_BITS=TABLE[DTYPE_NAMES[out.dtype]].nan_bits,
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,
