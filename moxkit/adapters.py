@@ -52,6 +52,7 @@ from .atomic import check_output, staged_dir
 from .engine.checkpoint import Checkpoint, FileReader, TensorInfo, open_checkpoint, read_header
 from .engine.dtypes import ARITHMETIC_CODES, SIZES, TABLE, parse_dtype, to_float32
 from .engine.formula import PAPER_ETA, check_alpha, check_eta
+from .engine.options import EngineOptions
 from .engine.provenance import carry_files
 from .engine.writer import OutputTensor, ShardWriter, layout, split_shards, write_index
 from .errors import MoxError
@@ -537,11 +538,8 @@ def write_forget_adapter(
     out: str | os.PathLike,
     *,
     base: str | os.PathLike | None = None,
-    force: bool = False,
-    fsync: bool = False,
-    dry_run: bool = False,
-    max_memory: str | int | None = None,
-    allow_nonfinite: bool = False,
+    options: EngineOptions | None = None,
+    **overrides,
 ) -> AdapterReport:
     """The forget adapter of a LoRA-trained θ_mem: θ_ref − α·s·B·A, as a PEFT adapter folder.
 
@@ -550,18 +548,18 @@ def write_forget_adapter(
     on), every adapted weight is checked against it, and adapters carrying full tensors
     (modules_to_save) are accepted when those equal the base; without it they are refused.
     Factors with NaN or inf, or whose product s·B·A (or α·s·B·A) may overflow float32, are
-    refused unless `allow_nonfinite`; a dry run reads and checks them as the run does."""
+    refused unless `allow_nonfinite`; a dry run reads and checks them as the run does. Of the
+    EngineOptions (`options`, or its fields as keywords) it uses max_memory, force, fsync,
+    allow_nonfinite and dry_run."""
+    options = EngineOptions.of(options, overrides, "write_forget_adapter")
     if hasattr(source, "peft_config") and hasattr(source, "save_pretrained"):
         with tempfile.TemporaryDirectory(prefix="moxkit-adapter-") as tmp:
             source.save_pretrained(tmp, safe_serialization=True)
-            return write_forget_adapter(
-                tmp, alpha, out, base=base, force=force, fsync=fsync, dry_run=dry_run,
-                max_memory=max_memory, allow_nonfinite=allow_nonfinite,
-            )  # fmt: skip
+            return write_forget_adapter(tmp, alpha, out, base=base, options=options)
     alpha = check_alpha(alpha, "--alpha")
-    budget = _budget(max_memory)
+    budget = _budget(options.max_memory)
     adapter = open_adapter(source)
-    out = check_output(out, force=force, inputs=[adapter.path] + ([base] if base else []))
+    out = check_output(out, force=options.force, inputs=[adapter.path] + ([base] if base else []))
     base_ckpt = open_checkpoint(base) if base is not None else None
     _check_budget(budget, _scan_bytes([adapter], base_ckpt), "read and copy the adapter")
     reader = FileReader()
@@ -574,7 +572,7 @@ def write_forget_adapter(
                 "to check them against"
             )
         config = _folded_config(adapter.config, alpha)
-        if not allow_nonfinite:
+        if not options.allow_nonfinite:
             for m in adapter.modules.values():
                 b, a = _read_array(reader, m.b), _read_array(reader, m.a)
                 _check_low_rank(adapter.path, m.name, b, a, max(1.0, alpha) * abs(m.scaling))
@@ -585,15 +583,15 @@ def write_forget_adapter(
             n_modules=len(adapter.modules),
             rank=max(m.rank for m in adapter.modules.values()),
             bytes_written=adapter.total_bytes,
-            dry_run=dry_run,
+            dry_run=options.dry_run,
         )
-        if dry_run:
+        if options.dry_run:
             return report
         metadata = _provenance(alpha, None, [adapter.path], base, "folded: lora_alpha *= -alpha")
         tensors = list(adapter.checkpoint.tensors.values())
         started = time.perf_counter()
         named = [(t.name, t) for t in tensors]
-        report.bytes_written = _write_adapter(out, force, fsync, config, metadata, named, reader)
+        report.bytes_written = _write_adapter(out, options, config, metadata, named, reader)
         report.seconds = time.perf_counter() - started
         return report
     finally:
@@ -614,13 +612,13 @@ def momentum_forget_adapter(
     eta: float = PAPER_ETA,
     rank: int | None = None,
     base: str | os.PathLike | None = None,
-    force: bool = False,
-    fsync: bool = False,
-    max_memory: str | int | None = None,
-    allow_nonfinite: bool = False,
+    options: EngineOptions | None = None,
+    **overrides,
 ) -> AdapterReport:
     """MOX-Mo over adapter snapshots (oldest first): θ_ref − α·Σ_k w_k·s_k·B_k·A_k, one adapter
-    of concatenated rank, or of rank `rank` by a truncated SVD (error in the report)."""
+    of concatenated rank, or of rank `rank` by a truncated SVD (error in the report). Options
+    as write_forget_adapter's."""
+    options = EngineOptions.of(options, overrides, "momentum_forget_adapter")
     alpha, eta = check_alpha(alpha, "--alpha"), check_eta(eta, "--eta")
     if not snapshots:
         raise MoxError("momentum: no adapter snapshots given")
@@ -628,10 +626,7 @@ def momentum_forget_adapter(
     terms = list(zip(momentum_weights(len(adapters), eta), adapters, strict=True))
     formula = f"BASE − {alpha:g}·Σ_k w_k·s_k·B_k·A_k over {len(adapters)} snapshots, η = {eta:g}"
     inputs = [a.path for a in adapters]
-    return _write_combined(
-        terms, alpha, eta, rank, out, base, force, formula, inputs, fsync=fsync,
-        max_memory=max_memory, allow_nonfinite=allow_nonfinite,
-    )  # fmt: skip
+    return _write_combined(terms, alpha, eta, rank, out, base, formula, inputs, options)
 
 
 def extrapolate_adapter(
@@ -644,32 +639,24 @@ def extrapolate_adapter(
     eta: float = PAPER_ETA,
     rank: int | None = None,
     merge: bool = False,
-    dtype: str | None = None,
-    max_memory: str | int | None = None,
-    max_shard_size: str | int = "5GB",
-    device: str = "auto",
-    max_gpu_memory: str | int | None = None,
-    force: bool = False,
-    fsync: bool = False,
-    allow_nonfinite: bool = False,
-    dry_run: bool = False,
-    progress: bool = True,
+    options: EngineOptions | None = None,
+    **overrides,
 ) -> AdapterReport:
     """`moxkit extrapolate BASE ADAPTER`: the forget adapter of a LoRA θ_mem, or with `merge`
     the full forget model streamed out of core.
 
     With prev=PREV (an earlier forget adapter, or BASE itself for the first tick), OUT =
     η·[(1+α)·BASE − α·θ_mem] + (1−η)·PREV, still low-rank: PREV's factors weighted by 1−η
-    beside the new ones weighted by η. `rank` re-compresses the sum by a truncated SVD."""
+    beside the new ones weighted by η. `rank` re-compresses the sum by a truncated SVD.
+    `options` (EngineOptions, or its fields as keywords) as for moxkit.extrapolate; dtype,
+    device, max_gpu_memory, max_shard_size and progress apply to `merge` only."""
+    options = EngineOptions.of(options, overrides, "extrapolate_adapter")
     alpha = check_alpha(alpha, "--alpha")
     if prev is None and rank is None and not merge:
-        if dtype is not None:
+        if options.dtype is not None:
             raise MoxError("--dtype applies to --merge; a forget adapter keeps the factors' dtype")
-        return write_forget_adapter(
-            adapter, alpha, out, base=base, force=force, fsync=fsync, dry_run=dry_run,
-            max_memory=max_memory, allow_nonfinite=allow_nonfinite,
-        )  # fmt: skip
-    budget = _budget(max_memory)
+        return write_forget_adapter(adapter, alpha, out, base=base, options=options)
+    budget = _budget(options.max_memory)
     new = open_adapter(adapter)
     if prev is None:
         terms, eta_used = [(1.0, new)], None
@@ -687,12 +674,9 @@ def extrapolate_adapter(
         formula = f"{eta_used:g}·[BASE − {alpha:g}·s·B·A] + {1 - eta_used:g}·PREV"
     inputs = [t[1].path for t in terms]
     if not merge:
-        if dtype is not None:
+        if options.dtype is not None:
             raise MoxError("--dtype applies to --merge; forget adapters are written in fp32")
-        return _write_combined(
-            terms, alpha, eta_used, rank, out, base, force, formula, inputs,
-            fsync=fsync, dry_run=dry_run, max_memory=max_memory, allow_nonfinite=allow_nonfinite,
-        )  # fmt: skip
+        return _write_combined(terms, alpha, eta_used, rank, out, base, formula, inputs, options)
     base_ckpt = open_checkpoint(base)
     single = len(terms) == 1 and rank is None  # PEFT's merge of the forget adapter, op for op
     parts = _combine_parts(terms, rank)
@@ -711,18 +695,13 @@ def extrapolate_adapter(
             scale: float | dict[str, float] = {
                 n: _scaling(folded, n, patterns) for n in new.modules
             }
-            combined, errors = _raw_factors(new, reader, scale, allow_nonfinite), {}
+            combined, errors = _raw_factors(new, reader, scale, options.allow_nonfinite), {}
         else:
-            combined, errors = _combine(parts, alpha, rank, reader, allow_nonfinite)
+            combined, errors = _combine(parts, alpha, rank, reader, options.allow_nonfinite)
             scale = -alpha
     finally:
         reader.close()
-    report = _merge(
-        base_ckpt, combined, scale, Path(out), formula, inputs,
-        dtype=dtype, max_memory=max_memory, max_shard_size=max_shard_size, device=device,
-        max_gpu_memory=max_gpu_memory, force=force, fsync=fsync,
-        allow_nonfinite=allow_nonfinite, dry_run=dry_run, progress=progress,
-    )  # fmt: skip
+    report = _merge(base_ckpt, combined, scale, Path(out), formula, inputs, options)
     _attach_errors(report, errors)
     return report
 
@@ -734,18 +713,13 @@ def _write_combined(
     rank: int | None,
     out: str | os.PathLike,
     base: str | os.PathLike | None,
-    force: bool,
     formula: str,
     inputs: list[Path],
-    *,
-    fsync: bool = False,
-    dry_run: bool = False,
-    max_memory: str | int | None = None,
-    allow_nonfinite: bool = False,
+    options: EngineOptions,
 ) -> AdapterReport:
     """θ_ref − α·Σ weight·s·B·A over the terms as one adapter (scaling −α, blocks weighted)."""
-    budget = _budget(max_memory)
-    out = check_output(out, force=force, inputs=inputs + ([base] if base else []))
+    budget = _budget(options.max_memory)
+    out = check_output(out, force=options.force, inputs=inputs + ([base] if base else []))
     parts = _combine_parts(terms, rank)
     base_ckpt = open_checkpoint(base) if base is not None else None
     held, transient = _combine_bytes(parts, rank)
@@ -763,7 +737,7 @@ def _write_combined(
                 f"{newest.path}: holds full tensors (modules_to_save); give the base model "
                 "to check them against"
             )
-        combined, errors = _combine(parts, alpha, rank, reader, allow_nonfinite)
+        combined, errors = _combine(parts, alpha, rank, reader, options.allow_nonfinite)
         out_rank = max(c.a.shape[0] for c in combined.values())
         config = _combined_config(newest.config, combined, out_rank, alpha)
         named: list[tuple[str, TensorInfo | np.ndarray]] = [(k, v) for k, v in full.items()]
@@ -782,14 +756,14 @@ def _write_combined(
             n_modules=len(combined),
             rank=out_rank,
             bytes_written=sum(_nbytes(v) for _, v in named),
-            dry_run=dry_run,
+            dry_run=options.dry_run,
         )
         _attach_errors(report, errors)
-        if dry_run:
+        if options.dry_run:
             return report
         started = time.perf_counter()
         metadata = _provenance(alpha, eta, inputs, base, formula)
-        report.bytes_written = _write_adapter(out, force, fsync, config, metadata, named, reader)
+        report.bytes_written = _write_adapter(out, options, config, metadata, named, reader)
         report.seconds = time.perf_counter() - started
         return report
     finally:
@@ -1056,8 +1030,7 @@ def _nbytes(value: TensorInfo | np.ndarray) -> int:
 
 def _write_adapter(
     out: Path,
-    force: bool,
-    fsync: bool,
+    options: EngineOptions,
     config: dict,
     metadata: dict[str, str],
     named: list[tuple[str, TensorInfo | np.ndarray]],
@@ -1076,7 +1049,7 @@ def _write_adapter(
         text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except ValueError as exc:
         raise MoxError(f"{out}: the forget adapter's config is not strict JSON ({exc})") from None
-    with staged_dir(out, force=force, fsync=fsync) as tmp:
+    with staged_dir(out, force=options.force, fsync=options.fsync) as tmp:
         writer = ShardWriter([shard], [tmp / shard.filename])
         try:
             for name, value in named:
@@ -1101,36 +1074,26 @@ def merge_adapter(
     adapter: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    dtype: str | None = None,
-    max_memory: str | int | None = None,
-    max_shard_size: str | int = "5GB",
-    device: str = "auto",
-    max_gpu_memory: str | int | None = None,
-    force: bool = False,
-    fsync: bool = False,
-    allow_nonfinite: bool = False,
-    progress: bool = False,
+    options: EngineOptions | None = None,
+    **overrides,
 ) -> AdapterReport:
     """BASE + s·B·A for every module of `adapter` (a forget adapter, or any LoRA adapter),
     streamed into a full model folder as save_pretrained writes it: what PEFT's
-    merge_and_unload gives, without holding the model in memory."""
+    merge_and_unload gives, without holding the model in memory. `options` as for
+    moxkit.extrapolate, except that without them no progress bar is shown."""
+    options = EngineOptions.of(options or EngineOptions(progress=False), overrides, "merge_adapter")
     base_ckpt = open_checkpoint(base)
     found = open_adapter(adapter)
     held = sum(4 * _factor_elems(m) for m in found.modules.values())
-    _check_merge_budget(_budget(max_memory), held, 0, [found], base_ckpt)
+    _check_merge_budget(_budget(options.max_memory), held, 0, [found], base_ckpt)
     scales = {name: m.scaling for name, m in found.modules.items()}
     reader = FileReader()
     try:
         _check_against_base(found, base_ckpt, reader)
-        combined = _raw_factors(found, reader, scales, allow_nonfinite)
+        combined = _raw_factors(found, reader, scales, options.allow_nonfinite)
     finally:
         reader.close()
-    return _merge(
-        base_ckpt, combined, scales, Path(out), "BASE + s·B·A", [found.path],
-        dtype=dtype, max_memory=max_memory, max_shard_size=max_shard_size, device=device,
-        max_gpu_memory=max_gpu_memory, force=force, fsync=fsync,
-        allow_nonfinite=allow_nonfinite, progress=progress,
-    )  # fmt: skip
+    return _merge(base_ckpt, combined, scales, Path(out), "BASE + s·B·A", [found.path], options)
 
 
 def _merge(
@@ -1140,24 +1103,15 @@ def _merge(
     out: Path,
     formula: str,
     inputs: list[Path],
-    *,
-    dtype: str | None,
-    max_memory: str | int | None,
-    max_shard_size: str | int,
-    device: str,
-    max_gpu_memory: str | int | None,
-    force: bool,
-    fsync: bool,
-    allow_nonfinite: bool,
-    dry_run: bool = False,
-    progress: bool = False,
+    options: EngineOptions,
 ) -> AdapterReport:
     """Write BASE's tensors, adapted weights as W + scale·B·A computed in row tiles."""
-    out_dtype = parse_dtype(dtype)
-    budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
-    shard_limit = parse_size(max_shard_size, "--max-shard-size")
+    out_dtype = parse_dtype(options.dtype)
+    budget = _budget(options.max_memory)
+    shard_limit = parse_size(options.max_shard_size, "--max-shard-size")
+    max_gpu_memory = options.max_gpu_memory
     gpu_budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
-    out = check_output(out, force=force, inputs=[base.path, *inputs])
+    out = check_output(out, force=options.force, inputs=[base.path, *inputs])
     by_weight = {c.module.weight_name: c for c in combined.values()}
     outputs = []
     for name, info in base.tensors.items():
@@ -1175,20 +1129,23 @@ def _merge(
         n_modules=len(by_weight),
         rank=max((c.a.shape[0] for c in combined.values()), default=0),
         bytes_written=sum(s.file_size for s in shards),
-        dry_run=dry_run,
+        dry_run=options.dry_run,
         n_copied=len(base.tensors) - len(by_weight),
     )
-    if dry_run:
+    if options.dry_run:
         return report
     import torch  # the merge's arithmetic; the adapter paths above never import it
 
-    target = _merge_device(device)
+    target = _merge_device(options.device)
     report.device = target.type
     started = time.perf_counter()
     reader = FileReader()
-    bar = ByteProgress(report.bytes_written, enabled=progress, desc="merge")
+    bar = ByteProgress(report.bytes_written, enabled=options.progress, desc="merge")
     try:
-        with staged_dir(out, force=force, fsync=fsync) as tmp, _full_fp32_matmul(torch):
+        with (
+            staged_dir(out, force=options.force, fsync=options.fsync) as tmp,
+            _full_fp32_matmul(torch),
+        ):
             writer = ShardWriter(shards, [tmp / s.filename for s in shards])
             try:
                 tile_elems = _tile_elems(budget)
@@ -1203,7 +1160,7 @@ def _merge(
                         s = scale[low.module.name] if isinstance(scale, dict) else scale
                         merge = _TileMerge(low, s, _orientation(low.module, info), target, torch)
                         if not merge.run(reader, writer, info, t.dtype, tile_elems):
-                            if not allow_nonfinite:
+                            if not options.allow_nonfinite:
                                 raise MoxError(
                                     f"tensor {t.name!r}: the merge has non-finite values (NaN "
                                     "or inf); pass --allow-nonfinite to keep them"
