@@ -52,7 +52,7 @@ from .atomic import check_output, staged_dir
 from .engine.checkpoint import Checkpoint, FileReader, TensorInfo, open_checkpoint, read_header
 from .engine.dtypes import ARITHMETIC_CODES, SIZES, TABLE, parse_dtype, to_float32
 from .engine.formula import PAPER_ETA, check_alpha, check_eta
-from .engine.options import EngineOptions
+from .engine.options import EngineOptions, alpha_and_out
 from .engine.provenance import carry_files
 from .engine.writer import OutputTensor, ShardWriter, layout, split_shards, write_index
 from .errors import MoxError
@@ -632,8 +632,8 @@ def momentum_forget_adapter(
 def extrapolate_adapter(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
-    out: str | os.PathLike,
     alpha: float,
+    out: str | os.PathLike,
     *,
     prev: str | os.PathLike | None = None,
     eta: float = PAPER_ETA,
@@ -650,6 +650,7 @@ def extrapolate_adapter(
     beside the new ones weighted by η. `rank` re-compresses the sum by a truncated SVD.
     `options` (EngineOptions, or its fields as keywords) as for moxkit.extrapolate; dtype,
     device, max_gpu_memory, max_shard_size and progress apply to `merge` only."""
+    alpha, out = alpha_and_out(alpha, out, "extrapolate_adapter")
     options = EngineOptions.of(options, overrides, "extrapolate_adapter")
     alpha = check_alpha(alpha, "--alpha")
     if prev is None and rank is None and not merge:

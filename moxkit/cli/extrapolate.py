@@ -94,7 +94,7 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, revision, merge, r
         raise MoxError("--merge and --rank apply when MEM is a LoRA adapter folder")
     # -- end LoRA --
     eta = PAPER_ETA if eta is None else eta
-    report = extrapolate(ref, mem, out, alpha, prev=prev, eta=eta, options=options, **lora)
+    report = extrapolate(ref, mem, alpha, out, prev=prev, eta=eta, options=options, **lora)
     if options.dry_run:
         click.echo(report.plan_text())
     if report.nonfinite_tensors:

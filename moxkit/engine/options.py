@@ -7,6 +7,8 @@ documented and defaulted once; the CLI generates its flags from these fields
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 
 from ..fields import setting
@@ -47,3 +49,17 @@ class EngineOptions:
             if key not in names:
                 raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
         return dataclasses.replace(options or cls(), **overrides)
+
+
+def alpha_and_out(alpha, out, caller: str) -> tuple:
+    """(alpha, out) of an entry point that takes (ref, mem, alpha, out, ...), the order of
+    every extrapolate function; a call in the old order (ref, mem, out, alpha), told apart by
+    the types, still works and warns."""
+    if isinstance(alpha, (str, os.PathLike)) and not isinstance(out, (str, os.PathLike)):
+        warnings.warn(
+            f"{caller}(ref, mem, out, alpha) is deprecated: pass {caller}(ref, mem, alpha, out)",
+            DeprecationWarning,
+            3,
+        )
+        return out, alpha
+    return alpha, out

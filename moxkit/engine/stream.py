@@ -39,7 +39,7 @@ from .backends import Backend, get_backend
 from .checkpoint import Checkpoint, FileReader, open_checkpoint
 from .dtypes import SIZES, TABLE, dtype_name, numpy_view, parse_dtype
 from .formula import PAPER_ETA, Coefficients
-from .options import EngineOptions
+from .options import EngineOptions, alpha_and_out
 from .plan import Chunk, TensorPlan, buffer_itemsizes, cut_chunks, pair_tensors
 from .provenance import carried_files, carry_files, model_card, provenance
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
@@ -128,8 +128,8 @@ class ExtrapolationJob:
 def extrapolate(
     ref: str | os.PathLike,
     mem: str | os.PathLike,
-    out: str | os.PathLike,
     alpha: float,
+    out: str | os.PathLike,
     *,
     prev: str | os.PathLike | None = None,
     eta: float = PAPER_ETA,
@@ -151,6 +151,7 @@ def extrapolate(
     process alone. fsync=True makes OUT durable before it is reported written (it survives a
     power loss). `momentum=` is the old name of `prev=`. Bad arguments raise MoxError naming
     them."""
+    alpha, out = alpha_and_out(alpha, out, "extrapolate")
     options = EngineOptions.of(options, overrides, "extrapolate")
     if momentum is not None:
         warnings.warn(
@@ -159,14 +160,14 @@ def extrapolate(
         if prev is not None:
             raise MoxError("prev and momentum name the same checkpoint: pass only prev")
         prev = momentum
-    return run(prepare(ref, mem, out, alpha, prev=prev, eta=eta, options=options))
+    return run(prepare(ref, mem, alpha, out, prev=prev, eta=eta, options=options))
 
 
 def prepare(
     ref: str | os.PathLike,
     mem: str | os.PathLike,
-    out: str | os.PathLike,
     alpha: float,
+    out: str | os.PathLike,
     *,
     prev: str | os.PathLike | None = None,
     eta: float = PAPER_ETA,
@@ -175,6 +176,7 @@ def prepare(
 ) -> ExtrapolationJob:
     """Open and validate the inputs against each other and OUT, and fix the output layout:
     everything that can be refused is refused here, before any work."""
+    alpha, out = alpha_and_out(alpha, out, "prepare")
     options = EngineOptions.of(options, overrides, "prepare")
     coeffs = Coefficients(alpha, eta if prev is not None else None)
     out_dtype = parse_dtype(dtype_name(options.dtype))

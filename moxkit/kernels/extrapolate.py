@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moxkit.engine.dtypes import TABLE
-from moxkit.engine.formula import Coefficients
+from moxkit.engine.formula import PAPER_ETA, Coefficients
 from moxkit.engine.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
 from moxkit.errors import MoxError
 
@@ -143,12 +143,13 @@ def extrapolate(
     alpha: float,
     *,
     prev: torch.Tensor | None = None,
-    eta: float = 1.0,
+    eta: float = PAPER_ETA,
     out: torch.Tensor | None = None,
     block: int = BLOCK,
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """out = (1+α)·ref − α·mem, or with prev: η·[(1+α)·ref − α·mem] + (1−η)·prev.
+    """out = (1+α)·ref − α·mem, or with prev: η·[(1+α)·ref − α·mem] + (1−η)·prev, η the
+    weight of the newest extrapolation (the paper's by default, as moxkit.extrapolate).
 
     Contiguous tensors of one shape on one device, any mix of fp32/bf16/fp16; the result has
     out's dtype, or ref's when out is None. CPU tensors only under TRITON_INTERPRET=1."""
