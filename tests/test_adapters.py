@@ -190,7 +190,7 @@ def test_forget_adapter_from_a_peft_model_in_memory(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_streamed_merge_equals_peft_merge(tmp_path, monkeypatch, arch):
-    monkeypatch.setattr(adapters, "MAX_TILE_ELEMS", 200)  # many row tiles per weight
+    monkeypatch.setattr(adapters.merge, "MAX_TILE_ELEMS", 200)  # many row tiles per weight
     base = tiny_model(arch)
     save_base(base, tmp_path / "base")
     lora = {"target_modules": ["c_attn", "c_proj", "c_fc"]} if arch == "gpt2" else {}
@@ -224,7 +224,7 @@ def test_streamed_merge_equals_peft_merge(tmp_path, monkeypatch, arch):
 def test_bf16_merge_rounds_once(tmp_path, monkeypatch):
     """bf16 base: fp32 arithmetic, one rounding to bf16: within one bf16 ulp of the fp64 value
     (PEFT rounds the product to bf16 before adding, so it is not the oracle here)."""
-    monkeypatch.setattr(adapters, "MAX_TILE_ELEMS", 300)
+    monkeypatch.setattr(adapters.merge, "MAX_TILE_ELEMS", 300)
     base = tiny_model("llama", dtype=torch.bfloat16)
     save_base(base, tmp_path / "base")
     mem_dir = lora_adapter(base, tmp_path / "mem", seed=4)

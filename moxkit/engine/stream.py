@@ -259,15 +259,30 @@ def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
         return (
             min(MAX_CHUNK_ELEMS, DEFAULT_BUFFER_BYTES // (N_SLOTS * bytes_per_elem)) // 1024 * 1024
         )
+    return fit_elems(budget, N_SLOTS * bytes_per_elem, MAX_CHUNK_ELEMS, "max_memory", align=1024)
+
+
+def fit_elems(
+    budget: int,
+    bytes_per_elem: int,
+    most: int,
+    name: str,
+    *,
+    align: int = 1,
+    least: int = 64 * 1024,
+) -> int:
+    """The most elements (at most `most`, a multiple of `align`) whose buffers, bytes_per_elem
+    each, fit what `budget` leaves after what the process holds now and RESERVED_BYTES: the
+    one sizing rule of the engine's chunks and the LoRA merge's tiles. MoxError naming `name`
+    (the caller's word for the budget) when fewer than `least` fit."""
     resident = psutil.Process().memory_info().rss
-    available = budget - resident - RESERVED_BYTES
-    elems = min(MAX_CHUNK_ELEMS, available // (N_SLOTS * bytes_per_elem))
-    elems -= elems % 1024
-    if elems < 64 * 1024:
+    elems = min(most, (budget - resident - RESERVED_BYTES) // bytes_per_elem)
+    elems -= elems % align
+    if elems < least:
         raise MoxError(
-            f"max_memory {format_bytes(budget)} is too small: this process already holds "
+            f"{name} {format_bytes(budget)} is too small: this process already holds "
             f"{format_bytes(resident)}; allow at least "
-            f"{format_bytes(resident + RESERVED_BYTES + N_SLOTS * bytes_per_elem * 64 * 1024)}"
+            f"{format_bytes(resident + RESERVED_BYTES + bytes_per_elem * least)}"
         )
     return elems
 
