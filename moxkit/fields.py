@@ -22,11 +22,13 @@ def setting(
     maximum: float | None = None,
     flag: str | None = None,
     cli: bool = True,
+    cli_default: Any = None,
 ) -> Any:
     """A dataclass field. minimum/maximum are inclusive bounds, above an exclusive lower one;
-    flag overrides the default --field-name; cli=False keeps the field off the command line."""
+    flag overrides the default --field-name; cli=False keeps the field off the command line;
+    cli_default (when not None) is the option's default where the library's differs."""
     meta = {"help": help, "minimum": minimum, "above": above, "maximum": maximum,
-            "flag": flag, "cli": cli}  # fmt: skip
+            "flag": flag, "cli": cli, "cli_default": cli_default}  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
 
 

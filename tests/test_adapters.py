@@ -165,7 +165,7 @@ def test_forget_adapter_is_the_extrapolation(tmp_path, arch, lora):
         torch.testing.assert_close(served(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
 
     # and the streamed merge of MEM (extrapolated on the fly) is PEFT's merge of the adapter
-    extrapolate_adapter(tmp_path / "base", mem_dir, tmp_path / "merged", alpha, merge=True)
+    extrapolate_adapter(tmp_path / "base", mem_dir, alpha, tmp_path / "merged", merge=True)
     streamed = load_file(tmp_path / "merged" / "model.safetensors")
     for name, w in ref.items():
         scale = (1 + alpha) * w.double().abs() + alpha * mem[name].double().abs()
@@ -190,7 +190,7 @@ def test_forget_adapter_from_a_peft_model_in_memory(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_streamed_merge_equals_peft_merge(tmp_path, monkeypatch, arch):
-    monkeypatch.setattr(adapters, "MAX_TILE_ELEMS", 200)  # many row tiles per weight
+    monkeypatch.setattr(adapters.merge, "MAX_TILE_ELEMS", 200)  # many row tiles per weight
     base = tiny_model(arch)
     save_base(base, tmp_path / "base")
     lora = {"target_modules": ["c_attn", "c_proj", "c_fc"]} if arch == "gpt2" else {}
@@ -224,11 +224,11 @@ def test_streamed_merge_equals_peft_merge(tmp_path, monkeypatch, arch):
 def test_bf16_merge_rounds_once(tmp_path, monkeypatch):
     """bf16 base: fp32 arithmetic, one rounding to bf16: within one bf16 ulp of the fp64 value
     (PEFT rounds the product to bf16 before adding, so it is not the oracle here)."""
-    monkeypatch.setattr(adapters, "MAX_TILE_ELEMS", 300)
+    monkeypatch.setattr(adapters.merge, "MAX_TILE_ELEMS", 300)
     base = tiny_model("llama", dtype=torch.bfloat16)
     save_base(base, tmp_path / "base")
     mem_dir = lora_adapter(base, tmp_path / "mem", seed=4)
-    report = extrapolate_adapter(tmp_path / "base", mem_dir, tmp_path / "out", 2.0, merge=True)
+    report = extrapolate_adapter(tmp_path / "base", mem_dir, 2.0, tmp_path / "out", merge=True)
     assert report.kind == "merged model"
     streamed = load_file(tmp_path / "out" / "model.safetensors")
     ref = weights(base)
@@ -275,7 +275,7 @@ def test_momentum_over_snapshots_and_its_chained_form(tmp_path):
     # the CLI's chained form: PREV = BASE for the first tick, then the previous forget adapter
     prev = tmp_path / "base"
     for k, snap in enumerate(snaps):
-        extrapolate_adapter(tmp_path / "base", snap, tmp_path / f"c{k}", alpha, prev=prev, eta=eta)
+        extrapolate_adapter(tmp_path / "base", snap, alpha, tmp_path / f"c{k}", prev=prev, eta=eta)
         prev = tmp_path / f"c{k}"
     chained = peft_merged(base, prev)
     for name, value in chained.items():
@@ -417,18 +417,18 @@ def test_bad_adapter_files_are_one_line(tmp_path, good, cli, case):
 def test_options_that_do_not_apply_are_refused(tmp_path, good):
     base, mem = good
     with pytest.raises(MoxError, match="--dtype applies to --merge"):
-        extrapolate_adapter(base, mem, tmp_path / "out", 2.0, dtype="bf16")
+        extrapolate_adapter(base, mem, 2.0, tmp_path / "out", dtype="bf16")
     with pytest.raises(MoxError, match="--rank 0: must be a positive integer"):
-        extrapolate_adapter(base, mem, tmp_path / "out", 2.0, prev=base, rank=0)
+        extrapolate_adapter(base, mem, 2.0, tmp_path / "out", prev=base, rank=0)
     with pytest.raises(MoxError, match="must be an earlier forget adapter, or BASE"):
-        extrapolate_adapter(base, mem, tmp_path / "out", 2.0, prev=tmp_path)
+        extrapolate_adapter(base, mem, 2.0, tmp_path / "out", prev=tmp_path)
     with pytest.raises(MoxError, match="alpha"):
         write_forget_adapter(mem, -1.0, tmp_path / "out")
     with pytest.raises(MoxError, match=r"--device 'cuda:0': expected auto, cpu or cuda"):
-        extrapolate_adapter(base, mem, tmp_path / "out", 2.0, merge=True, device="cuda:0")
+        extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="cuda:0")
     if not torch.cuda.is_available():
         with pytest.raises(MoxError, match="--device cuda: no CUDA device is available"):
-            extrapolate_adapter(base, mem, tmp_path / "out", 2.0, merge=True, device="cuda")
+            extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="cuda")
     assert not list(tmp_path.iterdir())
 
 
@@ -462,7 +462,7 @@ def test_cuda_merge_equals_cpu_merge(tmp_path):
     mem_dir = lora_adapter(base, tmp_path / "mem", seed=6)
     for device in ("cpu", "cuda"):
         extrapolate_adapter(
-            tmp_path / "base", mem_dir, tmp_path / device, 4.0, merge=True, device=device
+            tmp_path / "base", mem_dir, 4.0, tmp_path / device, merge=True, device=device
         )
     cpu = load_file(tmp_path / "cpu" / "model.safetensors")
     cuda = load_file(tmp_path / "cuda" / "model.safetensors")

@@ -233,8 +233,8 @@ def test_engine_cuda_equals_cpu(tmp_path, momentum):
         moxkit.extrapolate(
             str(paths["ref"]),
             str(paths["mem"]),
-            str(outs[device]),
             4.0,
+            str(outs[device]),
             device=device,
             max_memory="2GiB",
             max_gpu_memory="48MiB",

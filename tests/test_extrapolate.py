@@ -58,8 +58,8 @@ def test_matches_oracles(tmp_path, tiny_chunks, dtype, momentum):
     report = moxkit.extrapolate(
         tmp_path / "ref",
         tmp_path / "mem",
-        tmp_path / "out",
         alpha,
+        tmp_path / "out",
         prev=tmp_path / "prev.safetensors" if momentum else None,
         eta=eta,
         progress=False,
@@ -93,8 +93,8 @@ def test_bf16_rounding_is_nearest_even(tmp_path):
     moxkit.extrapolate(
         tmp_path / "ref.safetensors",
         tmp_path / "mem.safetensors",
-        tmp_path / "out",
         2.0**-40,
+        tmp_path / "out",
         dtype="bf16",
         progress=False,
     )
@@ -111,8 +111,8 @@ def test_mixed_input_dtypes_and_output_dtype(tmp_path):
     moxkit.extrapolate(
         tmp_path / "ref.safetensors",
         tmp_path / "mem.safetensors",
-        tmp_path / "out",
         2.0,
+        tmp_path / "out",
         dtype="fp16",
         progress=False,
     )
@@ -135,8 +135,8 @@ def test_integer_and_bool_tensors_are_copied_from_ref(tmp_path):
     report = moxkit.extrapolate(
         tmp_path / "ref.safetensors",
         tmp_path / "mem.safetensors",
-        tmp_path / "out",
         1.0,
+        tmp_path / "out",
         progress=False,
     )
     assert (report.n_extrapolated, report.n_copied) == (1, 2)
@@ -153,8 +153,8 @@ def test_output_sharding_index_and_provenance(tmp_path):
     moxkit.extrapolate(
         tmp_path / "ref",
         tmp_path / "mem",
-        tmp_path / "out",
         4.0,
+        tmp_path / "out",
         max_shard_size="25KB",
         progress=False,
     )
@@ -187,8 +187,8 @@ def test_single_file_output(tmp_path):
     moxkit.extrapolate(
         tmp_path / "ref.safetensors",
         tmp_path / "mem.safetensors",
-        tmp_path / "forget.safetensors",
         0.5,
+        tmp_path / "forget.safetensors",
         progress=False,
     )
     got = load_file(tmp_path / "forget.safetensors")["w"]
@@ -207,8 +207,8 @@ def test_dry_run_writes_nothing(tmp_path):
     report = moxkit.extrapolate(
         tmp_path / "ref.safetensors",
         tmp_path / "mem.safetensors",
-        tmp_path / "out",
         4.0,
+        tmp_path / "out",
         dry_run=True,
     )
     assert not (tmp_path / "out").exists()
@@ -224,7 +224,7 @@ def test_nonfinite_result_is_an_error_unless_allowed(tmp_path):
     mem = {"ok": torch.zeros(4, dtype=torch.float16), "big": torch.zeros(4, dtype=torch.float16)}
     save_file(ref, tmp_path / "ref.safetensors")
     save_file(mem, tmp_path / "mem.safetensors")
-    args = (tmp_path / "ref.safetensors", tmp_path / "mem.safetensors", tmp_path / "out", 4.0)
+    args = (tmp_path / "ref.safetensors", tmp_path / "mem.safetensors", 4.0, tmp_path / "out")
     with pytest.raises(moxkit.MoxError, match="'big'.*non-finite"):
         moxkit.extrapolate(*args, progress=False)  # 5 · 30000 overflows fp16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors", "ref.safetensors"]
@@ -243,8 +243,8 @@ def test_inputs_are_not_modified(tmp_path):
     moxkit.extrapolate(
         tmp_path / "ref",
         tmp_path / "mem.safetensors",
-        tmp_path / "out",
         4.0,
+        tmp_path / "out",
         dtype="fp32",
         progress=False,
     )

@@ -384,10 +384,22 @@ def test_momentum_is_the_deprecated_name_of_prev(cli, tmp_path, pair):
         "moxkit: note: --momentum is deprecated; use --prev"
     )
     with pytest.warns(DeprecationWarning, match="prev="):
-        moxkit.extrapolate(*pair, tmp_path / "o2", 4.0, momentum=pair[0], progress=False)
+        moxkit.extrapolate(*pair, 4.0, tmp_path / "o2", momentum=pair[0], progress=False)
     a = load_file(tmp_path / "o" / "model.safetensors")
     b = load_file(tmp_path / "o2" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_old_argument_order_still_works_and_warns(tmp_path, pair):
+    """extrapolate(ref, mem, alpha, out) is the order of every extrapolate function; the old
+    (ref, mem, out, alpha), told apart by the types, gives the same bytes with a warning."""
+    moxkit.extrapolate(*pair, 4.0, tmp_path / "new", progress=False)
+    with pytest.warns(DeprecationWarning, match=r"extrapolate\(ref, mem, alpha, out\)"):
+        moxkit.extrapolate(*pair, tmp_path / "old", 4.0, progress=False)
+    new = (tmp_path / "new" / "model.safetensors").read_bytes()
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == new
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_mem'"):
+        moxkit.extrapolate(*pair, 4.0, tmp_path / "x", max_mem="1GB")
 
 
 @pytest.mark.parametrize(
@@ -402,13 +414,13 @@ def test_momentum_is_the_deprecated_name_of_prev(cli, tmp_path, pair):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_python_api_names_its_own_arguments(tmp_path, pair, kwargs, message):
     with pytest.raises(moxkit.MoxError) as exc:
-        moxkit.extrapolate(*pair, tmp_path / "out", progress=False, **kwargs)
+        moxkit.extrapolate(*pair, out=tmp_path / "out", progress=False, **kwargs)
     assert str(exc.value).startswith(message) and "--" not in str(exc.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors", "ref.safetensors"]
 
 
 def test_python_api_accepts_torch_dtypes(tmp_path, pair):
-    moxkit.extrapolate(*pair, tmp_path / "out", 4.0, dtype=torch.float16, progress=False)
+    moxkit.extrapolate(*pair, 4.0, tmp_path / "out", dtype=torch.float16, progress=False)
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert {t.dtype for t in got.values()} == {torch.float16}
 
@@ -425,7 +437,7 @@ def test_python_api_names_its_own_dtype_argument(tmp_path, pair):
     import moxkit
 
     with pytest.raises(moxkit.MoxError, match=r"^dtype 'int8': expected one of"):
-        moxkit.extrapolate(pair[0], pair[1], tmp_path / "out", 4.0, dtype="int8")
+        moxkit.extrapolate(pair[0], pair[1], 4.0, tmp_path / "out", dtype="int8")
     assert not (tmp_path / "out").exists()
 
 
@@ -440,5 +452,5 @@ def test_config_over_the_memory_budget_is_refused_before_any_work(tmp_path, pair
     (ref / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     monkeypatch.setattr(sources, "JSON_PARSE_FACTOR", 2**40)  # config "needs" terabytes
     with pytest.raises(moxkit.MoxError, match="config.json: reading the config"):
-        stream.prepare(ref, pair[1], tmp_path / "out", 4.0, dtype="fp16", max_memory="4GB")
+        stream.prepare(ref, pair[1], 4.0, tmp_path / "out", dtype="fp16", max_memory="4GB")
     assert not (tmp_path / "out").exists()

@@ -207,7 +207,7 @@ def test_cpu_extrapolate_never_imports_torch(tmp_path):
     code = (
         "import sys, moxkit\n"
         f"moxkit.extrapolate({str(tmp_path / 'ref.st')!r}, {str(tmp_path / 'mem.st')!r}, "
-        f"{str(tmp_path / 'out')!r}, 4.0, device='cpu', progress=False)\n"
+        f"4.0, {str(tmp_path / 'out')!r}, device='cpu', progress=False)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n"
     )

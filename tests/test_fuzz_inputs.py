@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moxkit.engine.checkpoint import DTYPE_SIZES, open_checkpoint, read_header
+from moxkit.engine.checkpoint import open_checkpoint, read_header
+from moxkit.engine.dtypes import SIZES
 from moxkit.errors import MoxError
 from moxkit.sources import parse_json
 from moxkit.units import resident_bytes
@@ -65,7 +66,7 @@ def tensor_tables(draw) -> list[dict]:
     ):
         dtype = draw(st.sampled_from(sorted(SAFETENSORS_DTYPES)))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
-        size = DTYPE_SIZES[dtype]
+        size = SIZES[dtype]
         for d in shape:
             size *= d
         entries.append(

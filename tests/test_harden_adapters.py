@@ -275,8 +275,9 @@ def test_budget_too_small_is_refused_before_work_and_in_dry_run(
     mem = write_adapter(tmp_path / "mem")
     out = tmp_path / "out"
     reads = []
-    real = adapters._read_array
-    monkeypatch.setattr(adapters, "_read_array", lambda *a: reads.append(1) or real(*a))
+    real = adapters.read._read_array
+    for module in (adapters.forget, adapters.lowrank):  # where factors are read
+        monkeypatch.setattr(module, "_read_array", lambda *a: reads.append(1) or real(*a))
     for extra in (["--dry-run"], []):
         result = run_path(cli, path, base, mem, out, "--max-memory", "2MiB", *extra)
         assert_refused(result, out, "--max-memory", "2.10 MB")
@@ -371,7 +372,7 @@ def test_fuzzed_configs_open_or_raise_moxerror(tmp_path_factory, changes):
         found = open_adapter(mem)
         (module,) = found.modules.values()
         assert math.isfinite(module.scaling)
-        folded = adapters._folded_config(found.config, 4.0)
+        folded = adapters.read._folded_config(found.config, 4.0)
     except MoxError as exc:
         assert "\n" not in str(exc)
         return

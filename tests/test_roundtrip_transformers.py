@@ -33,8 +33,8 @@ def test_from_pretrained_loads_exact_values(tmp_path, tied):
     report = moxkit.extrapolate(
         tmp_path / "ref",
         tmp_path / "mem",
-        tmp_path / "out",
         4.0,
+        tmp_path / "out",
         max_shard_size="30KB",
         progress=False,
     )
@@ -56,12 +56,12 @@ def test_from_pretrained_loads_exact_values(tmp_path, tied):
 
 def test_dtype_change_updates_config_and_momentum_loads(tmp_path):
     ref, mem, _ = _pair(tmp_path, True, torch.bfloat16)
-    moxkit.extrapolate(tmp_path / "ref", tmp_path / "mem", tmp_path / "prev", 2.0, progress=False)
+    moxkit.extrapolate(tmp_path / "ref", tmp_path / "mem", 2.0, tmp_path / "prev", progress=False)
     moxkit.extrapolate(
         tmp_path / "ref",
         tmp_path / "mem",
-        tmp_path / "out",
         2.0,
+        tmp_path / "out",
         prev=tmp_path / "prev",
         eta=0.5,
         dtype="fp32",

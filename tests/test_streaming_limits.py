@@ -97,8 +97,8 @@ def test_write_failure_cleans_up(tmp_path, monkeypatch):
         moxkit.extrapolate(
             tmp_path / "ref.safetensors",
             tmp_path / "mem.safetensors",
-            tmp_path / "out",
             4.0,
+            tmp_path / "out",
             progress=False,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors", "ref.safetensors"]
@@ -133,7 +133,7 @@ def test_provenance_never_pushes_a_header_past_the_loadable_limit(tmp_path, monk
     bare = w.layout([[w.OutputTensor(k, "F32", (4,), 16) for k in t]], {"format": "pt"})[0].header
     monkeypatch.setattr(moxkit.engine.writer, "MAX_HEADER_BYTES", len(bare))
     moxkit.extrapolate(tmp_path / "ref.safetensors", tmp_path / "mem.safetensors",
-                       tmp_path / "out.safetensors", 4.0, progress=False)  # fmt: skip
+                       4.0, tmp_path / "out.safetensors", progress=False)  # fmt: skip
     with safe_open(tmp_path / "out.safetensors", "pt") as fh:
         assert fh.metadata() == {"format": "pt"}
         assert torch.equal(
@@ -142,5 +142,5 @@ def test_provenance_never_pushes_a_header_past_the_loadable_limit(tmp_path, monk
     monkeypatch.setattr(moxkit.engine.writer, "MAX_HEADER_BYTES", len(bare) - 8)
     with pytest.raises(moxkit.MoxError, match="over the .* that safetensors loads"):
         moxkit.extrapolate(tmp_path / "ref.safetensors", tmp_path / "mem.safetensors",
-                           tmp_path / "o2.safetensors", 4.0, progress=False)  # fmt: skip
+                           4.0, tmp_path / "o2.safetensors", progress=False)  # fmt: skip
     assert not (tmp_path / "o2.safetensors").exists()

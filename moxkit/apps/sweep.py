@@ -183,7 +183,7 @@ def _forget_models(
         del ref_model
         for alpha in alphas:
             out = scratch / f"alpha-{alpha:g}"
-            extrapolate(ref, mem, out, alpha, device=device, progress=False)
+            extrapolate(ref, mem, alpha, out, device=device, progress=False)
             model, tok = load_model(out, device, f"the forget model at α = {alpha:g}")
             yield alpha, model, tok
             del model
@@ -239,7 +239,7 @@ def check_sweep(
                            "large for the in-memory sweep")  # fmt: skip
         match_inputs(match, revision)
     with tempfile.TemporaryDirectory(prefix=".moxkit-sweep-check-") as tmp:
-        extrapolate(ref, mem, Path(tmp) / "forget", alphas[-1], device="cpu", dry_run=True,
+        extrapolate(ref, mem, alphas[-1], Path(tmp) / "forget", device="cpu", dry_run=True,
                     progress=False)  # fmt: skip
     if out is not None:
         inputs = inputs_of(data, ref, mem, retain_model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from moxkit.cli.options import force_option
+
 
 @click.group("data")
 def command() -> None:
@@ -20,7 +22,7 @@ def command() -> None:
     help="Fictitious authors trained (a tenth as many more are held out).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 def tofu_mini(out, authors, seed, force) -> None:
     """Write tofu-mini to OUT: TOFU-format QA about fictitious authors (forget01/05/10 splits,
     each with test and validation forget authors, retain, holdout, general facts), MUSE-style

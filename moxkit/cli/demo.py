@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import click
 
+from moxkit.cli.options import force_option, out_option, quiet_option
+
 
 @click.command("demo")
-@click.option(
-    "-o",
-    "--out",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Where data, models, reports and the plot go "
-    "[default: moxkit-demo, or moxkit-demo-quick with --quick].",
-)
+@out_option(required=False)
 @click.option(
     "--quick",
     is_flag=True,
     help="A reduced run (tiny model, two methods) that finishes in well under a "
     "minute: checks the pipeline, not the method.",
 )
-@click.option("--force", is_flag=True, help="Discard what is under OUT and start over.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@force_option
+@quiet_option
 @click.option(
     "--model",
     "real_model",
@@ -35,7 +30,9 @@ def command(out, quick, force, quiet, real_model) -> None:
 
     Generates tofu-mini, trains a small Llama (general text, then the authors; and a
     retain-only model), unlearns with each method, evaluates all of them, prints the
-    comparison and saves a plot. Rerunning reuses everything already trained."""
+    comparison and saves a plot. Rerunning reuses everything already trained; --force
+    discards it. OUT holds the data, models, reports and the plot (default: moxkit-demo,
+    moxkit-demo-quick with --quick, moxkit-demo-MODEL with --model)."""
     if real_model:
         from moxkit.apps.fact_unlearning import real_demo
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moxkit.cli.options import config_from, options_from
+from moxkit.cli.options import config_from, force_option, options_from, out_option, quiet_option
 from moxkit.eval.config import EvalConfig
 
 _DATA_HELP = (
@@ -30,7 +30,7 @@ def evaluation_options(fn):
         click.option("--revision", default=None,
                      help="Branch, tag or commit for models given as hub ids (org/name[@rev])."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        quiet_option,
     ]  # fmt: skip
     for decorate in reversed(decorators):
         fn = decorate(fn)
@@ -39,21 +39,14 @@ def evaluation_options(fn):
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option(
-    "-o",
-    "--out",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Write the JSON report (per item and summary) to this file.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace the -o file if it exists (never an input, never a folder).",
-)
+@out_option(required=False)
+@force_option
 @evaluation_options
 def command(model, out, force, data_dir, retain_model, revision, device, quiet, **kw) -> None:
-    """TOFU and MUSE metrics of MODEL (a folder or a hub id) on the sets in --data."""
+    """TOFU and MUSE metrics of MODEL (a folder or a hub id) on the sets in --data.
+
+    With -o, the JSON report (per item and summary) is also written to the file OUT (never
+    an input, never a folder)."""
     from moxkit.eval.data import preflight
 
     cfg = config_from(EvalConfig, kw)

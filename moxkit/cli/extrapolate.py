@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from moxkit.cli.options import config_from, options_from, output_options, quiet_option
+from moxkit.engine.options import EngineOptions
 from moxkit.errors import MoxError
 
 
@@ -11,13 +13,7 @@ from moxkit.errors import MoxError
 @click.argument("ref", type=click.Path(path_type=str))
 @click.argument("mem", type=click.Path(path_type=str))
 @click.option("--alpha", "-a", type=float, required=True, help="Extrapolation strength α > 0.")
-@click.option(
-    "-o",
-    "--out",
-    required=True,
-    type=click.Path(path_type=str),
-    help="Output model directory (or a .safetensors file).",
-)
+@output_options
 @click.option(
     "--prev",
     type=click.Path(path_type=str),
@@ -37,38 +33,13 @@ from moxkit.errors import MoxError
     default=None,
     help="Weight η of the newest extrapolation (with --prev; default: the paper's).",
 )
-@click.option(
-    "--dtype",
-    default=None,
-    help="Output dtype of floating tensors: bf16, fp16, fp32 (default: REF's).",
-)
-@click.option(
-    "--max-memory", default="1GiB", show_default=True, help="Peak resident memory of the process."
-)
-@click.option(
-    "--max-shard-size",
-    default="5GB",
-    show_default=True,
-    help="Largest output shard (decimal units, like transformers).",
-)
-@click.option(
-    "--device", default="auto", show_default=True, help="cpu, cuda, or auto (CUDA when present)."
-)
-@click.option("--max-gpu-memory", default=None, help="GPU memory budget for --device cuda.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option(
-    "--fsync",
-    is_flag=True,
-    help="Flush OUT to disk before reporting it written (survives a power loss; slower).",
-)
-@click.option("--allow-nonfinite", is_flag=True, help="Keep NaN/inf results instead of failing.")
-@click.option("--dry-run", is_flag=True, help="Validate and print the plan; write nothing.")
+@options_from(EngineOptions)
 @click.option(
     "--revision",
     default=None,
     help="Branch, tag or commit for REF/MEM/PREV given as hub ids (org/name[@rev] also works).",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@quiet_option
 # -- LoRA forget adapters (moxkit.adapters): options for MEM a PEFT adapter folder --
 @click.option(
     "--merge",
@@ -82,14 +53,15 @@ from moxkit.errors import MoxError
     help="MEM a LoRA adapter: re-compress the forget adapter to this rank (truncated SVD).",
 )
 # -- end LoRA options --
-def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options) -> None:
+def command(ref, mem, alpha, out, prev, momentum, eta, quiet, revision, merge, rank, **kw) -> None:
     """Forget model OUT = (1+α)·REF − α·MEM, streamed out of core.
 
     REF and MEM (and PREV) are .safetensors files or Hugging Face model directories, sharded
-    or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
+    or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even. OUT
+    is a model directory, or a single file if it ends in .safetensors."""
     from moxkit.adapters import is_adapter_dir
+    from moxkit.engine.dtypes import parse_dtype
     from moxkit.engine.formula import PAPER_ETA, check_alpha, check_eta
-    from moxkit.engine.plan import parse_dtype
     from moxkit.engine.stream import extrapolate
     from moxkit.sources import resolve_model
     from moxkit.units import parse_size
@@ -105,34 +77,25 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     check_alpha(alpha, "--alpha")
     if eta is not None:
         check_eta(eta, "--eta")
-    parse_dtype(options["dtype"], "--dtype")
+    options = config_from(EngineOptions, kw, force=kw.pop("force"), progress=not quiet)
+    parse_dtype(options.dtype, "--dtype")
     for name in ("max_memory", "max_shard_size", "max_gpu_memory"):
-        if options[name] is not None:
-            parse_size(options[name], "--" + name.replace("_", "-"))
-    revision = options.pop("revision")
+        if getattr(options, name) is not None:
+            parse_size(getattr(options, name), "--" + name.replace("_", "-"))
     ref, mem = resolve_model(ref, revision), resolve_model(mem, revision)
     prev = resolve_model(prev, revision) if prev is not None else None
     # -- LoRA forget adapters: MEM a PEFT adapter folder -> moxkit.adapters --
-    lora = {"merge": options.pop("merge"), "rank": options.pop("rank")}
+    lora = {}
     if is_adapter_dir(mem):
         from moxkit.adapters import extrapolate_adapter as extrapolate
 
-        options.update(lora)
-    elif lora["merge"] or lora["rank"] is not None:
+        lora = {"merge": merge, "rank": rank}
+    elif merge or rank is not None:
         raise MoxError("--merge and --rank apply when MEM is a LoRA adapter folder")
     # -- end LoRA --
-    report = extrapolate(
-        ref,
-        mem,
-        out,
-        alpha,
-        prev=prev,
-        eta=PAPER_ETA if eta is None else eta,
-        dry_run=dry_run,
-        progress=not quiet,
-        **options,
-    )
-    if dry_run:
+    eta = PAPER_ETA if eta is None else eta
+    report = extrapolate(ref, mem, alpha, out, prev=prev, eta=eta, options=options, **lora)
+    if options.dry_run:
         click.echo(report.plan_text())
     if report.nonfinite_tensors:
         click.echo(
@@ -140,5 +103,5 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
             f"(first: {report.nonfinite_tensors[0]!r})",
             err=True,
         )
-    if not quiet or dry_run:
+    if not quiet or options.dry_run:
         click.echo(report.summary())

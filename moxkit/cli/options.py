@@ -57,13 +57,15 @@ def _option(cls: type, field: dataclasses.Field):
     base = _base_type(cls, field.name)
     flag = flag_of(field)
     help_text = field.metadata.get("help", "")
-    kwargs: dict = {"default": field.default, "help": help_text}
-    if field.default is not None:
+    default = field.metadata.get("cli_default")
+    default = field.default if default is None else default
+    kwargs: dict = {"default": default, "help": help_text}
+    if default is not None:
         kwargs["show_default"] = True
     choices = choices_of(cls, field)
     if choices is not None:
         kwargs["type"] = click.Choice([str(c) for c in choices])
-    elif base is bool and field.default is None:
+    elif base is bool and default is None:
         flag = f"{flag}/--no-{flag[2:]}"
     elif base is bool:
         kwargs["is_flag"] = True
@@ -75,12 +77,15 @@ def _option(cls: type, field: dataclasses.Field):
 
 
 def _base_type(cls: type, name: str) -> type:
-    """X for a field annotated X or X | None."""
+    """X for a field annotated X or X | None; str for one that also takes a string (a size
+    given as "1GiB" or as bytes: the command line gives strings)."""
     hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(args) == 1:
             return args[0]
+        if str in args:
+            return str
     return hint
 
 
@@ -113,12 +118,27 @@ def deprecated_alias(old: str, cls: type, name: str) -> Callable:
                         callback=use)  # fmt: skip
 
 
+# The options every command shares, declared once here with one help text each; what OUT is
+# for a command, its description says.
+
+
+def out_option(required: bool = True) -> Callable:
+    """-o/--out OUT."""
+    return click.option("-o", "--out", metavar="OUT", required=required,
+                        type=click.Path(path_type=str),
+                        help="Where the command writes (OUT: see its description).")  # fmt: skip
+
+
+def force_option(fn):
+    """--force."""
+    return click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
+
+
 def output_options(fn):
     """-o/--out and --force, as every command that writes a model has them."""
-    fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
-    return click.option("-o", "--out", required=True, type=click.Path(path_type=str),
-                        help="Output model folder.")(fn)  # fmt: skip
+    return out_option()(force_option(fn))
 
 
 def quiet_option(fn):
+    """--quiet/-q."""
     return click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")(fn)

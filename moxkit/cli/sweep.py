@@ -6,7 +6,7 @@ import click
 
 from moxkit.apps.sweep import FORGET_METRICS, STUDY_ALPHAS
 from moxkit.cli.evaluate import evaluation_options
-from moxkit.cli.options import config_from, options_from
+from moxkit.cli.options import config_from, force_option, options_from, out_option
 from moxkit.eval.config import EvalConfig
 from moxkit.train.config import MatchConfig
 
@@ -29,14 +29,8 @@ from moxkit.train.config import MatchConfig
     help="Forget metric of the rule: pick the largest utility among the α whose "
     "metric is at or below the retain-only model's.",
 )
-@click.option(
-    "-o",
-    "--out",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Folder for sweep.json and sweep.png.",
-)
-@click.option("--force", is_flag=True, help="Replace sweep.json and sweep.png in the -o folder.")
+@out_option(required=False)
+@force_option
 @click.option(
     "--on-disk/--in-memory",
     default=None,
@@ -60,7 +54,10 @@ def command(
     quiet,
     **kw,
 ) -> None:
-    """Evaluate the forget model (1+α)·REF − α·MEM at each α and pick one."""
+    """Evaluate the forget model (1+α)·REF − α·MEM at each α and pick one.
+
+    With -o, sweep.json and sweep.png are written into the folder OUT (--force replaces
+    them)."""
     from moxkit.apps.sweep import parse_alphas, sweep
 
     match = config_from(MatchConfig, kw)

@@ -9,7 +9,7 @@
  * Built with -ffp-contract=off (no fused multiply-add) and without fast-math; the call runs
  * with the default MXCSR (round to nearest even, no flush-to-zero, no denormals-are-zero)
  * whatever the calling thread had set. NaN results are stored as the canonical NaN the
- * caller passes (moxkit.formula.CANONICAL_NAN_BITS).
+ * caller passes (moxkit.engine.dtypes.CANONICAL_NAN_BITS).
  *
  * One build serves every CPU: the loop exists in three paths, chosen at run time:
  *   generic  plain C (whatever the compiler makes of it for the baseline target)

@@ -20,15 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import MoxError
-from .formula import CANONICAL_NAN_BITS, Coefficients
+from .dtypes import ARITHMETIC_CODES, CANONICAL_NAN_BITS, TABLE
+from .formula import Coefficients
 from .writer import WRITE_BLOCK
 
-# dtype codes of the C library; bf16 travels in numpy as its uint16 bit patterns
-_C_CODES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}
-_TORCH_NAMES = {"float32": 0, "bfloat16": 1, "float16": 2}
-_C_ITEMSIZE = {0: 4, 1: 2, 2: 2}
-_C_NAMES = {0: "F32", 1: "BF16", 2: "F16"}
-_C_CODE_OF_NAME = {name: code for code, name in _C_NAMES.items()}
+# the C library's views of the dtype table; bf16 travels in numpy as its uint16 bit patterns
+_C_DTYPES = {TABLE[code].c_code: TABLE[code] for code in ARITHMETIC_CODES}
+_C_CODES = {np.dtype(d.numpy): c for c, d in _C_DTYPES.items()}
+_TORCH_NAMES = {d.torch: c for c, d in _C_DTYPES.items()}
 _INPUT_CHANGED = -1  # the C loop's result when reading a mapped input faulted (SIGBUS)
 _WRITE_FAILED = -2  # moxkit_extrapolate_to_file's result when a write failed (errno given)
 CPU_PATHS = ("generic", "avx2", "avx512")  # the C loop's paths, in its numbering
@@ -104,7 +103,7 @@ class CpuBackend:
             return self._torch_path.extrapolate(out, ref, mem, prev, coeffs)
         operands = [_c_operand(x) for x in (out, ref, mem)]
         operands.append(_c_operand(prev) if coeffs.momentum else (None, 0))
-        fixed = (*_scales(coeffs), CANONICAL_NAN_BITS[_C_NAMES[operands[0][1]]])
+        fixed = (*_scales(coeffs), CANONICAL_NAN_BITS[_C_DTYPES[operands[0][1]].code])
 
         def run(start: int, count: int) -> int:
             return self._lib.moxkit_extrapolate(*_offset_args(operands, start), count, *fixed)
@@ -120,7 +119,7 @@ class CpuBackend:
         threads have stopped. Needs the C library (writes_files)."""
         n = _length(ref)
         _check_operands(n, ref, mem, prev, coeffs)
-        code = _C_CODE_OF_NAME[out_dtype]
+        code = TABLE[out_dtype].c_code
         operands = [_c_operand(x) for x in (ref, mem)]
         operands.append(_c_operand(prev) if coeffs.momentum else (None, 0))
         fixed = (*_scales(coeffs), CANONICAL_NAN_BITS[out_dtype])
@@ -129,7 +128,7 @@ class CpuBackend:
             error = ctypes.c_int(0)
             result = self._lib.moxkit_extrapolate_to_file(
                 fd,
-                offset + start * _C_ITEMSIZE[code],
+                offset + start * _C_DTYPES[code].size,
                 WRITE_BLOCK,
                 code,
                 *_offset_args(operands, start),
@@ -212,7 +211,7 @@ def _offset_args(operands: list[tuple[int | None, int]], start: int) -> list:
     """(address, code) pairs as the C library takes them, each `start` elements in."""
     args = []
     for address, code in operands:
-        args += [address + start * _C_ITEMSIZE[code] if address else None, code]
+        args += [address + start * _C_DTYPES[code].size if address else None, code]
     return args
 
 

@@ -49,6 +49,7 @@ from ..sources import (
     user_file,
 )
 from ..units import check_headroom
+from .dtypes import FLOAT_CODES, SIZES
 
 log = logging.getLogger("moxkit")
 
@@ -62,28 +63,7 @@ HEADER_PARSE_FACTOR = 6
 BUDGET_CHECK_EVERY = 1 << 16  # header entries between two looks at the resident size
 _U64 = 2**64
 
-# safetensors dtype code -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-# the floating dtypes moxkit does arithmetic on (fp32 arithmetic, exact for all three inputs)
-ARITHMETIC_CODES = frozenset({"F32", "F16", "BF16"})
-_DTYPE_CODES = {code: code for code in DTYPE_SIZES}  # one shared str object per code
+_DTYPE_CODES = {code: code for code in SIZES}  # one shared str object per code
 
 
 @dataclass(slots=True, eq=False)
@@ -99,11 +79,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return self.nbytes // DTYPE_SIZES[self.dtype]
+        return self.nbytes // SIZES[self.dtype]
 
     @property
     def itemsize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
+        return SIZES[self.dtype]
 
     @property
     def is_float(self) -> bool:
@@ -355,7 +335,7 @@ class _HeaderParser:
                 code, shape, nbytes = kind
                 begin, end = int(begin), int(end)
                 if end - begin != nbytes or end > data_size:
-                    self._info(name, code, shape, nbytes // DTYPE_SIZES[code], begin, end)
+                    self._info(name, code, shape, nbytes // SIZES[code], begin, end)
                 infos.append(TensorInfo(name, code, shape, file, data_start + begin, nbytes))
                 pos = item.end()
                 if not comma:
@@ -440,7 +420,7 @@ class _HeaderParser:
         code = _DTYPE_CODES.get(dtype) if isinstance(dtype, str) else None
         if code is None:
             raise MoxError(f"{self.file}: tensor {name!r}: unknown dtype {dtype!r:.40}")
-        expected = numel * DTYPE_SIZES[code]
+        expected = numel * SIZES[code]
         if expected >= _U64:
             raise MoxError(f"{self.file}: tensor {name!r}: shape {list(shape)} is too large")
         if end is None:  # dtype and shape only (a canonical entry's kind)

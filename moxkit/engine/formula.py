@@ -9,7 +9,7 @@ fp32 exactly, and RN_out is one round-to-nearest-even to the output dtype (subno
 overflow to ±inf). Fixing the order of operations, rather than "computing in fp32" loosely, is
 what lets the C loop, the torch path and the Triton kernel agree exactly.
 
-A NaN result is stored as the canonical quiet NaN of the output dtype (CANONICAL_NAN_BITS),
+A NaN result is stored as the canonical quiet NaN of the output dtype (dtypes.CANONICAL_NAN_BITS),
 whatever its sign and payload: CPUs and GPUs make different NaN bits (x86 gives 0xFFC00000 for
 inf − inf, torch's vectorised fp32 -> bf16 conversion gives 0xFFFF), so only a fixed pattern
 keeps outputs byte-identical across devices.
@@ -27,9 +27,6 @@ import numpy as np
 from ..errors import MoxError
 
 PAPER_ETA = 0.675  # MOX-Mo's weight of the newest extrapolation, as the paper sets it
-
-# output dtype (safetensors name) -> bits of its canonical quiet NaN
-CANONICAL_NAN_BITS = {"F32": 0x7FC00000, "BF16": 0x7FC0, "F16": 0x7E00}
 
 # The smallest normal fp32 number. Below it fp32(α) keeps fewer than 24 bits of α, and from
 # about 1e-45 on it is 0 (α = 1e-50 would silently give OUT == REF).

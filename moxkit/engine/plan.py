@@ -13,29 +13,11 @@ from dataclasses import dataclass
 from ..errors import MoxError
 from ..sources import shown
 from ..units import check_headroom
-from .checkpoint import (
-    ARITHMETIC_CODES,
-    BUDGET_CHECK_EVERY,
-    DTYPE_SIZES,
-    FLOAT_CODES,
-    Checkpoint,
-    TensorInfo,
-    gc_paused,
-)
+from .checkpoint import BUDGET_CHECK_EVERY, Checkpoint, TensorInfo, gc_paused
+from .dtypes import ARITHMETIC_CODES, FLOAT_CODES, SIZES
 from .writer import OutputTensor
 
-DTYPE_ALIASES = {
-    "bf16": "BF16",
-    "bfloat16": "BF16",
-    "fp16": "F16",
-    "float16": "F16",
-    "half": "F16",
-    "fp32": "F32",
-    "float32": "F32",
-    "float": "F32",
-}
 PLAN_BYTES_PER_TENSOR = 100  # a TensorPlan (slotted, 6 fields) and its list slot
-CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass(slots=True, eq=False)
@@ -55,7 +37,7 @@ class TensorPlan:
 
     @property
     def out_nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.out_dtype]
+        return self.numel * SIZES[self.out_dtype]
 
     @property
     def is_copy(self) -> bool:
@@ -73,17 +55,6 @@ class Chunk:
     tensor: TensorPlan
     start: int  # first element
     count: int
-
-
-def parse_dtype(dtype: str | None, name: str = "dtype") -> str | None:
-    """The safetensors code of an output dtype; `name` is what the caller calls the argument
-    (the CLI passes "--dtype")."""
-    if dtype is None:
-        return None
-    code = DTYPE_ALIASES.get(dtype.lower())
-    if code is None:
-        raise MoxError(f"{name} {dtype!r}: expected one of bf16, fp16, fp32")
-    return code
 
 
 def pair_tensors(
@@ -220,7 +191,7 @@ def buffer_itemsizes(plans: list[TensorPlan]) -> dict[str, int]:
         sizes["ref"] = max(sizes["ref"], p.ref.itemsize)
         if p.mem is not None:
             sizes["mem"] = max(sizes["mem"], p.mem.itemsize)
-            sizes["out"] = max(sizes["out"], DTYPE_SIZES[p.out_dtype])
+            sizes["out"] = max(sizes["out"], SIZES[p.out_dtype])
         if p.prev is not None:
             sizes["prev"] = max(sizes["prev"], p.prev.itemsize)
     return sizes

@@ -22,8 +22,8 @@ from .. import __version__
 from ..errors import MoxError
 from ..sources import ModelFile, model_files, open_checked, read_json
 from .checkpoint import Checkpoint
+from .dtypes import TABLE
 from .formula import Coefficients
-from .plan import CONFIG_DTYPE_NAMES
 
 log = logging.getLogger("moxkit")
 
@@ -85,7 +85,7 @@ def carry_files(
             config = read_json(file, "config", budget=budget)
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]
             for key in keys:
-                config[key] = CONFIG_DTYPE_NAMES[out_dtype]
+                config[key] = TABLE[out_dtype].torch
             (dst / file.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             _copy(file, dst / file.name)

@@ -36,21 +36,14 @@ from ..progress import ByteProgress
 from ..sources import ModelFile
 from ..units import format_bytes, parse_size
 from .backends import Backend, get_backend
-from .checkpoint import DTYPE_SIZES, Checkpoint, FileReader, open_checkpoint
+from .checkpoint import Checkpoint, FileReader, open_checkpoint
+from .dtypes import SIZES, TABLE, dtype_name, numpy_view, parse_dtype
 from .formula import PAPER_ETA, Coefficients
-from .plan import (
-    Chunk,
-    TensorPlan,
-    buffer_itemsizes,
-    cut_chunks,
-    pair_tensors,
-    parse_dtype,
-)
+from .options import EngineOptions, alpha_and_out
+from .plan import Chunk, TensorPlan, buffer_itemsizes, cut_chunks, pair_tensors
 from .provenance import carried_files, carry_files, model_card, provenance
 from .writer import Shard, ShardWriter, layout, split_shards, write_index
 
-# the floating dtypes the backends compute on, as the engine's numpy buffers hold them
-NUMPY_VIEWS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16: its bits
 N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
 RESERVED_BYTES = 64 * 2**20  # Python objects, thread stacks, progress bar: outside the buffers
@@ -120,12 +113,9 @@ class ExtrapolationJob:
     metadata: dict[str, str]
     coeffs: Coefficients
     out_dtype: str | None  # None: each tensor keeps REF's dtype
+    options: EngineOptions
     carried: list[ModelFile] = field(default_factory=list)  # REF's files OUT carries, checked
-    budget: int | None = None  # peak resident bytes of the whole process (None: unchecked)
-    force: bool = False
-    fsync: bool = False
-    allow_nonfinite: bool = False
-    progress: bool = True
+    budget: int | None = None  # options.max_memory in bytes (None: unchecked)
 
     @property
     def bytes_read(self) -> int:
@@ -138,34 +128,31 @@ class ExtrapolationJob:
 def extrapolate(
     ref: str | os.PathLike,
     mem: str | os.PathLike,
-    out: str | os.PathLike,
     alpha: float,
+    out: str | os.PathLike,
     *,
     prev: str | os.PathLike | None = None,
     eta: float = PAPER_ETA,
-    dtype: str | object | None = None,
-    max_memory: str | int | None = None,
-    max_shard_size: str | int = "5GB",
-    device: str = "auto",
-    max_gpu_memory: str | int | None = None,
-    force: bool = False,
-    fsync: bool = False,
-    allow_nonfinite: bool = False,
-    dry_run: bool = False,
-    progress: bool = True,
+    options: EngineOptions | None = None,
     momentum: str | os.PathLike | None = None,
+    **overrides,
 ) -> ExtrapolationReport:
     """OUT = (1+α)·REF − α·MEM, or with prev=PREV: η·[(1+α)·REF − α·MEM] + (1−η)·PREV.
 
     Inputs are .safetensors files or Hugging Face model directories (sharded or not); OUT is a
     model directory as save_pretrained writes it, or a single file if it ends in .safetensors.
-    Arithmetic is fp32 with one round-to-nearest-even to the output dtype (REF's, or `dtype`:
-    a name such as "bf16" or a torch dtype). Peak resident memory of the whole process stays
-    under `max_memory` whatever the model size; max_memory=None, for callers embedding the
-    engine in a process that holds other things (a trainer, an evaluation), bounds only the
-    engine's own buffers (DEFAULT_BUFFER_BYTES) and leaves the rest of the process alone.
-    fsync=True makes OUT durable before it is reported written (it survives a power loss).
-    `momentum=` is the old name of `prev=`. Bad arguments raise MoxError naming them."""
+    Arithmetic is fp32 with one round-to-nearest-even to the output dtype (REF's, or the
+    options' dtype). How OUT is written (dtype, memory and GPU budgets, shard size, device,
+    force, fsync, non-finite policy, dry run, progress) is `options` (EngineOptions), or its
+    fields given as keywords (max_memory="4GiB", ...). Peak resident memory of the whole
+    process stays under max_memory whatever the model size; max_memory=None, for callers
+    embedding the engine in a process that holds other things (a trainer, an evaluation),
+    bounds only the engine's own buffers (DEFAULT_BUFFER_BYTES) and leaves the rest of the
+    process alone. fsync=True makes OUT durable before it is reported written (it survives a
+    power loss). `momentum=` is the old name of `prev=`. Bad arguments raise MoxError naming
+    them."""
+    alpha, out = alpha_and_out(alpha, out, "extrapolate")
+    options = EngineOptions.of(options, overrides, "extrapolate")
     if momentum is not None:
         warnings.warn(
             "extrapolate(momentum=...) is deprecated: pass prev=...", DeprecationWarning, 2
@@ -173,56 +160,33 @@ def extrapolate(
         if prev is not None:
             raise MoxError("prev and momentum name the same checkpoint: pass only prev")
         prev = momentum
-    job = prepare(
-        ref,
-        mem,
-        out,
-        alpha,
-        prev=prev,
-        eta=eta,
-        dtype=dtype,
-        max_memory=max_memory,
-        max_shard_size=max_shard_size,
-        force=force,
-        fsync=fsync,
-        allow_nonfinite=allow_nonfinite,
-        progress=progress,
-    )
-    return run(
-        job,
-        device=device,
-        max_gpu_memory=max_gpu_memory,
-        dry_run=dry_run,
-    )
+    return run(prepare(ref, mem, alpha, out, prev=prev, eta=eta, options=options))
 
 
 def prepare(
     ref: str | os.PathLike,
     mem: str | os.PathLike,
-    out: str | os.PathLike,
     alpha: float,
+    out: str | os.PathLike,
     *,
     prev: str | os.PathLike | None = None,
     eta: float = PAPER_ETA,
-    dtype: str | object | None = None,
-    max_memory: str | int | None = None,
-    max_shard_size: str | int = "5GB",
-    force: bool = False,
-    fsync: bool = False,
-    allow_nonfinite: bool = False,
-    progress: bool = True,
+    options: EngineOptions | None = None,
+    **overrides,
 ) -> ExtrapolationJob:
     """Open and validate the inputs against each other and OUT, and fix the output layout:
     everything that can be refused is refused here, before any work."""
+    alpha, out = alpha_and_out(alpha, out, "prepare")
+    options = EngineOptions.of(options, overrides, "prepare")
     coeffs = Coefficients(alpha, eta if prev is not None else None)
-    out_dtype = parse_dtype(_dtype_name(dtype))
-    shard_limit = parse_size(max_shard_size, "max_shard_size")
-    budget = parse_size(max_memory, "max_memory") if max_memory is not None else None
+    out_dtype = parse_dtype(dtype_name(options.dtype))
+    shard_limit = parse_size(options.max_shard_size, "max_shard_size")
+    budget = _budget(options.max_memory)
     ref_ckpt = open_checkpoint(ref, budget=budget)
     mem_ckpt = open_checkpoint(mem, budget=budget)
     prev_ckpt = open_checkpoint(prev, budget=budget) if prev is not None else None
     inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
-    out_path = check_output(out, force=force, inputs=_input_paths(inputs))
+    out_path = check_output(out, force=options.force, inputs=_input_paths(inputs))
     plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype, budget)
     single_file = out_path.suffix == ".safetensors"
     metadata = provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
@@ -241,26 +205,15 @@ def prepare(
         metadata,
         coeffs,
         out_dtype,
+        options,
         carried,
         budget,
-        force=force,
-        fsync=fsync,
-        allow_nonfinite=allow_nonfinite,
-        progress=progress,
     )
 
 
-def run(
-    job: ExtrapolationJob,
-    *,
-    device: str = "auto",
-    max_gpu_memory: str | int | None = None,
-    dry_run: bool = False,
-) -> ExtrapolationReport:
-    """Run a prepared job (or, with dry_run, report what it would do)."""
-    gpu_budget = parse_size(max_gpu_memory, "max_gpu_memory") if max_gpu_memory else None
-    backend_options = {"max_gpu_memory": gpu_budget} if gpu_budget else {}
-    backend = get_backend(device, **backend_options)
+def run(job: ExtrapolationJob) -> ExtrapolationReport:
+    """Run a prepared job (or, with the options' dry_run, report what it would do)."""
+    backend = get_backend(job.options.device, **gpu_options(job.options.max_gpu_memory))
     try:
         sizes = buffer_itemsizes(job.plans)
         largest = max(p.numel for p in job.plans)  # no buffer larger than the largest tensor
@@ -277,9 +230,9 @@ def run(
             bytes_written=sum(s.file_size for s in job.shards),
             chunk_elems=chunk_elems,
             buffer_bytes=N_SLOTS * chunk_elems * sum(sizes.values()),
-            dry_run=dry_run,
+            dry_run=job.options.dry_run,
         )
-        if dry_run:
+        if job.options.dry_run:
             return report
         started = time.perf_counter()
         _write_output(job, backend, chunk_elems, report)
@@ -289,11 +242,14 @@ def run(
         backend.close()
 
 
-def _dtype_name(dtype) -> str | None:
-    """A dtype name from a string or a torch dtype (torch.bfloat16 -> "bfloat16")."""
-    if dtype is None or isinstance(dtype, str):
-        return dtype
-    return str(dtype).removeprefix("torch.")
+def _budget(max_memory: str | int | None) -> int | None:
+    return parse_size(max_memory, "max_memory") if max_memory is not None else None
+
+
+def gpu_options(max_gpu_memory: str | int | None) -> dict:
+    """The backend's keyword for a GPU budget, when one is set."""
+    gpu_budget = parse_size(max_gpu_memory, "max_gpu_memory") if max_gpu_memory else None
+    return {"max_gpu_memory": gpu_budget} if gpu_budget else {}
 
 
 def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
@@ -303,15 +259,30 @@ def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
         return (
             min(MAX_CHUNK_ELEMS, DEFAULT_BUFFER_BYTES // (N_SLOTS * bytes_per_elem)) // 1024 * 1024
         )
+    return fit_elems(budget, N_SLOTS * bytes_per_elem, MAX_CHUNK_ELEMS, "max_memory", align=1024)
+
+
+def fit_elems(
+    budget: int,
+    bytes_per_elem: int,
+    most: int,
+    name: str,
+    *,
+    align: int = 1,
+    least: int = 64 * 1024,
+) -> int:
+    """The most elements (at most `most`, a multiple of `align`) whose buffers, bytes_per_elem
+    each, fit what `budget` leaves after what the process holds now and RESERVED_BYTES: the
+    one sizing rule of the engine's chunks and the LoRA merge's tiles. MoxError naming `name`
+    (the caller's word for the budget) when fewer than `least` fit."""
     resident = psutil.Process().memory_info().rss
-    available = budget - resident - RESERVED_BYTES
-    elems = min(MAX_CHUNK_ELEMS, available // (N_SLOTS * bytes_per_elem))
-    elems -= elems % 1024
-    if elems < 64 * 1024:
+    elems = min(most, (budget - resident - RESERVED_BYTES) // bytes_per_elem)
+    elems -= elems % align
+    if elems < least:
         raise MoxError(
-            f"max_memory {format_bytes(budget)} is too small: this process already holds "
+            f"{name} {format_bytes(budget)} is too small: this process already holds "
             f"{format_bytes(resident)}; allow at least "
-            f"{format_bytes(resident + RESERVED_BYTES + N_SLOTS * bytes_per_elem * 64 * 1024)}"
+            f"{format_bytes(resident + RESERVED_BYTES + bytes_per_elem * least)}"
         )
     return elems
 
@@ -331,10 +302,10 @@ def _write_output(
     report: ExtrapolationReport,
 ) -> None:
     total = report.bytes_read + sum(p.out_nbytes for p in job.plans)
-    bar = ByteProgress(total, enabled=job.progress)
+    bar = ByteProgress(total, enabled=job.options.progress)
     stage = staged_file if job.single_file else staged_dir
     try:
-        with stage(job.out, force=job.force, fsync=job.fsync) as tmp:
+        with stage(job.out, force=job.options.force, fsync=job.options.fsync) as tmp:
             paths = [tmp] if job.single_file else [tmp / s.filename for s in job.shards]
             writer = ShardWriter(job.shards, paths)
             try:
@@ -387,12 +358,12 @@ class _Slot:
         return self._bytes[role][:nbytes]
 
     def view(self, role: str, dtype: str, count: int):
-        nbytes = count * DTYPE_SIZES[dtype]
+        nbytes = count * SIZES[dtype]
         if role in self._maps or isinstance(self.raw[role], np.ndarray):
-            return np.frombuffer(self.bytes(role, nbytes), dtype=NUMPY_VIEWS[dtype])
-        from .torch_path import TORCH_DTYPES
+            return np.frombuffer(self.bytes(role, nbytes), dtype=numpy_view(dtype))
+        import torch
 
-        return self.raw[role][:nbytes].view(TORCH_DTYPES[dtype])
+        return self.raw[role][:nbytes].view(getattr(torch, TABLE[dtype].torch))
 
     def release(self) -> None:
         """Unmap this chunk's inputs (they count towards resident memory while mapped). A
@@ -446,12 +417,12 @@ def _run_pipeline(
         if not writes_files:
             out = slot.view("out", t.out_dtype, chunk.count)
             return backend.extrapolate(out, *inputs, job.coeffs)
-        with writer.target(t.name, chunk.start * DTYPE_SIZES[t.out_dtype]) as (fd, offset):
+        with writer.target(t.name, chunk.start * SIZES[t.out_dtype]) as (fd, offset):
             return backend.extrapolate_to_file(fd, offset, t.out_dtype, *inputs, job.coeffs)
 
     def write(chunk: Chunk, slot: _Slot) -> None:
         t = chunk.tensor
-        size = DTYPE_SIZES[t.out_dtype]
+        size = SIZES[t.out_dtype]
         if t.is_copy or not writes_files:
             data = slot.bytes("ref" if t.is_copy else "out", chunk.count * size)
             try:
@@ -490,7 +461,7 @@ def _run_pipeline(
                     raise MoxError(f"tensor {t.name!r} ({files}): {exc}") from None
                 reached("computed")
                 if not finite and t.name not in report.nonfinite_tensors:
-                    if not job.allow_nonfinite:
+                    if not job.options.allow_nonfinite:
                         raise MoxError(
                             f"tensor {t.name!r}: the result has non-finite values (NaN or inf); "
                             "check the inputs, or pass --allow-nonfinite to keep them"

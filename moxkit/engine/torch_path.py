@@ -11,18 +11,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import formula
+from .dtypes import ARITHMETIC_CODES, TABLE
 from .formula import Coefficients
 
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# the torch views of the dtype table (moxkit.engine.dtypes), for the arithmetic dtypes
+TORCH_DTYPES = {code: getattr(torch, TABLE[code].torch) for code in sorted(ARITHMETIC_CODES)}
 FLOAT_DTYPES = tuple(TORCH_DTYPES.values())
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 # a float dtype -> the integer dtype of the same width, which its bit patterns are viewed as
-BITS_DTYPES = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+BITS_DTYPES = {d: getattr(torch, f"int{8 * TABLE[c].size}") for c, d in TORCH_DTYPES.items()}
 # output dtype -> (integer dtype of the same width, the canonical quiet NaN's bits)
 CANONICAL_NAN_BITS = {
-    dtype: (BITS_DTYPES[dtype], formula.CANONICAL_NAN_BITS[name])
-    for dtype, name in DTYPE_NAMES.items()
+    dtype: (BITS_DTYPES[dtype], TABLE[name].nan_bits) for dtype, name in DTYPE_NAMES.items()
 }
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..errors import MoxError
 from ..units import check_headroom
-from .checkpoint import DTYPE_SIZES, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
+from .checkpoint import INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
+from .dtypes import SIZES
 
 MAX_OPEN_SHARDS = 16  # output descriptors held at once, however many shards (ulimit -n)
 # Bytes per write into the page cache. ext4 sizes the page-cache folios it allocates for a write
@@ -99,7 +100,7 @@ def layout(
     shards = []
     for i, group in enumerate(groups):
         name = filenames[i] if filenames else shard_filename(i, n)
-        ordered = sorted(group, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+        ordered = sorted(group, key=lambda t: (-SIZES[t.dtype], t.name))
         header, rel = _header(ordered, metadata)
         if len(header) > MAX_HEADER_BYTES:
             header, rel = _header(ordered, {"format": metadata.get("format", "pt")})
@@ -133,7 +134,7 @@ def index_json(shards: list[Shard]) -> str:
     """model.safetensors.index.json as transformers writes it."""
     weight_map = {t.name: s.filename for s in shards for t in s.tensors}
     total_size = sum(s.data_bytes for s in shards)
-    total_params = sum(t.nbytes // DTYPE_SIZES[t.dtype] for s in shards for t in s.tensors)
+    total_params = sum(t.nbytes // SIZES[t.dtype] for s in shards for t in s.tensors)
     body = {
         "metadata": {"total_size": total_size, "total_parameters": total_params},
         "weight_map": dict(sorted(weight_map.items())),

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moxkit.engine.formula import CANONICAL_NAN_BITS, Coefficients
+from moxkit.engine.dtypes import TABLE
+from moxkit.engine.formula import PAPER_ETA, Coefficients
 from moxkit.engine.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
 from moxkit.errors import MoxError
 
@@ -27,8 +28,9 @@ from moxkit.errors import MoxError
 BLOCK = 4096
 NUM_WARPS = 8
 
-# Output kinds, a compile-time constant of the kernel: how the result is rounded and stored.
-_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Output kinds, a compile-time constant of the kernel: how the result is rounded and stored
+# (the C loop's numbering, from the dtype table).
+_OUT_KIND = {dtype: TABLE[code].c_code for dtype, code in DTYPE_NAMES.items()}
 
 
 @triton.jit
@@ -128,7 +130,7 @@ def launch(
         coeffs.prev_weight,
         HAS_PREV=has_prev,
         OUT_KIND=_OUT_KIND[out.dtype],
-        NAN_BITS=CANONICAL_NAN_BITS[DTYPE_NAMES[out.dtype]],
+        NAN_BITS=TABLE[DTYPE_NAMES[out.dtype]].nan_bits,
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,
@@ -141,12 +143,13 @@ def extrapolate(
     alpha: float,
     *,
     prev: torch.Tensor | None = None,
-    eta: float = 1.0,
+    eta: float = PAPER_ETA,
     out: torch.Tensor | None = None,
     block: int = BLOCK,
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """out = (1+α)·ref − α·mem, or with prev: η·[(1+α)·ref − α·mem] + (1−η)·prev.
+    """out = (1+α)·ref − α·mem, or with prev: η·[(1+α)·ref − α·mem] + (1−η)·prev, η the
+    weight of the newest extrapolation (the paper's by default, as moxkit.extrapolate).
 
     Contiguous tensors of one shape on one device, any mix of fp32/bf16/fp16; the result has
     out's dtype, or ref's when out is None. CPU tensors only under TRITON_INTERPRET=1."""

@@ -98,7 +98,7 @@ class DiskExtrapolator:
 
         target = out if final else self.work / f"forget-{self.ticks + 1}"
         momentum = {} if self.eta is None else {"eta": self.eta, "prev": self.prev or self.ref_dir}
-        extrapolate(self.ref_dir, mem_dir, target, self.alpha, progress=False,
+        extrapolate(self.ref_dir, mem_dir, self.alpha, target, progress=False,
                     dtype=None if final else "fp32", **momentum)  # fmt: skip
         if not final:
             if self.prev is not None:
