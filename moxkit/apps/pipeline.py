@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MoxError
-from .study import Choice, momentum_average, on_epoch_end
+from .study import Choice, on_epoch_end
 
 # what each stage trains, as logs name it, and its rows (a path under the data folder; the
 # retain-only rows are the split's)
@@ -241,13 +241,14 @@ def sweep_method(
     """Unlearn the pipeline's reference with one method over its strength, offering every
     point to `sweep`; the METHODS row says how. A method that extrapolates is trained once at
     recipe.mox_lr and extrapolated at every α (with momentum: trained at α = 1, whose θ_for
-    gives the averaged θ_mem, study.momentum_average); one that trains with replacement answers
+    gives the averaged θ_mem, train.momentum.averaged_mem); one that trains with replacement answers
     (targeted MOX) is trained once per α, the α its target term reads; the others are trained
     at each learning rate and measured after every epoch. `callbacks` go to the θ_mem training.
     Returns θ_mem of a plain extrapolating method, else None."""
     from ..eval.evaluate import load_model
     from ..train import METHODS, ExtrapolationConfig, LossConfig, extrapolate_model, train_mem
     from ..train import unlearn as unlearn_with
+    from ..train.momentum import averaged_mem
     from .tofu_mini import REFUSAL
 
     check_methods([method])
@@ -282,7 +283,7 @@ def sweep_method(
         return None
     if row.momentum:
         one = unlearn(config=ul, extrapolation=ExtrapolationConfig(alpha=1.0, eta=eta))
-        mem, knobs["eta"] = momentum_average(ref_model, one), eta
+        mem, knobs["eta"] = averaged_mem(ref_model, one), eta
     else:
         kl = row.retain_loss == "kl"
         mem = train_mem(ref_dir, pl.forget, pl.retain if kl else None, None, config=ul,
