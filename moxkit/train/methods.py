@@ -1,6 +1,8 @@
-"""What each unlearning method is, in one table: what it trains, what it needs, what it allows,
-and whether θ_mem is extrapolated afterwards. The trainer, the API checks, the CLI choices and
-the demo all read METHODS instead of comparing method names.
+"""What each unlearning method is, in one table: its loss terms, what it needs, what it allows,
+and whether θ_mem is extrapolated afterwards (with momentum, with replacement answers). A row
+names its forget and retain terms, which moxkit.train.objectives computes (FORGET_TERMS,
+RETAIN_TERMS); the trainer adds them up, and the API checks, the CLI choices and the apps
+pipeline read METHODS instead of comparing method names.
 """
 
 from __future__ import annotations
