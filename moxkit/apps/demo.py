@@ -124,38 +124,19 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
     write_json(path, wanted, force=True)
 
 
-def _recipe(cfg: DemoConfig, progress: bool):
-    from .pipeline import Recipe
-
-    return Recipe(
-        split=cfg.split,
-        hidden=cfg.hidden,
-        layers=cfg.layers,
-        pretrain_epochs=cfg.pretrain_epochs,
-        pretrain_lr=cfg.pretrain_lr,
-        finetune_epochs=cfg.finetune_epochs,
-        finetune_lr=cfg.finetune_lr,
-        unlearn_epochs=cfg.unlearn_epochs,
-        mox_lr=cfg.mox_lr,
-        batch_size=cfg.batch_size,
-        unlearn_batch=cfg.batch_size,
-        warmup_epochs=None,
-        progress=progress,
-    )
-
-
 class _Demo:
     """One demo run's pipeline (moxkit.apps.pipeline: one seed, the models under OUT/models)
     and its reports (OUT/reports, one JSON per model and set, reused when there)."""
 
     def __init__(self, out: Path, cfg: DemoConfig, progress: bool, log: Callable[[str], None]):
         from ..eval.evaluate import EvalConfig
-        from .pipeline import Pipeline
+        from .pipeline import Pipeline, Recipe
 
         self.out, self.cfg, self.log = out, cfg, log
         data = out / "data"
+        recipe = Recipe.of(cfg, unlearn_batch=cfg.batch_size, warmup_epochs=None, progress=progress)
         self.pipeline = Pipeline(
-            _recipe(cfg, progress),
+            recipe,
             data,
             out / "models",
             model_seed=cfg.seed,

@@ -15,7 +15,7 @@ where the models go and how a point is measured.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,12 @@ class Recipe:
     unlearn_batch: int = 32
     warmup_epochs: float | None = 1.0
     progress: bool = False
+
+    @classmethod
+    def of(cls, config, **given) -> Recipe:
+        """The recipe a configuration holds: its fields of the same names, then `given`."""
+        names = [f.name for f in fields(cls) if f.name not in given and hasattr(config, f.name)]
+        return cls(**{name: getattr(config, name) for name in names}, **given)
 
 
 def check_methods(methods: Iterable[str]) -> None:

@@ -80,18 +80,7 @@ class Budget:
 
     def recipe(self) -> Recipe:
         """What each pipeline trains (the sweeps' grids stay here: run_seed reads them)."""
-        return Recipe(
-            split=self.split,
-            hidden=self.hidden,
-            layers=self.layers,
-            pretrain_epochs=self.pretrain_epochs,
-            pretrain_lr=self.pretrain_lr,
-            finetune_epochs=self.finetune_epochs,
-            finetune_lr=self.finetune_lr,
-            unlearn_epochs=self.unlearn_epochs,
-            mox_lr=self.mox_lr,
-            unlearn_batch=self.unlearn_batch,
-        )
+        return Recipe.of(self)
 
 
 # issue 10's TOFU-style study on a real model, reduced to fit 2 CPU cores (about 65 training
