@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import git_commit, machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -392,30 +392,29 @@ def compare_outputs(a: Path, b: Path, torch) -> dict:
 # ---------------------------------------------------------------------------------- results
 
 
-def machine() -> dict:
-    import torch
+def stamp() -> dict:
+    """The machine (benchmarks/_common.machine) with the commit and the time of a measurement."""
+    return {**machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                      time.gmtime())}  # fmt: skip
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "load_average": os.getloadavg(),
-        "torch": torch.__version__,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+
+def _info(m: dict, key: str, older: str):
+    """A machine field, read from this harness's names or from records made before it
+    (cores, ram_gib, torch, load_average)."""
+    if key == "torch":
+        return m["packages"]["torch"] if "packages" in m else m["torch"]
+    return m[key] if key in m else m[older]
 
 
 def render(results: dict) -> str:
     mib = 2**20
+    m = results["machine"]
     lines = [
         "# LoRA forget adapters: cost and the baselines",
         "",
-        f"`.venv/bin/python benchmarks/adapters.py`, torch {results['machine']['torch']}. "
-        f"Machine: {results['machine']['cores']} cores, {results['machine']['ram_gib']} GiB "
+        f"`.venv/bin/python benchmarks/adapters.py`, torch {_info(m, 'torch', 'torch')}. "
+        f"Machine: {_info(m, 'cores_logical', 'cores')} cores, "
+        f"{_info(m, 'memory_gib', 'ram_gib')} GiB "
         "RAM, shared with other engineers' jobs (the load average below is 1-, 5- and "
         f"15-minute, at the end of each part): medians of {results['repeats']} interleaved "
         "runs. Time is the whole subprocess unless said; peak RSS is the kernel's ru_maxrss "
@@ -528,7 +527,7 @@ def measured(part: dict) -> str:
     m = part.get("measured")
     if not m:
         return ""
-    load = ", ".join(f"{x:.1f}" for x in m["load_average"])
+    load = ", ".join(f"{x:.1f}" for x in _info(m, "load_average_at_start", "load_average"))
     return f"Measured {m['date']} at commit {m['commit']}, load average {load}."
 
 
@@ -543,11 +542,11 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.render_only:  # --skip-merge keeps the merge figures of an earlier run
         results.update(repeats=args.repeats, extrapolate=bench_extrapolate(args.repeats))
-        results["extrapolate"]["measured"] = machine()
+        results["extrapolate"]["measured"] = stamp()
         if not args.skip_merge:
             results["merge"] = bench_merge(args.repeats)
-            results["merge"]["measured"] = machine()
-        results["machine"] = machine()
+            results["merge"]["measured"] = stamp()
+        results["machine"] = stamp()
         path.write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "adapters.md").write_text(render(results))
     print(render(results))

@@ -100,19 +100,36 @@ def answer_logprob(model: Any, tokenizer: Any, rows: Any, *, chat_template: bool
     """Mean over `rows` (anything moxkit.text.load_rows reads, or the Rows it returned) of
     each answer's summed log-probability, EOS excluded, with the rows encoded exactly as the
     trainer encodes them."""
-    from .eval.scoring import batched, pair_examples
-    from .text import IGNORE, Row, load_rows, pad_id
+    from .text import Row, load_rows
 
     is_rows = isinstance(rows, list) and all(isinstance(r, Row) for r in rows)
     loaded = rows if is_rows else load_rows(rows, "rows")  # checked once, not per bisection step
     if not loaded:
         raise MoxError("matched forgetting: no rows to measure the level on")
-    examples = pair_examples(tokenizer, [r.prompt for r in loaded],
-                             [r.completion for r in loaded], chat_template)  # fmt: skip
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     total = 0.0
+    batches = answer_token_logprobs(model, tokenizer, [r.prompt for r in loaded],
+                                    [r.completion for r in loaded], chat_template=chat_template,
+                                    batch_size=batch_size)  # fmt: skip
+    for _, _, scored, chosen in batches:
+        total += float((chosen * scored).sum(-1).sum())
+    model.train(was_training)
+    return total / len(loaded)
+
+
+def answer_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
+                          answers: Sequence[str], *, chat_template: bool = False,
+                          batch_size: int = 64):  # fmt: skip
+    """Teacher-forced scoring of answers, one batch at a time, the pairs encoded exactly as the
+    trainer encodes them: yields, per batch and next-token position, (the log-probabilities
+    (fp32, CPU), the target token, whether it is an answer token (EOS excluded), its log p)
+    for answer_logprob and apps.facts.score_facts to reduce."""
+    from .eval.scoring import batched, pair_examples
+    from .text import IGNORE, pad_id
+
+    examples = pair_examples(tokenizer, prompts, answers, chat_template)
+    device = next(model.parameters()).device
     for batch in batched(len(examples), batch_size):
         seqs = [examples[i] for i in batch]
         width = max(len(e.input_ids) for e in seqs)
@@ -129,9 +146,7 @@ def answer_logprob(model: Any, tokenizer: Any, rows: Any, *, chat_template: bool
         shifted = target[:, 1:]
         scored = shifted != IGNORE
         chosen = logp.gather(-1, shifted.clamp_min(0)[..., None]).squeeze(-1)
-        total += float((chosen * scored).sum(-1).sum())
-    model.train(was_training)
-    return total / len(examples)
+        yield logp, shifted, scored, chosen
 
 
 def fp32_state(model: Any) -> dict[str, torch.Tensor]:

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "benchmarks"))  # the one harness: benchmarks/_common.py
+from _common import machine  # noqa: E402
+
 OUT = ROOT / "studies" / "results" / "matched_facts"
 WORK = Path("/tmp/moxkit-real-model")
 
@@ -388,15 +391,6 @@ def cmd_run(args) -> None:
         p.join()
     if any(p.exitcode for p in procs):
         sys.exit("a worker failed: see run.log")
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the report

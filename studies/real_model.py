@@ -33,17 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "benchmarks"))  # the one harness: benchmarks/_common.py
 from _common import load_text, result_head, write_json  # noqa: E402
 
-from moxkit.apps.fact_unlearning import KEEP, NLL_SLACK, StudyConfig, run_study  # noqa: E402
+from moxkit.apps.fact_unlearning import (  # noqa: E402
+    KEEP,
+    METHOD_NAMES,
+    NLL_SLACK,
+    StudyConfig,
+    run_study,
+    setting_means,
+    setting_table,
+)
 from moxkit.apps.facts import split_facts  # noqa: E402
-
-METHOD_NAMES = {
-    "reference": "reference",
-    "mox": "MOX",
-    "ga": "GA",
-    "graddiff": "GradDiff",
-    "npo": "NPO",
-    "simnpo": "SimNPO",
-}
 
 COLORS = {  # one colour per method in every plot
     "mox": "tab:blue",
@@ -183,38 +182,6 @@ SUMMARY = (
     ("general_nll", "text NLL"),
     ("chat_ok", "chat ok"),
 )
-
-
-def setting_table(reports: list[dict]) -> list[str]:
-    """Markdown rows: every setting run in all seeds, the mean over seeds ± the 95 % t
-    half-width (scipy), forget and held-out accuracy pooled over validation and test facts."""
-    from scipy import stats
-
-    def cell(xs: list[float], digits: int) -> str:
-        mean = sum(xs) / len(xs)
-        if len(xs) < 2:
-            return f"{mean:.{digits}f}"
-        half = stats.t.ppf(0.975, len(xs) - 1) * stats.sem(xs)
-        return f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-    lines = [
-        "| method | strength | seeds | forget acc | held-out acc | retain acc | text NLL |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    values = _setting_values(reports)
-    for (method, lr, alpha, step), rows in sorted(values.items(), key=lambda kv: str(kv[0])):
-        if method == "reference" or len(rows) < len(reports):
-            continue  # the starting point, or not run in every seed
-        knob = f"α={alpha:g}, " if alpha is not None else ""
-        lines.append(
-            f"| {METHOD_NAMES[method]} | {knob}lr={lr:g}, step {step} | {len(rows)} | "
-            + " | ".join(
-                cell([row[key] for row in rows], 3 if key == "nll" else 2)
-                for key in ("forget", "heldout", "retain", "nll")
-            )
-            + " |"
-        )
-    return lines
 
 
 def write_report(out: Path) -> None:
@@ -365,39 +332,13 @@ def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def _setting_values(reports: list[dict]) -> dict[tuple, list[dict[str, float]]]:
-    """Each setting (method, lr, α, step) with its metrics in every seed that ran it; forget
-    and held-out accuracy pool validation and test facts (a description, not a choice)."""
-    values: dict[tuple, list[dict]] = {}
-    for r in reports:
-        for p in r["study"]["points"]:
-            m = p["metrics"]
-            values.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
-                {
-                    "forget": (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
-                    "heldout": (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
-                    "retain": m["retain_acc"],
-                    "nll": m["general_nll"],
-                }
-            )
-    return values
-
-
-def _setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
-    """Each setting with its metrics averaged over the seeds that ran it."""
-    return {
-        k: {key: sum(d[key] for d in v) / len(v) for key in v[0]} | {"seeds": len(v)}
-        for k, v in _setting_values(reports).items()
-    }
-
-
 def plot_means(reports: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = _setting_means(reports)
+    means = setting_means(reports)
     colors = {**COLORS, "reference": "k"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for (method, lr, alpha, step), m in sorted(means.items(), key=lambda kv: kv[0][0]):

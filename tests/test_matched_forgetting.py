@@ -1,21 +1,11 @@
-"""studies/matched_forgetting.py: the retain kept at equal forgetting, per pipeline, read
-off a study's sweeps exactly as its docstring defines it."""
+"""moxkit.apps.study_report's matched forgetting (studies/matched_forgetting.py): the retain
+kept at equal forgetting, per pipeline, read off a study's sweeps exactly as its docstring
+defines it."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "matched_forgetting.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("matched_forgetting", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from moxkit.apps import study_report
 
 
 def _pt(method, forget, kept):
@@ -40,8 +30,7 @@ def test_scores_are_the_best_retain_among_points_that_forget_at_least_that_far(t
             },
         ]
     }
-    module = _module()
-    got = module.matched(record, levels=(0.6, 0.5, 0.45, 0.4))
+    got = study_report.matched(record, levels=(0.6, 0.5, 0.45, 0.4))
 
     def same(values, want):
         pairs = zip(values, want, strict=True)
@@ -55,7 +44,7 @@ def test_scores_are_the_best_retain_among_points_that_forget_at_least_that_far(t
     assert same(got["ga"][0.4], [nan, 0.1])
     path = tmp_path / "study.json"
     path.write_text(json.dumps(record))
-    out = module.main([str(path)])
+    out = study_report.write_matched(path)
     text = out.read_text()
     assert out.name == "study_matched.md"
     assert "| ga | 0.600 / 0.100 (mean 0.350) |" in text

@@ -383,17 +383,9 @@ def test_demo_model_option_runs_the_real_model_story(monkeypatch, tmp_path, cli)
 
 
 def test_the_every_setting_table_is_the_mean_and_scipy_t_half_width_over_seeds():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from scipy import stats
 
-    script = Path(__file__).resolve().parents[1] / "studies" / "real_model.py"
-    sys.path.insert(0, str(script.parent))
-    spec = importlib.util.spec_from_file_location("real_model_bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from moxkit.apps.fact_unlearning import setting_table
 
     def point(method, forget, heldout, nll, alpha=None):
         return {
@@ -416,7 +408,7 @@ def test_the_every_setting_table_is_the_mean_and_scipy_t_half_width_over_seeds()
         for f in (0.2, 0.4, 0.9)
     ]
     reports[0]["study"]["points"].append(point("ga", 0.1, 0.1, 3.6))  # one seed only: left out
-    rows = bench.setting_table(reports)
+    rows = setting_table(reports)
     assert len(rows) == 3 and not any("| GA |" in r for r in rows)
     half = stats.t.ppf(0.975, 2) * stats.sem([0.2, 0.4, 0.9])
     assert rows[2].startswith("| MOX | α=2, lr=3e-05, step 6 | 3 | ")

@@ -1,28 +1,21 @@
-"""studies/unlearning_mini.py --quick (the CI form): every sweep has the points the
-protocol lists, every choice is the rule's on the validation numbers, and the intervals are
-scipy's t-intervals over the pipeline means."""
+"""moxkit.apps.unlearning_mini --quick (the CI form of studies/unlearning_mini.py): every
+sweep has the points the protocol lists, every choice is the rule's on the validation numbers,
+and the intervals are scipy's t-intervals over the pipeline means."""
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from moxkit.apps import unlearning_mini
 from moxkit.apps.study import KEEP
-
-SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "unlearning_mini.py"
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("unlearning_mini", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
+    module = unlearning_mini
     root = tmp_path_factory.mktemp("um")
     record = module.main(
         ["--quick", "--jobs", "1", "--work", str(root / "work"), "--out", str(root / "out")]

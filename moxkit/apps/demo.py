@@ -21,7 +21,6 @@ from ..eval.report import HEADLINE, format_table, write_json
 from .study import ALPHAS
 
 CONFIG_FILE = "demo_config.json"
-MOMENTUM = "mox-momentum"  # the demo's name for MOX with momentum (η = DemoConfig.eta)
 
 
 @dataclass(frozen=True)
@@ -125,17 +124,160 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
     write_json(path, wanted, force=True)
 
 
-def _extrapolates(method: str) -> bool:
-    """Whether the method's strength is α (swept from one training) rather than epochs."""
-    from ..train import METHODS, UNLEARN_METHODS
+class _Demo:
+    """One demo run's pipeline (moxkit.apps.pipeline: one seed, the models under OUT/models)
+    and its reports (OUT/reports, one JSON per model and set, reused when there)."""
 
-    if method == MOMENTUM:
-        return True
-    if method not in UNLEARN_METHODS:
-        raise MoxError(
-            f"demo method {method!r}: expected {MOMENTUM} or one of {', '.join(UNLEARN_METHODS)}"
+    def __init__(self, out: Path, cfg: DemoConfig, progress: bool, log: Callable[[str], None]):
+        from ..eval.evaluate import EvalConfig
+        from .pipeline import Pipeline, Recipe
+
+        self.out, self.cfg, self.log = out, cfg, log
+        data = out / "data"
+        recipe = Recipe.of(cfg, unlearn_batch=cfg.batch_size, warmup_epochs=None, progress=progress)
+        self.pipeline = Pipeline(
+            recipe,
+            data,
+            out / "models",
+            model_seed=cfg.seed,
+            train_seed=cfg.seed,
+            names={"retain-only": "retain"},
+            log=lambda message: log(f"demo: {message}"),
         )
-    return METHODS[method].extrapolates
+        self.split, self.val = self.pipeline.split, self.pipeline.split / "val"
+        self.reports = out / "reports"
+        self.ecfg = EvalConfig(max_new_tokens=cfg.max_new_tokens)
+
+    def report(self, name: str, model_dir: Path, where: Path, ref: dict | None) -> dict:
+        import torch
+
+        from ..eval.evaluate import evaluate_model, load_model
+
+        file = self.reports / f"{name}.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        self.log(f"demo: evaluating {name}")
+        model, tok = load_model(model_dir, "cpu")
+        with torch.no_grad():
+            rep = evaluate_model(model, tok, where, retain=ref, cfg=self.ecfg)
+        rep["model"] = str(model_dir)
+        write_json(file, rep, force=True)
+        return rep
+
+    def val_summary(self, model) -> dict:
+        """What the rule reads, likelihood only (as in the study): no generation per point."""
+        import torch
+
+        from ..eval.evaluate import evaluate_model
+
+        with torch.no_grad():
+            return evaluate_model(
+                model.eval(), self.tok, self.val, retain=self.ref_val,
+                cfg=replace(self.ecfg, generate=False),
+            )["summary"]  # fmt: skip
+
+    def unlearned(self, method: str) -> Path:
+        """The method's model at the operating point the rule picks on the validation
+        authors; the sweep it chose from is saved beside the reports."""
+        from ..train import METHODS
+        from .pipeline import Sweep, sweep_method
+        from .tiny import save_tiny_model
+
+        path = self.pipeline.models / method
+        if path.is_dir():
+            self.log(f"demo: reusing {method} ({path})")
+            return path
+        self.log(f"demo: unlearning with {method}, strength set on the validation authors")
+        cfg, alpha = self.cfg, METHODS[method].extrapolates
+        sweep = Sweep(self.reference_u, lambda model: {"val": self.val_summary(model)})
+        sweep_method(self.pipeline, method, sweep, self.ref_model, seed=cfg.seed,
+                     alphas=cfg.alphas, lrs=cfg.unlearn_lrs, eta=cfg.eta)  # fmt: skip
+        keys = ("alpha", "val") if alpha else ("epoch", "lr", "val")
+        points = [{k: p[k] for k in keys} for p in sweep.points]
+
+        def take(family: str, i: int, qualified: bool, make) -> None:
+            write_json(
+                self.reports / f"{method}.sweep.json",
+                force=True,
+                obj={
+                    "rule": "moxkit.apps.study.choose",
+                    "reference_utility": self.reference_u,
+                    "chosen": i,
+                    "qualified": qualified,
+                    "points": points,
+                },
+            )
+            save_tiny_model(make(), self.tok, path)
+
+        sweep.settle(take)
+        return path
+
+    def setting(self, method: str) -> str:
+        sweep = json.loads((self.reports / f"{method}.sweep.json").read_text())
+        p = sweep["points"][sweep["chosen"]]
+        knob = f"α {p['alpha']:g}" if "alpha" in p else f"lr {p['lr']:g}, epoch {p['epoch']}"
+        return knob + ("" if sweep["qualified"] else " (no point kept MU)")
+
+    def run(self) -> DemoResult:
+        from ..eval.evaluate import compare_with_retain, load_model, retain_reference
+        from ..eval.plots import plot_methods
+        from .study import rule_utility
+        from .tofu_mini import write
+
+        cfg, pl, split, val = self.cfg, self.pipeline, self.split, self.val
+        if not pl.data.is_dir():
+            self.log(f"demo: writing tofu-mini ({cfg.authors} authors) to {pl.data}")
+            write(pl.data, n_authors=cfg.authors, seed=cfg.seed)
+        if not split.is_dir():
+            raise MoxError(f"demo split {cfg.split!r}: not in {pl.data}")
+        pl.base()
+        reference, retain_dir = [pl.stage(stage) for stage in pl.stages()][-2:]
+        retain_val = self.report("retain.val", retain_dir, val, None)
+        retain_test = self.report("retain", retain_dir, split, None)
+        self.ref_val = retain_reference(retain_val, val, self.ecfg)
+        ref_test = retain_reference(retain_test, split, self.ecfg)
+        summary = self.report("reference.val", reference, val, self.ref_val)["summary"]
+        self.reference_u = rule_utility(summary)
+        self.ref_model, self.tok = load_model(reference, "cpu")
+        chosen = {m: self.unlearned(m) for m in cfg.methods}
+        # the retain-only model against itself: forget quality 1 and PrivLeak 0 by construction
+        rows = [
+            {
+                "name": "retain-only (target)",
+                "setting": "",
+                **retain_test["summary"],
+                **compare_with_retain(retain_test, ref_test),
+            },
+            {
+                "name": "reference (before)",
+                "setting": "",
+                **self.report("reference", reference, split, ref_test)["summary"],
+            },
+        ]
+        rows += [
+            {"name": m, "setting": self.setting(m),
+             **self.report(m, chosen[m], split, ref_test)["summary"]}
+            for m in cfg.methods
+        ]  # fmt: skip
+        for row in rows:  # see PRIVLEAK_LEFT_OUT
+            row.pop("privleak", None)
+        texts = {n: _count_rows(split / f"{n}_text.jsonl") for n in ("forget", "holdout")}
+        note = PRIVLEAK_LEFT_OUT.format(**texts, pairs=texts["forget"] * texts["holdout"])
+        table = format_table(rows, {"setting": "setting (val)", **HEADLINE}, "name")
+        table += f"\n{note}"
+        plot = plot_methods(
+            rows,
+            self.out / "demo.png",
+            f"tofu-mini {cfg.split}, test authors: each method at the setting the "
+            "rule chose on the validation authors",
+            force=True,
+        )
+        summary_file = write_json(
+            self.out / "demo_summary.json",
+            {"config": asdict(cfg), "rows": rows, "notes": {"privleak": note}},
+            force=True,
+        )
+        return DemoResult(rows, table, plot, summary_file)
 
 
 def run_demo(
@@ -147,245 +289,9 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run (or resume) the demo under `out`; returns the comparison on the test authors."""
-    import torch
+    from .pipeline import check_methods
 
-    from ..eval.evaluate import (
-        EvalConfig,
-        compare_with_retain,
-        evaluate_model,
-        load_model,
-        retain_reference,
-    )
-    from ..eval.plots import plot_methods
-    from ..train import (
-        ExtrapolationConfig,
-        LossConfig,
-        TrainConfig,
-        extrapolate_model,
-        finetune,
-        train_mem,
-        unlearn,
-    )
-    from .study import choose, momentum_average, on_epoch_end, rule_utility
-    from .tiny import build_tiny_llama, save_tiny_model
-    from .tofu_mini import write
-
-    sweeps_alpha = {m: _extrapolates(m) for m in cfg.methods}
+    check_methods(cfg.methods)
     out = Path(out)
     _check_config(out, cfg, force)
-    data = out / "data"
-    if not data.is_dir():
-        log(f"demo: writing tofu-mini ({cfg.authors} authors) to {data}")
-        write(data, n_authors=cfg.authors, seed=cfg.seed)
-    split = data / cfg.split
-    if not split.is_dir():
-        raise MoxError(f"demo split {cfg.split!r}: not in {data}")
-    val_dir = split / "val"
-    forget, retain = str(split / "unlearn_forget.jsonl"), str(split / "unlearn_retain.jsonl")
-    models, reports = out / "models", out / "reports"
-
-    def train_config(epochs: float, lr: float) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs,
-            lr=lr,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            warmup_epochs=min(1.0, epochs / 4),
-            bf16=False,
-            progress=progress,
-        )
-
-    def trained(name: str, what: str, fn) -> Path:
-        path = models / name
-        if path.is_dir():
-            log(f"demo: reusing {what} ({path})")
-        else:
-            log(f"demo: training {what}")
-            fn(path)
-        return path
-
-    start = models / "base"
-    if not start.is_dir():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-        model = build_tiny_llama(
-            len(tok),
-            hidden_size=cfg.hidden,
-            num_layers=cfg.layers,
-            intermediate_size=2 * cfg.hidden,
-            seed=cfg.seed,
-        )
-        save_tiny_model(model, tok, start)
-    if cfg.pretrain_epochs > 0:
-        base = start
-        start = trained(
-            "pretrained",
-            "the base model on general text",
-            lambda p: finetune(
-                base,
-                str(data / "pretrain.jsonl"),
-                p,
-                config=train_config(cfg.pretrain_epochs, cfg.pretrain_lr),
-            ),
-        )
-    ft = train_config(cfg.finetune_epochs, cfg.finetune_lr)
-    reference = trained(
-        "reference",
-        "the reference model on all authors",
-        lambda p: finetune(start, str(data / "full.jsonl"), p, config=ft),
-    )
-    retain_dir = trained(
-        "retain",
-        "the retain-only model",
-        lambda p: finetune(start, str(split / "train_retain_only.jsonl"), p, config=ft),
-    )
-
-    ecfg = EvalConfig(max_new_tokens=cfg.max_new_tokens)
-
-    def report(name: str, model_dir: Path, where: Path, ref: dict | None) -> dict:
-        file = reports / f"{name}.json"
-        if file.is_file():
-            return json.loads(file.read_text())
-        log(f"demo: evaluating {name}")
-        model, tok = load_model(model_dir, "cpu")
-        with torch.no_grad():
-            rep = evaluate_model(model, tok, where, retain=ref, cfg=ecfg)
-        rep["model"] = str(model_dir)
-        write_json(file, rep, force=True)
-        return rep
-
-    retain_val = report("retain.val", retain_dir, val_dir, None)
-    retain_test = report("retain", retain_dir, split, None)
-    ref_val, ref_test = (
-        retain_reference(retain_val, val_dir, ecfg),
-        retain_reference(retain_test, split, ecfg),
-    )
-    reference_u = rule_utility(report("reference.val", reference, val_dir, ref_val)["summary"])
-
-    def val_summary(model) -> dict:
-        """What the rule reads, likelihood only (as in the study): no generation per point."""
-        with torch.no_grad():
-            return evaluate_model(
-                model.eval(), tok, val_dir, retain=ref_val, cfg=replace(ecfg, generate=False)
-            )["summary"]
-
-    def unlearned(method: str) -> Path:
-        """The method's model at the operating point the rule picks on the validation
-        authors; the sweep it chose from is saved beside the reports."""
-        path = models / method
-        if path.is_dir():
-            log(f"demo: reusing {method} ({path})")
-            return path
-        log(f"demo: unlearning with {method}, strength set on the validation authors")
-        points: list[dict] = []
-        states: list[dict] = []  # the baselines' weights after each epoch
-        if sweeps_alpha[method]:
-            ul = train_config(cfg.unlearn_epochs, cfg.mox_lr)
-            if method == MOMENTUM:
-                one = unlearn(
-                    reference,
-                    forget,
-                    retain,
-                    None,
-                    method="mox",
-                    config=ul,
-                    extrapolation=ExtrapolationConfig(alpha=1.0, eta=cfg.eta),
-                ).model
-                mem = momentum_average(ref_model, one)
-            else:
-                kl = 1.0 if method == "mox" else 0.0
-                mem = train_mem(
-                    reference,
-                    forget,
-                    retain if kl else None,
-                    None,
-                    config=ul,
-                    loss=LossConfig(kl_weight=kl),
-                ).model
-            for alpha in cfg.alphas:
-                points.append(
-                    {"alpha": alpha, "val": val_summary(extrapolate_model(ref_model, mem, alpha))}
-                )
-        else:
-            for lr in cfg.unlearn_lrs:
-
-                def keep(model, epoch: int, lr: float = lr) -> None:
-                    points.append({"epoch": epoch, "lr": lr, "val": val_summary(model)})
-                    states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-
-                unlearn(
-                    reference,
-                    forget,
-                    retain,
-                    None,
-                    method=method,
-                    config=train_config(cfg.unlearn_epochs, lr),
-                    callbacks=[on_epoch_end(keep)],
-                )
-        i, qualified = choose(points, reference_u)
-        write_json(
-            reports / f"{method}.sweep.json",
-            force=True,
-            obj={
-                "rule": "moxkit.apps.study.choose",
-                "reference_utility": reference_u,
-                "chosen": i,
-                "qualified": qualified,
-                "points": points,
-            },
-        )
-        if states:
-            best = load_model(reference, "cpu")[0]
-            best.load_state_dict(states[i])
-        else:
-            best = extrapolate_model(ref_model, mem, points[i]["alpha"])
-        save_tiny_model(best, tok, path)
-        return path
-
-    ref_model, tok = load_model(reference, "cpu")
-    chosen = {m: unlearned(m) for m in cfg.methods}
-
-    def setting(method: str) -> str:
-        sweep = json.loads((reports / f"{method}.sweep.json").read_text())
-        p = sweep["points"][sweep["chosen"]]
-        knob = f"α {p['alpha']:g}" if "alpha" in p else f"lr {p['lr']:g}, epoch {p['epoch']}"
-        return knob + ("" if sweep["qualified"] else " (no point kept MU)")
-
-    # the retain-only model against itself: forget quality 1 and PrivLeak 0 by construction
-    rows = [
-        {
-            "name": "retain-only (target)",
-            "setting": "",
-            **retain_test["summary"],
-            **compare_with_retain(retain_test, ref_test),
-        },
-        {
-            "name": "reference (before)",
-            "setting": "",
-            **report("reference", reference, split, ref_test)["summary"],
-        },
-    ]
-    rows += [
-        {"name": m, "setting": setting(m), **report(m, chosen[m], split, ref_test)["summary"]}
-        for m in cfg.methods
-    ]
-    for row in rows:  # see PRIVLEAK_LEFT_OUT
-        row.pop("privleak", None)
-    texts = {n: _count_rows(split / f"{n}_text.jsonl") for n in ("forget", "holdout")}
-    note = PRIVLEAK_LEFT_OUT.format(**texts, pairs=texts["forget"] * texts["holdout"])
-    table = format_table(rows, {"setting": "setting (val)", **HEADLINE}, "name")
-    table += f"\n{note}"
-    plot = plot_methods(
-        rows,
-        out / "demo.png",
-        f"tofu-mini {cfg.split}, test authors: each method at the setting the "
-        "rule chose on the validation authors",
-        force=True,
-    )
-    summary = write_json(
-        out / "demo_summary.json",
-        {"config": asdict(cfg), "rows": rows, "notes": {"privleak": note}},
-        force=True,
-    )
-    return DemoResult(rows, table, plot, summary)
+    return _Demo(out, cfg, progress, log).run()

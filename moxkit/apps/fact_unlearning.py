@@ -349,3 +349,73 @@ def summary_table(study: dict) -> str:
             lines.append(f"\n{p['method']} {p['alpha'] or ''}".rstrip() + ":")
             lines += [f"  {a['question']} -> {a['answer']!r}" for a in p["chat"][:4]]
     return "\n".join(lines)
+
+
+# --- reading the runs of several seeds (studies/real_model.py) ---------------------------
+
+METHOD_NAMES = {
+    "reference": "reference",
+    "mox": "MOX",
+    "ga": "GA",
+    "graddiff": "GradDiff",
+    "npo": "NPO",
+    "simnpo": "SimNPO",
+}
+
+
+def setting_table(reports: list[dict]) -> list[str]:
+    """Markdown rows: every setting run in all seeds, the mean over seeds ± the 95 % t
+    half-width (scipy), forget and held-out accuracy pooled over validation and test facts."""
+    from scipy import stats
+
+    def cell(xs: list[float], digits: int) -> str:
+        mean = sum(xs) / len(xs)
+        if len(xs) < 2:
+            return f"{mean:.{digits}f}"
+        half = stats.t.ppf(0.975, len(xs) - 1) * stats.sem(xs)
+        return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+    lines = [
+        "| method | strength | seeds | forget acc | held-out acc | retain acc | text NLL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    values = setting_values(reports)
+    for (method, lr, alpha, step), rows in sorted(values.items(), key=lambda kv: str(kv[0])):
+        if method == "reference" or len(rows) < len(reports):
+            continue  # the starting point, or not run in every seed
+        knob = f"α={alpha:g}, " if alpha is not None else ""
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {knob}lr={lr:g}, step {step} | {len(rows)} | "
+            + " | ".join(
+                cell([row[key] for row in rows], 3 if key == "nll" else 2)
+                for key in ("forget", "heldout", "retain", "nll")
+            )
+            + " |"
+        )
+    return lines
+
+
+def setting_values(reports: list[dict]) -> dict[tuple, list[dict[str, float]]]:
+    """Each setting (method, lr, α, step) with its metrics in every seed that ran it; forget
+    and held-out accuracy pool validation and test facts (a description, not a choice)."""
+    values: dict[tuple, list[dict]] = {}
+    for r in reports:
+        for p in r["study"]["points"]:
+            m = p["metrics"]
+            values.setdefault((p["method"], p["lr"], p["alpha"], p["step"]), []).append(
+                {
+                    "forget": (m["forget_val_acc"] + m["forget_test_acc"]) / 2,
+                    "heldout": (m["heldout_val_acc"] + m["heldout_test_acc"]) / 2,
+                    "retain": m["retain_acc"],
+                    "nll": m["general_nll"],
+                }
+            )
+    return values
+
+
+def setting_means(reports: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Each setting with its metrics averaged over the seeds that ran it."""
+    return {
+        k: {key: sum(d[key] for d in v) / len(v) for key in v[0]} | {"seeds": len(v)}
+        for k, v in setting_values(reports).items()
+    }

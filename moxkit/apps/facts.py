@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..eval.generation import greedy_answers
-from ..eval.scoring import batched, pair_examples
-from ..text import IGNORE, pad_id
+from ..text import pad_id
 
 # "subject|answer" pairs; a category's template turns the subject into the prompt
 _CAPITALS = """\
@@ -224,23 +223,17 @@ def candidate_facts() -> list[Fact]:
 
 @torch.inference_mode()
 def score_facts(model, tokenizer, facts: Sequence[Fact], batch_size: int = 64) -> list[FactScore]:
-    """One teacher-forced forward pass per batch: each answer's log-probability and whether
-    greedy decoding would produce it."""
-    examples = pair_examples(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
-    device = next(model.parameters()).device
+    """One teacher-forced forward pass per batch (moxkit.matching.answer_token_logprobs, the
+    scoring matched forgetting reads): each answer's log-probability and whether greedy
+    decoding would produce it."""
+    from ..matching import answer_token_logprobs
+
     out = []
-    for batch in batched(len(examples), batch_size):
-        seqs = [examples[i] for i in batch]
-        ids = _padded([e.input_ids for e in seqs], pad_id(tokenizer))
-        labels = _padded([e.labels[:-1] for e in seqs], IGNORE, ids.shape[1])  # EOS not scored
-        mask = _padded([[1] * len(e.input_ids) for e in seqs], 0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-        target = labels[:, 1:]
-        scored = target != IGNORE
-        chosen = logp.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
+    batches = answer_token_logprobs(model, tokenizer, [f.prompt for f in facts],
+                                    [f.answer for f in facts], batch_size=batch_size)  # fmt: skip
+    for logp, target, scored, chosen in batches:
         hit = (logp.argmax(-1) == target) | ~scored
-        for row in range(len(seqs)):
+        for row in range(len(target)):
             out.append(
                 FactScore(
                     float(chosen[row][scored[row]].sum()),

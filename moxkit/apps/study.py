@@ -155,16 +155,6 @@ def name_value_probs(model, tokenizer, rows: Sequence[dict], batch_size: int = 3
     return {f"{k}_prob": sum(v) / len(v) if v else math.nan for k, v in per_row.items()}
 
 
-def momentum_average(ref_model, forget_at_alpha_one):
-    """The η-weighted average E of the θ_mem ticks behind a MOX-momentum result made at α = 1.
-    θ_for is linear in α (θ_for(α) = θ_ref − α·(E − θ_ref), with θ_for⁰ = θ_ref), so
-    E = 2·θ_ref − θ_for(1), and extrapolate_model(ref, E, α) is the momentum result at any α:
-    one training serves the whole α grid."""
-    from ..train import extrapolate_model
-
-    return extrapolate_model(ref_model, forget_at_alpha_one, 1.0)
-
-
 def on_epoch_end(fn):
     """A transformers callback calling fn(model, epoch) after every training epoch, with the
     model in eval mode for the call (a checkpoint's metrics, or a copy of its weights)."""

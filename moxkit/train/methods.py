@@ -1,12 +1,14 @@
-"""What each unlearning method is, in one table: what it trains, what it needs, what it allows,
-and whether θ_mem is extrapolated afterwards. The trainer, the API checks, the CLI choices and
-the demo all read METHODS instead of comparing method names.
+"""What each unlearning method is, in one table: its loss terms, what it needs, what it allows,
+and whether θ_mem is extrapolated afterwards (with momentum, with replacement answers). A row
+names its forget and retain terms, which moxkit.train.objectives computes (FORGET_TERMS,
+RETAIN_TERMS); the trainer adds them up, and the API checks, the CLI choices and the apps
+pipeline read METHODS instead of comparing method names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from moxkit.errors import MoxError
@@ -26,6 +28,8 @@ class Method:
     extrapolates: bool  # θ_for = (1+α)·θ_ref − α·θ_mem after training
     targeted: bool = False  # accepts replacement answers (targeted MOX)
     user_method: bool = True  # offered by `unlearn --method`
+    momentum: bool = False  # θ_for averaged over ticks during training (MOX-Mo; η defaults)
+    needs_target: bool = False  # replacement answers required, not only accepted
 
     @property
     def title(self) -> str:
@@ -63,6 +67,8 @@ class Method:
             raise MoxError(
                 f"{label('target_answer')}: only for method mox (or train-mem), not {self.name}"
             )
+        if self.needs_target and not targeted:
+            raise MoxError(f"{label('target_answer')}: needed by {self.title}")
         allowed = self.allows() | ({"alpha"} if targeted else set())  # the target's θ_for
         for config in configs:
             default = type(config)()
@@ -94,6 +100,15 @@ class Method:
             simnpo_gamma=loss.simnpo_gamma,
         )
 
+    def extrapolation(self, ext: ExtrapolationConfig) -> ExtrapolationConfig:
+        """The settings this method extrapolates with: a momentum method without η takes the
+        paper's."""
+        if self.momentum and ext.eta is None:
+            from moxkit.engine.formula import PAPER_ETA
+
+            return replace(ext, eta=PAPER_ETA)
+        return ext
+
     def needs_retain(self, loss: LossConfig) -> bool:
         return self.retain_loss == "nll" or (self.retain_loss == "kl" and loss.kl_weight > 0)
 
@@ -112,6 +127,12 @@ _ALL = (
            extrapolates=False),
     Method("simnpo", "SimNPO (length-normalised, reference-free, margin γ) on forget + NLL "
            "on retain", "simnpo", "nll", extrapolates=False),
+    Method("mox-momentum", "MOX-Mo: θ_for = η·[(1+α)·θ_ref − α·θ_mem] + (1−η)·θ_for, ticked "
+           "during training (η: the paper's unless given)", "memorize", "kl", extrapolates=True,
+           momentum=True),
+    Method("mox-targeted", "MOX with replacement answers (target_answer): their NLL at θ_for "
+           "is trained with θ_mem", "memorize", "kl", extrapolates=True, targeted=True,
+           needs_target=True),
 )  # fmt: skip
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 UNLEARN_METHODS = tuple(name for name, m in METHODS.items() if m.user_method)

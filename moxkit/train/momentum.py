@@ -1,11 +1,17 @@
 """Extrapolation during and after training: θ_for = (1+α)·θ_ref − α·θ_mem, and its momentum
 form θ_for ← η·[(1+α)·θ_ref − α·θ_mem] + (1−η)·θ_for, with θ_for⁰ = θ_ref.
 
-Two places to hold the tensors. In memory: θ_ref and θ_for as CPU fp32 copies, updated
-tensor by tensor with the CPU backend, which is the exact arithmetic of the streaming engine,
-so both paths give the same bits. On disk, for models that do not fit: θ_mem is saved and
-`moxkit.extrapolate(..., prev=θ_for)` streams the update out of core; intermediate θ_for are
-kept in fp32 and only the final one is rounded to the reference's dtype.
+One protocol (`Extrapolator`: tick during training, finish at the end), three places to hold
+the tensors. In memory: θ_ref and θ_for as CPU fp32 copies, updated tensor by tensor with the
+CPU backend, which is the exact arithmetic of the streaming engine, so both paths give the same
+bits. On disk, for models that do not fit: θ_mem is saved and `moxkit.extrapolate(...,
+prev=θ_for)` streams the update out of core; intermediate θ_for are kept in fp32 and only the
+final one is rounded to the reference's dtype. As LoRA adapters: θ_for is itself low-rank, a
+weighted sum of the θ_mem snapshots' adapters (moxkit.adapters.momentum_weights).
+
+Unrolled, n ticks give θ_for = θ_ref − α·Σ_k w_k·(θ_mem^k − θ_ref) with w_k = η(1−η)^(n−k):
+θ_for is linear in α, so the η-weighted average of the θ_mem ticks can be read off a result
+made at α = 1 (`averaged_mem`), and one training serves a whole α grid.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import TrainerCallback
@@ -20,6 +27,11 @@ from transformers import TrainerCallback
 from moxkit.engine.backends import CpuBackend
 from moxkit.engine.formula import Coefficients
 from moxkit.errors import MoxError
+
+from .models import save_model
+
+if TYPE_CHECKING:
+    from .session import Run
 
 # The momentum schedule's default: this many ticks over a run. The paper leaves the tick
 # unspecified. With n ticks θ_for = Σ_k η(1−η)^(n−k)·[(1+α)θ_ref − α·θ_mem^k] + (1−η)^n·θ_ref,
@@ -33,6 +45,32 @@ DEFAULT_TICKS = 4
 def default_every(total_steps: int) -> int:
     """Optimizer steps between momentum ticks when the user does not say."""
     return max(1, -(-total_steps // DEFAULT_TICKS))
+
+
+class Extrapolator(Protocol):
+    """What the training session asks of an extrapolation, wherever θ_for lives. Every
+    process of a distributed run calls both methods (saving θ_mem is collective); only the
+    main process computes and writes."""
+
+    alpha: float
+    eta: float | None
+    ticks: int
+
+    def tick(self, run: Run) -> None:
+        """Fold the run's current θ_mem into θ_for (a momentum tick)."""
+
+    def finish(self, run: Run, tokenizer, dtype: torch.dtype) -> Any:
+        """The last tick, written into the run's staged output: the forget model in memory
+        (in `dtype`; None on other processes), or None when it went to disk."""
+
+
+def averaged_mem(ref_model, forget_at_alpha_one):
+    """The η-weighted average E of the θ_mem ticks behind a MOX-momentum result made at α = 1:
+    θ_for(α) = θ_ref − α·(E − θ_ref), so E = 2·θ_ref − θ_for(1), and
+    extrapolate_model(ref, E, α) is the momentum result at any α."""
+    from .api import extrapolate_model
+
+    return extrapolate_model(ref_model, forget_at_alpha_one, 1.0)
 
 
 def cpu_fp32_state(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -81,6 +119,22 @@ class InMemoryExtrapolator:
             for name, param in model.named_parameters():
                 param.copy_(self.forget[name])
 
+    def tick(self, run: Run) -> None:
+        if run.is_main:
+            self.update(run.model.named_parameters())
+
+    def finish(self, run: Run, tokenizer, dtype: torch.dtype):
+        """θ_for into the trained model itself (returned, in `dtype`)."""
+        if not run.is_main:
+            return None
+        model = run.model
+        self.update(model.named_parameters())
+        self.load_into(model)
+        model.to(dtype)
+        if run.staged is not None:
+            save_model(model, tokenizer, run.staged, names=run.names)
+        return model
+
 
 class DiskExtrapolator:
     """The same ticks through the streaming engine; `work` is a scratch directory (None on
@@ -106,6 +160,19 @@ class DiskExtrapolator:
             self.prev = target
         self.ticks += 1
         return target
+
+    def tick(self, run: Run) -> None:
+        mem_dir = run.save_mem_scratch()
+        if run.is_main:
+            self.update(mem_dir)
+
+    def finish(self, run: Run, tokenizer, dtype: torch.dtype) -> None:
+        """θ_for streamed into the staged output in the reference's dtype."""
+        mem_dir = run.save_mem_scratch()
+        if run.is_main:
+            built = run.work / "forget"
+            self.update(mem_dir, out=built, final=True)
+            run.adopt(built)
 
 
 class MomentumCallback(TrainerCallback):
@@ -138,6 +205,18 @@ class AdapterExtrapolator:
         peft_model.save_pretrained(folder, safe_serialization=True)
         self.snapshots.append(folder)
         self.ticks += 1
+
+    def tick(self, run: Run) -> None:
+        if run.is_main:
+            self.update(run.model)
+
+    def finish(self, run: Run, tokenizer, dtype: torch.dtype) -> None:
+        """The forget adapter into the staged output."""
+        if run.is_main:
+            built = run.work / "forget"
+            self.update(run.model)
+            self.write(built)
+            run.adopt(built)
 
     def write(self, out: Path) -> None:
         """The forget adapter into `out` (a new folder)."""

@@ -8,7 +8,9 @@ per-process means) equal to a single-process step over the same global batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,3 +110,86 @@ class LossSpec:
         if self.npo_floor is not None:
             return self.npo_floor
         return default_npo_floor(self.npo_beta)
+
+
+# --- the terms the METHODS rows name (moxkit.train.methods) ---------------------------------
+# Each computes one term of a micro-batch's loss from the trainer's forward passes (`fit`: the
+# MoxTrainer, whose _forward and _reference_logits run the trained model and the frozen θ_ref),
+# records what the step log shows in `terms`, and returns the term. A method is a row naming a
+# forget term and a retain term; the trainer adds them up without knowing which method it runs.
+
+Term = Callable[[Any, Any, dict, LossSpec, dict], torch.Tensor]
+
+
+def _forget_nll(fit, model, inputs: dict, spec: LossSpec, terms: dict):
+    """The per-row NLL of the forget (or fine-tuning) answers, logged, and the logits."""
+    g = spec.primary
+    logits = fit._forward(model, inputs, g)
+    nll = sequence_nll(logits, inputs[f"{g}_labels"])
+    terms[f"{g}_nll"] = nll.mean()
+    return nll, logits
+
+
+def nll_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    """Memorize (or fine-tune): the forget answers' NLL."""
+    nll, _ = _forget_nll(fit, model, inputs, spec, terms)
+    return nll.mean()
+
+
+def neg_nll_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    """Gradient ascent: the forget answers' NLL, negated."""
+    nll, _ = _forget_nll(fit, model, inputs, spec, terms)
+    return -nll.mean()
+
+
+def simnpo_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    nll, _ = _forget_nll(fit, model, inputs, spec, terms)
+    terms[f"{spec.primary}_simnpo"] = loss = simnpo_loss(
+        nll, spec.simnpo_beta, spec.simnpo_gamma
+    ).mean()
+    return loss
+
+
+def _npo(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    """Per-row NPO against θ_ref (the forget NLL logged beside it)."""
+    g = spec.primary
+    labels = inputs[f"{g}_labels"]
+    logits = fit._forward(model, inputs, g)
+    logprob = sequence_logprob(logits, labels)
+    ref_logprob = sequence_logprob(fit._reference_logits(model, inputs, g), labels)
+    npo = npo_loss(logprob, ref_logprob, spec.npo_beta)
+    terms[f"{g}_nll"] = sequence_nll(logits, labels).detach().mean()
+    return npo
+
+
+def npo_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    npo = _npo(fit, model, inputs, spec, terms)
+    terms[f"{spec.primary}_npo"] = npo.mean()
+    return npo.mean()
+
+
+def npo_mem_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    """Negated NPO, floored per row so memorization cannot run away."""
+    neg = torch.clamp(-_npo(fit, model, inputs, spec, terms), min=spec.floor)
+    terms[f"{spec.primary}_neg_npo"] = neg.mean()
+    return neg.mean()
+
+
+def kl_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    """KL(θ_ref ‖ θ) on the retain rows, over spec.kl_positions."""
+    retain_logits = fit._forward(model, inputs, "retain")
+    ref_logits = fit._reference_logits(model, inputs, "retain")
+    mask = kl_mask(inputs["retain_labels"], inputs["retain_attention_mask"], spec.kl_positions)
+    terms["retain_kl"] = term = sequence_kl(ref_logits, retain_logits, mask).mean()
+    return term
+
+
+def retain_nll_term(fit, model, inputs: dict, spec: LossSpec, terms: dict) -> torch.Tensor:
+    retain_logits = fit._forward(model, inputs, "retain")
+    terms["retain_nll"] = term = sequence_nll(retain_logits, inputs["retain_labels"]).mean()
+    return term
+
+
+FORGET_TERMS: dict[str, Term] = {"nll": nll_term, "neg_nll": neg_nll_term, "npo": npo_term,
+                                 "npo_mem": npo_mem_term, "simnpo": simnpo_term}  # fmt: skip
+RETAIN_TERMS: dict[str, Term] = {"kl": kl_term, "nll": retain_nll_term}

@@ -43,6 +43,9 @@ class Request:
     target_file: str | os.PathLike | None = None  # replacement answers, one row per forget row
     match: MatchConfig = field(default_factory=MatchConfig)
 
+    def __post_init__(self) -> None:
+        self.extrapolation = self.method.extrapolation(self.extrapolation)
+
     def label(self, name: str) -> str:
         """How errors name an input or setting: its API name, or its flag for the CLI."""
         if not self.cli:

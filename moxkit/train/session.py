@@ -35,6 +35,7 @@ from .models import ARGS_FILE, LOG_FILE, CheckpointNames, save_model
 from .momentum import (
     AdapterExtrapolator,
     DiskExtrapolator,
+    Extrapolator,
     InMemoryExtrapolator,
     MomentumCallback,
     cpu_fp32_state,
@@ -140,7 +141,7 @@ class Run:
         if self.is_main:
             save_model(self.model, tokenizer, directory, state, self.names)
 
-    def _save_mem_scratch(self) -> Path | None:
+    def save_mem_scratch(self) -> Path | None:
         """θ_mem for the engine, replacing the previous tick's."""
         mem_dir = self.work / "mem" if self.is_main else None
         if self.is_main:
@@ -184,7 +185,8 @@ class Run:
 
     # --- extrapolation ---
 
-    def extrapolator(self, ref: Loaded, alpha: float, eta: float | None, where: str):
+    def extrapolator(self, ref: Loaded, alpha: float, eta: float | None,
+                     where: str) -> Extrapolator:  # fmt: skip
         """Forget adapters (--lora), in memory (θ_ref and θ_for as CPU fp32 copies, main
         process only) or on disk."""
         work = self.work if self.is_main and self.staged is not None else None
@@ -209,50 +211,27 @@ class Run:
             raise MoxError("extrapolate_on='disk': needs the model as a folder and an output")
         return where
 
-    def momentum_callback(self, extrapolator, every: int) -> MomentumCallback:
+    def momentum_callback(self, extrapolator: Extrapolator, every: int) -> MomentumCallback:
         def tick(step: int) -> None:
-            if isinstance(extrapolator, DiskExtrapolator):
-                mem_dir = self._save_mem_scratch()
-                if self.is_main:
-                    extrapolator.update(mem_dir)
-            elif isinstance(extrapolator, AdapterExtrapolator):
-                if self.is_main:
-                    extrapolator.update(self.model)
-            elif self.is_main:
-                extrapolator.update(self.model.named_parameters())
+            extrapolator.tick(self)
             self.barrier()
             self.log.event({"step": step, "event": "momentum", "tick": extrapolator.ticks})
 
         return MomentumCallback(every, tick)
 
-    def finish_extrapolation(self, extrapolator, tokenizer, dtype: torch.dtype):
+    def finish_extrapolation(self, extrapolator: Extrapolator, tokenizer, dtype: torch.dtype):
         """The final tick, into the trained model in memory (returned, in MODEL's dtype; None
         on processes other than the main one) or through the engine on disk (None)."""
-        if isinstance(extrapolator, (DiskExtrapolator, AdapterExtrapolator)):
-            on_disk = isinstance(extrapolator, DiskExtrapolator)
-            mem_dir = self._save_mem_scratch() if on_disk else None
-            if self.is_main:
-                built = self.work / "forget"
-                if mem_dir is not None:
-                    extrapolator.update(mem_dir, out=built, final=True)
-                else:
-                    extrapolator.update(self.model)
-                    extrapolator.write(built)
-                for item in built.iterdir():  # the run's own log and arguments win
-                    if not (self.staged / item.name).exists():
-                        item.rename(self.staged / item.name)
-            self.publish()
-            return None
-        model = None
-        if self.is_main:
-            model = self.model
-            extrapolator.update(model.named_parameters())
-            extrapolator.load_into(model)
-            model.to(dtype)
-            if self.staged is not None:
-                save_model(model, tokenizer, self.staged, names=self.names)
+        model = extrapolator.finish(self, tokenizer, dtype)
         self.publish()
         return model
+
+    def adopt(self, built: Path) -> None:
+        """Move what an extrapolation built into the staged output; the run's own log and
+        arguments win."""
+        for item in built.iterdir():
+            if not (self.staged / item.name).exists():
+                item.rename(self.staged / item.name)
 
 
 def _with_lora(model, rank: int):

@@ -21,13 +21,12 @@ from moxkit.errors import MoxError
 from .config import TrainConfig
 from .data import PairSampler
 from .objectives import (
+    FORGET_TERMS,
+    RETAIN_TERMS,
     LossSpec,
     kl_mask,
-    npo_loss,
     sequence_kl,
-    sequence_logprob,
     sequence_nll,
-    simnpo_loss,
 )
 
 
@@ -66,42 +65,12 @@ class MoxTrainer(Trainer):
         return self._forward(self.reference, inputs, group)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        spec, primary = self.spec, self.spec.primary
-        labels = inputs[f"{primary}_labels"]
-        logits = self._forward(model, inputs, primary)
+        """The sum of the terms the method's row names (moxkit.train.objectives)."""
+        spec = self.spec
         terms: dict[str, torch.Tensor] = {}
-        if spec.forget in ("nll", "neg_nll", "simnpo"):
-            nll = sequence_nll(logits, labels)
-            terms[f"{primary}_nll"] = nll.mean()
-            if spec.forget == "simnpo":
-                terms[f"{primary}_simnpo"] = loss = simnpo_loss(
-                    nll, spec.simnpo_beta, spec.simnpo_gamma
-                ).mean()
-            else:
-                loss = nll.mean() if spec.forget == "nll" else -nll.mean()
-        else:
-            logprob = sequence_logprob(logits, labels)
-            ref_logprob = sequence_logprob(self._reference_logits(model, inputs, primary), labels)
-            npo = npo_loss(logprob, ref_logprob, spec.npo_beta)
-            terms[f"{primary}_nll"] = sequence_nll(logits, labels).detach().mean()
-            if spec.forget == "npo":
-                terms[f"{primary}_npo"] = npo.mean()
-                loss = npo.mean()
-            else:  # negated NPO, floored per row so memorization cannot run away
-                neg = torch.clamp(-npo, min=spec.floor)
-                terms[f"{primary}_neg_npo"] = neg.mean()
-                loss = neg.mean()
+        loss = FORGET_TERMS[spec.forget](self, model, inputs, spec, terms)
         if spec.retain is not None and "retain_input_ids" in inputs:
-            retain_logits = self._forward(model, inputs, "retain")
-            if spec.retain == "kl":
-                ref_logits = self._reference_logits(model, inputs, "retain")
-                mask = kl_mask(inputs["retain_labels"], inputs["retain_attention_mask"],
-                               spec.kl_positions)  # fmt: skip
-                term = sequence_kl(ref_logits, retain_logits, mask).mean()
-                terms["retain_kl"] = term
-            else:
-                term = sequence_nll(retain_logits, inputs["retain_labels"]).mean()
-                terms["retain_nll"] = term
+            term = RETAIN_TERMS[spec.retain](self, model, inputs, spec, terms)
             loss = loss + spec.retain_weight * term
         if spec.target_weight and "target_input_ids" in inputs:
             loss = loss + spec.target_weight * self._targeted_terms(model, inputs, terms)
