@@ -88,11 +88,9 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
     REF and MEM (and PREV) are .safetensors files or Hugging Face model directories, sharded
     or not; tensors are matched by name. Arithmetic in fp32, one round-to-nearest-even."""
     from moxkit.adapters import is_adapter_dir
-    from moxkit.engine.formula import PAPER_ETA, check_alpha, check_eta
-    from moxkit.engine.plan import parse_dtype
+    from moxkit.engine.formula import PAPER_ETA
     from moxkit.engine.stream import extrapolate
     from moxkit.sources import resolve_model
-    from moxkit.units import parse_size
 
     if momentum is not None:
         if prev is not None:
@@ -101,14 +99,6 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, dry_run, **options
         prev = momentum
     if prev is None and eta is not None:
         raise MoxError("--eta only applies with --prev PREV")
-    # the Python API names its arguments as Python does: check them here to name the flags
-    check_alpha(alpha, "--alpha")
-    if eta is not None:
-        check_eta(eta, "--eta")
-    parse_dtype(options["dtype"], "--dtype")
-    for name in ("max_memory", "max_shard_size", "max_gpu_memory"):
-        if options[name] is not None:
-            parse_size(options[name], "--" + name.replace("_", "-"))
     revision = options.pop("revision")
     ref, mem = resolve_model(ref, revision), resolve_model(mem, revision)
     prev = resolve_model(prev, revision) if prev is not None else None

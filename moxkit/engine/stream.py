@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 
 from ..atomic import check_output, reached, shielded, staged_dir, staged_file
-from ..errors import MoxError
+from ..errors import InputError, MoxError, OutputError, ResourceError
 from ..progress import ByteProgress
 from ..sources import ModelFile
 from ..units import format_bytes, parse_size
@@ -171,7 +171,8 @@ def extrapolate(
             "extrapolate(momentum=...) is deprecated: pass prev=...", DeprecationWarning, 2
         )
         if prev is not None:
-            raise MoxError("prev and momentum name the same checkpoint: pass only prev")
+            raise InputError("prev and momentum name the same checkpoint: pass only prev",
+                             params=("prev", "momentum"))  # fmt: skip
         prev = momentum
     job = prepare(
         ref,
@@ -308,10 +309,11 @@ def _chunk_elems(budget: int | None, bytes_per_elem: int) -> int:
     elems = min(MAX_CHUNK_ELEMS, available // (N_SLOTS * bytes_per_elem))
     elems -= elems % 1024
     if elems < 64 * 1024:
-        raise MoxError(
+        raise ResourceError(
             f"max_memory {format_bytes(budget)} is too small: this process already holds "
             f"{format_bytes(resident)}; allow at least "
-            f"{format_bytes(resident + RESERVED_BYTES + N_SLOTS * bytes_per_elem * 64 * 1024)}"
+            f"{format_bytes(resident + RESERVED_BYTES + N_SLOTS * bytes_per_elem * 64 * 1024)}",
+            params=("max_memory",),
         )
     return elems
 
@@ -349,7 +351,7 @@ def _write_output(
                     )
                 (tmp / "README.md").write_text(model_card(job.metadata))
     except OSError as exc:
-        raise MoxError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
+        raise OutputError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
 
 
 class _Slot:
@@ -487,13 +489,16 @@ def _run_pipeline(
                     finite = compute(chunk, slot)
                 except MoxError as exc:  # the backend knows no names: say which tensor, files
                     files = ", ".join(sorted({str(i.file) for i in (t.ref, t.mem, t.prev) if i}))
-                    raise MoxError(f"tensor {t.name!r} ({files}): {exc}") from None
+                    raise type(exc)(
+                        f"tensor {t.name!r} ({files}): {exc}", params=exc.params
+                    ) from None
                 reached("computed")
                 if not finite and t.name not in report.nonfinite_tensors:
                     if not job.allow_nonfinite:
-                        raise MoxError(
+                        raise InputError(
                             f"tensor {t.name!r}: the result has non-finite values (NaN or inf); "
-                            "check the inputs, or pass --allow-nonfinite to keep them"
+                            "check the inputs, or pass allow_nonfinite=True to keep them",
+                            params=("allow_nonfinite",),
                         )
                     report.nonfinite_tensors.append(t.name)
             writes[i] = write_pool.submit(write, chunk, slot)
@@ -517,4 +522,4 @@ def _run_pipeline(
 
 def _changed_input(file: Path, exc: Exception) -> MoxError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return MoxError(f"{file}: cannot read ({reason}); was it changed or truncated meanwhile?")
+    return InputError(f"{file}: cannot read ({reason}); was it changed or truncated meanwhile?")

@@ -5,11 +5,10 @@ the demo all read METHODS instead of comparing method names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from moxkit.errors import MoxError
+from moxkit.errors import InputError
 
 if TYPE_CHECKING:
     from .config import ExtrapolationConfig, LossConfig
@@ -56,12 +55,12 @@ class Method:
             names |= {"alpha", "eta", "extrapolate_every", "extrapolate_on"}
         return frozenset(names)
 
-    def check(self, *configs: LossConfig | ExtrapolationConfig, targeted: bool = False,
-              label: Callable[[str], str] = str) -> None:  # fmt: skip
-        """Refuse settings this method would ignore; `label` names a setting in errors."""
+    def check(self, *configs: LossConfig | ExtrapolationConfig, targeted: bool = False) -> None:
+        """Refuse settings this method would ignore."""
         if targeted and not self.targeted:
-            raise MoxError(
-                f"{label('target_answer')}: only for method mox (or train-mem), not {self.name}"
+            raise InputError(
+                f"target_answer: only for method mox (or train-mem), not {self.name}",
+                params=("target_answer",),
             )
         allowed = self.allows() | ({"alpha"} if targeted else set())  # the target's θ_for
         for config in configs:
@@ -69,7 +68,9 @@ class Method:
             for f in fields(config):
                 value = getattr(config, f.name)
                 if f.name not in allowed and value != getattr(default, f.name):
-                    raise MoxError(f"{label(f.name)} {value}: not used by {self.title}")
+                    raise InputError(
+                        f"{f.name} {value}: not used by {self.title}", params=(f.name,)
+                    )
 
     def loss_spec(self, loss: LossConfig, alpha: float, targeted: bool) -> LossSpec:
         """The trainer's terms for this method with these settings."""
@@ -120,5 +121,5 @@ UNLEARN_METHODS = tuple(name for name, m in METHODS.items() if m.user_method)
 def get_method(name: str) -> Method:
     """A method `unlearn` offers, by name."""
     if name not in UNLEARN_METHODS:
-        raise MoxError(f"method {name!r}: expected one of {', '.join(UNLEARN_METHODS)}")
+        raise InputError(f"method {name!r}: expected one of {', '.join(UNLEARN_METHODS)}")
     return METHODS[name]
