@@ -3,9 +3,10 @@ from the memorization model: θ_for = (1+α)·θ_ref − α·θ_mem."""
 
 __version__ = "0.1.0"
 
-from .errors import MoxError  # noqa: E402
+from .errors import InputError, MismatchError, MoxError, OutputError, ResourceError  # noqa: E402
 
-__all__ = ["MoxError", "PAPER_ETA", "__version__", "extrapolate", "ExtrapolationReport"]
+__all__ = ["MoxError", "InputError", "MismatchError", "OutputError", "ResourceError", "PAPER_ETA",
+           "__version__", "extrapolate", "ExtrapolationReport"]  # fmt: skip
 
 _LAZY = {
     "extrapolate": "engine.stream",

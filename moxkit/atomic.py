@@ -8,7 +8,7 @@ The one way moxkit writes an output (a model folder, a data set, a report, a plo
         ... write everything under tmp ...
     # here OUT is complete; on any exception or interrupt nothing is left
 
-- check_output: the single place that refuses an output: "OUT: already exists (use --force
+- check_output: the single place that refuses an output: "OUT: already exists (use force=True
   to replace it)", an OUT that is, contains or lies inside an input (compared by device and
   inode, so bind mounts and links are caught; tree_inputs lists a folder's entries so that
   what they link to counts too), `-o .`, an OUT under a regular file or in a folder we
@@ -53,7 +53,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import MoxError
+from .errors import InputError, OutputError
 
 TEMP_MARK = ".moxkit-tmp-"  # temp names: f".{OUT name}{TEMP_MARK}{random}[suffix]"
 _RENAME_NOREPLACE = 1
@@ -77,37 +77,39 @@ def check_output(
     (`-o out/`); a file output may not."""
     given = Path(out)
     if given.name in ("", ".", "..") or (not folder and str(out).endswith(os.sep)):
-        raise MoxError(f"{out}: not a name for a new output (name a file or folder to create)")
+        raise OutputError(f"{out}: not a name for a new output (name a file or folder to create)")
     path = Path(os.path.abspath(given))
     if os.path.islink(path):  # False, not OSError, for a name past NAME_MAX
         target = Path(os.path.realpath(path))
         if not os.path.lexists(target):
-            raise MoxError(
+            raise OutputError(
                 f"{given}: a link to {target}, which does not exist (remove the link or "
                 "choose another output)"
             )
         path = target
     existing = _first_existing(path.parent)
     if not existing.is_dir():
-        raise MoxError(f"{given}: {existing} is not a folder")
+        raise OutputError(f"{given}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise MoxError(f"{given}: cannot write in {existing} (permission denied)")
+        raise OutputError(f"{given}: cannot write in {existing} (permission denied)")
     name_max = _name_max(existing)
     longest = len(os.fsencode(_temp_name(path, "x" * 16)))
     if longest > name_max:
         room = name_max - (longest - len(os.fsencode(path.name)))
-        raise MoxError(
+        raise OutputError(
             f"{given}: name too long ({len(os.fsencode(path.name))} bytes; at most {room} "
             "here, to leave room for the temporary name)"
         )
     cwd = os.getcwd()
     if cwd == str(path) or cwd.startswith(str(path).rstrip(os.sep) + os.sep):
-        raise MoxError(f"{given}: would replace the current folder or one above it")
+        raise OutputError(f"{given}: would replace the current folder or one above it")
     _check_against_inputs(given, path, inputs)
     if not folder and os.path.isdir(path):
-        raise MoxError(f"{given}: is a folder; the output is a file (name a file)")
+        raise OutputError(f"{given}: is a folder; the output is a file (name a file)")
     if os.path.lexists(path) and not force:
-        raise MoxError(f"{given}: already exists (use --force to replace it)")
+        raise OutputError(
+            f"{given}: already exists (use force=True to replace it)", params=("force",)
+        )
     _try_writing(given, existing)
     return path
 
@@ -119,7 +121,7 @@ def _try_writing(given: Path, folder: Path) -> None:
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
-        raise MoxError(f"{given}: cannot write in {folder} ({exc.strerror})") from None
+        raise OutputError(f"{given}: cannot write in {folder} ({exc.strerror})") from None
     with contextlib.suppress(OSError):
         os.unlink(probe)
 
@@ -143,10 +145,10 @@ def tree_inputs(*paths: str | os.PathLike | None) -> list[Path]:
             with os.scandir(path) as entries:
                 for i, entry in enumerate(entries):
                     if i >= MAX_TREE_ENTRIES:
-                        raise MoxError(f"{path}: more than {MAX_TREE_ENTRIES:,} entries")
+                        raise InputError(f"{path}: more than {MAX_TREE_ENTRIES:,} entries")
                     found.append(Path(entry.path))
         except OSError as exc:
-            raise MoxError(f"{path}: cannot list the folder ({exc.strerror})") from None
+            raise InputError(f"{path}: cannot list the folder ({exc.strerror})") from None
     return found
 
 
@@ -183,13 +185,15 @@ def _check_against_inputs(given: Path, out: Path, inputs: Iterable) -> None:
     out_id = _identity(out)
     for item, ident in items:
         if ident == out_id:
-            raise MoxError(f"{given}: the output would overwrite the input {item}")
+            raise OutputError(f"{given}: the output would overwrite the input {item}")
     above_out = _folders_above(out)
     for item, ident in items:
         if ident in above_out:
-            raise MoxError(f"{given}: the output would lie inside the input {item}")
+            raise OutputError(f"{given}: the output would lie inside the input {item}")
         if out_id is not None and out_id in _folders_above(item):
-            raise MoxError(f"{given}: the output would replace a folder holding the input {item}")
+            raise OutputError(
+                f"{given}: the output would replace a folder holding the input {item}"
+            )
 
 
 # ---------------------------------------------------------------------------------- signals
@@ -430,7 +434,7 @@ def _make_parents(folder: Path, created: list[Path]) -> None:
         except FileExistsError:
             continue  # made by someone else meanwhile: not ours to remove
         except OSError as exc:
-            raise MoxError(f"{folder}: cannot create the folder: {exc.strerror}") from None
+            raise OutputError(f"{folder}: cannot create the folder: {exc.strerror}") from None
         created.append(folder)
 
 
@@ -448,7 +452,7 @@ def _new_temp(out: Path, directory: bool) -> tuple[Path, int]:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise MoxError(f"{out}: cannot write beside it: {exc.strerror}") from None
+            raise OutputError(f"{out}: cannot write beside it: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if _same_file(fd, tmp):
@@ -518,7 +522,7 @@ def _fsync_published(out: Path) -> None:
     try:
         _fsync_path(out.parent)
     except OSError as exc:
-        raise MoxError(
+        raise OutputError(
             f"{out}: written and in place, but syncing its folder {out.parent} failed "
             f"({exc.strerror or exc}): the new name may not survive a power loss"
         ) from None
@@ -576,15 +580,17 @@ def move_into_place(src: Path, dst: Path, force: bool) -> None:
             return
     except FileExistsError:
         if not force:
-            raise MoxError(f"{dst}: appeared while writing (another run?); not replaced") from None
+            raise OutputError(
+                f"{dst}: appeared while writing (another run?); not replaced"
+            ) from None
         _replace(src, dst)
         return
     except OSError as exc:
-        raise MoxError(f"{dst}: cannot put the output in place: {exc.strerror}") from None
+        raise OutputError(f"{dst}: cannot put the output in place: {exc.strerror}") from None
     # no renameat2: a hard link refuses an existing name for files; folders check first
     if os.path.lexists(dst):
         if not force:
-            raise MoxError(f"{dst}: appeared while writing (another run?); not replaced")
+            raise OutputError(f"{dst}: appeared while writing (another run?); not replaced")
         _replace(src, dst)
     elif src.is_dir():
         os.rename(src, dst)
@@ -593,7 +599,9 @@ def move_into_place(src: Path, dst: Path, force: bool) -> None:
             os.link(src, dst)
             os.unlink(src)
         except FileExistsError:
-            raise MoxError(f"{dst}: appeared while writing (another run?); not replaced") from None
+            raise OutputError(
+                f"{dst}: appeared while writing (another run?); not replaced"
+            ) from None
         except OSError:
             os.rename(src, dst)
 
@@ -605,7 +613,7 @@ def _replace(src: Path, dst: Path) -> None:
             _remove(src)  # now holds the old output
             return
     except OSError as exc:
-        raise MoxError(f"{dst}: cannot replace it: {exc.strerror}") from None
+        raise OutputError(f"{dst}: cannot replace it: {exc.strerror}") from None
     # kept under a name no sweep removes: only SIGKILL or a crash between the two renames
     # could leave it, and then it is the user's previous output
     old = dst.with_name(f".{dst.name}.moxkit-old-{secrets.token_hex(8)}")

@@ -10,7 +10,7 @@ import math
 import typing
 from typing import Any
 
-from .errors import MoxError
+from .errors import InputError
 
 
 def setting(
@@ -76,7 +76,7 @@ def check(obj: Any) -> None:
         value = getattr(obj, field.name)
         why = problem(type(obj), field, value)
         if why is not None:
-            raise MoxError(f"{field.name} {_shown(value)}: {why}")
+            raise InputError(f"{field.name} {_shown(value)}: {why}", params=(field.name,))
 
 
 def _shown(value: Any) -> str:

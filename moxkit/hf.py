@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MoxError
+from .errors import InputError, MoxError, ResourceError
 from .sources import member
 
 if TYPE_CHECKING:
@@ -59,9 +59,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise MoxError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"device {device!r}: expected auto, cpu, cuda or cuda:N",
+                         params=("device",)) from None  # fmt: skip
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MoxError(f"--device {device}: no CUDA device is available")
+        raise ResourceError(f"device {device!r}: no CUDA device is available", params=("device",))
     return dev
 
 
@@ -79,18 +80,22 @@ def check_model_dir(
         try:
             p = resolve_model(path, revision)
         except MoxError as exc:
-            raise MoxError(f"{name} {exc}") from None
+            raise type(exc)(f"{name} {exc}", params=(name, *exc.params)) from None
     if not p.is_dir():
         what = "no such folder" if not p.exists() else "not a folder"
-        raise MoxError(f"{name} {p}: {what} (expected a transformers model folder)")
+        raise InputError(
+            f"{name} {p}: {what} (expected a transformers model folder)", params=(name,)
+        )
     if not os.path.lexists(p / "config.json"):
-        raise MoxError(f"{name} {p}: no config.json (not a transformers model folder)")
+        raise InputError(f"{name} {p}: no config.json (not a transformers model folder)",
+                         params=(name,))  # fmt: skip
     try:
         member(p, "config.json")
     except MoxError as exc:
-        raise MoxError(f"{name} {exc}") from None
+        raise type(exc)(f"{name} {exc}", params=(name, *exc.params)) from None
     if need_tokenizer and not any(os.path.lexists(p / f) for f in TOKENIZER_FILES):
-        raise MoxError(f"{name} {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        raise InputError(f"{name} {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                         params=(name,))  # fmt: skip
     return p
 
 
@@ -114,14 +119,15 @@ def checked_view(folder: Path, name: str, weights: bool = True) -> tempfile.Temp
             if not os.path.lexists(folder / SINGLE_NAME) and os.path.lexists(folder / INDEX_NAME):
                 files.append(member(folder, INDEX_NAME))
     except MoxError as exc:
-        raise MoxError(f"{name} {exc}") from None
+        raise type(exc)(f"{name} {exc}", params=(name, *exc.params)) from None
     view = tempfile.TemporaryDirectory(prefix="moxkit-model-")
     try:
         for file in files:
             os.symlink(file.real, os.path.join(view.name, file.name))
     except OSError as exc:
         view.cleanup()
-        raise MoxError(f"{name} {folder}: cannot prepare it for loading: {exc}") from None
+        raise InputError(f"{name} {folder}: cannot prepare it for loading: {exc}",
+                         params=(name,)) from None  # fmt: skip
     return view
 
 
@@ -140,7 +146,7 @@ def _tokenizer(view: tempfile.TemporaryDirectory, folder: Path, name: str) -> An
     except Exception as exc:  # transformers raises many types for a broken tokenizer
         view.cleanup()
         error = loading_error(exc, f"{name} {folder}: cannot load the tokenizer")
-        raise MoxError(str(error).replace(view.name, str(folder))) from None
+        raise InputError(str(error).replace(view.name, str(folder))) from None
     weakref.finalize(tokenizer, view.cleanup)
     return tokenizer
 
@@ -166,7 +172,7 @@ def load_model(
         dtype = getattr(torch, dtype)
     if not isinstance(model, (str, os.PathLike)):
         if tokenizer is None:
-            raise MoxError(f"{name}: a model given in memory needs tokenizer=")
+            raise InputError(f"{name}: a model given in memory needs tokenizer=", params=(name,))
         stored = next(model.parameters()).dtype
         copied = copy.deepcopy(model)
         if dtype != "auto":
@@ -187,7 +193,7 @@ def load_model(
     except Exception as exc:  # OSError, ValueError, KeyError, safetensors errors, ...
         view.cleanup()
         error = loading_error(exc, f"{name} {path}: cannot load the model")
-        raise MoxError(str(error).replace(view.name, str(path))) from None
+        raise InputError(str(error).replace(view.name, str(path))) from None
     if not own_tokenizer:
         view.cleanup()  # the model is in memory; only a tokenizer may reopen its files
     return Loaded(loaded.to(dev).eval(), tokenizer, path, stored_dtype(config))
@@ -210,13 +216,13 @@ def loading_error(exc: BaseException, doing: str) -> MoxError:
     found it, instead of blaming the model or its tokenizer."""
     cause = import_failure(exc)
     if cause is None:
-        return MoxError(f"{doing}: {first_line(exc)}")
+        return InputError(f"{doing}: {first_line(exc)}")
     package = cause.name or "a package"
     if isinstance(cause, ModuleNotFoundError):
         where = "not installed"
     else:
         where = f"found at {cause.path}" if cause.path else "found"
-    return MoxError(
+    return ResourceError(
         f"{doing}: a Python package failed to import ({package}, {where}): "
         f"{first_line(cause)}; this is the environment, not the input"
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import MoxError
+from .errors import InputError, MismatchError
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 BETWEEN_GRID = (0.0, 1.0)  # s between two checkpoints
@@ -105,7 +105,7 @@ def answer_logprob(model: Any, tokenizer: Any, rows: Any, *, chat_template: bool
     is_rows = isinstance(rows, list) and all(isinstance(r, Row) for r in rows)
     loaded = rows if is_rows else load_rows(rows, "rows")  # checked once, not per bisection step
     if not loaded:
-        raise MoxError("matched forgetting: no rows to measure the level on")
+        raise InputError("matched forgetting: no rows to measure the level on")
     was_training = model.training
     model.eval()
     total = 0.0
@@ -174,7 +174,7 @@ class AlphaLine:
         if self.ref.keys() != self.mem.keys() or any(
             self.ref[n].shape != self.mem[n].shape for n in self.ref
         ):
-            raise MoxError("matched forgetting: θ_mem's tensors differ from the reference's")
+            raise MismatchError("matched forgetting: θ_mem's tensors differ from the reference's")
         self.model = copy.deepcopy(mem).float().eval()
         self._out = {n: torch.empty_like(t) for n, t in self.ref.items()}
         self._backend = CpuBackend()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import MoxError
+from .errors import InputError, MoxError
 
 
 def read_records(path: Path, name: str) -> list[tuple[str, object]]:
@@ -14,42 +14,44 @@ def read_records(path: Path, name: str) -> list[tuple[str, object]]:
     is a list of records, one object, or JSON Lines (TOFU's released `.json` files hold one
     object per line). A `*` in the file name (Hugging Face's parquet shards) reads the matching
     files in name order, one after the other. `name` says which input this is (an option
-    name, a split) in the errors raised here."""
+    parameter, a split) in the errors raised here."""
     if "*" in path.name:
         shards = sorted(path.parent.glob(path.name))
         if not shards:
-            raise MoxError(f"{name} {path}: no file matches")
+            raise InputError(f"{name} {path}: no file matches", params=(name,))
         return [
             (f"{shard.name}: {where}", rec)
             for shard in shards
             for where, rec in read_records(shard, name)
         ]
     if not path.is_file():
-        raise MoxError(f"{name} {path}: no such file")
+        raise InputError(f"{name} {path}: no such file", params=(name,))
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
             return [(f"row {i + 1}", rec) for i, rec in enumerate(_parquet_rows(path, name))]
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise MoxError(f"{name} {path}: cannot read: {_one_line(exc)}") from None
+        raise InputError(f"{name} {path}: cannot read: {_one_line(exc)}", params=(name,)) from None
     except MoxError:
         raise
     except Exception as exc:  # pyarrow raises its own types for corrupt files
-        raise MoxError(f"{name} {path}: not a readable Parquet file: {_one_line(exc)}") from None
-    records = _parse(text, f"{name} {path}", several=_SEVERAL) if suffix == ".json" else _SEVERAL
+        raise InputError(f"{name} {path}: not a readable Parquet file: {_one_line(exc)}",
+                         params=(name,)) from None  # fmt: skip
+    records = _parse(text, f"{name} {path}", name, _SEVERAL) if suffix == ".json" else _SEVERAL
     if records is not _SEVERAL:
         if isinstance(records, dict):
             return [("item 1", records)]
         if not isinstance(records, list):
-            raise MoxError(f"{name} {path}: expected a JSON list of objects or one object per line")
+            raise InputError(f"{name} {path}: expected a JSON list of objects or one object "
+                             "per line", params=(name,))  # fmt: skip
         return [(f"item {i + 1}", rec) for i, rec in enumerate(records)]
     # JSON Lines: records end at "\n" only. str.splitlines would also split at U+2028, U+0085
     # and friends, which JSON allows raw inside strings.
     out = []
     for lineno, line in enumerate(text.split("\n"), 1):
         if line.strip():
-            out.append((f"line {lineno}", _parse(line, f"{name} {path}: line {lineno}")))
+            out.append((f"line {lineno}", _parse(line, f"{name} {path}: line {lineno}", name)))
     return out
 
 
@@ -78,16 +80,18 @@ def _parquet_rows(path: Path, name: str) -> list[object]:
         claimed = f.metadata.num_rows
         max_rows = min(PARQUET_MAX_ROWS, size * PARQUET_ROWS_PER_BYTE)
         if claimed > max_rows:
-            raise MoxError(f"{name} {path}: {claimed:,} rows in {size:,} bytes; moxkit reads at "
-                           f"most {max_rows:,} rows from a Parquet file this size")  # fmt: skip
+            raise InputError(f"{name} {path}: {claimed:,} rows in {size:,} bytes; moxkit reads at "
+                             f"most {max_rows:,} rows from a Parquet file this size",
+                             params=(name,))  # fmt: skip
         max_text = min(PARQUET_MAX_TEXT, max(PARQUET_MIN_TEXT, size * PARQUET_TEXT_PER_BYTE))
         rows: list[object] = []
         text = 0
         for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             text += sum(_unfolded_bytes(column) for column in batch.columns)
             if text > max_text or len(rows) + batch.num_rows > max_rows:
-                raise MoxError(f"{name} {path}: unfolds into more than {max_text:,} bytes or "
-                               f"{max_rows:,} rows ({size:,} bytes on disk)")  # fmt: skip
+                raise InputError(f"{name} {path}: unfolds into more than {max_text:,} bytes or "
+                                 f"{max_rows:,} rows ({size:,} bytes on disk)",
+                                 params=(name,))  # fmt: skip
             rows += batch.to_pylist()
     return rows
 
@@ -110,19 +114,20 @@ def _unfolded_bytes(column) -> int:
 _SEVERAL = object()  # _parse's answer for text holding several documents: JSON Lines
 
 
-def _parse(text: str, where: str, several: object = None) -> object:
+def _parse(text: str, where: str, name: str, several: object = None) -> object:
     """One JSON document; `several` (if given) is returned where one complete document is
-    followed by more (JSON Lines), instead of an error."""
+    followed by more (JSON Lines), instead of an error. `where` starts with `name`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         if several is not None and exc.msg == "Extra data":
             return several
-        raise MoxError(f"{where}: invalid JSON: {exc.msg} at character {exc.pos}") from None
+        raise InputError(f"{where}: invalid JSON: {exc.msg} at character {exc.pos}",
+                         params=(name,)) from None  # fmt: skip
     except RecursionError:
-        raise MoxError(f"{where}: invalid JSON: nested too deeply") from None
+        raise InputError(f"{where}: invalid JSON: nested too deeply", params=(name,)) from None
     except ValueError as exc:  # e.g. an integer past Python's digit limit
-        raise MoxError(f"{where}: invalid JSON: {_one_line(exc)}") from None
+        raise InputError(f"{where}: invalid JSON: {_one_line(exc)}", params=(name,)) from None
 
 
 def _one_line(exc: BaseException) -> str:

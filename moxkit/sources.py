@@ -45,7 +45,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoxError
+from .errors import InputError, MoxError
 from .units import check_headroom
 
 log = logging.getLogger("moxkit")
@@ -150,7 +150,7 @@ def check_file_name(name: object, where: str) -> str:
         or "\0" in name
         or not _encodable(name)
     ):
-        raise MoxError(
+        raise InputError(
             f"{where}: {_quote(name)} is not a plain file name in the model folder "
             "(an index may not point outside the model directory)"
         )
@@ -166,12 +166,12 @@ def member(folder: Path, name: str, root: Path | None = None) -> ModelFile:
     snapshot = _snapshot_in(folder, root)
     if snapshot is not None:
         if not (_inside(real, root / "blobs") or _inside(real, snapshot)):
-            raise MoxError(
+            raise InputError(
                 f"{shown(path)}: links to {shown(real)}, outside this cache snapshot and its "
                 "repository's blobs/; moxkit follows links only into them"
             )
     elif not _inside(real, root):
-        raise MoxError(
+        raise InputError(
             f"{shown(path)}: links to {shown(real)}, outside the model's folder; moxkit "
             "follows links only within it"
         )
@@ -194,7 +194,7 @@ def model_files(folder: Path, left_out: str) -> list[ModelFile]:
     try:
         names = sorted(os.listdir(folder))
     except OSError as exc:
-        raise MoxError(f"{shown(folder)}: cannot list: {exc.strerror or exc}") from None
+        raise InputError(f"{shown(folder)}: cannot list: {exc.strerror or exc}") from None
     files = []
     for name in filter(is_model_file, names):
         try:
@@ -210,7 +210,7 @@ def check_loadable(file: ModelFile) -> None:
     if file.name.endswith(".json"):
         read_json(file, "model file")
     elif file.size > MAX_MODEL_FILE_BYTES:
-        raise MoxError(
+        raise InputError(
             f"{file}: {file.size:,} bytes; moxkit loads model files besides the weights up "
             f"to {MAX_MODEL_FILE_BYTES:,} bytes"
         )
@@ -228,11 +228,11 @@ def open_checked(file: ModelFile) -> int:
     try:
         fd = os.open(file.real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise MoxError(f"{file}: cannot open: {exc.strerror or exc}") from None
+        raise InputError(f"{file}: cannot open: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (file.dev, file.ino):
-            raise MoxError(f"{file}: replaced by another file since moxkit checked it")
+            raise InputError(f"{file}: replaced by another file since moxkit checked it")
         check_size(file, st.st_size)
     except BaseException:
         os.close(fd)
@@ -243,7 +243,7 @@ def open_checked(file: ModelFile) -> int:
 def check_size(file: ModelFile, size: int) -> None:
     """MoxError unless `size` (an fstat taken now) is the size the file had when checked."""
     if size != file.size:
-        raise MoxError(
+        raise InputError(
             f"{file}: changed on disk while moxkit was using it ({size} bytes, "
             f"{file.size} when it was checked)"
         )
@@ -254,13 +254,13 @@ def _checked(path: Path, real: str) -> ModelFile:
         # O_NONBLOCK: opening a FIFO must not wait for a writer
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise MoxError(f"{shown(path)}: cannot open: {exc.strerror or exc}") from None
+        raise InputError(f"{shown(path)}: cannot open: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
     finally:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise MoxError(f"{shown(path)}: not a regular file; moxkit reads only regular files")
+        raise InputError(f"{shown(path)}: not a regular file; moxkit reads only regular files")
     return ModelFile(path, real, st.st_size, st.st_dev, st.st_ino)
 
 
@@ -269,8 +269,8 @@ def _realpath(path: Path) -> str:
         return os.path.realpath(path, strict=True)
     except OSError as exc:
         if exc.errno == 40:  # ELOOP
-            raise MoxError(f"{shown(path)}: symlink loop") from None
-        raise MoxError(f"{shown(path)}: {exc.strerror or exc}") from None
+            raise InputError(f"{shown(path)}: symlink loop") from None
+        raise InputError(f"{shown(path)}: {exc.strerror or exc}") from None
 
 
 def _inside(real: str, root: Path) -> bool:
@@ -300,7 +300,7 @@ def read_json(
     MAX_JSON_DEPTH levels, duplicate keys refused, strict UTF-8 (no BOM, no UTF-16), and
     room for it under the memory `budget`. `what` names the file in errors ("index")."""
     if file.size > max_bytes:
-        raise MoxError(
+        raise InputError(
             f"{file}: {what} is {file.size:,} bytes; moxkit reads JSON files up to "
             f"{max_bytes:,} bytes"
         )
@@ -318,21 +318,21 @@ def parse_json(raw: bytes, where: str) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise MoxError(f"{where} is not UTF-8 text") from None
+        raise InputError(f"{where} is not UTF-8 text") from None
     try:
         data = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
-        raise MoxError(f"{where} is nested too deeply") from None
+        raise InputError(f"{where} is nested too deeply") from None
     except _DuplicateKey as exc:
-        raise MoxError(f"{where} names {exc.args[0]} twice") from None
+        raise InputError(f"{where} names {exc.args[0]} twice") from None
     except json.JSONDecodeError as exc:
-        raise MoxError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        raise InputError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     except ValueError as exc:  # an integer past Python's digit limit
-        raise MoxError(f"{where} is not usable JSON ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{where} is not usable JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise MoxError(f"{where} is not a JSON object")
+        raise InputError(f"{where} is not a JSON object")
     if json_depth(data) > MAX_JSON_DEPTH:
-        raise MoxError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
+        raise InputError(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep")
     return data
 
 
@@ -371,9 +371,9 @@ def read_exactly(fd: int, offset: int, nbytes: int, file: ModelFile) -> bytes:
         try:
             chunk = os.pread(fd, min(nbytes - done, 1 << 26), offset + done)
         except OSError as exc:
-            raise MoxError(f"{file}: cannot read: {exc.strerror or exc}") from None
+            raise InputError(f"{file}: cannot read: {exc.strerror or exc}") from None
         if not chunk:
-            raise MoxError(f"{file}: ends at byte {offset + done}; truncated while being read?")
+            raise InputError(f"{file}: ends at byte {offset + done}; truncated while being read?")
         parts.append(chunk)
         done += len(chunk)
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -396,7 +396,7 @@ def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None) 
         return path
     match = _HUB_ID.fullmatch(text)
     if match is None or ".." in match[1] + "/" + match[2]:
-        raise MoxError(f"{shown(text)}: no such file or directory")
+        raise InputError(f"{shown(text)}: no such file or directory")
     repo_id = f"{match[1]}/{match[2]}"
     revision = match[3] if match[3] is not None else revision
     if revision is not None:
@@ -422,7 +422,7 @@ def check_revision(revision: object, where: str) -> str:
         given = (
             revision[:80] + "..." if isinstance(revision, str) and len(revision) > 80 else revision
         )
-        raise MoxError(
+        raise InputError(
             f"{where}: revision {_quote(given)} is not a commit hash or a ref name (a branch "
             "or tag: letters, digits and _ . + - in '/'-separated parts, no '..')"
         )
@@ -451,7 +451,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         return cached
     if _offline():
         state = "only partly downloaded" if cached is not None else "not in the cache"
-        raise MoxError(
+        raise InputError(
             f"{label}: no such local path, and the Hugging Face hub model is {state} "
             f"({cache}) while HF_HUB_OFFLINE=1 forbids downloading"
         )
@@ -477,7 +477,7 @@ class _CacheRepo:
             return None
         real = _realpath(self.path)
         if not os.path.isdir(real):
-            raise MoxError(f"{self.label}: {shown(self.path)} is not a folder")
+            raise InputError(f"{self.label}: {shown(self.path)} is not a folder")
         return real
 
     def own(self, path: Path, root: str) -> None:
@@ -487,7 +487,7 @@ class _CacheRepo:
         real = _realpath(path)
         expected = os.path.join(root, os.path.relpath(path, self.path))
         if real != expected:
-            raise MoxError(
+            raise InputError(
                 f"{self.label}: {shown(path)} leads to {shown(real)} through a link; moxkit "
                 f"reads the hub cache only as huggingface_hub lays it out in {shown(self.path)}"
             )
@@ -507,7 +507,7 @@ def _cached_snapshot(repo: _CacheRepo, revision: str) -> Path | None:
         return None
     repo.own(snapshot, root)
     if not os.path.isdir(snapshot):
-        raise MoxError(f"{repo.label}: {shown(snapshot)} is not a folder")
+        raise InputError(f"{repo.label}: {shown(snapshot)} is not a folder")
     return snapshot
 
 
@@ -524,25 +524,25 @@ def _read_ref(repo: _CacheRepo, root: str, revision: str) -> str | None:
         fd = os.open(ref, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise MoxError(f"{where} is a link; a ref is a file holding a commit hash") from None
-        raise MoxError(f"{where}: cannot open: {exc.strerror or exc}") from None
+            raise InputError(f"{where} is a link; a ref is a file holding a commit hash") from None
+        raise InputError(f"{where}: cannot open: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise MoxError(f"{where}: not a regular file; a ref is a file holding a commit hash")
+            raise InputError(f"{where}: not a regular file; a ref is a file holding a commit hash")
         if st.st_size > MAX_REF_BYTES:
-            raise MoxError(f"{where} is {st.st_size:,} bytes; a ref holds a 40-digit commit hash")
+            raise InputError(f"{where} is {st.st_size:,} bytes; a ref holds a 40-digit commit hash")
         raw = os.read(fd, MAX_REF_BYTES + 1)
     except OSError as exc:
-        raise MoxError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     try:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise MoxError(f"{where} is not ASCII text; a ref holds a commit hash") from None
+        raise InputError(f"{where} is not ASCII text; a ref holds a commit hash") from None
     if len(raw) > MAX_REF_BYTES or not _COMMIT.fullmatch(text):
-        raise MoxError(f"{where} holds {ascii(text[:60])}, not a commit hash (40 hex digits)")
+        raise InputError(f"{where} holds {ascii(text[:60])}, not a commit hash (40 hex digits)")
     return text
 
 
@@ -567,7 +567,7 @@ def _check_before_hub(repo: _CacheRepo, revision: str) -> None:
             try:
                 read_json(member(repo.path / "trees", name, Path(root)), "tree listing")
             except MoxError as exc:
-                raise MoxError(f"{repo.label}: {exc}") from None
+                raise type(exc)(f"{repo.label}: {exc}", params=exc.params) from None
 
 
 def _download(repo_id: str, revision: str | None, cache: str, label: str) -> Path:
@@ -582,14 +582,14 @@ def _download(repo_id: str, revision: str | None, cache: str, label: str) -> Pat
         data = read_json(member(snapshot, index.name), "index")
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict):
-            raise MoxError(f"{label}: model.safetensors.index.json has no 'weight_map' object")
+            raise InputError(f"{label}: model.safetensors.index.json has no 'weight_map' object")
         where = f"{label}: model.safetensors.index.json"
         weights = sorted({check_file_name(shard, where) for shard in weight_map.values()})
     else:
         weights = ["model.safetensors", "adapter_model.safetensors"]
     _fetch(huggingface_hub, repo, revision, weights)
     if not _has_weights(snapshot):
-        raise MoxError(
+        raise InputError(
             f"{label}: no safetensors weights on the hub (moxkit never downloads .bin or "
             ".pth pickles; convert the model with save_pretrained(safe_serialization=True))"
         )
@@ -608,17 +608,17 @@ def _fetch(hub, repo: _CacheRepo, revision: str | None, patterns) -> Path:
             repo.repo_id, revision=revision, cache_dir=repo.cache, allow_patterns=list(patterns)
         )
     except hub_errors.RepositoryNotFoundError:
-        raise MoxError(f"{label}: no such model on the Hugging Face hub (or private)") from None
+        raise InputError(f"{label}: no such model on the Hugging Face hub (or private)") from None
     except hub_errors.RevisionNotFoundError:
-        raise MoxError(f"{label}: no such revision on the Hugging Face hub") from None
+        raise InputError(f"{label}: no such revision on the Hugging Face hub") from None
     except hub_errors.GatedRepoError:
-        raise MoxError(f"{label}: gated model; log in with `hf auth login` first") from None
+        raise InputError(f"{label}: gated model; log in with `hf auth login` first") from None
     except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoxError(f"{label}: download failed: {first}") from None
+        raise InputError(f"{label}: download failed: {first}") from None
     snapshot = _cached_snapshot(repo, revision or "main")
     if snapshot is None:
-        raise MoxError(f"{label}: downloaded, but the cache holds no snapshot for it")
+        raise InputError(f"{label}: downloaded, but the cache holds no snapshot for it")
     return snapshot
 
 

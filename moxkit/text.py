@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoxError
+from .errors import InputError
 from .records import read_records
 
 IGNORE = -100  # label of a token outside the loss (prompt, padding): PyTorch's ignore_index
@@ -39,14 +39,15 @@ class Example:
 
 def load_rows(data: str | os.PathLike | Sequence[dict], name: str) -> list[Row]:
     """Read JSONL, JSON (a list of objects) or Parquet, or take rows given directly.
-    `name` is the input the data came from (e.g. "--forget"), for error messages."""
+    `name` is the parameter the data came from (e.g. "forget"), for error messages."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         rows = [_to_row(rec, f"{path}:{where}") for where, rec in read_records(path, name)]
     else:
         rows = [_to_row(rec, f"{name} rows[{i}]") for i, rec in enumerate(data)]
     if not rows:
-        raise MoxError(f"{name} {data if isinstance(data, (str, os.PathLike)) else ''}: no rows")
+        raise InputError(f"{name} {data if isinstance(data, (str, os.PathLike)) else ''}: no rows",
+                         params=(name,))  # fmt: skip
     return rows
 
 
@@ -58,10 +59,10 @@ def load_answers(path: str | os.PathLike, name: str) -> list[str]:
         text = next((rec.get(k) for k in ("answer", "completion", "text")
                      if isinstance(rec, dict) and k in rec), None)  # fmt: skip
         if not isinstance(text, str) or not text.strip():
-            raise MoxError(f"{path}:{where}: needs an answer, completion or text field")
+            raise InputError(f"{path}:{where}: needs an answer, completion or text field")
         answers.append(_valid_text(text, f"{path}:{where}"))
     if not answers:
-        raise MoxError(f"{name} {path}: no rows")
+        raise InputError(f"{name} {path}: no rows", params=(name,))
     return answers
 
 
@@ -70,7 +71,7 @@ def _valid_text(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise MoxError(
+        raise InputError(
             f"{where}: not valid Unicode text (lone surrogate at character {exc.start})"
         ) from None
     return text
@@ -78,19 +79,19 @@ def _valid_text(text: str, where: str) -> str:
 
 def _to_row(rec: object, where: str) -> Row:
     if not isinstance(rec, dict):
-        raise MoxError(f"{where}: expected an object, got {type(rec).__name__}")
+        raise InputError(f"{where}: expected an object, got {type(rec).__name__}")
     for prompt_key, completion_key in (("question", "answer"), ("prompt", "completion")):
         if prompt_key in rec or completion_key in rec:
             prompt, completion = rec.get(prompt_key), rec.get(completion_key)
             if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-                raise MoxError(
+                raise InputError(
                     f"{where}: needs both '{prompt_key}' and '{completion_key}' as non-empty text"
                 )
             return Row(_valid_text(prompt, where), _valid_text(completion, where), where)
     if isinstance(rec.get("text"), str) and rec["text"]:
         return Row("", _valid_text(rec["text"], where), where)
     found = ", ".join(repr(str(k)[:40]) for k in list(rec)[:10]) or "none"
-    raise MoxError(
+    raise InputError(
         f"{where}: missing fields: expected question/answer, prompt/completion or text"
         f" (found {found})"
     )
@@ -117,7 +118,8 @@ def encode(rows: Sequence[Row], tokenizer, max_length: int, chat_template: bool)
     are cut to max_length tokens (fields are cut to CHARS_PER_TOKEN_CAP characters per token
     first, so the cost of a row is bounded whatever its size)."""
     if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise MoxError("--chat-template: the model's tokenizer has no chat template")
+        raise InputError("chat_template: the model's tokenizer has no chat template",
+                         params=("chat_template",))  # fmt: skip
     bos = tokenizer.bos_token
     eos = tokenizer.eos_token_id
     cap = CHARS_PER_TOKEN_CAP * max_length + 1024
@@ -151,7 +153,8 @@ def encode(rows: Sequence[Row], tokenizer, max_length: int, chat_template: bool)
             labels.append(eos)
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels[1:]):
-            raise MoxError(f"{row.where}: no answer tokens left within --max-length {max_length}")
+            raise InputError(f"{row.where}: no answer tokens left within max_length {max_length}",
+                             params=("max_length",))  # fmt: skip
         examples.append(Example(ids, labels))
     return examples
 
@@ -161,5 +164,5 @@ def pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:
-        raise MoxError("the tokenizer has neither a pad nor an eos token to pad batches with")
+        raise InputError("the tokenizer has neither a pad nor an eos token to pad batches with")
     return tokenizer.eos_token_id

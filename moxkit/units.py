@@ -7,7 +7,7 @@ import math
 import re
 from decimal import Decimal
 
-from .errors import MoxError
+from .errors import InputError, ResourceError
 
 _UNITS = {
     "": 1,
@@ -28,23 +28,27 @@ _SIZE = re.compile(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([A-Za-z
 def parse_size(value: str | int | float, option: str) -> int:
     """Bytes from an int or a string like '500MB', '1GiB', '1.5GB', '1048576'."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise MoxError(f"{option} {value!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)")
+        raise InputError(f"{option} {value!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)",
+                         params=(option,))  # fmt: skip
     if isinstance(value, float) and not math.isfinite(value):
-        raise MoxError(f"{option} {value!r}: not a finite size")
+        raise InputError(f"{option} {value!r}: not a finite size", params=(option,))
     if isinstance(value, (int, float)):
         size = int(value)
     else:
         match = _SIZE.fullmatch(value)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _UNITS:
-            raise MoxError(
-                f"{option} {value[:40]!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)"
+            raise InputError(
+                f"{option} {value[:40]!r}: not a size (examples: 500MB, 5GB, 1GiB, 1048576)",
+                params=(option,),
             )
         size = int(Decimal(match.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise MoxError(f"{option} {value!r}: must be positive")
+        raise InputError(f"{option} {value!r}: must be positive", params=(option,))
     if size > MAX_SIZE:
-        raise MoxError(f"{option} {value!r}: larger than {format_bytes(MAX_SIZE)}")
+        raise InputError(
+            f"{option} {value!r}: larger than {format_bytes(MAX_SIZE)}", params=(option,)
+        )
     return size
 
 
@@ -71,8 +75,9 @@ def check_headroom(budget: int | None, extra: int, what: str) -> None:
         return
     resident = resident_bytes()
     if resident + extra > budget:
-        raise MoxError(
+        raise ResourceError(
             f"{what}: needs about {format_bytes(extra)} more memory; the process holds "
-            f"{format_bytes(resident)} and the memory budget (max-memory) is "
-            f"{format_bytes(budget)}"
+            f"{format_bytes(resident)} and the memory budget max_memory is "
+            f"{format_bytes(budget)}",
+            params=("max_memory",),
         )

@@ -91,7 +91,7 @@ def test_force_through_a_link_replaces_the_target_and_keeps_the_link(tmp_path):
         (lambda t: (t / "dangling").symlink_to(t / "missing") or t / "dangling", "does not exist"),
         (lambda t: t / ("n" * 250), "name too long"),
         (lambda t: t / ("n" * 300), "name too long"),  # past NAME_MAX: lstat fails
-        (lambda t: (t / "out").mkdir() or t / "out", "already exists (use --force to replace it)"),
+        (lambda t: (t / "out").mkdir() or t / "out", "already exists (use force=True to replace"),
         (lambda t: Path("."), "not a name for a new output"),
         (lambda t: Path(".."), "not a name for a new output"),
     ],

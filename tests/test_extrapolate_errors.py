@@ -240,10 +240,10 @@ def test_mismatched_checkpoints(cli, tmp_path, pair):
         (["-a", "nan"], "--alpha nan"),
         (["-a", "4", "--dtype", "int8"], "--dtype 'int8'"),
         (["-a", "4", "--max-memory", "lots"], "--max-memory 'lots'"),
-        (["-a", "4", "--max-memory", "10MB"], "memory budget (max-memory) is 10.00 MB"),
+        (["-a", "4", "--max-memory", "10MB"], "memory budget --max-memory is 10.00 MB"),
         (["-a", "4", "--max-shard-size", "-5GB"], "--max-shard-size"),
         (["-a", "4", "--eta", "0.3"], "--eta only applies with --prev"),
-        (["-a", "4", "--device", "tpu"], "unknown device 'tpu'"),
+        (["-a", "4", "--device", "tpu"], "--device 'tpu': expected cpu, cuda or auto"),
         (["-a", "4", "--device", "cuda"], "no CUDA device"),
     ],
 )

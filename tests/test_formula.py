@@ -57,8 +57,8 @@ def test_every_accepted_alpha_keeps_the_weight_on_ref():
 def test_eta_outside_a_weight_is_refused_by_name(eta):
     with pytest.raises(MoxError, match=r"^eta "):
         Coefficients(4.0, eta)
-    with pytest.raises(MoxError, match=r"^--eta "):
-        check_eta(eta, "--eta")
+    with pytest.raises(MoxError, match=r"^mix "):
+        check_eta(eta, "mix")
 
 
 def test_coefficients_are_the_fp32_constants():

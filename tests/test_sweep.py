@@ -11,7 +11,7 @@ from moxkit.apps.sweep import parse_alphas, pick_alpha, sweep
 from moxkit.apps.tiny import build_tiny_llama, save_tiny_model
 from moxkit.apps.tofu_mini import write
 from moxkit.cli.main import main
-from moxkit.errors import MoxError
+from moxkit.errors import InputError
 from moxkit.eval.evaluate import EvalConfig, evaluate_model, load_model
 
 CFG = EvalConfig(max_new_tokens=4, verbmem_max_new_tokens=4)
@@ -94,7 +94,7 @@ def test_pick_alpha_rule():
         3.0,
     ]
     for bad in ("", "1,x", "0,1", "-2", "1:8", "3:1:0.5", "1:8:0", "1:1e6:1", "nan", "1e9"):
-        with pytest.raises(MoxError, match="--alphas"):
+        with pytest.raises(InputError, match="^alphas"):
             parse_alphas(bad)
 
 

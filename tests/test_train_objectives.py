@@ -90,7 +90,7 @@ def test_encode_masks_prompt_exactly(tok):
     ]
     # text rows: every token but <s> counts
     assert text.labels[0] == IGNORE and text.labels[1:] == text.input_ids[1:]
-    with pytest.raises(MoxError, match=r"rows\[0\]: no answer tokens left within --max-length 4"):
+    with pytest.raises(MoxError, match=r"rows\[0\]: no answer tokens left within max_length 4"):
         encode(load_rows(ROWS[:1], "x"), tok, 4, chat_template=False)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..errors import MoxError
+from ..errors import InputError, OutputError
 from ..eval.report import HEADLINE, format_table, write_json
 from .study import ALPHAS
 
@@ -108,13 +108,15 @@ def _check_config(out: Path, cfg: DemoConfig, force: bool) -> None:
     path = out / CONFIG_FILE
     check_output(out, force=True)
     if out.exists() and not path.is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise MoxError(f"{out}: exists and holds no demo ({CONFIG_FILE}); choose another --out")
+        raise OutputError(f"{out}: exists and holds no demo ({CONFIG_FILE}); choose another out",
+                          params=("out",))  # fmt: skip
     wanted = json.loads(json.dumps(asdict(cfg)))
     if path.is_file() and not force:
         if json.loads(path.read_text()) != wanted:
-            raise MoxError(
+            raise OutputError(
                 f"{out} holds a demo made with other settings ({path}); "
-                "choose another --out or pass --force to start over"
+                "choose another out or pass force=True to start over",
+                params=("out", "force"),
             )
         return
     if force and out.exists():
@@ -229,7 +231,7 @@ class _Demo:
             self.log(f"demo: writing tofu-mini ({cfg.authors} authors) to {pl.data}")
             write(pl.data, n_authors=cfg.authors, seed=cfg.seed)
         if not split.is_dir():
-            raise MoxError(f"demo split {cfg.split!r}: not in {pl.data}")
+            raise InputError(f"demo split {cfg.split!r}: not in {pl.data}")
         pl.base()
         reference, retain_dir = [pl.stage(stage) for stage in pl.stages()][-2:]
         retain_val = self.report("retain.val", retain_dir, val, None)

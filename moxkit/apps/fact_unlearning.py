@@ -275,7 +275,7 @@ def prepare(name: str, work: Path, log: Callable[[str], None] = print):
     if not folder.exists():
         log(f"converting {name} to {folder}")
         export_packaged(name, folder, dtype="fp32")
-    loaded = load_model(folder, "MODEL")
+    loaded = load_model(folder, "model")
     cache = work / "known_facts.json"
     if cache.exists():
         facts = [Fact(**f) for f in json.loads(cache.read_text())]

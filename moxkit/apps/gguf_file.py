@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MoxError
+from ..errors import InputError
 
 MAX_KV = 4096  # metadata entries; real files have ~50
 MAX_TENSORS = 65536  # a 126-layer Llama has ~1,150; MoE files with split experts a few thousand
@@ -77,16 +77,16 @@ class _Cursor:
 
     def take(self, n: int, what: str) -> bytes:
         if n > self.size - self.pos:
-            raise MoxError(f"{self.path}: GGUF {what} runs past the end of the file")
+            raise InputError(f"{self.path}: GGUF {what} runs past the end of the file")
         data = self.handle.read(n)
         if len(data) != n:
-            raise MoxError(f"{self.path}: GGUF file changed while read")
+            raise InputError(f"{self.path}: GGUF file changed while read")
         self.pos += n
         return data
 
     def skip(self, n: int, what: str) -> None:
         if n > self.size - self.pos:
-            raise MoxError(f"{self.path}: GGUF {what} runs past the end of the file")
+            raise InputError(f"{self.path}: GGUF {what} runs past the end of the file")
         self.handle.seek(n, os.SEEK_CUR)
         self.pos += n
 
@@ -96,11 +96,11 @@ class _Cursor:
     def string(self, what: str, limit: int = MAX_STRING_BYTES) -> str:
         n = self.unpack("Q", what)
         if n > limit:
-            raise MoxError(f"{self.path}: GGUF {what} is {n:,} bytes long; at most {limit:,}")
+            raise InputError(f"{self.path}: GGUF {what} is {n:,} bytes long; at most {limit:,}")
         try:
             return self.take(n, what).decode("utf-8")
         except UnicodeDecodeError:
-            raise MoxError(f"{self.path}: GGUF {what} is not UTF-8") from None
+            raise InputError(f"{self.path}: GGUF {what} is not UTF-8") from None
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -112,42 +112,44 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         size = os.fstat(handle.fileno()).st_size
         cur = _Cursor(path, handle, size)
         if cur.take(4, "magic") != b"GGUF":
-            raise MoxError(f"{path}: not a GGUF file (no GGUF magic)")
+            raise InputError(f"{path}: not a GGUF file (no GGUF magic)")
         version = cur.unpack("I", "version")
         if version not in (2, 3):
             swapped = struct.unpack(">I", struct.pack("<I", version))[0]
             kind = "big-endian " if swapped in (2, 3) else ""
-            raise MoxError(f"{path}: {kind}GGUF version {version}; moxkit reads little-endian 2, 3")
+            raise InputError(
+                f"{path}: {kind}GGUF version {version}; moxkit reads little-endian 2, 3"
+            )
         n_tensors = cur.unpack("Q", "tensor count")
         n_kv = cur.unpack("Q", "metadata count")
         # each entry takes at least its length fields: the file's size bounds the counts too
         if n_tensors > MAX_TENSORS or n_tensors * 33 > size:
-            raise MoxError(f"{path}: GGUF claims {n_tensors:,} tensors; at most {MAX_TENSORS:,}")
+            raise InputError(f"{path}: GGUF claims {n_tensors:,} tensors; at most {MAX_TENSORS:,}")
         if n_kv > MAX_KV or n_kv * 13 > size:
-            raise MoxError(f"{path}: GGUF claims {n_kv:,} metadata entries; at most {MAX_KV:,}")
+            raise InputError(f"{path}: GGUF claims {n_kv:,} metadata entries; at most {MAX_KV:,}")
         metadata: dict[str, object] = {}
         budget = [MAX_ARRAY_ELEMS]
         for _ in range(n_kv):
             key = cur.string("metadata key", MAX_KEY_BYTES)
             if key in metadata:
-                raise MoxError(f"{path}: GGUF metadata key {key!r} appears twice")
+                raise InputError(f"{path}: GGUF metadata key {key!r} appears twice")
             metadata[key] = _value(cur, cur.unpack("I", f"type of {key!r}"), key, budget)
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if (
             not isinstance(alignment, int) or isinstance(alignment, bool)
             or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1)
         ):  # fmt: skip
-            raise MoxError(f"{path}: GGUF general.alignment {alignment!r} is not a power of two")
+            raise InputError(f"{path}: GGUF general.alignment {alignment!r} is not a power of two")
         raw = []
         names: set[str] = set()
         for _ in range(n_tensors):
             name = cur.string("tensor name", MAX_NAME_BYTES)
             if name in names:
-                raise MoxError(f"{path}: GGUF tensor {name!r} appears twice")
+                raise InputError(f"{path}: GGUF tensor {name!r} appears twice")
             names.add(name)
             n_dims = cur.unpack("I", f"tensor {name!r}")
             if not 1 <= n_dims <= MAX_DIMS:
-                raise MoxError(f"{path}: GGUF tensor {name!r} has {n_dims} dimensions")
+                raise InputError(f"{path}: GGUF tensor {name!r} has {n_dims} dimensions")
             dims = tuple(cur.unpack("Q", f"tensor {name!r}") for _ in range(n_dims))
             ggml_type = cur.unpack("I", f"tensor {name!r}")
             offset = cur.unpack("Q", f"tensor {name!r}")
@@ -156,16 +158,16 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     tensors = []
     for name, dims, ggml_type, offset in raw:
         if ggml_type not in GGML_QUANT_SIZES:
-            raise MoxError(f"{path}: GGUF tensor {name!r} has unknown ggml type {ggml_type}")
+            raise InputError(f"{path}: GGUF tensor {name!r} has unknown ggml type {ggml_type}")
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         if min(dims) < 1 or dims[0] % block:
-            raise MoxError(
+            raise InputError(
                 f"{path}: GGUF tensor {name!r} has shape {list(dims)} (type {ggml_type})"
             )
         numel = math.prod(dims)  # Python integers: no wrap
         nbytes = numel // block * block_bytes
         if offset % alignment or data_start + offset + nbytes > size:
-            raise MoxError(
+            raise InputError(
                 f"{path}: GGUF tensor {name!r} ({nbytes:,} bytes at data offset {offset:,}) "
                 f"does not lie, aligned, inside the file's {size - data_start:,} data bytes"
             )
@@ -173,7 +175,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     ordered = sorted(tensors, key=lambda t: t.offset)
     for before, after in zip(ordered, ordered[1:], strict=False):
         if before.offset + before.nbytes > after.offset:
-            raise MoxError(f"{path}: GGUF tensors {before.name!r} and {after.name!r} overlap")
+            raise InputError(f"{path}: GGUF tensors {before.name!r} and {after.name!r} overlap")
     return GGUFFile(path, version, metadata, tensors, data_start)
 
 
@@ -182,16 +184,16 @@ def _value(cur: _Cursor, vtype: int, key: str, budget: list[int]):
         code, _ = _SCALARS[vtype]
         value = cur.unpack(code, f"value of {key!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise MoxError(f"{cur.path}: GGUF metadata {key!r} is {value}: not a finite number")
+            raise InputError(f"{cur.path}: GGUF metadata {key!r} is {value}: not a finite number")
         return value
     if vtype == _STRING:
         return cur.string(f"value of {key!r}")
     if vtype != _ARRAY:
-        raise MoxError(f"{cur.path}: GGUF metadata {key!r} has unknown type {vtype}")
+        raise InputError(f"{cur.path}: GGUF metadata {key!r} has unknown type {vtype}")
     elem = cur.unpack("I", f"array {key!r}")
     count = cur.unpack("Q", f"array {key!r}")
     if count > budget[0]:
-        raise MoxError(
+        raise InputError(
             f"{cur.path}: GGUF metadata array {key!r} has {count:,} elements; moxkit reads at most "
             f"{MAX_ARRAY_ELEMS:,} in all arrays together"
         )
@@ -202,11 +204,13 @@ def _value(cur: _Cursor, vtype: int, key: str, budget: list[int]):
         for _ in range(count):
             n = cur.unpack("Q", f"array {key!r}")
             if n > MAX_STRING_BYTES:
-                raise MoxError(f"{cur.path}: GGUF array {key!r} holds a {n:,}-byte string")
+                raise InputError(f"{cur.path}: GGUF array {key!r} holds a {n:,}-byte string")
             try:
                 cur.take(n, f"array {key!r}").decode("utf-8")
             except UnicodeDecodeError:
-                raise MoxError(f"{cur.path}: GGUF array {key!r} holds a string not UTF-8") from None
+                raise InputError(
+                    f"{cur.path}: GGUF array {key!r} holds a string not UTF-8"
+                ) from None
     else:  # arrays of arrays: no model file has them, and the gguf reader recurses on them
-        raise MoxError(f"{cur.path}: GGUF metadata {key!r} is an array of type {elem}")
+        raise InputError(f"{cur.path}: GGUF metadata {key!r} is an array of type {elem}")
     return ArrayValue(elem, count)

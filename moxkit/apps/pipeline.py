@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import MoxError
+from ..errors import InputError
 from .study import Choice, on_epoch_end
 
 # what each stage trains, as logs name it, and its rows (a path under the data folder; the
@@ -64,7 +64,7 @@ def check_methods(methods: Iterable[str]) -> None:
 
     for method in methods:
         if method not in UNLEARN_METHODS:
-            raise MoxError(f"method {method!r}: expected one of {', '.join(UNLEARN_METHODS)}")
+            raise InputError(f"method {method!r}: expected one of {', '.join(UNLEARN_METHODS)}")
 
 
 class Pipeline:

@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MoxError
+from ..errors import InputError, MismatchError
 from ..hf import first_line, import_failure, loading_error, no_transformers_bars
 
 DTYPES = ("bf16", "fp32")
@@ -71,7 +71,7 @@ PACKAGED = {
 
 def packaged(name: str) -> PackagedModel:
     if name not in PACKAGED:
-        raise MoxError(f"model {name!r}: unknown (known: {', '.join(PACKAGED)})")
+        raise InputError(f"model {name!r}: unknown (known: {', '.join(PACKAGED)})")
     return PACKAGED[name]
 
 
@@ -82,10 +82,10 @@ def packaged_gguf(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(model.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise MoxError(f"model {name}: the package is not installed: {model.install}") from None
+        raise InputError(f"model {name}: the package is not installed: {model.install}") from None
     path = Path(dist.locate_file(model.gguf))
     if not path.is_file():
-        raise MoxError(
+        raise InputError(
             f"model {name}: {path} is missing from {model.distribution}"
             f" {dist.version} (reinstall: {model.install})"
         )
@@ -120,21 +120,21 @@ def convert_gguf(
     from ..atomic import check_output, staged_dir
 
     if dtype not in DTYPES:
-        raise MoxError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+        raise InputError(f"dtype {dtype}: expected one of {', '.join(DTYPES)}", params=("dtype",))
     src = Path(gguf_file)
     if not src.is_file():
-        raise MoxError(f"{src}: no such GGUF file")
+        raise InputError(f"{src}: no such GGUF file")
     check_output(out, force=force, inputs=[src])
     try:
         from .gguf_file import read_gguf
     except ImportError as exc:
-        raise MoxError(f"{src}: cannot read GGUF ({first_line(exc)}): {install_hint}") from None
+        raise InputError(f"{src}: cannot read GGUF ({first_line(exc)}): {install_hint}") from None
     header = read_gguf(src)
     arch = _check_blocks(header)
     for key, value in sorted(header.metadata.items()):
         if key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template."):
             if not isinstance(value, str):
-                raise MoxError(f"{src}: GGUF metadata {key!r} is not a string")
+                raise InputError(f"{src}: GGUF metadata {key!r} is not a string")
             check_chat_template(value, f"{src}: {key}")
     model, tokenizer = _load_gguf(src, header, arch, dtype, install_hint, allow_nonfinite)
     with staged_dir(out, force=force) as tmp, no_transformers_bars():
@@ -148,10 +148,10 @@ def _check_blocks(header) -> str:
     blocks the tensors hold (blk.0 ... blk.N-1): transformers builds what the metadata says."""
     arch = header.metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
-        raise MoxError(f"{header.path}: GGUF has no general.architecture")
+        raise InputError(f"{header.path}: GGUF has no general.architecture")
     blocks = header.block_count(arch)
     if blocks is None or not 1 <= blocks <= MAX_BLOCKS:
-        raise MoxError(
+        raise InputError(
             f"{header.path}: GGUF {arch}.block_count {blocks!r} is not from 1 to {MAX_BLOCKS}"
         )
     named = set()
@@ -159,14 +159,14 @@ def _check_blocks(header) -> str:
         parts = t.name.split(".")
         if parts[0] == "blk":
             if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) >= blocks:
-                raise MoxError(
+                raise InputError(
                     f"{header.path}: GGUF tensor {t.name!r} is outside the {blocks} blocks "
                     f"that {arch}.block_count claims"
                 )
             named.add(int(parts[1]))
     if len(named) != blocks:
         first = min(set(range(blocks)) - named)
-        raise MoxError(
+        raise InputError(
             f"{header.path}: GGUF {arch}.block_count is {blocks} but no tensor of block {first}"
             f" is in the file ({len(named)} blocks have tensors)"
         )
@@ -220,7 +220,7 @@ def _load_gguf(src: Path, header, arch: str, dtype: str, install_hint: str, allo
             if cause is not None and cause.name in (None, "gguf") and "gguf" in str(cause).lower():
                 # transformers needs the `gguf` package to read the file
                 reason = first_line(cause)
-                raise MoxError(f"{src}: cannot read GGUF ({reason}): {install_hint}") from None
+                raise InputError(f"{src}: cannot read GGUF ({reason}): {install_hint}") from None
             raise loading_error(exc, f"{src}: cannot load as a model") from None
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
@@ -231,7 +231,7 @@ def _load_gguf(src: Path, header, arch: str, dtype: str, install_hint: str, allo
     gguf_of = {hf: g for g, hf in mapping.items()}
     missing = [name for name in expected if name not in tensors and name not in tied]
     if missing:
-        raise MoxError(
+        raise MismatchError(
             f"{src}: the GGUF has no tensor {gguf_of.get(missing[0], '?')!r} for "
             f"{missing[0]!r}, which the {arch} architecture needs ({len(missing)} of "
             f"{len(expected)} parameters missing); moxkit does not fill them at random"
@@ -240,7 +240,7 @@ def _load_gguf(src: Path, header, arch: str, dtype: str, install_hint: str, allo
     missing_keys, unexpected = fresh.load_state_dict(tensors, strict=False)
     del tensors
     if unexpected or set(missing_keys) - tied:
-        raise MoxError(
+        raise MismatchError(
             f"{src}: weights do not match the architecture"
             f" (e.g. {(sorted(unexpected) or sorted(set(missing_keys) - tied))[0]})"
         )
@@ -249,9 +249,10 @@ def _load_gguf(src: Path, header, arch: str, dtype: str, install_hint: str, allo
     if not allow_nonfinite:
         for name, param in fresh.state_dict().items():
             if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-                raise MoxError(
+                raise InputError(
                     f"{src}: {name!r} has non-finite values in {dtype} (NaN or inf); pass "
-                    "--allow-nonfinite to keep them"
+                    "allow_nonfinite=True to keep them",
+                    params=("allow_nonfinite",),
                 )
     return fresh, tokenizer
 
@@ -274,7 +275,7 @@ def _tensor_map(skeleton, arch: str, blocks: int, processor) -> dict[str, str]:
 
     key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
     if key is None:
-        raise MoxError(f"GGUF architecture {arch!r} is unknown to the gguf package")
+        raise InputError(f"GGUF architecture {arch!r} is unknown to the gguf package")
     names = get_tensor_name_map(key, blocks)
     mapping: dict[str, str] = {}
     pending = []
@@ -317,7 +318,7 @@ def _read_tensors(src: Path, header, mapping, processor, expected, allow_nonfini
         try:
             weights = dequantize(raw, GGMLQuantizationType(t.ggml_type))
         except (NotImplementedError, ValueError) as exc:
-            raise MoxError(f"{src}: GGUF tensor {t.name!r}: {first_line(exc)}") from None
+            raise InputError(f"{src}: GGUF tensor {t.name!r}: {first_line(exc)}") from None
         weights = np.asarray(weights).reshape(tuple(reversed(t.dims)))
         result = processor.process(
             weights=weights, name=t.name, tensor_key_mapping=mapping, parsed_parameters=holder
@@ -327,16 +328,17 @@ def _read_tensors(src: Path, header, mapping, processor, expected, allow_nonfini
         hf_name = mapping[result.name]
         tensor = torch.from_numpy(np.array(result.weights, dtype=np.float32))
         if hf_name in holder["tensors"]:
-            raise MoxError(f"{src}: two GGUF tensors give {hf_name!r} (the second: {t.name!r})")
+            raise InputError(f"{src}: two GGUF tensors give {hf_name!r} (the second: {t.name!r})")
         if tuple(tensor.shape) != expected.get(hf_name):
-            raise MoxError(
+            raise MismatchError(
                 f"{src}: GGUF tensor {t.name!r} has shape {list(tensor.shape)} where the "
                 f"architecture its metadata describes needs {list(expected.get(hf_name, ()))}"
             )
         if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
-            raise MoxError(
+            raise InputError(
                 f"{src}: GGUF tensor {t.name!r} has non-finite values (NaN or inf); pass "
-                "--allow-nonfinite to keep them"
+                "allow_nonfinite=True to keep them",
+                params=("allow_nonfinite",),
             )
         holder["tensors"][hf_name] = tensor
     return holder["tensors"]
@@ -390,7 +392,7 @@ def check_chat_template(template: str, where: str) -> None:
             timeout=TEMPLATE_WALL_SECONDS,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        raise MoxError(
+        raise InputError(
             f"{where}: chat template takes more than {TEMPLATE_WALL_SECONDS} s to render a "
             "one-line chat"
         ) from None
@@ -406,7 +408,7 @@ def check_chat_template(template: str, where: str) -> None:
             )
     if error:
         text = " ".join(str(error).split())  # one line, whatever the template raised
-        raise MoxError(f"{where}: chat template {text[:300]}")
+        raise InputError(f"{where}: chat template {text[:300]}")
 
 
 def chat_answer(folder: str | os.PathLike, question: str, max_new_tokens: int = 24) -> str:
@@ -416,7 +418,7 @@ def chat_answer(folder: str | os.PathLike, question: str, max_new_tokens: int = 
     from ..eval.generation import greedy_answers
     from ..hf import load_model
 
-    loaded = load_model(folder, "MODEL", dtype="auto")
+    loaded = load_model(folder, "model", dtype="auto")
     model, tokenizer = loaded.model, loaded.tokenizer
     chat = bool(getattr(tokenizer, "chat_template", None))
     return greedy_answers(model, tokenizer, [question], max_new_tokens, chat_template=chat)[0]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import hf
 from ..atomic import check_output, scratch
 from ..engine.formula import check_alpha
-from ..errors import MoxError
+from ..errors import InputError
 from ..eval.config import EvalConfig
 from ..eval.data import EvalData, inputs_of, preflight, resolve_model
 from ..eval.report import HEADLINE, format_table, write_json
@@ -60,12 +60,16 @@ def _grid(part: str, text: str) -> list[float]:
     try:
         start, stop, step = (float(x) for x in part.split(":"))
     except ValueError:
-        raise MoxError(f"--alphas {text!r}: a range is START:STOP:STEP (e.g. 1:8:0.5)") from None
+        raise InputError(f"alphas {text!r}: a range is START:STOP:STEP (e.g. 1:8:0.5)",
+                         params=("alphas",)) from None  # fmt: skip
     if not (math.isfinite(start) and math.isfinite(stop) and step > 0 and stop >= start):
-        raise MoxError(f"--alphas {text!r}: a range needs START <= STOP and STEP > 0")
+        raise InputError(f"alphas {text!r}: a range needs START <= STOP and STEP > 0",
+                         params=("alphas",))  # fmt: skip
     count = math.floor((stop - start) / step + 1e-9) + 1
     if count > MAX_ALPHAS:
-        raise MoxError(f"--alphas {text!r}: {count} values (at most {MAX_ALPHAS})")
+        raise InputError(
+            f"alphas {text!r}: {count} values (at most {MAX_ALPHAS})", params=("alphas",)
+        )
     digits = max(len(f"{x:.10g}".partition(".")[2]) for x in (start, step))
     return [round(start + i * step, digits) for i in range(count)]
 
@@ -83,14 +87,16 @@ def parse_alphas(text: str) -> list[float]:
         try:
             alphas.append(float(part))
         except ValueError:
-            raise MoxError(f"--alphas {text!r}: expected numbers or START:STOP:STEP") from None
+            raise InputError(f"alphas {text!r}: expected numbers or START:STOP:STEP",
+                             params=("alphas",)) from None  # fmt: skip
     if not alphas or any(not a > 0 for a in alphas):
-        raise MoxError(f"--alphas {text!r}: expected positive numbers")
+        raise InputError(f"alphas {text!r}: expected positive numbers", params=("alphas",))
     for a in alphas:
-        check_alpha(a, "--alphas")
+        check_alpha(a, "alphas")
     alphas = sorted(set(alphas))
     if len(alphas) > MAX_ALPHAS:
-        raise MoxError(f"--alphas {text!r}: {len(alphas)} values (at most {MAX_ALPHAS})")
+        raise InputError(f"alphas {text!r}: {len(alphas)} values (at most {MAX_ALPHAS})",
+                         params=("alphas",))  # fmt: skip
     return alphas
 
 
@@ -123,13 +129,13 @@ def match_inputs(match, revision: str | None) -> list[Path]:
     from ..train.config import parse_target
 
     match.validate()
-    load_rows(match.match_rows, "--match-rows")
+    load_rows(match.match_rows, "match_rows")
     paths = [Path(match.match_rows)]
     kind, value = parse_target(match.match_target)
     if kind == "model":
-        paths += tree_inputs(hf.check_model_dir(value, "--match-target model:", True, revision))
+        paths += tree_inputs(hf.check_model_dir(value, "match_target", True, revision))
     elif kind == "unknown":
-        load_rows(value, "--match-target unknown:")
+        load_rows(value, "match_target")
         paths.append(Path(value))
     return paths
 
@@ -143,9 +149,9 @@ def matched_alpha(ref: Path, mem: Path, match, revision: str | None, device: str
     from ..text import load_rows
     from ..train.config import parse_target
 
-    ref_model, tok = load_model(ref, device, "REF")
-    mem_model, _ = load_model(mem, device, "MEM")
-    rows = load_rows(match.match_rows, "--match-rows")
+    ref_model, tok = load_model(ref, device, "ref")
+    mem_model, _ = load_model(mem, device, "mem")
+    rows = load_rows(match.match_rows, "match_rows")
 
     def level(model) -> float:
         with torch.no_grad():
@@ -153,16 +159,17 @@ def matched_alpha(ref: Path, mem: Path, match, revision: str | None, device: str
 
     kind, value = parse_target(match.match_target)
     if kind == "model":
-        value = hf.check_model_dir(value, "--match-target model:", True, revision)
+        value = hf.check_model_dir(value, "match_target", True, revision)
     target = target_level(
         kind, value, reference=ref_model, level=level,
         level_of_rows=lambda model, source: answer_logprob(model, tok, source),
-        load=lambda folder: load_model(folder, device, "--match-target model:")[0],
+        load=lambda folder: load_model(folder, device, "match_target")[0],
     )  # fmt: skip
     found, _ = match_alpha(ref_model, mem_model, level, target)
     if not found.reached:
-        raise MoxError(f"--match-target: no α up to {found.evaluations[-1][0]:g} brings the "
-                       f"level to {target:.4g} (at that α: {found.level:.4g})")  # fmt: skip
+        raise InputError(f"match_target: no α up to {found.evaluations[-1][0]:g} brings the "
+                       f"level to {target:.4g} (at that α: {found.level:.4g})",
+                       params=("match_target",))  # fmt: skip
     return {"strength": found.strength, "level": found.level, "target": target,
             "gap": found.gap, "evaluations": len(found.evaluations)}  # fmt: skip
 
@@ -175,7 +182,7 @@ def _forget_models(
 
     from ..eval.evaluate import load_model
 
-    ref_model, tokenizer = load_model(ref, device, "REF")
+    ref_model, tokenizer = load_model(ref, device, "ref")
     yield 0.0, ref_model, tokenizer
     if on_disk:
         from ..engine.stream import extrapolate
@@ -191,7 +198,7 @@ def _forget_models(
     else:
         from ..train import extrapolate_model
 
-        mem_model, _ = load_model(mem, device, "MEM")
+        mem_model, _ = load_model(mem, device, "mem")
         for alpha in alphas:
             with torch.no_grad():
                 yield alpha, extrapolate_model(ref_model, mem_model, alpha).eval(), tokenizer
@@ -211,17 +218,19 @@ def check_sweep(
     match=None,
 ) -> tuple[Path, Path, Path | None, EvalData]:
     """Every check a sweep needs, before any model is loaded: the settings and evaluation sets,
-    REF, MEM and --retain-model (hub ids resolved to local paths, returned), REF and MEM as a
+    REF, MEM and retain_model (hub ids resolved to local paths, returned), REF and MEM as a
     pair the engine accepts (a dry run: headers only), and that OUT's report and plot can be
     written: not over an existing one without `force`, never inside or over an input."""
     if metric not in FORGET_METRICS:
-        raise MoxError(f"--metric {metric}: choose one of {', '.join(FORGET_METRICS)}")
+        raise InputError(
+            f"metric {metric}: choose one of {', '.join(FORGET_METRICS)}", params=("metric",)
+        )
     if not alphas:
-        raise MoxError("--alphas: no α to evaluate")
+        raise InputError("alphas: no α to evaluate", params=("alphas",))
     for alpha in alphas:
-        check_alpha(alpha, "--alphas")
-    data, ref, retain_model = preflight(ref, data_dir, retain_model, cfg, revision, "REF")
-    mem = hf.check_model_dir(resolve_model(mem, revision, "MEM"), "MEM", need_tokenizer=False)
+        check_alpha(alpha, "alphas")
+    data, ref, retain_model = preflight(ref, data_dir, retain_model, cfg, revision, "ref")
+    mem = hf.check_model_dir(resolve_model(mem, revision, "mem"), "mem", need_tokenizer=False)
     measured = {
         "forget_prob": "forget" in data.qa,
         "forget_rouge_recall": "forget" in data.qa,
@@ -229,14 +238,14 @@ def check_sweep(
         "verbmem_forget": bool(data.verbmem),
     }
     if retain_model is not None and not measured[metric]:
-        raise MoxError(f"--metric {metric}: {data.directory} ({data.layout} layout) has no set "
-                       "that measures it")  # fmt: skip
+        raise InputError(f"metric {metric}: {data.directory} ({data.layout} layout) has no set "
+                       "that measures it", params=("metric",))  # fmt: skip
     from ..engine.stream import extrapolate
 
     if match is not None and match.active:
         if on_disk_needed(ref):
-            raise MoxError("--match-rows: matched forgetting extrapolates in memory; REF is too "
-                           "large for the in-memory sweep")  # fmt: skip
+            raise InputError("match_rows: matched forgetting extrapolates in memory; REF is too "
+                           "large for the in-memory sweep", params=("match_rows",))  # fmt: skip
         match_inputs(match, revision)
     with tempfile.TemporaryDirectory(prefix=".moxkit-sweep-check-") as tmp:
         extrapolate(ref, mem, alphas[-1], Path(tmp) / "forget", device="cpu", dry_run=True,

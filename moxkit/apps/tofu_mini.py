@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MoxError
+from ..errors import InputError
 
 SPLITS = {"forget01": 1, "forget05": 5, "forget10": 10}
 N_PERTURBED = 3
@@ -241,7 +241,7 @@ def generate(n_authors: int = 100, seed: int = 0) -> dict:
     """The whole benchmark in memory: authors (trained, in order), holdout authors, general
     subjects, pretraining text; see `write` for the files."""
     if n_authors < 10:
-        raise MoxError(f"tofu-mini needs at least 10 authors (got {n_authors}): forget01 is 1 %")
+        raise InputError(f"tofu-mini needs at least 10 authors (got {n_authors}): forget01 is 1 %")
     rng = random.Random(seed)
     taken: set[str] = set()
     pools = _pools(rng, taken)

@@ -73,15 +73,16 @@ def command(ref, mem, alpha, out, prev, momentum, eta, quiet, revision, merge, r
         prev = momentum
     if prev is None and eta is not None:
         raise MoxError("--eta only applies with --prev PREV")
-    # the Python API names its arguments as Python does: check them here to name the flags
-    check_alpha(alpha, "--alpha")
+    # refused before REF and MEM are resolved (a hub id may mean a download); the messages
+    # name the API parameters, which main's error handler shows as flags
+    check_alpha(alpha)
     if eta is not None:
-        check_eta(eta, "--eta")
+        check_eta(eta)
     options = config_from(EngineOptions, kw, force=kw.pop("force"), progress=not quiet)
-    parse_dtype(options.dtype, "--dtype")
+    parse_dtype(options.dtype)
     for name in ("max_memory", "max_shard_size", "max_gpu_memory"):
         if getattr(options, name) is not None:
-            parse_size(getattr(options, name), "--" + name.replace("_", "-"))
+            parse_size(getattr(options, name), name)
     ref, mem = resolve_model(ref, revision), resolve_model(mem, revision)
     prev = resolve_model(prev, revision) if prev is not None else None
     # -- LoRA forget adapters: MEM a PEFT adapter folder -> moxkit.adapters --

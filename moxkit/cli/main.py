@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 
@@ -34,6 +35,8 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    running: click.Command | None = None  # the subcommand of this run, for error messages
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
@@ -41,6 +44,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(f"moxkit.cli.{COMMANDS[name][0]}")
+        self.running = module.command
         return module.command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     arriving during interpreter shutdown is ignored rather than turned into a traceback or a
     death by signal after the work is done."""
     published = len(atomic.published)  # outputs completed before this command
+    cli.running = None
     try:
         _run(argv, published)
     finally:
@@ -88,7 +93,7 @@ def _run(argv: list[str] | None, published: int) -> None:
             sys.exit(exc.exit_code)
         except MoxError as exc:
             atomic.settle()
-            click.echo(one_line(f"moxkit: error: {exc}"), err=True)
+            click.echo(one_line(f"moxkit: error: {for_cli(exc, cli.running)}"), err=True)
             sys.exit(1)
         except ModuleNotFoundError as exc:  # an optional part of moxkit not installed
             fix = missing_extra(exc)
@@ -99,6 +104,45 @@ def _run(argv: list[str] | None, published: int) -> None:
             sys.exit(1)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
+
+
+def for_cli(exc: MoxError, command: click.Command | None = None) -> str:
+    """The message of `exc` as the CLI says it: each API parameter it names (exc.params)
+    becomes the flag or argument that sets it. `name=True` becomes the flag, `name=value`
+    the flag and the value, and the first bare `name` the flag; other occurrences of the word
+    (a path, a tensor name, the noun) are left alone."""
+    text = str(exc)
+    known = flags(command) if exc.params else {}
+    for param in exc.params:
+        flag = known.get(param)
+        if flag is None:
+            continue
+        name, put = re.escape(param), flag.replace("\\", "\\\\")
+        text = re.sub(rf"(?<![\w.-]){name}=True\b", put, text)
+        text = re.sub(rf"(?<![\w.-]){name}=(['\"]?)([^\s'\",;)]*)\1", put + r" \2", text)
+        text = re.sub(rf"(?<![\w./'\"-]){name}(?![\w/'\"=-]|\.\w)", put, text, count=1)
+    return text
+
+
+def flags(command: click.Command | None = None) -> dict[str, str]:
+    """API parameter name -> what sets it on the command line, read from the click commands
+    themselves (options generated from the settings dataclasses, by moxkit.fields.flag_of,
+    and the hand-written ones): their parameter names are the API's. `command`'s own come
+    first; a parameter it lacks is looked up in the other commands."""
+    table: dict[str, str] = {}
+    commands = [importlib.import_module(f"moxkit.cli.{m}").command for m, _ in COMMANDS.values()]
+    for cmd in ([command] if command is not None else []) + commands:
+        for param in cmd.params:
+            if param.name is not None and param.name not in table:
+                table[param.name] = _shown_as(param)
+    return table
+
+
+def _shown_as(param: click.Parameter) -> str:
+    if isinstance(param, click.Argument):
+        return param.human_readable_name.upper()
+    longs = [o for o in param.opts if o.startswith("--")]
+    return (longs or param.opts)[0]
 
 
 def one_line(text: str) -> str:

@@ -63,7 +63,7 @@ def request_inputs(kw: dict, loss_exclude: tuple[str, ...] = ()) -> dict:
         "revision": kw.pop("revision"),
         "target_answer": kw.pop("target_answer"), "target_file": kw.pop("target_file"),
         "config": config_from(TrainConfig, kw, progress=not kw["quiet"]),
-        "loss": config_from(LossConfig, kw, exclude=loss_exclude), "cli": True,
+        "loss": config_from(LossConfig, kw, exclude=loss_exclude),
     }  # fmt: skip
 
 

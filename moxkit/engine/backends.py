@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import MoxError
+from ..errors import InputError, ResourceError
 from .dtypes import ARITHMETIC_CODES, CANONICAL_NAN_BITS, TABLE
 from .formula import Coefficients
 from .writer import WRITE_BLOCK
@@ -155,7 +155,7 @@ class CpuBackend:
             futures = [self._pool.submit(run, s, min(step, n - s)) for s in range(step, n, step)]
             counts = _run_then_settle(lambda: run(0, step), futures)
         if any(c == _INPUT_CHANGED for c in counts):
-            raise MoxError(
+            raise InputError(
                 "an input file changed while being read (truncated or rewritten "
                 "by another process?)"
             )
@@ -284,9 +284,9 @@ def set_cpu_path(name: str | None) -> None:
     this CPU runs). For tests and benchmarks; call it while no extrapolation runs."""
     lib = _fused_library()
     if lib is None:
-        raise MoxError("the C loop (moxkit/engine/_fused.c) was not built")
+        raise ResourceError("the C loop (moxkit/engine/_fused.c) was not built")
     if name is not None and name not in cpu_paths():
-        raise MoxError(f"CPU path {name!r}: this CPU runs {', '.join(cpu_paths())}")
+        raise InputError(f"CPU path {name!r}: this CPU runs {', '.join(cpu_paths())}")
     lib.moxkit_set_cpu_path(-1 if name is None else CPU_PATHS.index(name))
 
 
@@ -300,13 +300,14 @@ def get_backend(device: str = "auto", **options):
         import torch
 
         if not torch.cuda.is_available():
-            raise MoxError("--device cuda: no CUDA device is available (use --device cpu)")
+            raise ResourceError("device 'cuda': no CUDA device is available (use device='cpu')",
+                                params=("device",))  # fmt: skip
         try:
             from moxkit.kernels.backend import CudaBackend
         except ImportError as exc:
-            raise MoxError(f"--device cuda needs Triton: {exc}") from None
+            raise ResourceError(f"device 'cuda' needs Triton: {exc}", params=("device",)) from None
         return CudaBackend(device=device, **options)
-    raise MoxError(f"unknown device {device!r}: expected cpu, cuda or auto")
+    raise InputError(f"device {device!r}: expected cpu, cuda or auto", params=("device",))
 
 
 def _cuda_usable() -> bool:

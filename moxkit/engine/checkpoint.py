@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MoxError
+from ..errors import InputError
 from ..sources import (
     MAX_JSON_DEPTH,
     ModelFile,
@@ -139,23 +139,23 @@ def _open_folder(folder: Path, budget: int | None) -> Checkpoint:
     try:
         names = os.listdir(folder)
     except OSError as exc:
-        raise MoxError(f"{shown(folder)}: cannot list: {exc.strerror or exc}") from None
+        raise InputError(f"{shown(folder)}: cannot list: {exc.strerror or exc}") from None
     candidates = sorted(n for n in names if n.endswith(".safetensors"))
     if len(candidates) == 1:
         file = member(folder, candidates[0], root)
         tensors, metadata = read_header(file, budget)
         return Checkpoint(folder, tensors, [file.path], folder, metadata)
     if len(candidates) > 1:
-        raise MoxError(
+        raise InputError(
             f"{shown(folder)}: {len(candidates)} .safetensors files and no {INDEX_NAME} "
             "to say which tensors each holds"
         )
     if any(n.endswith((".bin", ".pt", ".pth")) for n in names):
-        raise MoxError(
+        raise InputError(
             f"{shown(folder)}: only PyTorch pickle weights (.bin/.pt); save the model with "
             "save_pretrained(..., safe_serialization=True) to get safetensors"
         )
-    raise MoxError(f"{shown(folder)}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
+    raise InputError(f"{shown(folder)}: no {SINGLE_NAME} or {INDEX_NAME} in this directory")
 
 
 def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) -> Checkpoint:
@@ -164,14 +164,14 @@ def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) 
     data = read_json(index, "index", budget=budget)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise MoxError(f"{index}: index has no 'weight_map' object")
+        raise InputError(f"{index}: index has no 'weight_map' object")
     shard_files: dict[str, ModelFile] = {}
     for name, shard in weight_map.items():
         if type(shard) is str and shard in shard_files:
             continue
         check_file_name(shard, f"{index}: tensor {name!r} maps to")
         if not os.path.lexists(folder / shard):
-            raise MoxError(f"{index}: shard {shown(shard)} is missing")
+            raise InputError(f"{index}: shard {shown(shard)} is missing")
         shard_files[shard] = member(folder, shard, root)
     _warn_unnamed_shards(folder, shard_files)
     headers: dict[str, dict[str, TensorInfo]] = {}
@@ -182,12 +182,12 @@ def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) 
         for name in headers[shard]:
             named = weight_map.get(name)
             if named is None:
-                raise MoxError(
+                raise InputError(
                     f"{file}: holds tensor {name!r} that {INDEX_NAME} does not name "
                     "(transformers would ignore it): the index and the shards disagree"
                 )
             if named != shard:
-                raise MoxError(
+                raise InputError(
                     f"{file}: holds tensor {name!r} that {INDEX_NAME} places in "
                     f"{shown(named)}: the index and the shards disagree"
                 )
@@ -195,7 +195,9 @@ def _open_index(index: ModelFile, folder: Path, root: Path, budget: int | None) 
     for name, shard in weight_map.items():
         info = headers[shard].get(name)
         if info is None:
-            raise MoxError(f"{shard_files[shard]}: tensor {name!r} named by the index is not in it")
+            raise InputError(
+                f"{shard_files[shard]}: tensor {name!r} named by the index is not in it"
+            )
         tensors[name] = info
     return Checkpoint(folder, tensors, [f.path for f in shard_files.values()], folder, metadata)
 
@@ -228,17 +230,17 @@ def read_header(
     if not isinstance(file, ModelFile):
         file = user_file(Path(file))
     if file.size < 8:
-        raise MoxError(f"{file}: too small to be a safetensors file ({file.size} bytes)")
+        raise InputError(f"{file}: too small to be a safetensors file ({file.size} bytes)")
     fd = open_checked(file)
     try:
         (header_len,) = struct.unpack("<Q", read_exactly(fd, 0, 8, file))
         if 8 + header_len > file.size:
-            raise MoxError(
+            raise InputError(
                 f"{file}: header length {header_len} does not fit in the file "
                 f"({file.size} bytes): not a safetensors file, or truncated"
             )
         if header_len > MAX_HEADER_BYTES:
-            raise MoxError(
+            raise InputError(
                 f"{file}: header of {header_len:,} bytes is over safetensors' limit of "
                 f"{MAX_HEADER_BYTES:,}: not a safetensors file, or not one anything can load"
             )
@@ -266,7 +268,7 @@ def _header_text(raw: bytes, file: ModelFile) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise MoxError(f"{file}: header is not UTF-8 text: not a safetensors file") from None
+        raise InputError(f"{file}: header is not UTF-8 text: not a safetensors file") from None
 
 
 def parse_header(
@@ -274,21 +276,21 @@ def parse_header(
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate the header `text` of `file` (its bytes decoded as UTF-8); see read_header."""
     if not text.startswith("{"):
-        raise MoxError(f"{file}: header does not start with '{{': not a safetensors file")
+        raise InputError(f"{file}: header does not start with '{{': not a safetensors file")
     data_start = 8 + (len(text) if text.isascii() else len(text.encode("utf-8")))
     parser = _HeaderParser(text, file, data_start, budget)
     with gc_paused():
         try:
             return parser.run()
         except RecursionError:
-            raise MoxError(f"{file}: header is nested too deeply") from None
+            raise InputError(f"{file}: header is nested too deeply") from None
         except (json.JSONDecodeError, StopIteration):
-            raise MoxError(
+            raise InputError(
                 f"{file}: header is not valid JSON near character {parser.pos}: "
                 "not a safetensors file"
             ) from None
         except ValueError as exc:  # an integer past Python's digit limit
-            raise MoxError(f"{file}: header holds {str(exc).splitlines()[0]}") from None
+            raise InputError(f"{file}: header holds {str(exc).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager
@@ -344,7 +346,7 @@ class _HeaderParser:
                 name, value, pos = self._general_item(pos)
                 if name == "__metadata__":
                     if metadata is not None:
-                        raise MoxError(f"{self.file}: header names '__metadata__' twice")
+                        raise InputError(f"{self.file}: header names '__metadata__' twice")
                     metadata = self._metadata(value)
                 else:
                     infos.append(self._general(name, value))
@@ -399,18 +401,18 @@ class _HeaderParser:
     def _general(self, name: str, entry: object) -> TensorInfo:
         where = f"{self.file}: tensor {name!r}"
         if not isinstance(entry, dict):
-            raise MoxError(f"{where}: header entry is not an object")
+            raise InputError(f"{where}: header entry is not an object")
         if json_depth(entry) > MAX_JSON_DEPTH:
-            raise MoxError(f"{where}: header entry is nested too deeply")
+            raise InputError(f"{where}: header entry is nested too deeply")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _U64 for d in shape):
-            raise MoxError(f"{where}: shape {shape!r:.80} is not a list of non-negative integers")
+            raise InputError(f"{where}: shape {shape!r:.80} is not a list of non-negative integers")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
         ):
-            raise MoxError(f"{where}: data_offsets {offsets!r:.80} are not [begin, end]")
+            raise InputError(f"{where}: data_offsets {offsets!r:.80} are not [begin, end]")
         shape = tuple(shape)
         return self._info(name, dtype, shape, _numel(shape, self.file, name), *offsets)
 
@@ -419,23 +421,23 @@ class _HeaderParser:
     ) -> TensorInfo:
         code = _DTYPE_CODES.get(dtype) if isinstance(dtype, str) else None
         if code is None:
-            raise MoxError(f"{self.file}: tensor {name!r}: unknown dtype {dtype!r:.40}")
+            raise InputError(f"{self.file}: tensor {name!r}: unknown dtype {dtype!r:.40}")
         expected = numel * SIZES[code]
         if expected >= _U64:
-            raise MoxError(f"{self.file}: tensor {name!r}: shape {list(shape)} is too large")
+            raise InputError(f"{self.file}: tensor {name!r}: shape {list(shape)} is too large")
         if end is None:  # dtype and shape only (a canonical entry's kind)
             return TensorInfo(name, code, shape, self.file, 0, expected)
         if not 0 <= begin <= end < _U64:
-            raise MoxError(
+            raise InputError(
                 f"{self.file}: tensor {name!r}: data_offsets {[begin, end]} are not [begin, end]"
             )
         if end - begin != expected:
-            raise MoxError(
+            raise InputError(
                 f"{self.file}: tensor {name!r}: {end - begin} bytes for shape {list(shape)} "
                 f"of {code} (expected {expected})"
             )
         if end > self.data_size:
-            raise MoxError(
+            raise InputError(
                 f"{self.file}: tensor {name!r}: data ends at byte {end} but the file holds "
                 f"{self.data_size} data bytes (truncated file?)"
             )
@@ -447,7 +449,7 @@ class _HeaderParser:
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
-            raise MoxError(f"{self.file}: __metadata__ must map strings to strings")
+            raise InputError(f"{self.file}: __metadata__ must map strings to strings")
         for text in (*value.keys(), *value.values()):
             _check_text(text, f"{self.file}: __metadata__")
         return value
@@ -463,7 +465,7 @@ class _HeaderParser:
             seen: set[str] = set()
             for t in infos:
                 if t.name in seen:
-                    raise MoxError(f"{self.file}: header names tensor {t.name!r} twice")
+                    raise InputError(f"{self.file}: header names tensor {t.name!r} twice")
                 seen.add(t.name)
         ends = starts[order] + sizes[order]
         expected = np.concatenate(([self.data_start], ends[:-1])) if len(infos) else ends
@@ -472,14 +474,14 @@ class _HeaderParser:
             i = int(wrong[0])
             t = infos[order[i]]
             what = "overlaps the tensor before it" if t.start < expected[i] else "leaves a gap"
-            raise MoxError(
+            raise InputError(
                 f"{self.file}: tensor {t.name!r} {what} (starts at data byte "
                 f"{t.start - self.data_start}, previous one ends at "
                 f"{int(expected[i]) - self.data_start})"
             )
         data_end = int(ends[-1]) if len(infos) else self.data_start
         if data_end != self.file.size:
-            raise MoxError(
+            raise InputError(
                 f"{self.file}: {self.file.size - data_end} bytes after the last tensor "
                 "(safetensors refuses such a file)"
             )
@@ -502,7 +504,7 @@ def _numel(shape: tuple[int, ...], file: ModelFile, name: str) -> int:
     for d in shape:
         n *= d
         if n >= _U64 or d >= _U64:
-            raise MoxError(f"{file}: tensor {name!r}: shape {list(shape)} overflows 64 bits")
+            raise InputError(f"{file}: tensor {name!r}: shape {list(shape)} overflows 64 bits")
     return n
 
 
@@ -510,7 +512,9 @@ def _check_text(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise MoxError(f"{where}: {ascii(text)} holds a lone surrogate (not valid UTF-8)") from None
+        raise InputError(
+            f"{where}: {ascii(text)} holds a lone surrogate (not valid UTF-8)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ reading
@@ -546,7 +550,7 @@ class FileReader:
         if isinstance(file, ModelFile):
             check_size(file, size)
         if end > size:
-            raise MoxError(f"{shown(file)}: ends at byte {size}, before byte {end} (truncated?)")
+            raise InputError(f"{shown(file)}: ends at byte {size}, before byte {end} (truncated?)")
         return fd
 
     def map_range(
@@ -570,7 +574,9 @@ class FileReader:
             while done < total:
                 n = os.preadv(fd, [buffer[done:]], offset + done)
                 if n <= 0:
-                    raise MoxError(f"{shown(file)}: unexpected end of file at byte {offset + done}")
+                    raise InputError(
+                        f"{shown(file)}: unexpected end of file at byte {offset + done}"
+                    )
                 done += n
 
     def close(self) -> None:
@@ -586,4 +592,4 @@ def _open_input(file: ModelFile | Path) -> int:
     try:
         return os.open(file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise MoxError(f"{shown(file)}: cannot open: {exc.strerror or exc}") from None
+        raise InputError(f"{shown(file)}: cannot open: {exc.strerror or exc}") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MoxError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,14 @@ CLI_NAMES = tuple(d.cli[0] for d in _ARITHMETIC)  # bf16, fp16, fp32
 
 def parse_dtype(dtype: str | None, name: str = "dtype") -> str | None:
     """The safetensors code of an output dtype given by name ("bf16", "float16", ...); `name`
-    is what the caller calls the argument (the CLI passes "--dtype")."""
+    is what the caller calls the argument (the API parameter; the CLI shows its flag)."""
     if dtype is None:
         return None
     code = _BY_NAME.get(dtype.lower())
     if code is None:
-        raise MoxError(f"{name} {dtype!r}: expected one of {', '.join(CLI_NAMES)}")
+        raise InputError(
+            f"{name} {dtype!r}: expected one of {', '.join(CLI_NAMES)}", params=(name,)
+        )
     return code
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MoxError
+from ..errors import InputError
 
 PAPER_ETA = 0.675  # MOX-Mo's weight of the newest extrapolation, as the paper sets it
 
@@ -47,9 +47,10 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     """α as a float, or MoxError naming `name` where fp32 coefficients cannot carry it."""
     value = _number(alpha, name)
     if not FP32_TINY <= value <= ALPHA_MAX:
-        raise MoxError(
+        raise InputError(
             f"{name} {_shown(alpha)}: must be between {FP32_TINY:.3g} and {ALPHA_MAX:g} "
-            "(beyond, the fp32 coefficients 1+α and α lose the formula)"
+            "(beyond, the fp32 coefficients 1+α and α lose the formula)",
+            params=(name,),
         )
     return value
 
@@ -58,19 +59,20 @@ def check_eta(eta: float, name: str = "eta") -> float:
     """η as a float, or MoxError naming `name` unless it is a weight in (0, 1] that fp32 holds."""
     value = _number(eta, name)
     if not FP32_TINY <= value <= 1.0:
-        raise MoxError(f"{name} {_shown(eta)}: must be in (0, 1] and at least {FP32_TINY:.3g}")
+        raise InputError(f"{name} {_shown(eta)}: must be in (0, 1] and at least {FP32_TINY:.3g}",
+                         params=(name,))  # fmt: skip
     return value
 
 
 def _number(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
-        raise MoxError(f"{name} {_shown(x)}: must be a number")
+        raise InputError(f"{name} {_shown(x)}: must be a number", params=(name,))
     try:
         value = float(x)
     except OverflowError:
         value = math.inf
     if not math.isfinite(value):
-        raise MoxError(f"{name} {_shown(x)}: must be a finite number")
+        raise InputError(f"{name} {_shown(x)}: must be a finite number", params=(name,))
     return value
 
 

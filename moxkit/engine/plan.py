@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import MoxError
+from ..errors import InputError, MismatchError
 from ..sources import shown
 from ..units import check_headroom
 from .checkpoint import BUDGET_CHECK_EVERY, Checkpoint, TensorInfo, gc_paused
@@ -68,7 +68,7 @@ def pair_tensors(
     With a memory `budget` (bytes, whole process), the plan's size is checked first, so a
     model of millions of tensors that cannot fit stops now rather than half-way."""
     if not ref.tensors:
-        raise MoxError(f"{shown(ref.path)}: holds no tensors")
+        raise InputError(f"{shown(ref.path)}: holds no tensors")
     others = [("MEM", mem)] + ([("PREV", prev)] if prev is not None else [])
     for label, other in others:
         _check_same_names(ref, label, other)
@@ -108,12 +108,12 @@ def _check_same_names(ref: Checkpoint, label: str, other: Checkpoint) -> None:
     extra = [n for n in other.tensors if n not in ref.tensors]
     hint = _prefix_hint(label, missing, extra)
     if missing:
-        raise MoxError(
+        raise MismatchError(
             f"{shown(other.path)}: {label} lacks tensor {missing[0]!r} that REF has"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + hint
         )
-    raise MoxError(
+    raise MismatchError(
         f"{shown(other.path)}: {label} has tensor {extra[0]!r} that REF lacks"
         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
         + (hint or ("; tied embeddings in one model but not the other?" * ("lm_head" in extra[0])))
@@ -146,7 +146,7 @@ def _prefix_hint(label: str, missing: list[str], extra: list[str]) -> str:
 def _refuse_shapes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None) -> None:
     for label, t in (("MEM", m), ("PREV", p)):
         if t is not None and t.shape != r.shape:
-            raise MoxError(
+            raise MismatchError(
                 f"{t.file}: tensor {name!r} has shape {list(t.shape)} in {label} "
                 f"but {list(r.shape)} in REF"
             )
@@ -155,7 +155,7 @@ def _refuse_shapes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None
 def _refuse_integer_dtypes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None) -> None:
     for label, t in (("MEM", m), ("PREV", p)):
         if t is not None and t.dtype != r.dtype:
-            raise MoxError(
+            raise MismatchError(
                 f"{t.file}: tensor {name!r} is {t.dtype} in {label} but {r.dtype} in REF"
             )
 
@@ -163,7 +163,7 @@ def _refuse_integer_dtypes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInf
 def _refuse_float_dtypes(name: str, r: TensorInfo, m: TensorInfo, p: TensorInfo | None) -> None:
     for label, t in (("REF", r), ("MEM", m), ("PREV", p)):
         if t is not None and t.dtype not in ARITHMETIC_CODES:
-            raise MoxError(
+            raise InputError(
                 f"{t.file}: tensor {name!r} in {label} is {t.dtype}; moxkit computes on "
                 "F32, F16 and BF16 tensors"
             )

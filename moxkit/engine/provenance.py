@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..errors import MoxError
+from ..errors import InputError
 from ..sources import ModelFile, model_files, open_checked, read_json
 from .checkpoint import Checkpoint
 from .dtypes import TABLE
@@ -100,7 +100,7 @@ def _copy(file: ModelFile, dst: Path) -> None:
         shutil.copyfileobj(source, target, 1 << 20)
         copied = target.tell()
     if copied != file.size:
-        raise MoxError(f"{file}: changed while it was copied ({copied} of {file.size} bytes)")
+        raise InputError(f"{file}: changed while it was copied ({copied} of {file.size} bytes)")
 
 
 def model_card(meta: dict[str, str]) -> str:

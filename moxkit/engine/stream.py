@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 
 from ..atomic import check_output, reached, shielded, staged_dir, staged_file
-from ..errors import MoxError
+from ..errors import InputError, MoxError, OutputError, ResourceError
 from ..progress import ByteProgress
 from ..sources import ModelFile
 from ..units import format_bytes, parse_size
@@ -158,7 +158,8 @@ def extrapolate(
             "extrapolate(momentum=...) is deprecated: pass prev=...", DeprecationWarning, 2
         )
         if prev is not None:
-            raise MoxError("prev and momentum name the same checkpoint: pass only prev")
+            raise InputError("prev and momentum name the same checkpoint: pass only prev",
+                             params=("prev", "momentum"))  # fmt: skip
         prev = momentum
     return run(prepare(ref, mem, alpha, out, prev=prev, eta=eta, options=options))
 
@@ -279,10 +280,11 @@ def fit_elems(
     elems = min(most, (budget - resident - RESERVED_BYTES) // bytes_per_elem)
     elems -= elems % align
     if elems < least:
-        raise MoxError(
+        raise ResourceError(
             f"{name} {format_bytes(budget)} is too small: this process already holds "
             f"{format_bytes(resident)}; allow at least "
-            f"{format_bytes(resident + RESERVED_BYTES + bytes_per_elem * least)}"
+            f"{format_bytes(resident + RESERVED_BYTES + bytes_per_elem * least)}",
+            params=(name,),
         )
     return elems
 
@@ -320,7 +322,7 @@ def _write_output(
                     )
                 (tmp / "README.md").write_text(model_card(job.metadata))
     except OSError as exc:
-        raise MoxError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
+        raise OutputError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
 
 
 class _Slot:
@@ -458,13 +460,16 @@ def _run_pipeline(
                     finite = compute(chunk, slot)
                 except MoxError as exc:  # the backend knows no names: say which tensor, files
                     files = ", ".join(sorted({str(i.file) for i in (t.ref, t.mem, t.prev) if i}))
-                    raise MoxError(f"tensor {t.name!r} ({files}): {exc}") from None
+                    raise type(exc)(
+                        f"tensor {t.name!r} ({files}): {exc}", params=exc.params
+                    ) from None
                 reached("computed")
                 if not finite and t.name not in report.nonfinite_tensors:
                     if not job.options.allow_nonfinite:
-                        raise MoxError(
+                        raise InputError(
                             f"tensor {t.name!r}: the result has non-finite values (NaN or inf); "
-                            "check the inputs, or pass --allow-nonfinite to keep them"
+                            "check the inputs, or pass allow_nonfinite=True to keep them",
+                            params=("allow_nonfinite",),
                         )
                     report.nonfinite_tensors.append(t.name)
             writes[i] = write_pool.submit(write, chunk, slot)
@@ -488,4 +493,4 @@ def _run_pipeline(
 
 def _changed_input(file: Path, exc: Exception) -> MoxError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return MoxError(f"{file}: cannot read ({reason}); was it changed or truncated meanwhile?")
+    return InputError(f"{file}: cannot read ({reason}); was it changed or truncated meanwhile?")

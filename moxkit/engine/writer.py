@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MoxError
+from ..errors import OutputError
 from ..units import check_headroom
 from .checkpoint import INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
 from .dtypes import SIZES
@@ -105,9 +105,10 @@ def layout(
         if len(header) > MAX_HEADER_BYTES:
             header, rel = _header(ordered, {"format": metadata.get("format", "pt")})
         if len(header) > MAX_HEADER_BYTES:
-            raise MoxError(
+            raise OutputError(
                 f"{name}: its header would be {len(header):,} bytes, over the {MAX_HEADER_BYTES:,} "
-                "that safetensors loads; use a smaller max_shard_size"
+                "that safetensors loads; use a smaller max_shard_size",
+                params=("max_shard_size",),
             )
         base = 8 + len(header)
         shards.append(Shard(name, ordered, header, {k: base + v for k, v in rel.items()}))

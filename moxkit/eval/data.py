@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import hf
 from ..atomic import check_output, tree_inputs
-from ..errors import MoxError
+from ..errors import InputError, MoxError, naming
 from ..fields import check
 from ..records import read_records
 from ..sources import shown
@@ -97,26 +97,26 @@ def _checked(path: Path, records: list[object], fields: tuple[str, ...]) -> list
     rows = []
     for i, row in enumerate(records, 1):
         if not isinstance(row, dict):
-            raise MoxError(f"{path}: row {i}: expected a JSON object")
+            raise InputError(f"{path}: row {i}: expected a JSON object")
         missing = [f for f in fields if f not in row]
         if missing:
-            raise MoxError(f"{path}: row {i}: missing field(s) {', '.join(missing)}")
+            raise InputError(f"{path}: row {i}: missing field(s) {', '.join(missing)}")
         bad = [f for f in fields if f != "perturbed_answer" and not isinstance(row[f], str)]
         if bad:
-            raise MoxError(f"{path}: row {i}: {', '.join(bad)} must be text")
+            raise InputError(f"{path}: row {i}: {', '.join(bad)} must be text")
         if "perturbed_answer" in fields:
             pert = row["perturbed_answer"]
             if isinstance(pert, str):
                 pert = [pert]
             if not (isinstance(pert, list) and pert and all(isinstance(p, str) for p in pert)):
-                raise MoxError(
+                raise InputError(
                     f"{path}: row {i}: perturbed_answer must be a string or a "
                     "non-empty list of them"
                 )
             row = {**row, "perturbed_answer": pert}
         rows.append(row)
     if not rows:
-        raise MoxError(f"{path} has no rows")
+        raise InputError(f"{path} has no rows")
     return rows
 
 
@@ -126,10 +126,10 @@ def _texts(path: Path, records: list[object]) -> list[str]:
     for i, rec in enumerate(records, 1):
         text = rec.get("text") if isinstance(rec, dict) else rec
         if not isinstance(text, str):
-            raise MoxError(f'{path}: row {i}: expected a text or a {{"text": ...}} object')
+            raise InputError(f'{path}: row {i}: expected a text or a {{"text": ...}} object')
         out.append(text)
     if not out:
-        raise MoxError(f"{path} has no rows")
+        raise InputError(f"{path} has no rows")
     return out
 
 
@@ -149,15 +149,15 @@ def _find(d: Path, stem: str) -> Path | None:
 def detect_layout(d: Path) -> str:
     """tofu, muse or moxkit, from the files present; a clear error when none fits."""
     if not d.is_dir():
-        raise MoxError(f"--data {d}: not a directory")
+        raise InputError(f"data_dir {d}: not a directory", params=("data_dir",))
     if _find(d, "forget"):
         return "moxkit"
     if any(_find(d, f"{s}_perturbed") for s in TOFU_FORGET_SPLITS):
         return "tofu"
     if (d / "knowmem").is_dir() or (d / "verbmem").is_dir() or (d / "privleak").is_dir():
         return "muse"
-    raise MoxError(
-        f"--data {d}: no evaluation set found (expected forget.jsonl, TOFU's "
+    raise InputError(
+        f"data_dir {d}: no evaluation set found (expected forget.jsonl, TOFU's "
         "forget*_perturbed.json, or MUSE's knowmem/verbmem/privleak folders)"
     )
 
@@ -170,17 +170,19 @@ def _load_tofu(d: Path, data: EvalData, split: str | None, max_items: int | None
     present = [s for s in TOFU_FORGET_SPLITS if _find(d, f"{s}_perturbed")]
     if split is None:
         if len(present) > 1:
-            raise MoxError(
-                f"--data {d}: TOFU's {', '.join(present)} are all here; choose the "
-                "forget set with --split"
+            raise InputError(
+                f"data_dir {d}: TOFU's {', '.join(present)} are all here; choose the "
+                "forget set with split",
+                params=("data_dir", "split"),
             )
         split = present[0]
     if split not in present:
-        raise MoxError(
-            f"--split {split}: {d} has no {split}_perturbed file (has: {', '.join(present)})"
+        raise InputError(
+            f"split {split}: {d} has no {split}_perturbed file (has: {', '.join(present)})",
+            params=("split",),
         )
     path = _find(d, f"{split}_perturbed")
-    rows = _checked(path, read_rows(path, "--data"), QA_FIELDS)
+    rows = _checked(path, read_rows(path, "data_dir"), QA_FIELDS)
     data.qa["forget"] = QASet(
         rows, "forget", "paraphrased_answer", data.used(path, len(rows), len(rows))
     )
@@ -191,7 +193,7 @@ def _load_tofu(d: Path, data: EvalData, split: str | None, max_items: int | None
     ):
         path = _find(d, stem)
         if path is not None:
-            every = _checked(path, read_rows(path, "--data"), fields)
+            every = _checked(path, read_rows(path, "data_dir"), fields)
             kept = every[:max_items]
             data.qa[name] = QASet(kept, kind, base, data.used(path, len(kept), len(every)))
 
@@ -200,35 +202,35 @@ def _load_muse(d: Path, data: EvalData, max_items: int | None) -> None:
     for name in MUSE_KNOWMEM:
         qa, icl = _find(d / "knowmem", f"{name}_qa"), _find(d / "knowmem", f"{name}_qa_icl")
         if qa is not None:
-            every = _checked(qa, read_rows(qa, "--data"), ("question", "answer"))
+            every = _checked(qa, read_rows(qa, "data_dir"), ("question", "answer"))
             kept = every[:max_items]
             source = data.used(qa, len(kept), len(every))
             shots = None
             if icl is not None:
-                shots = _checked(icl, read_rows(icl, "--data"), ("question", "answer"))
+                shots = _checked(icl, read_rows(icl, "data_dir"), ("question", "answer"))
                 data.used(icl, len(shots), len(shots))
             data.knowmem[name] = KnowMemSet(kept, shots, source)
     verb = _find(d / "verbmem", "forget")
     if verb is not None:
-        every = _checked(verb, read_rows(verb, "--data"), ("prompt", "gt"))
+        every = _checked(verb, read_rows(verb, "data_dir"), ("prompt", "gt"))
         data.verbmem = every[:max_items]
         data.verbmem_source = data.used(verb, len(data.verbmem), len(every))
     for name in MUSE_PRIVLEAK:
         path = _find(d / "privleak", name)
         if path is not None:
-            every = _texts(path, read_rows(path, "--data"))
+            every = _texts(path, read_rows(path, "data_dir"))
             data.texts[name] = every[:max_items]
             data.used(path, len(data.texts[name]), len(every))
     if not (data.knowmem or data.verbmem or data.texts):
-        raise MoxError(
-            f"--data {d}: MUSE layout without knowmem/*_qa.json, verbmem/forget.json "
+        raise InputError(
+            f"data_dir {d}: MUSE layout without knowmem/*_qa.json, verbmem/forget.json "
             "or privleak/*.json"
         )
 
 
 def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
     path = _find(d, "forget")
-    rows = _checked(path, read_rows(path, "--data"), QA_FIELDS)
+    rows = _checked(path, read_rows(path, "data_dir"), QA_FIELDS)
     data.qa["forget"] = QASet(
         rows, "forget", "paraphrased_answer", data.used(path, len(rows), len(rows))
     )
@@ -237,7 +239,7 @@ def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
         if path is not None:
             secondary = name != "retain"
             every = _checked(
-                path, read_rows(path, "--data"), SECONDARY_FIELDS if secondary else QA_FIELDS
+                path, read_rows(path, "data_dir"), SECONDARY_FIELDS if secondary else QA_FIELDS
             )
             kept = every[:max_items]
             data.qa[name] = QASet(
@@ -249,7 +251,7 @@ def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
     icl_path = _find(d, "knowmem_icl")
     icl = None
     if icl_path is not None:
-        icl = _checked(icl_path, read_rows(icl_path, "--data"), ("question", "answer"))
+        icl = _checked(icl_path, read_rows(icl_path, "data_dir"), ("question", "answer"))
         data.used(icl_path, len(icl), len(icl))
     for name in ("forget", "retain"):
         if name in data.qa:
@@ -258,7 +260,7 @@ def _load_moxkit(d: Path, data: EvalData, max_items: int | None) -> None:
     for name in ("forget", "holdout"):
         path = _find(d, f"{name}_text")
         if path is not None:
-            every = _texts(path, read_rows(path, "--data"))
+            every = _texts(path, read_rows(path, "data_dir"))
             data.texts[name] = every[:max_items]
             data.used(path, len(data.texts[name]), len(every))
     if "forget" in data.texts:
@@ -275,8 +277,8 @@ def load_eval_data(
     layout = detect_layout(d)
     data = EvalData(str(d), layout)
     if split is not None and layout != "tofu":
-        raise MoxError(
-            f"--split {split}: only TOFU's released layout has several forget sets "
+        raise InputError(
+            f"split {split}: only TOFU's released layout has several forget sets "
             f"({d} is in the {layout} layout)"
         )
     if layout == "tofu":
@@ -295,16 +297,16 @@ def resolve_model(name_or_path: str | Path, revision: str | None, name: str) -> 
     try:
         return resolve(name_or_path, revision)
     except MoxError as exc:
-        raise MoxError(f"{name} {exc}") from None
+        raise type(exc)(f"{name} {exc}", params=(name, *exc.params)) from None
 
 
 def resolve_retain(retain_model: str | Path, revision: str | None = None) -> Path:
-    """--retain-model as a local path: a saved report or model folder as given, else a hub id
+    """retain_model as a local path: a saved report or model folder as given, else a hub id
     resolved through moxkit.sources (a missing .json stays a missing file)."""
     path = Path(retain_model)
     if path.exists() or path.suffix.lower() == ".json":
         return path
-    return resolve_model(retain_model, revision, "--retain-model")
+    return resolve_model(retain_model, revision, "retain_model")
 
 
 def _number(value: object) -> bool:
@@ -318,27 +320,27 @@ def retain_summary(report: object, where: str) -> dict:
     is a file from elsewhere: a string where a number belongs must not reach the KS test."""
     bad = f"{where}: not a `moxkit eval` report"
     if not isinstance(report, dict):
-        raise MoxError(bad)
+        raise InputError(bad)
     summary, sets = report.get("summary"), report.get("sets")
     if not isinstance(summary, dict) or not isinstance(sets, dict):
-        raise MoxError(f"{bad} (no summary and sets objects)")
+        raise InputError(f"{bad} (no summary and sets objects)")
     for key, value in summary.items():
         if not _number(value):
-            raise MoxError(f"{where}: summary {key!r} is {type(value).__name__}, not a number")
+            raise InputError(f"{where}: summary {key!r} is {type(value).__name__}, not a number")
     auc = summary.get("mia_auc")
     if auc is not None and not 0 <= auc <= 1:
-        raise MoxError(f"{where}: summary 'mia_auc' is {auc!r}, not an AUC in [0, 1]")
+        raise InputError(f"{where}: summary 'mia_auc' is {auc!r}, not an AUC in [0, 1]")
     forget = sets.get("forget")
     ratios = None
     if forget is not None:
         items = forget.get("items") if isinstance(forget, dict) else None
         if not isinstance(items, list):
-            raise MoxError(f"{bad} (sets.forget has no list of items)")
+            raise InputError(f"{bad} (sets.forget has no list of items)")
         ratios = []
         for i, item in enumerate(items, 1):
             ratio = item.get("truth_ratio") if isinstance(item, dict) else None
             if not (_number(ratio) and math.isfinite(ratio) and ratio > 0):
-                raise MoxError(f"{where}: sets.forget item {i}: truth_ratio {ratio!r:.40} is "
+                raise InputError(f"{where}: sets.forget item {i}: truth_ratio {ratio!r:.40} is "
                                "not a finite positive number")  # fmt: skip
             ratios.append(float(ratio))
     return {"truth_ratios": ratios, "mia_auc": auc, "summary": summary}
@@ -349,12 +351,15 @@ def read_retain_report(path: str | os.PathLike) -> dict:
     regular file) and checked by retain_summary."""
     from ..sources import read_json, user_file
 
-    where = f"--retain-model {shown(path)}"
+    where = f"retain_model {shown(path)}"
     try:
         report = read_json(user_file(Path(path)), "report")
     except MoxError as exc:
-        raise MoxError(f"--retain-model {exc}") from None
-    return retain_summary(report, where)
+        raise type(exc)(f"retain_model {exc}", params=("retain_model",)) from None
+    try:
+        return retain_summary(report, where)
+    except MoxError as exc:
+        raise naming(exc, "retain_model") from None
 
 
 def check_retain_source(retain: str | Path) -> dict | None:
@@ -362,11 +367,13 @@ def check_retain_source(retain: str | Path) -> dict | None:
     or None for a model folder (checked, not loaded); otherwise one clear line."""
     path = Path(retain)
     if path.is_dir():
-        hf.check_model_dir(path, "--retain-model")
+        hf.check_model_dir(path, "retain_model")
         return None
     if os.path.lexists(path):
         return read_retain_report(path)
-    raise MoxError(f"--retain-model {shown(path)}: no such file or directory")
+    raise InputError(
+        f"retain_model {shown(path)}: no such file or directory", params=("retain_model",)
+    )
 
 
 def preflight(
@@ -375,12 +382,12 @@ def preflight(
     retain_model: str | Path | None,
     cfg,
     revision: str | None = None,
-    model_name: str = "MODEL",
+    model_name: str = "model",
     out: str | Path | None = None,
     force: bool = False,
 ) -> tuple[EvalData, Path, Path | None]:
     """Every check that needs no model, before anything heavy is imported or loaded: the
-    settings, the evaluation sets, then MODEL and --retain-model (hub ids resolved through
+    settings, the evaluation sets, then MODEL and retain_model (hub ids resolved through
     moxkit.sources, so a download happens only once the cheap checks passed), and the
     report file `out` against everything read (see moxkit.atomic.check_output). Returns the
     sets and the two local paths."""

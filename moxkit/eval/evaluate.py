@@ -55,7 +55,7 @@ from .rouge import rouge_l
 from .scoring import answer_logprobs, text_token_stats
 
 
-def load_model(path: str | Path, device: str = "auto", name: str = "MODEL"):
+def load_model(path: str | Path, device: str = "auto", name: str = "model"):
     """(model, tokenizer) from a model folder, in eval mode (through moxkit.hf): fp32 on the CPU,
     the stored dtype on a GPU."""
     dev = resolve_device(device)
@@ -348,9 +348,9 @@ def retain_reference(
     checked = check_retain_source(retain)
     if checked is not None:
         return checked
-    model, tokenizer = load_model(retain, device, "--retain-model")
+    model, tokenizer = load_model(retain, device, "retain_model")
     report = evaluate_model(model, tokenizer, data, cfg=cfg, only=RETAIN_REFERENCE_SETS)
-    return retain_summary(report, "--retain-model")
+    return retain_summary(report, "retain_model")
 
 
 def evaluate(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moxkit.engine.formula import Coefficients
-from moxkit.errors import MoxError
+from moxkit.errors import ResourceError
 from moxkit.units import parse_size
 
 from .extrapolate import BLOCK, NUM_WARPS, launch
@@ -40,27 +40,30 @@ class CudaBackend:
         num_warps: int = NUM_WARPS,
     ):
         if not torch.cuda.is_available():
-            raise MoxError("--device cuda: no CUDA device is available (use --device cpu)")
+            raise ResourceError("device 'cuda': no CUDA device is available (use device='cpu')",
+                                params=("device",))  # fmt: skip
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.index >= torch.cuda.device_count():
-            raise MoxError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            raise ResourceError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                params=("device",),
             )
         self.block, self.num_warps = block, num_warps
         free, _ = torch.cuda.mem_get_info(self.device)
         if max_gpu_memory is None:
             budget = min(DEFAULT_GPU_MEMORY, free // 2)
         else:
-            budget = parse_size(max_gpu_memory, "--max-gpu-memory")
+            budget = parse_size(max_gpu_memory, "max_gpu_memory")
         # each slot holds up to three inputs and one output of up to 4 bytes per element
         self.slot_elems = budget // (SLOTS * 4 * _MAX_ITEMSIZE) // _ALIGN * _ALIGN
         if self.slot_elems < MIN_PIECE:
             need = SLOTS * 4 * _MAX_ITEMSIZE * MIN_PIECE
-            raise MoxError(
-                f"--max-gpu-memory {budget} bytes is too small: the CUDA backend "
-                f"needs at least {need} bytes ({need >> 20} MiB)"
+            raise ResourceError(
+                f"max_gpu_memory {budget} bytes is too small: the CUDA backend "
+                f"needs at least {need} bytes ({need >> 20} MiB)",
+                params=("max_gpu_memory",),
             )
         region = self.slot_elems * _MAX_ITEMSIZE
         try:
@@ -68,9 +71,10 @@ class CudaBackend:
                 torch.empty(4 * region, dtype=torch.uint8, device=self.device) for _ in range(SLOTS)
             ]
         except torch.cuda.OutOfMemoryError:
-            raise MoxError(
-                f"--max-gpu-memory {budget} bytes: cannot allocate that much on "
-                f"{self.device} ({free >> 20} MiB free)"
+            raise ResourceError(
+                f"max_gpu_memory {budget} bytes: cannot allocate that much on "
+                f"{self.device} ({free >> 20} MiB free)",
+                params=("max_gpu_memory",),
             ) from None
         self._region = region
         self._bad = torch.zeros(1, dtype=torch.int32, device=self.device)

@@ -20,7 +20,7 @@ import triton.language as tl
 from moxkit.engine.dtypes import TABLE
 from moxkit.engine.formula import PAPER_ETA, Coefficients
 from moxkit.engine.torch_path import BITS_DTYPES, DTYPE_NAMES, FLOAT_DTYPES
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, MismatchError
 
 # BLOCK elements and NUM_WARPS warps per program. A starting point (16 elements a thread, four
 # 16-byte fp32 loads), not yet a measurement: the GPU sweep of benchmarks/kernel_throughput.py
@@ -81,18 +81,18 @@ def _extrapolate_kernel(
 
 def _check(name: str, t: torch.Tensor, shape: torch.Size, device: torch.device) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise MoxError(
+        raise InputError(
             f"moxkit.kernels.extrapolate: {name} has dtype {t.dtype}; "
             "expected float32, bfloat16 or float16"
         )
     if t.shape != shape:
-        raise MoxError(
+        raise MismatchError(
             f"moxkit.kernels.extrapolate: {name} has shape {tuple(t.shape)}, ref has {tuple(shape)}"
         )
     if t.device != device:
-        raise MoxError(f"moxkit.kernels.extrapolate: {name} is on {t.device}, ref on {device}")
+        raise MismatchError(f"moxkit.kernels.extrapolate: {name} is on {t.device}, ref on {device}")
     if not t.is_contiguous():
-        raise MoxError(
+        raise InputError(
             f"moxkit.kernels.extrapolate: {name} is not contiguous (call .contiguous() first)"
         )
 
@@ -154,12 +154,12 @@ def extrapolate(
     Contiguous tensors of one shape on one device, any mix of fp32/bf16/fp16; the result has
     out's dtype, or ref's when out is None. CPU tensors only under TRITON_INTERPRET=1."""
     if ref.dtype not in FLOAT_DTYPES:
-        raise MoxError(
+        raise InputError(
             f"moxkit.kernels.extrapolate: ref has dtype {ref.dtype}; "
             "expected float32, bfloat16 or float16"
         )
     if ref.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise MoxError(
+        raise InputError(
             f"moxkit.kernels.extrapolate: ref is on {ref.device}; the kernel needs "
             "CUDA tensors (or TRITON_INTERPRET=1)"
         )

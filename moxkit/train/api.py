@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, MismatchError
 from moxkit.hf import load_model
 from moxkit.text import encode, load_rows
 
@@ -241,7 +241,7 @@ def _match_level(rows: Checked, ref, config: TrainConfig, run) -> tuple[Any, flo
     from moxkit.matching import answer_logprob, target_level
 
     if run.args.world_size > 1:
-        raise MoxError("matched forgetting: runs in one process (not under torchrun/FSDP) yet")
+        raise InputError("matched forgetting: runs in one process (not under torchrun/FSDP) yet")
 
     tok = ref.tokenizer
 
@@ -253,7 +253,7 @@ def _match_level(rows: Checked, ref, config: TrainConfig, run) -> tuple[Any, flo
         rows.target_kind, rows.target, reference=ref.model, level=level,
         level_of_rows=lambda model, found: answer_logprob(
             model, tok, found, chat_template=config.chat_template),
-        load=lambda folder: load_model(folder, "match_target model:", tokenizer=tok,
+        load=lambda folder: load_model(folder, "match_target", tokenizer=tok,
                                        device=next(ref.model.parameters()).device).model,
     )  # fmt: skip
     return level, target
@@ -265,14 +265,15 @@ def _match_mox(extrapolator, run, level, target: float, request: Request) -> dic
     from moxkit.matching import match_alpha
 
     if not isinstance(extrapolator, InMemoryExtrapolator):
-        raise MoxError(f"{request.label('match_rows')}: matched forgetting extrapolates in "
-                       "memory; this model goes to disk (too large for RAM)")  # fmt: skip
+        raise InputError("match_rows: matched forgetting extrapolates in memory; this model "
+                         "goes to disk (too large for RAM)", params=("match_rows",))  # fmt: skip
     match, _ = match_alpha(extrapolator.ref, run.model, level, target)
     if not match.reached:
-        raise MoxError(
-            f"{request.label('match_target')}: no α up to {match.evaluations[-1][0]:g} brings "
+        raise InputError(
+            f"match_target: no α up to {match.evaluations[-1][0]:g} brings "
             f"the level to {target:.4g} (at that α: {match.level:.4g}); θ_mem may need more "
-            "training"
+            "training",
+            params=("match_target",),
         )
     extrapolator.alpha = match.strength
     return _matched(run, match)
@@ -284,9 +285,10 @@ def _match_baseline(stop, run, level, target: float, method, steps: int, request
 
     if stop.after is None:
         last = f"{stop.path[-1][1]:.4g}" if stop.path else "unmeasured"
-        raise MoxError(
-            f"{request.label('match_target')}: {method.title} did not bring the level to "
-            f"{target:.4g} in {steps} steps (last: {last}); train longer or at a higher lr"
+        raise InputError(
+            f"match_target: {method.title} did not bring the level to "
+            f"{target:.4g} in {steps} steps (last: {last}); train longer or at a higher lr",
+            params=("match_target",),
         )
     match = match_between(run.model, stop.before, stop.after, level, target)
     return {**_matched(run, match), "step": stop.step}
@@ -344,4 +346,4 @@ def _check_same_shapes(ref, other, what: str) -> None:
     b = {n: p.shape for n, p in other.named_parameters()}
     if a != b:
         diff = sorted(set(a) ^ set(b)) or [n for n in a if a[n] != b[n]]
-        raise MoxError(f"{what}: not the same architecture as the model (e.g. {diff[0]})")
+        raise MismatchError(f"{what}: not the same architecture as the model (e.g. {diff[0]})")

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from moxkit.engine.formula import PAPER_ETA, check_alpha, check_eta
-from moxkit.errors import MoxError
+from moxkit.errors import InputError
 from moxkit.fields import check, setting
 
 
@@ -153,7 +153,8 @@ class MatchConfig:
     def validate(self) -> None:
         check(self)
         if self.active and (self.match_rows is None or self.match_target is None):
-            raise MoxError("match_rows and match_target: give both, or neither")
+            raise InputError("match_rows and match_target: give both, or neither",
+                             params=("match_rows", "match_target"))  # fmt: skip
         if self.match_target is not None:
             parse_target(self.match_target)
 
@@ -163,14 +164,19 @@ def parse_target(spec: str) -> tuple[str, float | str]:
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("model", "unknown"):
         if not rest:
-            raise MoxError(f"match_target {spec!r}: {kind}: needs a path")
+            raise InputError(
+                f"match_target {spec!r}: {kind}: needs a path", params=("match_target",)
+            )
         return kind, rest
     try:
         level = float(spec)
     except ValueError:
-        raise MoxError(
-            f"match_target {spec!r}: expected a number, model:PATH or unknown:FILE"
+        raise InputError(
+            f"match_target {spec!r}: expected a number, model:PATH or unknown:FILE",
+            params=("match_target",),
         ) from None
     if not math.isfinite(level):
-        raise MoxError(f"match_target {spec!r}: must be a finite number")
+        raise InputError(
+            f"match_target {spec!r}: must be a finite number", params=("match_target",)
+        )
     return "level", level

@@ -7,11 +7,10 @@ pipeline read METHODS instead of comparing method names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from moxkit.errors import MoxError
+from moxkit.errors import InputError
 
 if TYPE_CHECKING:
     from .config import ExtrapolationConfig, LossConfig
@@ -60,22 +59,25 @@ class Method:
             names |= {"alpha", "eta", "extrapolate_every", "extrapolate_on"}
         return frozenset(names)
 
-    def check(self, *configs: LossConfig | ExtrapolationConfig, targeted: bool = False,
-              label: Callable[[str], str] = str) -> None:  # fmt: skip
-        """Refuse settings this method would ignore; `label` names a setting in errors."""
+    def check(self, *configs: LossConfig | ExtrapolationConfig, targeted: bool = False) -> None:
+        """Refuse settings this method would ignore."""
         if targeted and not self.targeted:
-            raise MoxError(
-                f"{label('target_answer')}: only for method mox (or train-mem), not {self.name}"
+            takes = ", ".join(m.name for m in _ALL if m.targeted and m.user_method)
+            raise InputError(
+                f"target_answer: only for methods {takes} (or train-mem), not {self.name}",
+                params=("target_answer",),
             )
         if self.needs_target and not targeted:
-            raise MoxError(f"{label('target_answer')}: needed by {self.title}")
+            raise InputError(f"target_answer: needed by {self.title}", params=("target_answer",))
         allowed = self.allows() | ({"alpha"} if targeted else set())  # the target's θ_for
         for config in configs:
             default = type(config)()
             for f in fields(config):
                 value = getattr(config, f.name)
                 if f.name not in allowed and value != getattr(default, f.name):
-                    raise MoxError(f"{label(f.name)} {value}: not used by {self.title}")
+                    raise InputError(
+                        f"{f.name} {value}: not used by {self.title}", params=(f.name,)
+                    )
 
     def loss_spec(self, loss: LossConfig, alpha: float, targeted: bool) -> LossSpec:
         """The trainer's terms for this method with these settings."""
@@ -141,5 +143,5 @@ UNLEARN_METHODS = tuple(name for name, m in METHODS.items() if m.user_method)
 def get_method(name: str) -> Method:
     """A method `unlearn` offers, by name."""
     if name not in UNLEARN_METHODS:
-        raise MoxError(f"method {name!r}: expected one of {', '.join(UNLEARN_METHODS)}")
+        raise InputError(f"method {name!r}: expected one of {', '.join(UNLEARN_METHODS)}")
     return METHODS[name]

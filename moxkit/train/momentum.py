@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from moxkit.engine.backends import CpuBackend
 from moxkit.engine.formula import Coefficients
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, MismatchError
 
 from .models import save_model
 
@@ -98,18 +98,18 @@ class InMemoryExtrapolator:
         for name, tensor in mem:
             ref = self.ref.get(name)
             if ref is None or ref.shape != tensor.shape:
-                raise MoxError(f"tensor {name}: not in the reference or of another shape")
+                raise MismatchError(f"tensor {name}: not in the reference or of another shape")
             out = self.forget.get(name)
             if out is None:  # θ_for⁰ = θ_ref
                 out = self.forget[name] = ref.clone()
             mem32 = tensor.detach().to("cpu", torch.float32).reshape(-1)
             prev = out.view(-1) if coeffs.momentum else None
             if not self._backend.extrapolate(out.view(-1), ref.view(-1), mem32, prev, coeffs):
-                raise MoxError(f"tensor {name}: extrapolation gave non-finite values")
+                raise InputError(f"tensor {name}: extrapolation gave non-finite values")
             seen.add(name)
         if seen != set(self.ref):
             missing = sorted(set(self.ref) - seen)[:3]
-            raise MoxError(f"extrapolation: θ_mem lacks tensors of the reference: {missing}")
+            raise MismatchError(f"extrapolation: θ_mem lacks tensors of the reference: {missing}")
         self.ticks += 1
 
     def load_into(self, model: torch.nn.Module) -> None:

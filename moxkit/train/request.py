@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, MismatchError, OutputError
 from moxkit.text import Row, load_answers, load_rows
 
 from .config import ExtrapolationConfig, LossConfig, MatchConfig, TrainConfig, parse_target
@@ -39,18 +39,11 @@ class Request:
     save_mem: str | os.PathLike | None = None
     force: bool = False
     revision: str | None = None  # for hub ids (MODEL, init_from) without their own @revision
-    cli: bool = False  # name inputs in errors by their command-line flags
     target_file: str | os.PathLike | None = None  # replacement answers, one row per forget row
     match: MatchConfig = field(default_factory=MatchConfig)
 
     def __post_init__(self) -> None:
         self.extrapolation = self.method.extrapolation(self.extrapolation)
-
-    def label(self, name: str) -> str:
-        """How errors name an input or setting: its API name, or its flag for the CLI."""
-        if not self.cli:
-            return name
-        return "MODEL" if name == "model" else "--" + name.replace("_", "-")
 
     @property
     def targeted(self) -> bool:
@@ -61,9 +54,9 @@ class Request:
         self.config.validate()
         self.loss.validate()
         self.extrapolation.validate()
-        self.method.check(self.loss, self.extrapolation, targeted=self.targeted, label=self.label)
+        self.method.check(self.loss, self.extrapolation, targeted=self.targeted)
         if self.config.merge and not self.config.lora:
-            raise MoxError(f"{self.label('merge')}: only with {self.label('lora')}")
+            raise InputError("merge: only with lora", params=("merge", "lora"))
         from moxkit.atomic import tree_inputs
         from moxkit.hf import check_model_dir
 
@@ -72,15 +65,16 @@ class Request:
         for value, name in ((self.model, "model"), (self.init_from, "init_from")):
             found[name] = value
             if isinstance(value, (str, os.PathLike)):
-                found[name] = check_model_dir(value, self.label(name), name == "model",
+                found[name] = check_model_dir(value, name, name == "model",
                                               self.revision)  # fmt: skip
                 inputs += tree_inputs(found[name])  # its files may link elsewhere
         if self.retain is None and self.method.needs_retain(self.loss):
-            raise MoxError(f"{self.label('retain')}: needed by {self._retain_user()}")
-        forget_rows = load_rows(self.forget, self.label("forget"))
+            raise InputError(f"retain: needed by {self._retain_user()}",
+                             params=("retain", "kl_weight"))  # fmt: skip
+        forget_rows = load_rows(self.forget, "forget")
         retain_rows = None
         if self.retain is not None:
-            retain_rows = load_rows(self.retain, self.label("retain"))
+            retain_rows = load_rows(self.retain, "retain")
         for data in (self.forget, self.retain, self.target_file):
             if isinstance(data, (str, os.PathLike)):
                 inputs.append(Path(data))
@@ -99,39 +93,42 @@ class Request:
         self.match.validate()
         if not self.match.active:
             return None, None, None
-        name = self.label("match_rows")
+        name = "match_rows"
         if self.method.name == "memorize":
-            raise MoxError(f"{name}: for unlearn (train-mem makes no forget model)")
-        why = None
+            raise InputError(
+                f"{name}: for unlearn (train-mem makes no forget model)", params=(name,)
+            )
+        why, params = None, ()
         if self.method.extrapolates and self.extrapolation.eta is not None:
-            why = f"with {self.label('eta')} (momentum)"
+            why, params = "with eta (momentum)", ("eta",)
         elif self.targeted:
             why = "with replacement answers (targeted MOX)"
         elif self.config.lora:
-            why = f"with {self.label('lora')}"
+            why, params = "with lora", ("lora",)
         elif self.method.extrapolates and self.extrapolation.extrapolate_on == "disk":
-            why = f"with {self.label('extrapolate_on')} disk"
+            why, params = "with extrapolate_on='disk'", ("extrapolate_on",)
         if why is not None:
-            raise MoxError(f"{name}: matched forgetting does not work {why} yet")
+            raise InputError(f"{name}: matched forgetting does not work {why} yet",
+                             params=(name, *params))  # fmt: skip
         rows = load_rows(self.match.match_rows, name)
         if isinstance(self.match.match_rows, (str, os.PathLike)):
             inputs.append(Path(self.match.match_rows))
         kind, value = parse_target(self.match.match_target)
-        target_name = self.label("match_target")
+        target_name = "match_target"
         if kind == "model":
             from moxkit.atomic import tree_inputs
             from moxkit.hf import check_model_dir
 
-            value = check_model_dir(value, f"{target_name} model:", True, self.revision)
+            value = check_model_dir(value, target_name, True, self.revision)
             inputs += tree_inputs(value)
         elif kind == "unknown":
             inputs.append(Path(value))
-            value = load_rows(value, f"{target_name} unknown:")
+            value = load_rows(value, target_name)
         return rows, kind, value
 
     def _retain_user(self) -> str:
         if self.method.retain_loss == "kl":
-            return f"the KL term of {self.method.title} (or set {self.label('kl_weight')} to 0)"
+            return f"the KL term of {self.method.title} (or set kl_weight to 0)"
         return f"{self.method.title} (its retain NLL term)"
 
     def _target_rows(self, forget_rows: list[Row]) -> list[Row] | None:
@@ -140,19 +137,20 @@ class Request:
         if not self.targeted:
             return None
         if self.target_answer is not None and self.target_file is not None:
-            raise MoxError(
-                f"{self.label('target_answer')} and {self.label('target_file')}: give one, not both"
+            raise InputError(
+                "target_answer and target_file: give one, not both",
+                params=("target_answer", "target_file"),
             )
-        given, name = self.target_answer, self.label("target_answer")
+        given, name = self.target_answer, "target_answer"
         if self.target_file is not None:
-            name = self.label("target_file")
+            name = "target_file"
             given = load_answers(self.target_file, name)
         answers = [given] * len(forget_rows) if isinstance(given, str) else list(given)
         if len(answers) != len(forget_rows):
-            raise MoxError(f"{name}: {len(answers)} replacement answers for "
-                           f"{len(forget_rows)} forget rows")  # fmt: skip
+            raise MismatchError(f"{name}: {len(answers)} replacement answers for "
+                                f"{len(forget_rows)} forget rows", params=(name,))  # fmt: skip
         if not all(isinstance(a, str) and a.strip() for a in answers):
-            raise MoxError(f"{name}: replacement answers must be non-empty text")
+            raise InputError(f"{name}: replacement answers must be non-empty text", params=(name,))
         rows = [
             {"prompt": r.prompt, "completion": a} for r, a in zip(forget_rows, answers, strict=True)
         ]
@@ -170,15 +168,16 @@ class Request:
         if len(outs) == 2:
             out, mem = (Path(os.path.abspath(p)) for p in outs)
             if out == mem or out in mem.parents or mem in out.parents:
-                raise MoxError(f"{self.label('save_mem')} {outs[1]}: the same path as the "
-                               "output, inside it or holding it")  # fmt: skip
+                raise OutputError(f"save_mem {outs[1]}: the same path as the output, inside it or "
+                                  "holding it", params=("save_mem",))  # fmt: skip
 
     def _check_disk_extrapolation(self, model: ModelArg) -> None:
         """What extrapolating on disk will need after training: MODEL as a folder of
         safetensors that the streaming engine can open, and an output to write."""
         if not isinstance(model, Path) or self.out is None:
-            raise MoxError(
-                f"{self.label('extrapolate_on')} disk: needs the model as a folder and an output"
+            raise InputError(
+                "extrapolate_on='disk': needs the model as a folder and an output",
+                params=("extrapolate_on",),
             )
         from moxkit.engine.checkpoint import open_checkpoint
 

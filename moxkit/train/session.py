@@ -25,7 +25,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 
 from moxkit.atomic import shielded, staged_dir
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, ResourceError
 from moxkit.hf import Loaded
 from moxkit.text import pad_id
 
@@ -208,7 +208,8 @@ class Run:
             too_big = 2 * fp32_bytes > psutil.virtual_memory().available // 2
             return "disk" if (sharded or too_big) and possible else "memory"
         if where == "disk" and not possible:
-            raise MoxError("extrapolate_on='disk': needs the model as a folder and an output")
+            raise InputError("extrapolate_on='disk': needs the model as a folder and an output",
+                             params=("extrapolate_on",))  # fmt: skip
         return where
 
     def momentum_callback(self, extrapolator: Extrapolator, every: int) -> MomentumCallback:
@@ -238,7 +239,9 @@ def _with_lora(model, rank: int):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise MoxError("lora: needs PEFT: pip install 'moxkit[lora]'") from None
+        raise ResourceError(
+            "lora: needs PEFT: pip install 'moxkit[lora]'", params=("lora",)
+        ) from None
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
     with warnings.catch_warnings():
         # PEFT reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning on

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from moxkit.atomic import reached
-from moxkit.errors import MoxError
+from moxkit.errors import InputError
 
 from .config import TrainConfig
 from .data import PairSampler
@@ -225,9 +225,10 @@ def training_arguments(config: TrainConfig, n_rows: int) -> TrainingArguments:
     )
     per_step = args.world_size * config.grad_accum
     if config.batch_size % per_step:
-        raise MoxError(
-            f"--batch-size {config.batch_size}: must be a multiple of processes × --grad-accum"
-            f" = {args.world_size} × {config.grad_accum}"
+        raise InputError(
+            f"batch_size {config.batch_size}: must be a multiple of processes × grad_accum"
+            f" = {args.world_size} × {config.grad_accum}",
+            params=("batch_size", "grad_accum"),
         )
     args.per_device_train_batch_size = config.batch_size // per_step
     return args
