@@ -427,7 +427,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path, good):
     with pytest.raises(MoxError, match=r"--device 'cuda:0': expected auto, cpu or cuda"):
         extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="cuda:0")
     if not torch.cuda.is_available():
-        with pytest.raises(MoxError, match="--device cuda: no CUDA device is available"):
+        with pytest.raises(MoxError, match="device 'cuda': no CUDA device is available"):
             extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="cuda")
     assert not list(tmp_path.iterdir())
 

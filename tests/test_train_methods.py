@@ -125,7 +125,10 @@ def test_simnpo_baseline(ref, tok):
             {"method": "graddiff", "loss": LossConfig(kl_weight=0.5)},
             "kl_weight 0.5: not used by method graddiff",
         ),
-        ({"method": "npo", "target_answer": "no"}, "target_answer: only for method mox"),
+        (
+            {"method": "npo", "target_answer": "no"},
+            "target_answer: only for methods mox, mox-targeted",
+        ),
         (
             {"method": "mox", "extrapolation": ExtrapolationConfig(eta=1.5)},
             "eta 1.5: must be at most 1",

@@ -17,9 +17,7 @@ from moxkit.apps.study import KEEP
 def study(tmp_path_factory):
     module = unlearning_mini
     root = tmp_path_factory.mktemp("um")
-    record = module.main(
-        ["--quick", "--jobs", "1", "--work", str(root / "work"), "--out", str(root / "out")]
-    )
+    record = module.run_budget(module.QUICK, "unlearning_mini_quick", root / "out", root / "work")
     return module, record, root / "out"
 
 
@@ -94,7 +92,6 @@ def test_intervals_are_t_intervals_over_pipeline_means(study):
 def test_a_pretrained_base_replaces_the_tiny_llama_and_its_tokenizer(study, tmp_path):
     """The REAL budget's path (a packaged pretrained model under --work) on a stand-in: every
     pipeline fine-tunes the base itself, read by the base's own tokenizer, with no pretraining."""
-    import argparse
     from dataclasses import replace
 
     from transformers import AutoConfig, AutoTokenizer
@@ -111,8 +108,7 @@ def test_a_pretrained_base_replaces_the_tiny_llama_and_its_tokenizer(study, tmp_
     save_tiny_model(
         build_tiny_llama(len(tok), hidden_size=hidden, num_layers=1, seed=7), tok, work / "stand-in"
     )
-    args = argparse.Namespace(work=work, out=tmp_path / "out", jobs=1, report_only=False)
-    record = module.run_budget(budget, "stand_in", args)
+    record = module.run_budget(budget, "stand_in", tmp_path / "out", work)
     for p in budget.pipelines:
         assert not (work / f"pipeline-{p}" / "base").exists()
         reference = AutoConfig.from_pretrained(work / f"pipeline-{p}" / "reference")
