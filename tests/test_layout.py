@@ -155,3 +155,56 @@ def test_a_broken_tokenizer_is_still_blamed_on_the_tokenizer(tmp_path):
         load_tokenizer(model, "MODEL")
     assert "failed to import" not in str(info.value)
     assert "environment" not in str(info.value)
+
+
+# ---- the wings' import direction (docs/design.md): arrows point down, never up ----
+
+PACKAGE = ROOT / "moxkit"
+# wing -> the moxkit subpackages it must never import
+FORBIDDEN = {
+    "engine": {"adapters", "apps", "train", "eval", "cli", "hf", "matching"},
+    "adapters": {"apps", "train", "eval", "cli"},
+    "train": {"apps", "cli"},
+    "eval": {"apps", "train", "cli"},
+    "kernels": {"adapters", "apps", "train", "eval", "cli"},
+}
+
+
+def _moxkit_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """The first component under moxkit of every module `path` imports (relative or not)."""
+    import ast
+
+    package = list(path.relative_to(root).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = base + (node.module.split(".") if node.module else [])
+                names = [target + [a.name] for a in node.names] if not node.module else [target]
+            else:
+                names = [(node.module or "").split(".")]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".") for a in node.names]
+        else:
+            continue
+        for name in names:
+            if len(name) > 1 and name[0] == "moxkit":
+                found.add(name[1])
+    return found
+
+
+def test_wings_import_only_downwards():
+    broken = []
+    for wing, forbidden in FORBIDDEN.items():
+        for path in sorted((PACKAGE / wing).rglob("*.py")):
+            for bad in sorted(_moxkit_imports(path) & forbidden):
+                broken.append(f"{path.relative_to(ROOT)} imports moxkit.{bad}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_import_scan_sees_relative_and_absolute_imports(tmp_path):
+    probe = tmp_path / "moxkit" / "engine" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("from ..apps import tiny\nimport moxkit.train.api\nfrom . import formula\n")
+    assert _moxkit_imports(probe, tmp_path) == {"apps", "train", "engine"}
