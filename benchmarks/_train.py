@@ -1,7 +1,7 @@
 """What the training benchmarks share: the two models (the tests' tiny Llama, built and cached
 here; SmolLM2-135M from `moxkit model smollm2-135m`), rows that every model cuts to exactly the
 sequence length asked, and one arm run as a fresh process whose peak RSS is measured from
-outside (_process.measure) and whose figures come back as its last output line."""
+outside (_process.measure) and whose figures come back in a JSON file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from _pairs import CACHE
 from _process import measure
 
 SMOLLM2 = Path(os.environ.get("MOXKIT_SMOLLM2", "/tmp/moxkit-real-model/smollm2-135m"))
-RESULT = "RESULT "  # prefix of the line a child prints its figures on
+RESULT_ENV = "MOXKIT_BENCH_RESULT"  # where a child writes its figures (a JSON file)
 _SYLLABLES = "ka lo mi ra su ven to bel dri na qu osk tam pe ri zo".split()
 WORDS = sorted({a + b for a in _SYLLABLES for b in _SYLLABLES})  # 256 made-up words
 
@@ -49,24 +49,26 @@ def rows(n: int, offset: int, answer_words: int = 160) -> list[dict]:
 
 
 def run_child(script: str, spec: dict, label: str) -> dict:
-    """Run `python SCRIPT --child SPEC` as a fresh process; its RESULT line plus the measured
-    wall time and peak RSS (the process tree's high-water mark)."""
+    """Run `python SCRIPT --child SPEC` as a fresh process; the figures it wrote (report_child)
+    plus the measured wall time and peak RSS (the process tree's high-water mark)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result_file = CACHE / "train-child.json"
+    result_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           RESULT_ENV: str(result_file)}  # fmt: skip
     cmd = [sys.executable, script, "--child", json.dumps(spec)]
     run = measure(label, cmd, cold=False, env=env, guard=2 << 30)
-    lines = [ln for ln in run.output_tail.splitlines() if ln.startswith(RESULT)]
-    if run.returncode != 0 or not lines:
+    if run.returncode != 0 or not result_file.is_file():
         raise SystemExit(f"{label}: exit {run.returncode}\n{run.output_tail}")
-    result = json.loads(lines[-1][len(RESULT) :])
+    result = json.loads(result_file.read_text())
     result.update(wall_s=run.seconds, peak_rss_mib=run.peak_rss / 2**20,
                   load_before=run.load_before)  # fmt: skip
     return result
 
 
 def report_child(result: dict) -> None:
-    """The child's last line: what run_child reads back."""
+    """The child's figures, written where run_child reads them back."""
     import resource
 
     result["child_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(RESULT + json.dumps(result), flush=True)
+    Path(os.environ[RESULT_ENV]).write_text(json.dumps(result))
