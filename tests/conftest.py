@@ -94,10 +94,10 @@ class Cli:
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_without_native_bf16():
-    """In-process training runs in fp32 whatever CPU runs the tests (bf16 autocast is the
-    default only on CPUs with AVX512-BF16/AMX-BF16): tests tuned on one machine must give the
-    same results on another. Session-wide, so module fixtures that train see it too; tests of
-    the bf16 default set the flags they need."""
+    """The CPU as in-process tests see it: without native bf16, whatever CPU runs them, so
+    that what depends on it (bf16 is refused, never a default there) is the same on every
+    machine. Session-wide, so module fixtures that train see it too; the bf16 tests set the
+    flags they need."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("moxkit.train.precision.cpu_flags", lambda: {"avx2", "avx512f"})
         yield

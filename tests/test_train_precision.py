@@ -1,7 +1,7 @@
 """bf16 autocast on CPUs that compute bf16 natively, and how the frozen reference is held:
 detection from the CPU's flags (mocked), the setting reaching autocast (forward hooks read
-torch's autocast state inside training), --no-bf16 turning it off, and the reference modes
-giving the same loss."""
+torch's autocast state inside training), --bf16 / --no-bf16, the refusal where the CPU would
+emulate bf16, and the reference modes giving the same loss."""
 
 import json
 
@@ -46,6 +46,8 @@ def test_native_bf16_is_read_from_the_flags(flags, native, monkeypatch):
     assert cpu_has_bf16(flags) is native
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     assert cpu_has_bf16() is native
+    assert default_bf16(use_cuda=False) is False  # measured: not the CPU default (precision)
+    monkeypatch.setattr(precision, "CPU_BF16_DEFAULT", True)
     assert default_bf16(use_cuda=False) is native
 
 
@@ -106,9 +108,9 @@ BF16 = {(True, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("bf16, flags, expected", [
-    (None, {"avx512f", "avx512_bf16"}, True),  # the default where the CPU computes bf16
-    (None, {"avx512f"}, False),  # and not where it would emulate it
-    (True, {"avx512f"}, True),
+    (None, {"avx512f", "avx512_bf16"}, False),  # off by default on a CPU
+    (True, {"avx512f", "avx512_bf16"}, True),  # --bf16 where the CPU computes bf16
+    (True, {"amx_bf16"}, True),
     (False, {"avx512_bf16"}, False),  # --no-bf16
 ])  # fmt: skip
 def test_bf16_setting_reaches_autocast(model, tok, monkeypatch, bf16, flags, expected):
@@ -118,6 +120,13 @@ def test_bf16_setting_reaches_autocast(model, tok, monkeypatch, bf16, flags, exp
         assert seen["trained"] == seen["reference"] == BF16
     else:
         assert {on for on, _ in seen["trained"] | seen["reference"]} == {False}
+
+
+def test_bf16_refused_where_the_cpu_would_emulate_it(model, tok, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    config = TrainConfig(max_steps=1, batch_size=4, bf16=True, progress=False)
+    with pytest.raises(MoxError, match="AVX512-BF16"):
+        train_mem(model, FORGET, RETAIN, config=config, tokenizer=tok)
 
 
 def test_bf16_reference_runs_under_autocast_even_in_fp32_training(model, tok, monkeypatch):
@@ -145,7 +154,7 @@ def test_no_bf16_on_the_command_line(cli, tmp_path, model, tok, monkeypatch):
         return args
 
     monkeypatch.setattr("moxkit.train.session.training_arguments", spy)
-    assert cli("train-mem", *common, "-o", tmp_path / "a").code == 0
+    assert cli("train-mem", *common, "--bf16", "-o", tmp_path / "a").code == 0
     assert cli("train-mem", *common, "--no-bf16", "-o", tmp_path / "b").code == 0
     assert made == [True, False]
     args = json.loads((tmp_path / "b" / "moxkit_args.json").read_text())

@@ -37,8 +37,8 @@ class TrainConfig:
     chat_template: bool = setting(False, "Format prompts with the tokenizer's chat template.")
     bf16: bool | None = setting(
         None,
-        "bf16 autocast, fp32 master weights (default: where the device computes bf16 "
-        "natively: CUDA, or a CPU with AVX512-BF16 / AMX-BF16).",
+        "bf16 autocast, fp32 master weights (default: on CUDA where supported; on a CPU "
+        "only if asked, and only with AVX512-BF16 or AMX-BF16).",
     )
     reference: Literal["auto", "stored", "bf16"] = setting(
         "auto",

@@ -1,16 +1,18 @@
 """Which precision training computes in, and what the frozen reference θ_ref is held in.
 
-bf16 autocast (fp32 master weights, bf16 matmuls) is the default where the hardware computes
-bf16 natively: a CUDA device that supports it, or a CPU with AVX512-BF16 or AMX-BF16 (oneDNN's
-bf16 kernels). Elsewhere a CPU emulates bf16 and autocast is slower than fp32, so it stays off.
-benchmarks/train_cost.py measures the speed both ways and benchmarks/train_bf16.py that a
-memorization reaches the same forget NLL (docs/performance.md, Training).
+bf16 autocast (fp32 master weights, bf16 matmuls) is the default on a CUDA device that supports
+it. On a CPU it is opt-in (--bf16), and allowed only where the CPU computes bf16 natively
+(AVX512-BF16 or AMX-BF16; elsewhere it would be emulated, slower than fp32). Measured on
+SmolLM2-135M with AVX512-BF16 (docs/performance.md, Training): 1.4–1.6× the tokens/s, but the
+same short memorization reached a forget level 4 nats (5% of its gain) short of fp32's, 15–20×
+the spread between seeds, so it does not hold well enough to be the CPU default
+(CPU_BF16_DEFAULT).
 
 The reference only ever runs forward. Held as "stored" it is a copy in MODEL's stored dtype
 (fp32 for an fp32 checkpoint: 4 bytes per parameter); as "bf16" its linear layers' weights
 are bf16 (2 bytes) and its forward runs under bf16 autocast. Under bf16 autocast the trained
 model's linear layers compute from the same bf16-rounded weights, so a "bf16" reference gives
-the same logits as an fp32 one there, at half its memory: "auto" picks it then.
+the same logits as an fp32 one there, at about half its memory: "auto" picks it then.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moxkit.errors import MoxError
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
 REFERENCE_MODES = ("auto", "stored", "bf16")
+CPU_BF16_DEFAULT = False  # measured: faster, but memorizes less (the module docstring)
 
 
 def cpu_flags() -> set[str]:
@@ -54,10 +57,18 @@ def cpu_has_bf16(flags: Iterable[str] | None = None) -> bool:
 
 
 def default_bf16(use_cuda: bool, flags: Iterable[str] | None = None) -> bool:
-    """bf16 autocast when the device computes bf16 natively (see the module docstring)."""
+    """bf16 autocast by default: on CUDA where supported; on a CPU that computes it natively
+    only if CPU_BF16_DEFAULT (see the module docstring)."""
     if use_cuda:
         return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16(flags)
+    return CPU_BF16_DEFAULT and cpu_has_bf16(flags)
+
+
+def check_bf16(bf16: bool, use_cuda: bool, flags: Iterable[str] | None = None) -> None:
+    """Refuse bf16 on a CPU that would emulate it."""
+    if bf16 and not use_cuda and not cpu_has_bf16(flags):
+        raise MoxError("bf16: this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 autocast "
+                       "would be emulated and slower than fp32; leave --bf16 off")  # fmt: skip
 
 
 def reference_mode(mode: str, *, bf16: bool, separate_copy: bool, targeted: bool) -> str:

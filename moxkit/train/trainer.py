@@ -29,7 +29,7 @@ from .objectives import (
     sequence_nll,
     simnpo_loss,
 )
-from .precision import default_bf16
+from .precision import check_bf16, default_bf16
 
 
 class MoxTrainer(Trainer):
@@ -239,6 +239,7 @@ def training_arguments(config: TrainConfig, n_rows: int) -> TrainingArguments:
     scratch folder, before training."""
     use_cuda = torch.cuda.is_available()
     bf16 = config.bf16 if config.bf16 is not None else default_bf16(use_cuda)
+    check_bf16(bf16, use_cuda)
     warmup = round(config.warmup_epochs * steps_per_epoch(n_rows, config))
     args = TrainingArguments(
         output_dir=SCRATCH_UNSET,
