@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in about 8 minutes, on a machine with a CUDA device and a Python that has a
 # CUDA build of torch and Triton: GPU-marked tests, the kernel throughput benchmark, the
-# end-to-end benchmark with --device cuda (then --device cpu on the same pair, if time is left).
+# end-to-end benchmark with --device cuda (then --device cpu on the same pair, if time is left),
+# and train-mem under FSDP where the machine has two GPUs (tests/test_train_fsdp.py).
 #
 #   bash benchmarks/gpu_check.sh [DEST]     # from anywhere; DEST: also copy the results there
 #
@@ -37,6 +38,8 @@ step 90 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 # stop them from being collected
 mapfile -t gpu_tests < <(grep -l "mark.gpu" tests/test_*.py)
 step 120 gpu-tests "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider "${gpu_tests[@]}"
+# train-mem under FSDP (two processes, NCCL): runs where two GPUs exist, skips otherwise
+step 300 fsdp "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_train_fsdp.py
 step 120 kernel-throughput "$PY" benchmarks/kernel_throughput.py --device cuda
 step 150 e2e-cuda "$PY" benchmarks/extrapolate_e2e.py --device cuda --params 1B \
     --tools floor,moxkit --no-double --repeats 2 --stem extrapolate_e2e_cuda

@@ -92,6 +92,17 @@ class Cli:
         return CliResult(proc.returncode, out, err)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
+    """The CPU as in-process tests see it: without native bf16, whatever CPU runs them, so
+    that what depends on it (bf16 is refused, never a default there) is the same on every
+    machine. Session-wide, so module fixtures that train see it too; the bf16 tests set the
+    flags they need."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("moxkit.train.precision.cpu_flags", lambda: {"avx2", "avx512f"})
+        yield
+
+
 @pytest.fixture
 def cli(capsys) -> Cli:
     return Cli(capsys)

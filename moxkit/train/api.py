@@ -188,10 +188,8 @@ def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = No
         if rows.targets is not None:
             targets = encode(rows.targets, tok, config.max_length, config.chat_template)
         reference = None
-        if spec.needs_reference and not config.lora:  # with LoRA: the adapters disabled
-            # frozen, so it can stay in its stored dtype (half the memory of fp32 for bf16)
-            reference = copy.deepcopy(ref.model) if start is ref else ref.model
-            reference.to(ref.stored_dtype).eval().requires_grad_(False)
+        if spec.needs_reference:  # frozen; as config.reference says (None with LoRA)
+            reference = run.reference(ref, start, targeted=spec.target_weight > 0)
         dataset = PairDataset(forget_ex, retain_ex, targets)
 
         extra, extrapolator, level, target, stop = [], None, None, None, None

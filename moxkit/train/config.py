@@ -35,7 +35,18 @@ class TrainConfig:
         None, "Stop after this many optimizer steps (overrides --epochs).", minimum=1
     )
     chat_template: bool = setting(False, "Format prompts with the tokenizer's chat template.")
-    bf16: bool | None = setting(None, "bf16 autocast (default: where the device supports it).")
+    bf16: bool | None = setting(
+        None,
+        "bf16 autocast, fp32 master weights (default: on CUDA where supported; on a CPU "
+        "only if asked, and only with AVX512-BF16 or AMX-BF16).",
+    )
+    reference: Literal["auto", "stored", "bf16"] = setting(
+        "auto",
+        "How the frozen reference θ_ref is held: a copy in MODEL's stored dtype, or with its "
+        "linear weights in bf16 under bf16 autocast (half an fp32 copy; the same logits when "
+        "training under bf16 autocast, so auto picks it then). With --lora the reference is "
+        "the base model with adapters disabled (no copy).",
+    )
     gradient_checkpointing: bool = setting(False, "Recompute activations to save memory.")
     lora: int | None = setting(
         None,

@@ -35,7 +35,7 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean NLL per answer token, per row."""
-    _, _, mask = _shifted(logits, labels)
+    mask = labels[:, 1:] != IGNORE  # not _shifted: one log-softmax over the vocabulary, not two
     return -sequence_logprob(logits, labels) / mask.sum(-1).clamp_min(1)
 
 

@@ -41,6 +41,7 @@ from .momentum import (
     cpu_fp32_state,
 )
 from .objectives import LossSpec
+from .precision import frozen_reference, reference_mode
 from .trainer import MoxTrainer, StepLog, quiet_callbacks, training_arguments
 
 WORK = ".moxkit-work"  # scratch inside the staged output, removed before it is published
@@ -61,6 +62,7 @@ class Run:
         self.trainer: MoxTrainer | None = None
         self.log: StepLog | None = None
         self.result_path: Path | None = None
+        self.reference_bf16 = False  # the reference's linear weights are bf16
 
     def __enter__(self) -> Run:
         self._stack = contextlib.ExitStack()
@@ -105,6 +107,16 @@ class Run:
 
     # --- training ---
 
+    def reference(self, ref: Loaded, start: Loaded, targeted: bool):
+        """The frozen θ_ref the loss compares with (None with LoRA: the adapters disabled),
+        held as config.reference says (moxkit.train.precision)."""
+        if self.config.lora:
+            return None
+        mode = reference_mode(self.config.reference, bf16=bool(self.args.bf16),
+                              separate_copy=start is ref, targeted=targeted)  # fmt: skip
+        self.reference_bf16 = mode == "bf16"
+        return frozen_reference(ref.model, ref.stored_dtype, mode, copy_it=start is ref)
+
     def train(self, start: Loaded, dataset: PairDataset, spec: LossSpec, reference, callbacks):
         model = start.model
         if self.config.lora:
@@ -118,6 +130,7 @@ class Run:
             spec=spec,
             sampler=PairSampler(len(dataset), len(dataset.retain), self.config.seed),
             reference=reference,
+            reference_bf16=self.reference_bf16,
         )
         quiet_callbacks(trainer)
         log_path = self.staged / LOG_FILE if self.staged is not None else None

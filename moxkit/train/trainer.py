@@ -28,6 +28,7 @@ from .objectives import (
     sequence_kl,
     sequence_nll,
 )
+from .precision import check_bf16, default_bf16
 
 
 class MoxTrainer(Trainer):
@@ -37,11 +38,16 @@ class MoxTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # our loss is a mean; let Trainer divide by grad_accum
 
-    def __init__(self, *args, spec: LossSpec, sampler: PairSampler, reference=None, **kwargs):
+    def __init__(self, *args, spec: LossSpec, sampler: PairSampler, reference=None,
+                 reference_bf16: bool = False, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.spec = spec
         self.sampler = sampler
         self.reference = reference
+        # the reference's forward runs under the training's autocast (its logits are then
+        # what θ's forward gives at θ = θ_ref), and always under bf16 autocast when its
+        # linear weights are bf16 (moxkit.train.precision)
+        self.reference_autocast = reference_bf16 or bool(self.args.bf16)
         self.running: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -62,7 +68,10 @@ class MoxTrainer(Trainer):
         device = inputs[f"{group}_input_ids"].device
         if next(self.reference.parameters()).device != device:
             self.reference.to(device)
-        return self._forward(self.reference, inputs, group)
+        if not self.reference_autocast:
+            return self._forward(self.reference, inputs, group)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return self._forward(self.reference, inputs, group)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The sum of the terms the method's row names (moxkit.train.objectives)."""
@@ -198,7 +207,8 @@ def training_arguments(config: TrainConfig, n_rows: int) -> TrainingArguments:
     process group (which process is the main one); the caller sets `output_dir`, the Trainer's
     scratch folder, before training."""
     use_cuda = torch.cuda.is_available()
-    bf16 = config.bf16 if config.bf16 is not None else use_cuda and torch.cuda.is_bf16_supported()
+    bf16 = config.bf16 if config.bf16 is not None else default_bf16(use_cuda)
+    check_bf16(bf16, use_cuda)
     warmup = round(config.warmup_epochs * steps_per_epoch(n_rows, config))
     args = TrainingArguments(
         output_dir=SCRATCH_UNSET,
