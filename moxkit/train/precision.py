@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, ResourceError
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
 REFERENCE_MODES = ("auto", "stored", "bf16")
@@ -67,8 +67,9 @@ def default_bf16(use_cuda: bool, flags: Iterable[str] | None = None) -> bool:
 def check_bf16(bf16: bool, use_cuda: bool, flags: Iterable[str] | None = None) -> None:
     """Refuse bf16 on a CPU that would emulate it."""
     if bf16 and not use_cuda and not cpu_has_bf16(flags):
-        raise MoxError("bf16: this CPU has neither AVX512-BF16 nor AMX-BF16, so bf16 autocast "
-                       "would be emulated and slower than fp32; leave --bf16 off")  # fmt: skip
+        raise ResourceError("bf16=True: this CPU has neither AVX512-BF16 nor AMX-BF16, so "
+                            "bf16 autocast would be emulated and slower than fp32",
+                            params=("bf16",))  # fmt: skip
 
 
 def reference_mode(mode: str, *, bf16: bool, separate_copy: bool, targeted: bool) -> str:
@@ -77,10 +78,11 @@ def reference_mode(mode: str, *, bf16: bool, separate_copy: bool, targeted: bool
     the reference and stays as stored, since the extrapolation reads it exactly). Targeted
     MOX builds (1+α)·θ_ref − α·θ from the reference's weights, which need every bit."""
     if mode not in REFERENCE_MODES:
-        raise MoxError(f"reference {mode!r}: expected one of {', '.join(REFERENCE_MODES)}")
+        raise InputError(f"reference {mode!r}: expected one of {', '.join(REFERENCE_MODES)}",
+                         params=("reference",))  # fmt: skip
     if mode == "bf16" and targeted:
-        raise MoxError("reference bf16: targeted MOX extrapolates the reference's weights; "
-                       "use reference stored")  # fmt: skip
+        raise InputError("reference='bf16': targeted MOX extrapolates the reference's weights; "
+                         "use reference='stored'", params=("reference",))  # fmt: skip
     if mode == "auto":
         return "bf16" if bf16 and separate_copy and not targeted else "stored"
     return mode
