@@ -17,14 +17,13 @@ from ..engine.checkpoint import Checkpoint, FileReader, TensorInfo, open_checkpo
 from ..engine.dtypes import ARITHMETIC_CODES, SIZES, TABLE, parse_dtype
 from ..engine.options import EngineOptions
 from ..engine.provenance import carry_files
-from ..engine.stream import fit_elems
+from ..engine.stream import fit_elems, memory_budget
 from ..engine.writer import OutputTensor, ShardWriter, layout, split_shards, write_index
-from ..errors import MoxError
+from ..errors import InputError
 from ..progress import ByteProgress
 from ..units import parse_size
 from .lowrank import (
     AdapterReport,
-    _budget,
     _check_budget,
     _factor_elems,
     _LowRank,
@@ -53,7 +52,7 @@ def merge_adapter(
     base_ckpt = open_checkpoint(base)
     found = open_adapter(adapter)
     held = sum(4 * _factor_elems(m) for m in found.modules.values())
-    _check_merge_budget(_budget(options.max_memory), held, 0, [found], base_ckpt)
+    _check_merge_budget(memory_budget(options.max_memory), held, 0, [found], base_ckpt)
     scales = {name: m.scaling for name, m in found.modules.items()}
     reader = FileReader()
     try:
@@ -75,17 +74,17 @@ def _merge(
 ) -> AdapterReport:
     """Write BASE's tensors, adapted weights as W + scale·B·A computed in row tiles."""
     out_dtype = parse_dtype(options.dtype)
-    budget = _budget(options.max_memory)
-    shard_limit = parse_size(options.max_shard_size, "--max-shard-size")
+    budget = memory_budget(options.max_memory)
+    shard_limit = parse_size(options.max_shard_size, "max_shard_size")
     max_gpu_memory = options.max_gpu_memory
-    gpu_budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
+    gpu_budget = parse_size(max_gpu_memory, "max_gpu_memory") if max_gpu_memory else None
     out = check_output(out, force=options.force, inputs=[base.path, *inputs])
     by_weight = {c.module.weight_name: c for c in combined.values()}
     outputs = []
     for name, info in base.tensors.items():
         code = out_dtype if (out_dtype and info.dtype in ARITHMETIC_CODES) else info.dtype
         if name in by_weight and info.dtype not in ARITHMETIC_CODES:
-            raise MoxError(
+            raise InputError(
                 f"{info.file}: tensor {name!r} is {info.dtype}; merging needs F32/F16/BF16"
             )
         outputs.append(OutputTensor(name, code, info.shape, info.numel * SIZES[code]))
@@ -129,9 +128,10 @@ def _merge(
                         merge = _TileMerge(low, s, _orientation(low.module, info), target, torch)
                         if not merge.run(reader, writer, info, t.dtype, tile_elems):
                             if not options.allow_nonfinite:
-                                raise MoxError(
+                                raise InputError(
                                     f"tensor {t.name!r}: the merge has non-finite values (NaN "
-                                    "or inf); pass --allow-nonfinite to keep them"
+                                    "or inf); pass allow_nonfinite=True to keep them",
+                                    params=("allow_nonfinite",),
                                 )
                             report.nonfinite_tensors.append(t.name)
                     bar.update(t.nbytes)
@@ -173,7 +173,7 @@ def _merge_device(device: str):
     from ..hf import resolve_device
 
     if device not in ("auto", "cpu", "cuda"):
-        raise MoxError(f"--device {device!r}: expected auto, cpu or cuda")
+        raise InputError(f"device {device!r}: expected auto, cpu or cuda", params=("device",))
     return resolve_device(device)
 
 
@@ -182,7 +182,7 @@ def _tile_elems(budget: int | None) -> int:
     output (≤ 16 bytes), from what the budget leaves after what the process already holds."""
     if budget is None:
         return MAX_TILE_ELEMS
-    return fit_elems(budget, 16, MAX_TILE_ELEMS, "--max-memory", least=MIN_TILE_ELEMS)
+    return fit_elems(budget, 16, MAX_TILE_ELEMS, "max_memory", least=MIN_TILE_ELEMS)
 
 
 def _load_rows(reader: FileReader, info: TensorInfo, row0: int, rows: int, torch):
@@ -223,7 +223,7 @@ class _TileMerge:
 
 
 def _copy_tensor(reader, writer, info: TensorInfo, out_code: str, tile_elems: int, torch) -> None:
-    """Unadapted tensors: bytes copied, or (with --dtype) converted chunk by chunk; a chunk
+    """Unadapted tensors: bytes copied, or (with a dtype) converted chunk by chunk; a chunk
     costs what a tile may (16 bytes an element)."""
     if out_code == info.dtype:
         chunk = min(COPY_CHUNK_BYTES, 16 * tile_elems)

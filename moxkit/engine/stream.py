@@ -182,7 +182,7 @@ def prepare(
     coeffs = Coefficients(alpha, eta if prev is not None else None)
     out_dtype = parse_dtype(dtype_name(options.dtype))
     shard_limit = parse_size(options.max_shard_size, "max_shard_size")
-    budget = _budget(options.max_memory)
+    budget = memory_budget(options.max_memory)
     ref_ckpt = open_checkpoint(ref, budget=budget)
     mem_ckpt = open_checkpoint(mem, budget=budget)
     prev_ckpt = open_checkpoint(prev, budget=budget) if prev is not None else None
@@ -243,7 +243,7 @@ def run(job: ExtrapolationJob) -> ExtrapolationReport:
         backend.close()
 
 
-def _budget(max_memory: str | int | None) -> int | None:
+def memory_budget(max_memory: str | int | None) -> int | None:
     return parse_size(max_memory, "max_memory") if max_memory is not None else None
 
 
