@@ -426,7 +426,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path, good):
         extrapolate_adapter(base, mem, 2.0, tmp_path / "out", prev=tmp_path)
     with pytest.raises(InputError, match="alpha"):
         write_forget_adapter(mem, -1.0, tmp_path / "out")
-    with pytest.raises(InputError, match=r"device 'tpu': expected auto, cpu or cuda"):
+    with pytest.raises(InputError, match=r"device 'tpu': expected cpu, cuda or auto"):
         extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ResourceError, match="device 'cuda': no CUDA device is available"):
@@ -443,6 +443,8 @@ def test_cli_forget_adapter_merge_and_existing_output(tmp_path, good, cli):
     merged = cli("extrapolate", base, mem, "--alpha", "4", "--merge", "-o", tmp_path / "full")
     assert merged.code == 0, merged.err
     assert (tmp_path / "full" / "config.json").is_file()
+    card = (tmp_path / "full" / "README.md").read_text()  # the engine's model card
+    assert "merging LoRA adapters" in card and f"`{Path(mem).resolve()}`" in card
     direct = tmp_path / "direct"
     merge_adapter(base, tmp_path / "forget", direct)
     a, b = (
