@@ -118,7 +118,8 @@ def _merge(
     report.device = target.type
     started = time.perf_counter()
     producer = _LowRankProducer(plan, base, by_weight, scale, target, gpu_budget, report, torch)
-    write_output(plan, producer, report.bytes_written, desc="merge")
+    tensor_bytes = sum(t.nbytes for shard in plan.shards for t in shard.tensors)
+    write_output(plan, producer, tensor_bytes, desc="merge")  # the bar counts tensor bytes
     report.seconds = time.perf_counter() - started
     return report
 
