@@ -129,7 +129,17 @@ class _LowRankProducer:
     converted to the output dtype), adapted weights merged tile by tile (_TileMerge), under
     the engine's non-finite policy."""
 
-    def __init__(self, plan: OutputPlan, base, by_weight, scale, target, gpu_budget, report, torch):
+    def __init__(
+        self,
+        plan: OutputPlan,
+        base: Checkpoint,
+        by_weight: dict[str, _LowRank],
+        scale: float | dict[str, float],
+        target,  # torch.device
+        gpu_budget: int | None,
+        report: AdapterReport,
+        torch,
+    ):
         self.plan, self.base, self.by_weight, self.scale = plan, base, by_weight, scale
         self.target, self.gpu_budget, self.report, self.torch = target, gpu_budget, report, torch
 
