@@ -6,12 +6,13 @@ __version__ = "0.1.0"
 from .errors import InputError, MismatchError, MoxError, OutputError, ResourceError  # noqa: E402
 
 __all__ = ["MoxError", "InputError", "MismatchError", "OutputError", "ResourceError", "PAPER_ETA",
-           "__version__", "extrapolate", "ExtrapolationReport"]  # fmt: skip
+           "__version__", "extrapolate", "ExtrapolationReport", "EngineOptions"]  # fmt: skip
 
 _LAZY = {
     "extrapolate": "engine.stream",
     "ExtrapolationReport": "engine.stream",
     "PAPER_ETA": "engine.formula",
+    "EngineOptions": "engine.options",
 }
 
 

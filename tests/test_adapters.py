@@ -23,7 +23,7 @@ from moxkit.adapters import (
     momentum_weights,
     write_forget_adapter,
 )
-from moxkit.errors import MoxError
+from moxkit.errors import InputError, ResourceError
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -416,18 +416,20 @@ def test_bad_adapter_files_are_one_line(tmp_path, good, cli, case):
 
 def test_options_that_do_not_apply_are_refused(tmp_path, good):
     base, mem = good
-    with pytest.raises(MoxError, match="--dtype applies to --merge"):
+    with pytest.raises(InputError, match="dtype applies to merge=True") as caught:
         extrapolate_adapter(base, mem, 2.0, tmp_path / "out", dtype="bf16")
-    with pytest.raises(MoxError, match="--rank 0: must be a positive integer"):
+    assert caught.value.params == ("dtype", "merge")
+    with pytest.raises(InputError, match="rank 0: must be a positive integer") as caught:
         extrapolate_adapter(base, mem, 2.0, tmp_path / "out", prev=base, rank=0)
-    with pytest.raises(MoxError, match="must be an earlier forget adapter, or BASE"):
+    assert caught.value.params == ("rank",)
+    with pytest.raises(InputError, match="prev must be an earlier forget adapter, or BASE"):
         extrapolate_adapter(base, mem, 2.0, tmp_path / "out", prev=tmp_path)
-    with pytest.raises(MoxError, match="alpha"):
+    with pytest.raises(InputError, match="alpha"):
         write_forget_adapter(mem, -1.0, tmp_path / "out")
-    with pytest.raises(MoxError, match=r"--device 'cuda:0': expected auto, cpu or cuda"):
-        extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="cuda:0")
+    with pytest.raises(InputError, match=r"device 'tpu': expected cpu, cuda or auto"):
+        extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(MoxError, match="device 'cuda': no CUDA device is available"):
+        with pytest.raises(ResourceError, match="device 'cuda': no CUDA device is available"):
             extrapolate_adapter(base, mem, 2.0, tmp_path / "out", merge=True, device="cuda")
     assert not list(tmp_path.iterdir())
 
@@ -441,6 +443,8 @@ def test_cli_forget_adapter_merge_and_existing_output(tmp_path, good, cli):
     merged = cli("extrapolate", base, mem, "--alpha", "4", "--merge", "-o", tmp_path / "full")
     assert merged.code == 0, merged.err
     assert (tmp_path / "full" / "config.json").is_file()
+    card = (tmp_path / "full" / "README.md").read_text()  # the engine's model card
+    assert "merging LoRA adapters" in card and f"`{Path(mem).resolve()}`" in card
     direct = tmp_path / "direct"
     merge_adapter(base, tmp_path / "forget", direct)
     a, b = (

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,25 @@ def test_rank_refuses_nonfinite_even_when_allowed(tmp_path, base, cli):
     out = tmp_path / "out"
     result = run_path(cli, "rank", base, mem, out, "--allow-nonfinite")
     assert_refused(result, out, "--rank")
+
+
+def test_merge_write_failure_is_one_line_and_leaves_nothing(tmp_path, cli):
+    """A merge whose output write is refused half-way (RLIMIT_FSIZE: EFBIG, as ENOSPC on a
+    full disk) ends in the engine's one line naming OUT, with no OUT and no temporary."""
+    base = write_base(tmp_path / "base", OUT_DIM, 1 << 14)  # 768 KiB of fp32
+    mem = write_adapter(tmp_path / "mem", a=np.ones((RANK, 1 << 14), np.float32))
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, 1 << 19))
+
+    args = ["extrapolate", base, mem, "--alpha", "4", "--merge", "-o", out, "--device", "cpu"]
+    result = cli.run(*args, "--quiet", preexec_fn=limit)
+    assert result.code == 1, result.err
+    assert result.err.startswith(f"moxkit: error: {out}: cannot write output: File too large")
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 # ----------------------------------------------------------------- memory budgets

@@ -26,12 +26,12 @@ from ..atomic import check_output, staged_dir
 from ..engine.checkpoint import FileReader, TensorInfo, open_checkpoint
 from ..engine.formula import PAPER_ETA, check_alpha, check_eta
 from ..engine.options import EngineOptions, alpha_and_out
+from ..engine.stream import memory_budget
 from ..engine.writer import OutputTensor, ShardWriter, layout
-from ..errors import MoxError
+from ..errors import InputError
 from .lowrank import (
     AdapterReport,
     _attach_errors,
-    _budget,
     _check_budget,
     _check_low_rank,
     _combine,
@@ -84,8 +84,8 @@ def write_forget_adapter(
         with tempfile.TemporaryDirectory(prefix="moxkit-adapter-") as tmp:
             source.save_pretrained(tmp, safe_serialization=True)
             return write_forget_adapter(tmp, alpha, out, base=base, options=options)
-    alpha = check_alpha(alpha, "--alpha")
-    budget = _budget(options.max_memory)
+    alpha = check_alpha(alpha)
+    budget = memory_budget(options.max_memory)
     adapter = open_adapter(source)
     out = check_output(out, force=options.force, inputs=[adapter.path] + ([base] if base else []))
     base_ckpt = open_checkpoint(base) if base is not None else None
@@ -95,7 +95,7 @@ def write_forget_adapter(
         if base_ckpt is not None:
             _check_against_base(adapter, base_ckpt, reader)
         elif adapter.full:
-            raise MoxError(
+            raise InputError(
                 f"{adapter.path}: holds full tensors (modules_to_save); give the base model "
                 "to check them against"
             )
@@ -147,9 +147,9 @@ def momentum_forget_adapter(
     of concatenated rank, or of rank `rank` by a truncated SVD (error in the report). Options
     as write_forget_adapter's."""
     options = EngineOptions.of(options, overrides, "momentum_forget_adapter")
-    alpha, eta = check_alpha(alpha, "--alpha"), check_eta(eta, "--eta")
+    alpha, eta = check_alpha(alpha), check_eta(eta)
     if not snapshots:
-        raise MoxError("momentum: no adapter snapshots given")
+        raise InputError("snapshots: no adapter snapshots given", params=("snapshots",))
     adapters = [open_adapter(p) for p in snapshots]
     terms = list(zip(momentum_weights(len(adapters), eta), adapters, strict=True))
     formula = f"BASE − {alpha:g}·Σ_k w_k·s_k·B_k·A_k over {len(adapters)} snapshots, η = {eta:g}"
@@ -180,31 +180,38 @@ def extrapolate_adapter(
     device, max_gpu_memory, max_shard_size and progress apply to `merge` only."""
     alpha, out = alpha_and_out(alpha, out, "extrapolate_adapter")
     options = EngineOptions.of(options, overrides, "extrapolate_adapter")
-    alpha = check_alpha(alpha, "--alpha")
+    alpha = check_alpha(alpha)
     if prev is None and rank is None and not merge:
         if options.dtype is not None:
-            raise MoxError("--dtype applies to --merge; a forget adapter keeps the factors' dtype")
+            raise InputError(
+                "dtype applies to merge=True; a forget adapter keeps the factors' dtype",
+                params=("dtype", "merge"),
+            )
         return write_forget_adapter(adapter, alpha, out, base=base, options=options)
-    budget = _budget(options.max_memory)
+    budget = memory_budget(options.max_memory)
     new = open_adapter(adapter)
     if prev is None:
         terms, eta_used = [(1.0, new)], None
         formula = f"BASE − {alpha:g}·s·B·A"
     else:
-        eta_used = check_eta(eta, "--eta")
+        eta_used = check_eta(eta)
         terms = [(eta_used, new)]
         if Path(prev).resolve() != Path(base).resolve():
             if not is_adapter_dir(prev):
-                raise MoxError(
-                    f"{prev}: with an adapter as MEM, --prev PREV must be an earlier "
-                    "forget adapter, or BASE itself for the first tick"
+                raise InputError(
+                    f"{prev}: with an adapter as MEM, prev must be an earlier "
+                    "forget adapter, or BASE itself for the first tick",
+                    params=("prev",),
                 )
             terms.insert(0, (-(1.0 - eta_used) / alpha, open_adapter(prev)))
         formula = f"{eta_used:g}·[BASE − {alpha:g}·s·B·A] + {1 - eta_used:g}·PREV"
     inputs = [t[1].path for t in terms]
     if not merge:
         if options.dtype is not None:
-            raise MoxError("--dtype applies to --merge; forget adapters are written in fp32")
+            raise InputError(
+                "dtype applies to merge=True; forget adapters are written in fp32",
+                params=("dtype", "merge"),
+            )
         return _write_combined(terms, alpha, eta_used, rank, out, base, formula, inputs, options)
     base_ckpt = open_checkpoint(base)
     single = len(terms) == 1 and rank is None  # PEFT's merge of the forget adapter, op for op
@@ -247,7 +254,7 @@ def _write_combined(
     options: EngineOptions,
 ) -> AdapterReport:
     """θ_ref − α·Σ weight·s·B·A over the terms as one adapter (scaling −α, blocks weighted)."""
-    budget = _budget(options.max_memory)
+    budget = memory_budget(options.max_memory)
     out = check_output(out, force=options.force, inputs=inputs + ([base] if base else []))
     parts = _combine_parts(terms, rank)
     base_ckpt = open_checkpoint(base) if base is not None else None
@@ -262,7 +269,7 @@ def _write_combined(
             for _, found in terms:
                 _check_against_base(found, base_ckpt, reader)
         elif any(found.full for _, found in terms):
-            raise MoxError(
+            raise InputError(
                 f"{newest.path}: holds full tensors (modules_to_save); give the base model "
                 "to check them against"
             )
@@ -360,7 +367,7 @@ def _write_adapter(
     try:  # strict JSON: the checks above leave no NaN or inf in a config moxkit writes
         text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except ValueError as exc:
-        raise MoxError(f"{out}: the forget adapter's config is not strict JSON ({exc})") from None
+        raise InputError(f"{out}: the forget adapter's config is not strict JSON ({exc})") from None
     with staged_dir(out, force=options.force, fsync=options.fsync) as tmp:
         writer = ShardWriter([shard], [tmp / shard.filename])
         try:

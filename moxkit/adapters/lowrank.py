@@ -21,8 +21,8 @@ from threadpoolctl import threadpool_limits
 
 from ..engine.checkpoint import Checkpoint, FileReader
 from ..engine.stream import RESERVED_BYTES  # the engine's slack, shared
-from ..errors import MoxError
-from ..units import format_bytes, parse_size
+from ..errors import InputError, MismatchError, ResourceError
+from ..units import format_bytes
 from .read import COPY_CHUNK_BYTES, KEY_PREFIX, Adapter, LoraModule, _read_array
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -90,7 +90,7 @@ def _combine_parts(terms: list[tuple[float, Adapter]], rank: int | None) -> _Par
     """module -> [(weight, module of one input, that input's folder)], the terms' modules
     checked to agree in kind and shape; no factor read yet."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise MoxError(f"--rank {rank!r}: must be a positive integer")
+        raise InputError(f"rank {rank!r}: must be a positive integer", params=("rank",))
     parts: _Parts = {}
     for weight, found in terms:
         for name, module in found.modules.items():
@@ -99,7 +99,7 @@ def _combine_parts(terms: list[tuple[float, Adapter]], rank: int | None) -> _Par
                 known.embedding != module.embedding
                 or (known.b.shape[0], known.a.shape[1]) != (module.b.shape[0], module.a.shape[1])
             ):
-                raise MoxError(
+                raise MismatchError(
                     f"{found.path}: module {name!r} differs in kind or shape from the other "
                     "adapters'"
                 )
@@ -134,9 +134,10 @@ def _combine(
         if not allow_nonfinite:
             _check_low_rank(where, name, b, a, alpha, "weighted factors w·s·B, A")
         if rank is not None and not (np.isfinite(b).all() and np.isfinite(a).all()):
-            raise MoxError(
+            raise InputError(
                 f"{where}: module {name!r}: the weighted factors have non-finite values (NaN or "
-                "inf); --rank cannot re-compress them"
+                "inf); rank cannot re-compress them",
+                params=("rank",),
             )
         if rank is not None:
             with threadpool_limits(1):  # 48-wide panels: BLAS threads only add spinning
@@ -166,7 +167,7 @@ def _factor_elems(m: LoraModule) -> int:
 def _check_low_rank(
     where: Path, name: str, b: np.ndarray, a: np.ndarray, scale: float, what: str = "factors"
 ) -> None:
-    """MoxError if B or A holds NaN/inf, or if scale·B·A may leave float32's range: its entries
+    """InputError if B or A holds NaN/inf, or if scale·B·A may leave float32's range: its entries
     are at most |scale| · (largest row sum of |B|) · (largest |A|), bounded in fp64."""
     why = f"non-finite {what} (NaN or inf"
     why += "; lora_alpha/r too large for float32?)" if what != "factors" else ")"
@@ -178,25 +179,25 @@ def _check_low_rank(
         if bound <= FLOAT32_MAX:
             return
         why = f"a product that may overflow float32 to non-finite values (up to {bound:.3g})"
-    raise MoxError(f"{where}: module {name!r} has {why}; pass --allow-nonfinite to keep them")
-
-
-def _budget(max_memory: str | int | None) -> int | None:
-    return parse_size(max_memory, "--max-memory") if max_memory is not None else None
+    raise InputError(
+        f"{where}: module {name!r} has {why}; pass allow_nonfinite=True to keep them",
+        params=("allow_nonfinite",),
+    )
 
 
 def _check_budget(budget: int | None, extra: int, doing: str) -> None:
     """Refuse before any work when what a stage will allocate, beside what the process holds
-    and RESERVED_BYTES of slack, does not fit under --max-memory."""
+    and RESERVED_BYTES of slack, does not fit under max_memory."""
     if budget is None:
         return
     resident = psutil.Process().memory_info().rss
     need = extra + RESERVED_BYTES
     if resident + need > budget:
-        raise MoxError(
-            f"--max-memory {format_bytes(budget)} is too small to {doing}: it needs about "
+        raise ResourceError(
+            f"max_memory {format_bytes(budget)} is too small to {doing}: it needs about "
             f"{format_bytes(need)} beside the {format_bytes(resident)} this process holds; "
-            f"allow at least {format_bytes(resident + need)}"
+            f"allow at least {format_bytes(resident + need)}",
+            params=("max_memory",),
         )
 
 
@@ -249,7 +250,9 @@ def _truncate(
         q_a, r_a = np.linalg.qr(a.T)
         u, s, vt = np.linalg.svd(r_b @ r_a.T)
     except np.linalg.LinAlgError as exc:  # finite input converges; kept as a one-line error
-        raise MoxError(f"--rank {rank}: the truncated SVD failed ({exc})") from None
+        raise InputError(
+            f"rank {rank}: the truncated SVD failed ({exc})", params=("rank",)
+        ) from None
     k = min(rank, len(s))
     root = np.sqrt(s[:k])
     new_b = (q_b @ u[:, :k]) * root

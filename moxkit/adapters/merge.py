@@ -1,7 +1,9 @@
-"""The streamed merge: BASE + s·B·A written as a full model for servers without LoRA. Each
-adapted weight is produced in row tiles, W_tile + s·(B_rows·A) in fp32 on the CPU or CUDA
+"""The streamed merge: BASE + s·B·A written as a full model for servers without LoRA. It is a
+producer in the engine's one output pipeline (moxkit.engine.stream.write_output: the planned
+layout, staged atomic output, index, carried files, model card, progress, one-line errors):
+each adapted weight is produced in row tiles, W_tile + s·(B_rows·A) in fp32 on the CPU or CUDA
 (torch), one rounding to the output dtype, under the same memory budget as
-`moxkit extrapolate`."""
+`moxkit extrapolate`; the other tensors are copied (or converted to the output dtype)."""
 
 from __future__ import annotations
 
@@ -12,19 +14,27 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..atomic import check_output, staged_dir
+from ..atomic import check_output
+from ..engine.backends import device_of
 from ..engine.checkpoint import Checkpoint, FileReader, TensorInfo, open_checkpoint
 from ..engine.dtypes import ARITHMETIC_CODES, SIZES, TABLE, parse_dtype
 from ..engine.options import EngineOptions
-from ..engine.provenance import carry_files
-from ..engine.stream import fit_elems
-from ..engine.writer import OutputTensor, ShardWriter, layout, split_shards, write_index
-from ..errors import MoxError
+from ..engine.stream import (
+    OutputPlan,
+    changed_input,
+    fit_elems,
+    gpu_options,
+    memory_budget,
+    nonfinite,
+    plan_output,
+    write_output,
+)
+from ..engine.writer import OutputTensor, ShardWriter
+from ..errors import InputError
 from ..progress import ByteProgress
 from ..units import parse_size
 from .lowrank import (
     AdapterReport,
-    _budget,
     _check_budget,
     _factor_elems,
     _LowRank,
@@ -53,7 +63,7 @@ def merge_adapter(
     base_ckpt = open_checkpoint(base)
     found = open_adapter(adapter)
     held = sum(4 * _factor_elems(m) for m in found.modules.values())
-    _check_merge_budget(_budget(options.max_memory), held, 0, [found], base_ckpt)
+    _check_merge_budget(memory_budget(options.max_memory), held, 0, [found], base_ckpt)
     scales = {name: m.scaling for name, m in found.modules.items()}
     reader = FileReader()
     try:
@@ -73,30 +83,30 @@ def _merge(
     inputs: list[Path],
     options: EngineOptions,
 ) -> AdapterReport:
-    """Write BASE's tensors, adapted weights as W + scale·B·A computed in row tiles."""
+    """Write BASE's tensors through the engine's output pipeline, adapted weights as
+    W + scale·B·A computed in row tiles."""
     out_dtype = parse_dtype(options.dtype)
-    budget = _budget(options.max_memory)
-    shard_limit = parse_size(options.max_shard_size, "--max-shard-size")
-    max_gpu_memory = options.max_gpu_memory
-    gpu_budget = parse_size(max_gpu_memory, "--max-gpu-memory") if max_gpu_memory else None
+    shard_limit = parse_size(options.max_shard_size, "max_shard_size")
+    gpu_budget = gpu_options(options.max_gpu_memory).get("max_gpu_memory")
     out = check_output(out, force=options.force, inputs=[base.path, *inputs])
     by_weight = {c.module.weight_name: c for c in combined.values()}
     outputs = []
     for name, info in base.tensors.items():
         code = out_dtype if (out_dtype and info.dtype in ARITHMETIC_CODES) else info.dtype
         if name in by_weight and info.dtype not in ARITHMETIC_CODES:
-            raise MoxError(
+            raise InputError(
                 f"{info.file}: tensor {name!r} is {info.dtype}; merging needs F32/F16/BF16"
             )
         outputs.append(OutputTensor(name, code, info.shape, info.numel * SIZES[code]))
-    shards = layout(split_shards(outputs, shard_limit), _merge_metadata(formula, inputs, base))
+    metadata = _merge_metadata(formula, inputs, base)
+    plan = plan_output(out, outputs, metadata, base, out_dtype, shard_limit, options)
     report = AdapterReport(
-        out=out,
+        out=plan.out,
         kind="merged model",
         formula=formula,
         n_modules=len(by_weight),
         rank=max((c.a.shape[0] for c in combined.values()), default=0),
-        bytes_written=sum(s.file_size for s in shards),
+        bytes_written=plan.bytes_written,
         dry_run=options.dry_run,
         n_copied=len(base.tensors) - len(by_weight),
     )
@@ -104,47 +114,57 @@ def _merge(
         return report
     import torch  # the merge's arithmetic; the adapter paths above never import it
 
-    target = _merge_device(options.device)
+    target = torch.device(device_of(options.device, triton=False))
     report.device = target.type
     started = time.perf_counter()
-    reader = FileReader()
-    bar = ByteProgress(report.bytes_written, enabled=options.progress, desc="merge")
-    try:
-        with (
-            staged_dir(out, force=options.force, fsync=options.fsync) as tmp,
-            _full_fp32_matmul(torch),
-        ):
-            writer = ShardWriter(shards, [tmp / s.filename for s in shards])
-            try:
-                tile_elems = _tile_elems(budget)
-                if target.type == "cuda" and gpu_budget:  # fp32 tile, product, output
-                    tile_elems = max(1024, min(tile_elems, gpu_budget // 16))
-                for t in (t for s in shards for t in s.tensors):
-                    info = base.tensors[t.name]
-                    low = by_weight.get(t.name)
+    producer = _LowRankProducer(plan, base, by_weight, scale, target, gpu_budget, report, torch)
+    tensor_bytes = sum(t.nbytes for shard in plan.shards for t in shard.tensors)
+    write_output(plan, producer, tensor_bytes, desc="merge")  # the bar counts tensor bytes
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _LowRankProducer:
+    """The merge's tensors for write_output, in the plan's order: BASE's tensors copied (or
+    converted to the output dtype), adapted weights merged tile by tile (_TileMerge), under
+    the engine's non-finite policy."""
+
+    def __init__(
+        self,
+        plan: OutputPlan,
+        base: Checkpoint,
+        by_weight: dict[str, _LowRank],
+        scale: float | dict[str, float],
+        target,  # torch.device
+        gpu_budget: int | None,
+        report: AdapterReport,
+        torch,
+    ):
+        self.plan, self.base, self.by_weight, self.scale = plan, base, by_weight, scale
+        self.target, self.gpu_budget, self.report, self.torch = target, gpu_budget, report, torch
+
+    def __call__(self, writer: ShardWriter, bar: ByteProgress) -> None:
+        torch, reader = self.torch, FileReader()
+        try:
+            with _full_fp32_matmul(torch):
+                tile_elems = _tile_elems(self.plan.budget)
+                if self.target.type == "cuda" and self.gpu_budget:  # fp32 tile, product, output
+                    tile_elems = max(1024, min(tile_elems, self.gpu_budget // 16))
+                for t in (t for s in self.plan.shards for t in s.tensors):
+                    info = self.base.tensors[t.name]
+                    low = self.by_weight.get(t.name)
                     if low is None:
                         _copy_tensor(reader, writer, info, t.dtype, tile_elems, torch)
                     else:
+                        scale = self.scale
                         s = scale[low.module.name] if isinstance(scale, dict) else scale
-                        merge = _TileMerge(low, s, _orientation(low.module, info), target, torch)
+                        transposed = _orientation(low.module, info)
+                        merge = _TileMerge(low, s, transposed, self.target, torch)
                         if not merge.run(reader, writer, info, t.dtype, tile_elems):
-                            if not options.allow_nonfinite:
-                                raise MoxError(
-                                    f"tensor {t.name!r}: the merge has non-finite values (NaN "
-                                    "or inf); pass --allow-nonfinite to keep them"
-                                )
-                            report.nonfinite_tensors.append(t.name)
+                            nonfinite(t.name, self.plan.options, self.report.nonfinite_tensors)
                     bar.update(t.nbytes)
-            finally:
-                writer.close()
-            write_index(tmp, shards)
-            if base.directory is not None:
-                carry_files(base.directory, tmp, out_dtype)
-    finally:
-        reader.close()
-        bar.close()
-    report.seconds = time.perf_counter() - started
-    return report
+        finally:
+            reader.close()
 
 
 @contextlib.contextmanager
@@ -168,27 +188,27 @@ def _merge_metadata(formula: str, inputs: list[Path], base: Checkpoint) -> dict[
     }
 
 
-def _merge_device(device: str):
-    """The merge runs on the CPU or the first CUDA device only; moxkit.hf decides which."""
-    from ..hf import resolve_device
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise MoxError(f"--device {device!r}: expected auto, cpu or cuda")
-    return resolve_device(device)
-
-
 def _tile_elems(budget: int | None) -> int:
     """Elements per tile: each costs its input bytes, an fp32 copy, the fp32 product and the
     output (≤ 16 bytes), from what the budget leaves after what the process already holds."""
     if budget is None:
         return MAX_TILE_ELEMS
-    return fit_elems(budget, 16, MAX_TILE_ELEMS, "--max-memory", least=MIN_TILE_ELEMS)
+    return fit_elems(budget, 16, MAX_TILE_ELEMS, "max_memory", least=MIN_TILE_ELEMS)
+
+
+def _read(reader: FileReader, info: TensorInfo, offset: int, buf: memoryview) -> None:
+    """BASE's bytes at `offset` of `info`; a failing read names the input, as the engine's do
+    (write_output would take an OSError for the output's)."""
+    try:
+        reader.read_into(info.file, info.start + offset, buf)
+    except OSError as exc:
+        raise changed_input(info.file, exc) from None
 
 
 def _load_rows(reader: FileReader, info: TensorInfo, row0: int, rows: int, torch):
     cols = info.numel // info.shape[0] if info.shape and info.shape[0] else 0
     raw = bytearray(rows * cols * info.itemsize)
-    reader.read_into(info.file, info.start + row0 * cols * info.itemsize, memoryview(raw))
+    _read(reader, info, row0 * cols * info.itemsize, memoryview(raw))
     return torch.frombuffer(raw, dtype=getattr(torch, TABLE[info.dtype].torch)).view(rows, cols)
 
 
@@ -223,13 +243,13 @@ class _TileMerge:
 
 
 def _copy_tensor(reader, writer, info: TensorInfo, out_code: str, tile_elems: int, torch) -> None:
-    """Unadapted tensors: bytes copied, or (with --dtype) converted chunk by chunk; a chunk
+    """Unadapted tensors: bytes copied, or (with a dtype) converted chunk by chunk; a chunk
     costs what a tile may (16 bytes an element)."""
     if out_code == info.dtype:
         chunk = min(COPY_CHUNK_BYTES, 16 * tile_elems)
         for start in range(0, info.nbytes, chunk):
             buf = bytearray(min(chunk, info.nbytes - start))
-            reader.read_into(info.file, info.start + start, memoryview(buf))
+            _read(reader, info, start, memoryview(buf))
             writer.write(info.name, start, memoryview(buf))
         return
     flat = TensorInfo(info.name, info.dtype, (info.numel, 1), info.file, info.start, info.nbytes)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..engine.checkpoint import Checkpoint, FileReader, TensorInfo, read_header
 from ..engine.dtypes import ARITHMETIC_CODES, to_float32
-from ..errors import MoxError
+from ..errors import InputError, MismatchError, MoxError
 from ..sources import member, read_json, resolve_model, shown, tree_root
 
 CONFIG_NAME = "adapter_config.json"
@@ -106,10 +106,10 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
     """Read and validate a PEFT LoRA adapter folder; MoxError naming the setting otherwise."""
     path = resolve_model(path)
     if not os.path.lexists(path / CONFIG_NAME):
-        raise MoxError(f"{shown(path)}: not a PEFT adapter folder (no {CONFIG_NAME})")
+        raise InputError(f"{shown(path)}: not a PEFT adapter folder (no {CONFIG_NAME})")
     if not os.path.lexists(path / WEIGHTS_NAME):
         extra = " (only adapter_model.bin: save with safe_serialization=True)"
-        raise MoxError(
+        raise InputError(
             f"{shown(path)}: no {WEIGHTS_NAME}"
             + (extra if os.path.lexists(path / "adapter_model.bin") else "")
         )
@@ -129,39 +129,41 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
         match = _FACTOR_KEY.fullmatch(key)
         if match is None:
             if not key.startswith(KEY_PREFIX) or not key.endswith(".weight"):
-                raise MoxError(f"{weights_path}: tensor {key!r} is not a LoRA factor")
+                raise InputError(f"{weights_path}: tensor {key!r} is not a LoRA factor")
             full[key] = info
             continue
         module, embedding, side, suffix = match.groups()
         if bool(embedding) == bool(suffix):  # lora_A.weight, or lora_embedding_A (no .weight)
-            raise MoxError(f"{weights_path}: tensor {key!r} is not a LoRA factor")
+            raise InputError(f"{weights_path}: tensor {key!r} is not a LoRA factor")
         if info.dtype not in ARITHMETIC_CODES or len(info.shape) != 2:
-            raise MoxError(
+            raise InputError(
                 f"{weights_path}: tensor {key!r} is {info.dtype} {list(info.shape)}; moxkit reads "
                 "2-D F32/F16/BF16 LoRA factors (LoRA on conv layers is not supported)"
             )
         if kinds.setdefault(module, bool(embedding)) != bool(embedding):
-            raise MoxError(f"{weights_path}: module {module!r} has both linear and embedding LoRA")
+            raise InputError(
+                f"{weights_path}: module {module!r} has both linear and embedding LoRA"
+            )
         if side in factors.setdefault(module, {}):
-            raise MoxError(f"{weights_path}: module {module!r} has two lora_{side} factors")
+            raise InputError(f"{weights_path}: module {module!r} has two lora_{side} factors")
         factors[module][side] = info
     if not factors:
-        raise MoxError(f"{weights_path}: holds no LoRA factors")
+        raise InputError(f"{weights_path}: holds no LoRA factors")
     patterns = _matchers(config_path, config)
     modules = {}
     for name, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
-            raise MoxError(f"{weights_path}: module {name!r} has no lora_{missing} factor")
+            raise InputError(f"{weights_path}: module {name!r} has no lora_{missing} factor")
         a, b = pair["A"], pair["B"]
         if b.shape[1] != a.shape[0] or a.shape[0] == 0:
-            raise MoxError(
+            raise InputError(
                 f"{weights_path}: module {name!r}: lora_B {list(b.shape)} and lora_A "
                 f"{list(a.shape)} do not multiply"
             )
         rank = _module_rank_alpha(config, name, patterns)[0]
         if rank != a.shape[0]:
-            raise MoxError(
+            raise InputError(
                 f"{config_path}: module {name!r} has rank {a.shape[0]} in its factors but "
                 f"{rank} in the config"
             )
@@ -179,21 +181,21 @@ def _is_off(value: object) -> bool:
 def _check_settings(path: Path, config: dict) -> None:
     """Refuse every setting under which θ_mem is not θ_ref + s·B·A on the untouched base."""
     if config.get("peft_type") != "LORA":
-        raise MoxError(f"{path}: peft_type {config.get('peft_type')!r}; moxkit reads LoRA only")
+        raise InputError(f"{path}: peft_type {config.get('peft_type')!r}; moxkit reads LoRA only")
     for key, why in _REFUSED.items():
         if not _is_off(config.get(key)):
-            raise MoxError(f"{path}: {key} is set: {why}; moxkit cannot make it exact")
+            raise InputError(f"{path}: {key} is set: {why}; moxkit cannot make it exact")
     for key, value in config.items():
         if key not in _INERT and key not in _REFUSED and not _is_off(value):
-            raise MoxError(
+            raise InputError(
                 f"{path}: setting {key!r} = {str(value)[:60]} is unknown to moxkit and may change "
                 "what the adapter computes"
             )
     if config.get("bias", "none") != "none":
-        raise MoxError(f"{path}: bias {config['bias']!r}: trained biases are not low-rank")
+        raise InputError(f"{path}: bias {config['bias']!r}: trained biases are not low-rank")
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
-        raise MoxError(
+        raise InputError(
             f"{path}: init_lora_weights {init!r} rewrites the base weights, so θ_mem is not "
             "BASE + s·B·A; convert the adapter first (PEFT: path_initial_model_for_weight_"
             "conversion)"
@@ -204,7 +206,7 @@ def _check_settings(path: Path, config: dict) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
-            raise MoxError(f"{path}: {key} must map module patterns to numbers")
+            raise InputError(f"{path}: {key} must map module patterns to numbers")
         for name, value in pattern.items():
             where = f"{key}[{_short(name)}]"
             (_check_rank if key == "rank_pattern" else _check_alpha_value)(path, where, value)
@@ -218,7 +220,7 @@ def _short(value: object) -> str:
 
 def _check_rank(path: Path, what: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
-        raise MoxError(f"{path}: {what} {_short(value)} is not an integer from 1 to {MAX_RANK:,}")
+        raise InputError(f"{path}: {what} {_short(value)} is not an integer from 1 to {MAX_RANK:,}")
 
 
 def _check_alpha_value(path: Path, what: str, value: object) -> None:
@@ -229,7 +231,7 @@ def _check_alpha_value(path: Path, what: str, value: object) -> None:
     except OverflowError:
         ok = False
     if not ok:
-        raise MoxError(f"{path}: {what} {_short(value)} is not a finite number")
+        raise InputError(f"{path}: {what} {_short(value)} is not a finite number")
 
 
 def _nonfinite_in(path: Path, config: dict) -> None:
@@ -239,7 +241,7 @@ def _nonfinite_in(path: Path, config: dict) -> None:
     while stack:
         where, value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
-            raise MoxError(f"{path}: {where} is {value!r}: not a finite number")
+            raise InputError(f"{path}: {where} is {value!r}: not a finite number")
         if isinstance(value, dict):
             stack += [(f"{where}[{_short(k)}]", v) for k, v in value.items()]
         elif isinstance(value, list):
@@ -259,7 +261,7 @@ class PatternMatcher:
 
     def __init__(self, where: str, pattern: dict):
         if len(pattern) > MAX_PATTERN_KEYS:
-            raise MoxError(
+            raise InputError(
                 f"{where}: {len(pattern):,} keys; moxkit reads at most {MAX_PATTERN_KEYS:,}"
             )
         self.keys = list(pattern)
@@ -290,7 +292,7 @@ def _parse_pattern_key(where: str, key: str) -> tuple[int, bool, tuple[int, ...]
     """(length, anchored, wildcard positions, text with NUL at the wildcards) of a key in
     PatternMatcher's subset; MoxError otherwise."""
     if len(key) > MAX_PATTERN_KEY_CHARS:
-        raise MoxError(
+        raise InputError(
             f"{where}: pattern key {_short(key)} is longer than {MAX_PATTERN_KEY_CHARS} characters"
         )
     body, anchored = (key[1:], True) if key.startswith("^") else (key, False)
@@ -311,14 +313,14 @@ def _parse_pattern_key(where: str, key: str) -> tuple[int, bool, tuple[int, ...]
         elif c.isascii() and (c.isalnum() or c in "_-"):
             chars.append(c)
         else:
-            raise MoxError(
+            raise InputError(
                 f"{where}: pattern key {_short(key)} uses {c!r}; moxkit reads module paths or "
                 "their tails (letters, digits, _ - . \\. and a leading ^), not quantifiers, "
                 "groups, alternation or classes"
             )
         i += 1
     if not chars:
-        raise MoxError(f"{where}: pattern key {_short(key)} is empty")
+        raise InputError(f"{where}: pattern key {_short(key)} is empty")
     return len(chars), anchored, tuple(wild), "".join(chars)
 
 
@@ -353,7 +355,7 @@ def _folded_config(config: dict, alpha: float) -> dict:
     def fold(what: str, value: float) -> float:
         folded = -alpha * float(value)
         if not math.isfinite(folded):
-            raise MoxError(
+            raise InputError(
                 f"{CONFIG_NAME}: {what} {_short(value)} times -{alpha:g} is not a finite number"
             )
         return folded
@@ -381,7 +383,7 @@ def _check_against_base(adapter: Adapter, base: Checkpoint, reader: FileReader) 
     for module in adapter.modules.values():
         weight = base.tensors.get(module.weight_name)
         if weight is None:
-            raise MoxError(
+            raise MismatchError(
                 f"{base.path}: BASE has no tensor {module.weight_name!r} that the adapter "
                 f"{adapter.path} adapts (another base model, or tied embeddings?)"
             )
@@ -390,12 +392,12 @@ def _check_against_base(adapter: Adapter, base: Checkpoint, reader: FileReader) 
         name = key[len(KEY_PREFIX) :].replace(".base_layer.", ".")
         weight = base.tensors.get(name)
         if weight is None or weight.dtype != info.dtype or weight.shape != info.shape:
-            raise MoxError(
+            raise MismatchError(
                 f"{adapter.path}: holds a full tensor {key!r} that BASE has no match for "
                 "(modules_to_save?): its forget form is not low-rank"
             )
         if not _same_bytes(reader, info, weight):
-            raise MoxError(
+            raise MismatchError(
                 f"{adapter.path}: its copy of {name!r} differs from BASE (trained "
                 "modules_to_save): the forget model is not low-rank there; moxkit refuses it"
             )
@@ -418,7 +420,7 @@ def _orientation(module: LoraModule, weight: TensorInfo) -> bool:
     product = (module.b.shape[0], module.a.shape[1])
     plain, transposed = weight.shape == product, weight.shape == product[::-1]
     if not (plain or transposed):
-        raise MoxError(
+        raise MismatchError(
             f"{weight.file}: tensor {weight.name!r} has shape {list(weight.shape)} but the "
             f"adapter's B·A for {module.name!r} is {list(product)}"
         )

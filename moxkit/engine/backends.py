@@ -14,6 +14,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
@@ -292,25 +293,36 @@ def set_cpu_path(name: str | None) -> None:
 
 def get_backend(device: str = "auto", **options):
     """'cpu', 'cuda' or 'auto' (CUDA when a device and Triton are present, else CPU)."""
-    if device == "auto":
-        device = "cuda" if _cuda_usable() else "cpu"
+    device = device_of(device)
     if device == "cpu":
         return CpuBackend(**{k: v for k, v in options.items() if k == "block_elems"})
-    if device.startswith("cuda"):
+    try:
+        from moxkit.kernels.backend import CudaBackend
+    except ImportError as exc:
+        raise ResourceError(f"device 'cuda' needs Triton: {exc}", params=("device",)) from None
+    return CudaBackend(device=device, **options)
+
+
+def device_of(device: str, *, triton: bool = True) -> str:
+    """The device `device` names, checked: 'cpu', or 'cuda' / 'cuda:N' when CUDA is present;
+    'auto' is CUDA when a device (and, for the engine's kernels, Triton) is present, else the
+    CPU. The engine's one device parser; the LoRA merge, whose arithmetic is torch's, passes
+    triton=False."""
+    if device == "auto":
+        return "cuda" if _cuda_usable(triton) else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or re.fullmatch(r"cuda:[0-9]+", device):
         import torch
 
         if not torch.cuda.is_available():
             raise ResourceError("device 'cuda': no CUDA device is available (use device='cpu')",
                                 params=("device",))  # fmt: skip
-        try:
-            from moxkit.kernels.backend import CudaBackend
-        except ImportError as exc:
-            raise ResourceError(f"device 'cuda' needs Triton: {exc}", params=("device",)) from None
-        return CudaBackend(device=device, **options)
+        return device
     raise InputError(f"device {device!r}: expected cpu, cuda or auto", params=("device",))
 
 
-def _cuda_usable() -> bool:
+def _cuda_usable(triton: bool = True) -> bool:
     # No NVIDIA device nodes: no CUDA, and no need to pay for importing torch to learn it.
     if not (os.path.exists("/dev/nvidiactl") or glob.glob("/dev/nvidia[0-9]*")):
         return False
@@ -318,4 +330,4 @@ def _cuda_usable() -> bool:
 
     if not torch.cuda.is_available():
         return False
-    return importlib.util.find_spec("triton") is not None
+    return not triton or importlib.util.find_spec("triton") is not None

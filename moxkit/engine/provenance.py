@@ -104,6 +104,23 @@ def _copy(file: ModelFile, dst: Path) -> None:
 
 
 def model_card(meta: dict[str, str]) -> str:
+    """OUT's README.md, from its provenance: an extrapolation's (REF, MEM, PREV, α, η), or a
+    LoRA merge's (moxkit_base and moxkit_adapters, moxkit.adapters.merge)."""
+    if "moxkit_base" in meta:
+        title, made = "Model made by moxkit", "merging LoRA adapters into a base model"
+        rows = [f"| base model (base) | `{meta['moxkit_base']}` |"]
+        rows += [f"| adapter | `{a}` |" for a in json.loads(meta["moxkit_adapters"])]
+    else:
+        title = "Forget model made by moxkit"
+        made = "MOX unlearning (memorize to forget, by model extrapolation)"
+        rows = [
+            f"| reference (ref) | `{meta['moxkit_ref']}` |",
+            f"| memorization model (mem) | `{meta['moxkit_mem']}` |",
+        ]
+        if "moxkit_prev" in meta:
+            rows.append(f"| previous forget model (prev) | `{meta['moxkit_prev']}` |")
+            rows.append(f"| eta | {meta['moxkit_eta']} |")
+        rows.append(f"| alpha | {meta['moxkit_alpha']} |")
     lines = [
         "---",
         "tags:",
@@ -112,22 +129,15 @@ def model_card(meta: dict[str, str]) -> str:
         "- model-extrapolation",
         "---",
         "",
-        "# Forget model made by moxkit",
+        f"# {title}",
         "",
-        "This model was produced by MOX unlearning (memorize to forget, by model extrapolation):",
+        f"This model was produced by {made}:",
         "",
         f"    {meta['moxkit_formula']}",
         "",
         "| | |",
         "|---|---|",
-        f"| reference (ref) | `{meta['moxkit_ref']}` |",
-        f"| memorization model (mem) | `{meta['moxkit_mem']}` |",
-    ]
-    if "moxkit_prev" in meta:
-        lines.append(f"| previous forget model (prev) | `{meta['moxkit_prev']}` |")
-        lines.append(f"| eta | {meta['moxkit_eta']} |")
-    lines += [
-        f"| alpha | {meta['moxkit_alpha']} |",
+        *rows,
         f"| moxkit | {meta['moxkit_version']} |",
         f"| command | `{' '.join(sys.argv) if sys.argv and sys.argv[0] else 'Python API'}` |",
         "",

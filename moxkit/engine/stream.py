@@ -1,4 +1,14 @@
-"""The extrapolation pipeline: read -> arithmetic -> write, overlapped, in bounded memory.
+"""The engine's one output pipeline, and its extrapolation producer.
+
+Every model the engine writes goes through write_output: the layout planned before any work
+(plan_output: shards, headers, provenance, the source's files to carry), a staged directory or
+file renamed into place when complete, one ShardWriter, the index, the carried files and the
+model card, one progress bar, and an OSError turned into one line. Its tensors come from a
+producer, which writes each tensor's bytes through the writer: _run_pipeline here (tensors
+copied from REF, or extrapolated), or the LoRA merge's low-rank producer
+(moxkit.adapters.merge).
+
+The extrapolation: read -> arithmetic -> write, overlapped, in bounded memory.
 
 A fixed ring of slots is sized once from the memory budget. While the backend computes chunk
 i in one slot, a reader thread loads chunk i+1 into the next (a read-only mapping of the input
@@ -23,6 +33,7 @@ import errno
 import os
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +53,7 @@ from .formula import PAPER_ETA, Coefficients
 from .options import EngineOptions, alpha_and_out
 from .plan import Chunk, TensorPlan, buffer_itemsizes, cut_chunks, pair_tensors
 from .provenance import carried_files, carry_files, model_card, provenance
-from .writer import Shard, ShardWriter, layout, split_shards, write_index
+from .writer import OutputTensor, Shard, ShardWriter, layout, split_shards, write_index
 
 N_SLOTS = 3  # one being read, one being computed, one being written
 MAX_CHUNK_ELEMS = 8 * 2**20  # larger chunks stop paying for themselves and hurt the overlap
@@ -101,21 +112,34 @@ class ExtrapolationReport:
 
 
 @dataclass(frozen=True)
-class ExtrapolationJob:
-    """One run, decided and checked before any output byte is written: the inputs paired
-    tensor by tensor, the output's shard layout and headers, the coefficients."""
+class OutputPlan:
+    """OUT, decided and checked before any work: where it goes, its shards and headers, and
+    what it carries besides the weights."""
 
     out: Path  # where OUT goes (a link already followed)
     single_file: bool  # OUT is one .safetensors file, not a model folder
+    shards: list[Shard]
+    metadata: dict[str, str]  # provenance: every shard's __metadata__, and the model card
+    source: Path | None  # the model folder whose files OUT carries (REF's, BASE's)
+    out_dtype: str | None  # None: each tensor keeps its source's dtype
+    options: EngineOptions
+    carried: list[ModelFile] = field(default_factory=list)  # source's files OUT carries, checked
+    budget: int | None = None  # options.max_memory in bytes (None: unchecked)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.file_size for s in self.shards)
+
+
+@dataclass(frozen=True)
+class ExtrapolationJob:
+    """One run, decided and checked before any output byte is written: the inputs paired
+    tensor by tensor, the output's plan, the coefficients."""
+
+    output: OutputPlan
     ref: Checkpoint
     plans: list[TensorPlan]
-    shards: list[Shard]
-    metadata: dict[str, str]
     coeffs: Coefficients
-    out_dtype: str | None  # None: each tensor keeps REF's dtype
-    options: EngineOptions
-    carried: list[ModelFile] = field(default_factory=list)  # REF's files OUT carries, checked
-    budget: int | None = None  # options.max_memory in bytes (None: unchecked)
 
     @property
     def bytes_read(self) -> int:
@@ -182,68 +206,119 @@ def prepare(
     coeffs = Coefficients(alpha, eta if prev is not None else None)
     out_dtype = parse_dtype(dtype_name(options.dtype))
     shard_limit = parse_size(options.max_shard_size, "max_shard_size")
-    budget = _budget(options.max_memory)
+    budget = memory_budget(options.max_memory)
     ref_ckpt = open_checkpoint(ref, budget=budget)
     mem_ckpt = open_checkpoint(mem, budget=budget)
     prev_ckpt = open_checkpoint(prev, budget=budget) if prev is not None else None
     inputs = [c for c in (ref_ckpt, mem_ckpt, prev_ckpt) if c is not None]
     out_path = check_output(out, force=options.force, inputs=_input_paths(inputs))
     plans = pair_tensors(ref_ckpt, mem_ckpt, prev_ckpt, out_dtype, budget)
-    single_file = out_path.suffix == ".safetensors"
     metadata = provenance(ref_ckpt, mem_ckpt, prev_ckpt, coeffs)
     outputs = [p.output for p in plans]
-    groups = [outputs] if single_file else split_shards(outputs, shard_limit)
-    shards = layout(groups, metadata, [out_path.name] if single_file else None, budget)
-    carried = (
-        carried_files(ref_ckpt.directory, budget) if ref_ckpt.directory and not single_file else []
+    output = plan_output(out_path, outputs, metadata, ref_ckpt, out_dtype, shard_limit, options)
+    return ExtrapolationJob(output, ref_ckpt, plans, coeffs)
+
+
+def plan_output(
+    out: Path,
+    tensors: list[OutputTensor],
+    metadata: dict[str, str],
+    source: Checkpoint,
+    out_dtype: str | None,
+    shard_limit: int,
+    options: EngineOptions,
+) -> OutputPlan:
+    """The layout of OUT (an output path check_output accepted) for `tensors` in this order:
+    one file if OUT ends in .safetensors, else shards of at most `shard_limit` bytes, the
+    index, and `source`'s model files (checked now, before any work), with `metadata` as
+    provenance."""
+    budget = memory_budget(options.max_memory)
+    single_file = out.suffix == ".safetensors"
+    groups = [tensors] if single_file else split_shards(tensors, shard_limit)
+    shards = layout(groups, metadata, [out.name] if single_file else None, budget)
+    folder = None if single_file else source.directory
+    carried = carried_files(folder, budget) if folder is not None else []
+    return OutputPlan(
+        out, single_file, shards, metadata, folder, out_dtype, options, carried, budget
     )
-    return ExtrapolationJob(
-        out_path,
-        single_file,
-        ref_ckpt,
-        plans,
-        shards,
-        metadata,
-        coeffs,
-        out_dtype,
-        options,
-        carried,
-        budget,
-    )
+
+
+def write_output(
+    plan: OutputPlan,
+    produce: Callable[[ShardWriter, ByteProgress], None],
+    total: int,
+    desc: str = "extrapolate",
+) -> list[str]:
+    """Write OUT as `plan` lays it out, its tensors from `produce` (which writes every
+    tensor's bytes through the writer and advances the bar, `total` bytes in all): staged
+    beside OUT and renamed into place only when complete, with the index, the carried files
+    and the model card. An OSError ends in one line naming OUT. Returns the carried names."""
+    options = plan.options
+    bar = ByteProgress(total, enabled=options.progress, desc=desc)
+    stage = staged_file if plan.single_file else staged_dir
+    carried: list[str] = []
+    try:
+        with stage(plan.out, force=options.force, fsync=options.fsync) as tmp:
+            paths = [tmp] if plan.single_file else [tmp / s.filename for s in plan.shards]
+            writer = ShardWriter(plan.shards, paths)
+            try:
+                produce(writer, bar)
+            finally:
+                writer.close()
+            if not plan.single_file:
+                write_index(tmp, plan.shards)
+                if plan.source is not None:
+                    carried = carry_files(
+                        plan.source, tmp, plan.out_dtype, plan.carried, plan.budget
+                    )
+                (tmp / "README.md").write_text(model_card(plan.metadata))
+    except OSError as exc:
+        raise OutputError(f"{plan.out}: cannot write output: {exc.strerror or exc}") from None
+    finally:
+        bar.close()
+    return carried
 
 
 def run(job: ExtrapolationJob) -> ExtrapolationReport:
     """Run a prepared job (or, with the options' dry_run, report what it would do)."""
-    backend = get_backend(job.options.device, **gpu_options(job.options.max_gpu_memory))
+    output, options = job.output, job.output.options
+    backend = get_backend(options.device, **gpu_options(options.max_gpu_memory))
     try:
         sizes = buffer_itemsizes(job.plans)
         largest = max(p.numel for p in job.plans)  # no buffer larger than the largest tensor
-        chunk_elems = min(_chunk_elems(job.budget, sum(sizes.values())), -(-largest // 1024) * 1024)
+        chunk_elems = min(
+            _chunk_elems(output.budget, sum(sizes.values())), -(-largest // 1024) * 1024
+        )
         report = ExtrapolationReport(
-            out=job.out,
+            out=output.out,
             alpha=job.coeffs.alpha,
             eta=job.coeffs.eta,
             device=backend.name,
             n_extrapolated=sum(not p.is_copy for p in job.plans),
             n_copied=sum(p.is_copy for p in job.plans),
-            shards=[(s.filename, s.file_size) for s in job.shards],
+            shards=[(s.filename, s.file_size) for s in output.shards],
             bytes_read=job.bytes_read,
-            bytes_written=sum(s.file_size for s in job.shards),
+            bytes_written=output.bytes_written,
             chunk_elems=chunk_elems,
             buffer_bytes=N_SLOTS * chunk_elems * sum(sizes.values()),
-            dry_run=job.options.dry_run,
+            dry_run=options.dry_run,
         )
-        if job.options.dry_run:
+        if options.dry_run:
             return report
         started = time.perf_counter()
-        _write_output(job, backend, chunk_elems, report)
+        total = report.bytes_read + sum(p.out_nbytes for p in job.plans)
+        report.carried_files = write_output(
+            output,
+            lambda writer, bar: _run_pipeline(job, backend, writer, chunk_elems, report, bar),
+            total,
+        )
         report.seconds = time.perf_counter() - started
         return report
     finally:
         backend.close()
 
 
-def _budget(max_memory: str | int | None) -> int | None:
+def memory_budget(max_memory: str | int | None) -> int | None:
     return parse_size(max_memory, "max_memory") if max_memory is not None else None
 
 
@@ -295,34 +370,6 @@ def _input_paths(inputs: list[Checkpoint]) -> list[Path]:
     for ckpt in inputs:
         paths += [ckpt.path, *ckpt.files] + ([ckpt.directory] if ckpt.directory else [])
     return paths
-
-
-def _write_output(
-    job: ExtrapolationJob,
-    backend: Backend,
-    chunk_elems: int,
-    report: ExtrapolationReport,
-) -> None:
-    total = report.bytes_read + sum(p.out_nbytes for p in job.plans)
-    bar = ByteProgress(total, enabled=job.options.progress)
-    stage = staged_file if job.single_file else staged_dir
-    try:
-        with stage(job.out, force=job.options.force, fsync=job.options.fsync) as tmp:
-            paths = [tmp] if job.single_file else [tmp / s.filename for s in job.shards]
-            writer = ShardWriter(job.shards, paths)
-            try:
-                _run_pipeline(job, backend, writer, chunk_elems, report, bar)
-            finally:
-                writer.close()
-            if not job.single_file:
-                write_index(tmp, job.shards)
-                if job.ref.directory is not None:
-                    report.carried_files = carry_files(
-                        job.ref.directory, tmp, job.out_dtype, job.carried, job.budget
-                    )
-                (tmp / "README.md").write_text(model_card(job.metadata))
-    except OSError as exc:
-        raise OutputError(f"{job.out}: cannot write output: {exc.strerror or exc}") from None
 
 
 class _Slot:
@@ -404,7 +451,7 @@ def _run_pipeline(
                 try:
                     slot.load(role, info.file, info.start + chunk.start * size, chunk.count * size)
                 except (OSError, ValueError) as exc:
-                    raise _changed_input(info.file, exc) from None
+                    raise changed_input(info.file, exc) from None
         reached("read")
 
     def compute(chunk: Chunk, slot: _Slot) -> bool:
@@ -431,7 +478,7 @@ def _run_pipeline(
                 writer.write(t.name, chunk.start * size, data)
             except OSError as exc:
                 if exc.errno == errno.EFAULT:  # the mapped input shrank under us
-                    raise _changed_input(t.ref.file, exc) from None
+                    raise changed_input(t.ref.file, exc) from None
                 raise
             del data
         slot.release()
@@ -464,14 +511,8 @@ def _run_pipeline(
                         f"tensor {t.name!r} ({files}): {exc}", params=exc.params
                     ) from None
                 reached("computed")
-                if not finite and t.name not in report.nonfinite_tensors:
-                    if not job.options.allow_nonfinite:
-                        raise InputError(
-                            f"tensor {t.name!r}: the result has non-finite values (NaN or inf); "
-                            "check the inputs, or pass allow_nonfinite=True to keep them",
-                            params=("allow_nonfinite",),
-                        )
-                    report.nonfinite_tensors.append(t.name)
+                if not finite:
+                    nonfinite(t.name, job.output.options, report.nonfinite_tensors)
             writes[i] = write_pool.submit(write, chunk, slot)
         for i in sorted(writes):
             writes.pop(i).result()
@@ -488,9 +529,22 @@ def _run_pipeline(
             for slot in slots:
                 slot.release()
             reader.close()
-            bar.close()
 
 
-def _changed_input(file: Path, exc: Exception) -> MoxError:
+def nonfinite(name: str, options: EngineOptions, kept: list[str]) -> None:
+    """The engine's non-finite policy, for an output tensor holding NaN or inf: refused
+    unless allow_nonfinite, else noted once in `kept` (the report's list)."""
+    if name in kept:
+        return
+    if not options.allow_nonfinite:
+        raise InputError(
+            f"tensor {name!r}: the result has non-finite values (NaN or inf); "
+            "check the inputs, or pass allow_nonfinite=True to keep them",
+            params=("allow_nonfinite",),
+        )
+    kept.append(name)
+
+
+def changed_input(file: Path, exc: Exception) -> MoxError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return InputError(f"{file}: cannot read ({reason}); was it changed or truncated meanwhile?")
