@@ -70,6 +70,7 @@ def measure(
     bytes: the machine is shared, and the OOM killer would not pick only our processes."""
     load = os.getloadavg()[0]
     log, maxrss_file = CACHE / "last-run.log", CACHE / "last-run.maxrss"
+    CACHE.mkdir(parents=True, exist_ok=True)  # ignored by git: absent in a fresh clone
     argv = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
     with open(log, "wb") as out:
         start = time.perf_counter()

@@ -229,3 +229,20 @@ def test_lora_reference_is_base_model(ref, tok):
     assert result.log[0]["retain_kl"] < 1e-9
     assert nll(result.model, FORGET, tok) < nll(ref, FORGET, tok) - 0.02
     assert set(dict(result.model.named_parameters())) == set(dict(ref.named_parameters()))
+
+
+def test_in_memory_extrapolation_shares_the_frozen_reference(ref):
+    """θ_ref for the in-memory extrapolation is the loss's frozen reference itself where that
+    already holds CPU fp32 tensors (one model copy less), and a copy of MODEL's otherwise."""
+    from moxkit.train.momentum import reference_state
+
+    frozen = copy.deepcopy(ref).eval().requires_grad_(False)
+    shared = reference_state(frozen, ref)
+    assert shared.keys() == dict(frozen.named_parameters()).keys()
+    for name, p in frozen.named_parameters():
+        assert shared[name].data_ptr() == p.data_ptr(), name
+    for reference in (copy.deepcopy(ref).to(torch.bfloat16), None):
+        copied = reference_state(reference, ref)
+        for name, p in ref.named_parameters():
+            assert copied[name].dtype == torch.float32 and torch.equal(copied[name], p.detach())
+            assert copied[name].data_ptr() != p.data_ptr(), name

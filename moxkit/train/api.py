@@ -201,7 +201,8 @@ def run(request: Request, checked: Checked | None = None, *, tokenizer: Any = No
                 stop = stop_at_level(level, target)
                 extra.append(stop)
         if method.extrapolates:
-            extrapolator = run.extrapolator(ref, ext.alpha, ext.eta, ext.extrapolate_on)
+            extrapolator = run.extrapolator(ref, ext.alpha, ext.eta, ext.extrapolate_on,
+                                            reference)  # fmt: skip
             if ext.eta is not None:
                 total = _total_steps(len(forget_ex), config)
                 extra.append(run.momentum_callback(

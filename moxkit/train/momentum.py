@@ -77,8 +77,22 @@ def cpu_fp32_state(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch
     return {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in named}
 
 
+def reference_state(reference: torch.nn.Module | None, ref_model: torch.nn.Module):
+    """θ_ref as CPU fp32 tensors for the in-memory extrapolation. The loss's frozen reference
+    already holds exactly that when MODEL is stored in fp32 and training runs on the CPU
+    (`--reference stored`): its tensors are used as they are, read only, instead of a second
+    fp32 copy of the model. Otherwise (bf16 weights, a GPU, no reference) a copy of MODEL's,
+    made before training moves them."""
+    if reference is not None:
+        named = list(reference.named_parameters())
+        if named and all(p.device.type == "cpu" and p.dtype == torch.float32 for _, p in named):
+            return {n: p.detach() for n, p in named}
+    return cpu_fp32_state(ref_model.named_parameters())
+
+
 class InMemoryExtrapolator:
-    """θ_ref and the running θ_for as CPU fp32 tensors (two copies of the model in RAM)."""
+    """θ_ref and the running θ_for as CPU fp32 tensors (θ_for a copy; θ_ref shared with the
+    loss's frozen reference where that holds the same tensors: reference_state)."""
 
     def __init__(self, ref: dict[str, torch.Tensor], alpha: float, eta: float | None):
         self.ref = ref

@@ -38,7 +38,7 @@ from .momentum import (
     Extrapolator,
     InMemoryExtrapolator,
     MomentumCallback,
-    cpu_fp32_state,
+    reference_state,
 )
 from .objectives import LossSpec
 from .precision import frozen_reference, reference_mode
@@ -198,16 +198,17 @@ class Run:
 
     # --- extrapolation ---
 
-    def extrapolator(self, ref: Loaded, alpha: float, eta: float | None,
-                     where: str) -> Extrapolator:  # fmt: skip
-        """Forget adapters (--lora), in memory (θ_ref and θ_for as CPU fp32 copies, main
-        process only) or on disk."""
+    def extrapolator(self, ref: Loaded, alpha: float, eta: float | None, where: str,
+                     reference: torch.nn.Module | None = None) -> Extrapolator:  # fmt: skip
+        """Forget adapters (--lora), in memory (θ_ref and θ_for as CPU fp32 tensors, main
+        process only; θ_ref shared with the loss's frozen `reference` where it can be) or on
+        disk."""
         work = self.work if self.is_main and self.staged is not None else None
         if self.adapter_output:
             return AdapterExtrapolator(ref.directory, alpha, eta, work)
         if self._where(ref, where) == "disk":
             return DiskExtrapolator(ref.directory, alpha, eta, work)
-        state = cpu_fp32_state(ref.model.named_parameters()) if self.is_main else {}
+        state = reference_state(reference, ref.model) if self.is_main else {}
         return InMemoryExtrapolator(state, alpha, eta)
 
     def _where(self, ref: Loaded, where: str) -> str:
