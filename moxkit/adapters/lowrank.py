@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 from threadpoolctl import threadpool_limits
 
 from ..engine.checkpoint import Checkpoint, FileReader
 from ..engine.stream import RESERVED_BYTES  # the engine's slack, shared
 from ..errors import InputError, MismatchError, ResourceError
-from ..units import format_bytes
+from ..units import format_bytes, resident_bytes
 from .read import COPY_CHUNK_BYTES, KEY_PREFIX, Adapter, LoraModule, _read_array
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -190,7 +189,7 @@ def _check_budget(budget: int | None, extra: int, doing: str) -> None:
     and RESERVED_BYTES of slack, does not fit under max_memory."""
     if budget is None:
         return
-    resident = psutil.Process().memory_info().rss
+    resident = resident_bytes()
     need = extra + RESERVED_BYTES
     if resident + need > budget:
         raise ResourceError(

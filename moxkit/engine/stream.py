@@ -39,13 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from ..atomic import check_output, reached, shielded, staged_dir, staged_file
 from ..errors import InputError, MoxError, OutputError, ResourceError
 from ..progress import ByteProgress
 from ..sources import ModelFile
-from ..units import format_bytes, parse_size
+from ..units import format_bytes, parse_size, resident_bytes
 from .backends import Backend, get_backend
 from .checkpoint import Checkpoint, FileReader, open_checkpoint
 from .dtypes import SIZES, TABLE, dtype_name, numpy_view, parse_dtype
@@ -351,7 +350,7 @@ def fit_elems(
     each, fit what `budget` leaves after what the process holds now and RESERVED_BYTES: the
     one sizing rule of the engine's chunks and the LoRA merge's tiles. MoxError naming `name`
     (the caller's word for the budget) when fewer than `least` fit."""
-    resident = psutil.Process().memory_info().rss
+    resident = resident_bytes()
     elems = min(most, (budget - resident - RESERVED_BYTES) // bytes_per_elem)
     elems -= elems % align
     if elems < least:
